@@ -1,0 +1,325 @@
+"""``agentopd.Env``: the Gymnasium base class for multi-turn tool-use episodes.
+
+Contract (Gymnasium's, with chat messages as observations):
+
+* ``reset(seed=, options=) -> (messages, info)``: the opening messages (system + user) and an
+  ``info`` dict with the tool schemas (``info["tools"]``), the public task (``info["task"]``) and
+  its id (``info["task_id"]``).
+* ``step(action) -> (messages, reward, terminated, truncated, info)``: ``action`` is the assistant
+  turn, raw text (parsed here) or a :class:`~agentopd.types.Message`. ``messages`` are the tool
+  results (or a note on what was wrong with the turn). ``terminated``: the agent answered;
+  ``truncated``: the turn limit cut the episode.
+
+``options`` carries curriculum knobs: ``task_index`` (pick a task deterministically),
+``max_turns`` (override the horizon), ``replay`` (a list of assistant actions to replay before
+the student plays; the returned messages then include them, and ``info["replayed_turns"]`` says
+how many), ``split`` (``"train"`` or ``"eval"``; held-out tasks come from a disjoint seed range).
+
+A subclass implements :meth:`new_task`, :meth:`build_tools`, :meth:`check_answer` and
+:meth:`expert_action`; a ``submit(answer)`` tool is added automatically.
+
+Example::
+
+    from agentopd import Env, Task, tool
+
+    class Echo(Env):
+        description = "Repeat a secret word found with a tool."
+
+        def new_task(self, rng, options):
+            word = str(rng.choice(["apple", "pear", "plum"]))
+            return Task(id=word, prompt="Find the secret word and submit it.", answer=word)
+
+        def build_tools(self, task):
+            @tool
+            def secret() -> str:
+                \"\"\"Return the secret word.\"\"\"
+                return task.answer
+            return [secret]
+
+        def check_answer(self, task, answer):
+            return answer.strip() == task.answer
+
+        def expert_action(self, messages):
+            if messages[-1].role == "tool":
+                return self.submit_call(messages[-1].content)
+            return self.call("secret")
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium
+import numpy as np
+
+from agentopd.parsing import format_tool_call, parse_assistant
+from agentopd.tooling import Tool, Toolset, tool
+from agentopd.types import Message
+
+EVAL_SEED_OFFSET = 1_000_003
+DEFAULT_SYSTEM_PROMPT = (
+    "You are an agent that solves tasks with tools. Call a tool with "
+    '<tool_call>{"name": ..., "arguments": {...}}</tool_call>. '
+    "When you know the answer, call submit."
+)
+
+
+@dataclass
+class Task:
+    """One task of an environment."""
+
+    id: str
+    """Stable identity (used in episodes and metrics)."""
+    prompt: str
+    """What the user asks."""
+    answer: Any = None
+    """Reference answer; never shown to the agent (a teacher may get it as privileged context)."""
+    difficulty: int = 1
+    """Expected number of tool calls (or hops) needed; used for curricula and per-length metrics."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """Anything else the env needs."""
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "prompt": self.prompt, "difficulty": self.difficulty}
+
+
+class MessagesSpace(gymnasium.Space):
+    """A list of :class:`Message` (the observation space of every agentopd env)."""
+
+    def __init__(self, seed: int | None = None):
+        super().__init__(shape=None, dtype=None, seed=seed)
+
+    def contains(self, x: Any) -> bool:
+        return isinstance(x, list) and all(isinstance(m, Message) for m in x)
+
+    def sample(self, mask: Any = None, probability: Any = None) -> list[Message]:
+        n = int(self.np_random.integers(1, 3))
+        return [Message(role="tool", content=_random_text(self.np_random)) for _ in range(n)]
+
+    @property
+    def is_np_flattenable(self) -> bool:
+        return False
+
+
+class AssistantTextSpace(gymnasium.Space):
+    """Assistant turns as raw text; ``sample`` mixes gibberish, near-miss and well-formed calls."""
+
+    def __init__(self, tool_names: list[str] | None = None, seed: int | None = None):
+        super().__init__(shape=None, dtype=None, seed=seed)
+        self.tool_names = tool_names or ["submit"]
+
+    def contains(self, x: Any) -> bool:
+        return isinstance(x, str | Message)
+
+    def sample(self, mask: Any = None, probability: Any = None) -> str:
+        r = self.np_random
+        kind = int(r.integers(0, 5))
+        name = str(r.choice(self.tool_names + ["no_such_tool"]))
+        if kind == 0:
+            return _random_text(r)
+        if kind == 1:
+            return '<tool_call>{"name": "' + name + '", "arguments": {'
+        if kind == 2:
+            return format_tool_call(name, {"x": _random_text(r)})
+        if kind == 3:
+            return format_tool_call(name, {"answer": _random_text(r)})
+        return "<tool_call>[1, 2, 3]</tool_call> trailing </tool_call>"
+
+    @property
+    def is_np_flattenable(self) -> bool:
+        return False
+
+
+def _random_text(r: np.random.Generator) -> str:
+    alphabet = list("abcdefghijklmnopqrstuvwxyz0123456789 {}\"':,<>/_-")
+    return "".join(r.choice(alphabet, size=int(r.integers(0, 24))))
+
+
+class Env(gymnasium.Env):
+    """Base class for multi-turn tool environments (see the module docstring)."""
+
+    metadata = {"render_modes": ["ansi"]}
+    description: str = ""
+    """One line shown by ``agentopd envs``."""
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    answer_tool: str | None = "submit"
+    """Name of the auto-added answer tool; ``None`` to use only plain-text answers."""
+
+    def __init__(
+        self,
+        max_turns: int = 8,
+        tool_timeout_s: float = 10.0,
+        max_output_chars: int = 2000,
+        render_mode: str | None = None,
+    ):
+        super().__init__()
+        if max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+        self.max_turns = max_turns
+        self.tool_timeout_s = tool_timeout_s
+        self.max_output_chars = max_output_chars
+        self.render_mode = render_mode
+        self.spec_name = type(self).__name__
+        self.observation_space = MessagesSpace()
+        self.task: Task | None = None
+        self.toolset: Toolset | None = None
+        self.messages: list[Message] = []
+        self.turn = 0
+        self.answer: str | None = None
+        self.error_counts: Counter[str] = Counter()
+        self._horizon = max_turns
+        self.action_space = AssistantTextSpace(self._tool_names_hint())
+
+    # ---------------------------------------------------------------- subclass hooks
+    def new_task(self, rng: np.random.Generator, options: dict[str, Any]) -> Task:
+        """Make the task for this episode from ``rng`` (seeded by ``reset``) and ``options``."""
+        raise NotImplementedError
+
+    def build_tools(self, task: Task) -> list[Tool]:
+        """The tools for this episode (bound to per-episode state); ``submit`` is added for you."""
+        raise NotImplementedError
+
+    def check_answer(self, task: Task, answer: str) -> bool:
+        """Whether ``answer`` solves ``task``. Runs in the trainer, outside the agent's reach."""
+        raise NotImplementedError
+
+    def expert_action(self, messages: list[Message]) -> str:
+        """The scripted expert's next assistant turn (raw text) given the conversation so far."""
+        raise NotImplementedError
+
+    def close_episode(self) -> None:
+        """Release per-episode resources (sandboxes, database handles). Called on reset/close."""
+
+    def privileged_context(self) -> str:
+        """Extra context a teacher may see (e.g. for self-distillation): the reference answer."""
+        return f"(Privileged: the correct answer is {self.task.answer!r}.)" if self.task else ""
+
+    # ---------------------------------------------------------------- helpers for experts
+    @staticmethod
+    def call(name: str, **arguments: Any) -> str:
+        """Raw text of one well-formed tool call."""
+        return format_tool_call(name, arguments)
+
+    def submit_call(self, answer: Any) -> str:
+        return format_tool_call(self.answer_tool or "submit", {"answer": str(answer)})
+
+    # ---------------------------------------------------------------- gymnasium API
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[list[Message], dict[str, Any]]:
+        super().reset(seed=seed)
+        options = dict(options or {})
+        self.close_episode()
+        rng = self.np_random
+        if options.get("split") == "eval" and seed is not None:
+            rng = np.random.default_rng(seed + EVAL_SEED_OFFSET)
+        if "task_index" in options:
+            rng = np.random.default_rng([int(options["task_index"]), 0 if options.get("split") != "eval" else 1])
+        self.task = self.new_task(rng, options)
+        tools = list(self.build_tools(self.task))
+        if self.answer_tool:
+            tools.append(self._make_submit_tool())
+        self.toolset = Toolset(tools, timeout_s=self.tool_timeout_s, max_output_chars=self.max_output_chars)
+        self.action_space = AssistantTextSpace(self.toolset.names)
+        self.action_space.seed(seed)
+        self._horizon = int(options.get("max_turns", self.max_turns))
+        self.turn = 0
+        self.answer = None
+        self.error_counts = Counter()
+        self.messages = []
+        if self.system_prompt:
+            self.messages.append(Message(role="system", content=self.system_prompt))
+        self.messages.append(Message(role="user", content=self.task.prompt))
+        replay = list(options.get("replay") or [])
+        for action in replay:
+            if self.answer is not None:
+                break
+            self._apply(action)
+        info = {
+            "tools": self.toolset.schemas,
+            "task": self.task.public(),
+            "task_id": self.task.id,
+            "difficulty": self.task.difficulty,
+            "max_turns": self._horizon,
+            "replayed_turns": self.turn,
+        }
+        return list(self.messages), info
+
+    def step(self, action: str | Message) -> tuple[list[Message], float, bool, bool, dict[str, Any]]:
+        if self.task is None or self.toolset is None:
+            raise RuntimeError("call reset() before step()")
+        if self.answer is not None or self.turn >= self._horizon:
+            raise RuntimeError("episode is over; call reset()")
+        new, errors, parse_error = self._apply(action)
+        terminated = self.answer is not None
+        truncated = not terminated and self.turn >= self._horizon
+        success = terminated and self._safe_check(self.answer)
+        reward = 1.0 if success else 0.0
+        info = {
+            "tool_errors": errors,
+            "parse_error": parse_error,
+            "success": bool(success),
+            "answer": self.answer,
+            "turn": self.turn,
+        }
+        return new, float(reward), bool(terminated), bool(truncated), info
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi":
+            return None
+        return "\n".join(f"[{m.role}] {m.content}" for m in self.messages)
+
+    def close(self) -> None:
+        self.close_episode()
+        super().close()
+
+    # ---------------------------------------------------------------- internals
+    def _apply(self, action: str | Message) -> tuple[list[Message], list[str], str | None]:
+        text = action.content if isinstance(action, Message) else str(action)
+        parsed = parse_assistant(text)
+        self.messages.append(Message(role="assistant", content=text, tool_calls=parsed.tool_calls))
+        self.turn += 1
+        new: list[Message] = []
+        errors: list[str] = []
+        if parsed.error is not None:
+            errors.append("parse")
+            new.append(Message(role="tool", name="error", content=f"Error (parse): {parsed.error}. The turn's tool calls were not run."))
+        elif not parsed.tool_calls:
+            # A plain-text reply is the final answer.
+            self.answer = parsed.content
+        else:
+            for call in parsed.tool_calls:
+                result = self.toolset.call(call)
+                if result.error:
+                    errors.append(result.error)
+                new.append(result.message)
+                if self.answer is not None:
+                    break
+        for kind in errors:
+            self.error_counts[kind] += 1
+        self.messages.extend(new)
+        return new, errors, parsed.error
+
+    def _safe_check(self, answer: str | None) -> bool:
+        try:
+            return bool(self.check_answer(self.task, "" if answer is None else str(answer)))
+        except Exception:  # noqa: BLE001 - a bad answer is a wrong answer
+            return False
+
+    def _make_submit_tool(self) -> Tool:
+        env = self
+
+        @tool(name=self.answer_tool)
+        def submit(answer: str | int | float) -> str:
+            """Submit the final answer. This ends the episode.
+
+            Args:
+                answer: The final answer.
+            """
+            env.answer = str(answer)
+            return "Answer submitted."
+
+        return submit
+
+    def _tool_names_hint(self) -> list[str]:
+        return [self.answer_tool or "submit"]

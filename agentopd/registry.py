@@ -1,0 +1,160 @@
+"""One registry for environments, tools, curricula and models.
+
+Built-ins and third-party packages use the same door: Python entry points in the groups
+``agentopd.envs``, ``agentopd.tools``, ``agentopd.curricula`` and ``agentopd.models``, whose
+values are ``"pkg.module:Attr"`` strings. :func:`register` adds an entry at run time.
+
+Example::
+
+    import agentopd
+    agentopd.register("my-env", entry_point="my_pkg.envs:MyEnv", max_turns=8)
+    env = agentopd.make("my-env", hops=3)
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.metadata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+KINDS = ("envs", "tools", "curricula", "models")
+
+
+class UnknownNameError(KeyError):
+    """An unknown registry name; the message carries the nearest valid names."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+@dataclass
+class Spec:
+    """What the registry knows about one name."""
+
+    name: str
+    """Kebab-case registry name."""
+    kind: str
+    """One of ``envs``, ``tools``, ``curricula``, ``models``."""
+    entry_point: str | Callable[..., Any]
+    """``"pkg.module:Attr"`` or a callable."""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments passed to the entry point unless overridden."""
+    package: str = "(runtime)"
+    """Distribution that provided it (``(runtime)`` for :func:`register`)."""
+
+    def load(self) -> Callable[..., Any]:
+        """Import and return the entry point."""
+        if callable(self.entry_point):
+            return self.entry_point
+        module, _, attr = self.entry_point.partition(":")
+        if not attr:
+            raise ValueError(f"entry point {self.entry_point!r} for {self.name!r} must look like 'pkg.module:Attr'")
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def make(self, **kwargs: Any) -> Any:
+        """Build an instance with ``defaults`` updated by ``kwargs``."""
+        return self.load()(**{**self.defaults, **kwargs})
+
+
+class Registry:
+    """Name → :class:`Spec` for one kind, filled lazily from entry points."""
+
+    def __init__(self, kind: str):
+        if kind not in KINDS:
+            raise ValueError(f"unknown registry kind {kind!r}; expected one of {KINDS}")
+        self.kind = kind
+        self._specs: dict[str, Spec] = {}
+        self._loaded_entry_points = False
+
+    def _load_entry_points(self) -> None:
+        if self._loaded_entry_points:
+            return
+        self._loaded_entry_points = True
+        for ep in importlib.metadata.entry_points(group=f"agentopd.{self.kind}"):
+            if ep.name in self._specs:
+                continue
+            package = ep.dist.name if ep.dist is not None else "?"
+            self._specs[ep.name] = Spec(ep.name, self.kind, ep.value, {}, package)
+
+    def refresh(self) -> None:
+        """Re-read entry points (after installing a plugin package in this process)."""
+        self._loaded_entry_points = False
+        importlib.invalidate_caches()
+        self._load_entry_points()
+
+    def register(self, name: str, entry_point: str | Callable[..., Any], *, package: str = "(runtime)", **defaults: Any) -> Spec:
+        """Register (or replace) ``name``."""
+        self._load_entry_points()
+        spec = Spec(name, self.kind, entry_point, dict(defaults), package)
+        self._specs[name] = spec
+        return spec
+
+    def spec(self, name: str) -> Spec:
+        """The spec for ``name``; unknown names raise :class:`UnknownNameError` with suggestions."""
+        self._load_entry_points()
+        if name in self._specs:
+            return self._specs[name]
+        valid = sorted(self._specs)
+        near = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise UnknownNameError(
+            f"unknown {self.kind[:-1] if self.kind != 'curricula' else 'curriculum'} {name!r}.{hint} "
+            f"Valid names: {', '.join(valid) or '(none registered)'}."
+        )
+
+    def make(self, name: str, **kwargs: Any) -> Any:
+        return self.spec(name).make(**kwargs)
+
+    def names(self) -> list[str]:
+        self._load_entry_points()
+        return sorted(self._specs)
+
+    def specs(self) -> list[Spec]:
+        return [self._specs[n] for n in self.names()]
+
+
+envs = Registry("envs")
+tools = Registry("tools")
+curricula = Registry("curricula")
+models = Registry("models")
+_BY_KIND = {"envs": envs, "tools": tools, "curricula": curricula, "models": models}
+
+
+def registry(kind: str) -> Registry:
+    """The registry of one kind."""
+    try:
+        return _BY_KIND[kind]
+    except KeyError:
+        raise ValueError(f"unknown registry kind {kind!r}; expected one of {KINDS}") from None
+
+
+def register(name: str, entry_point: str | Callable[..., Any], *, kind: str = "envs", **defaults: Any) -> Spec:
+    """Register an environment (or, with ``kind=``, a tool, curriculum or model)."""
+    return registry(kind).register(name, entry_point, **defaults)
+
+
+def make(name: str, **kwargs: Any) -> Any:
+    """Build the environment registered as ``name``.
+
+    The registry name is recorded on the instance as ``env.spec_name`` so episodes carry it.
+    """
+    env = envs.make(name, **kwargs)
+    try:
+        env.spec_name = name
+    except AttributeError:
+        pass
+    return env
+
+
+def spec(name: str, kind: str = "envs") -> Spec:
+    return registry(kind).spec(name)
+
+
+def list_registered(kind: str = "envs") -> list[str]:
+    return registry(kind).names()

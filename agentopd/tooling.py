@@ -1,0 +1,255 @@
+"""Tools: ``@tool`` turns a typed, documented function into an OpenAI-style function schema, and a
+:class:`Toolset` validates arguments with jsonschema and dispatches calls.
+
+Every failure becomes a tool-result message that tells the model what went wrong, never an
+exception: the episode goes on and the failure kind is counted as ``tool_error/<kind>``.
+Kinds: ``parse`` (unparseable call, counted by the rollout), ``unknown_tool``, ``schema``,
+``exception``, ``timeout``, ``oversize``.
+
+Example::
+
+    @tool
+    def lookup(key: str) -> str:
+        \"\"\"Look up a key in the store.
+
+        Args:
+            key: The key to look up.
+        \"\"\"
+        return store[key]
+
+    tools = Toolset([lookup])
+    result = tools.call(ToolCall("lookup", {"key": "a"}))
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import difflib
+import inspect
+import json
+import re
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import jsonschema
+
+from agentopd.types import Message, ToolCall
+
+TRUNCATION_MARKER = "\n[... output truncated: {dropped} more characters not shown ...]"
+
+_PY_TO_JSON = {str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+def _json_type(annotation: Any) -> dict[str, Any]:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation in _PY_TO_JSON:
+        return {"type": _PY_TO_JSON[annotation]}
+    if origin is Literal:
+        return {"enum": list(args)}
+    if origin in (list, tuple) or annotation in (list, tuple):
+        item = _json_type(args[0]) if args else {}
+        return {"type": "array", "items": item} if item else {"type": "array"}
+    if origin is dict or annotation is dict:
+        return {"type": "object"}
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:
+            return _json_type(non_none[0])
+        return {"anyOf": [_json_type(a) for a in non_none]}
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return {}
+    raise TypeError(f"unsupported tool parameter type {annotation!r}; use str, int, float, bool, list, dict or Literal")
+
+
+def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
+    """Google-style docstring -> (description, {arg: description})."""
+    doc = inspect.cleandoc(doc or "")
+    parts = re.split(r"^\s*(Args|Arguments|Returns|Raises):\s*$", doc, flags=re.M)
+    description = parts[0].strip()
+    params: dict[str, str] = {}
+    for i in range(1, len(parts) - 1, 2):
+        if parts[i] in ("Args", "Arguments"):
+            current = None
+            for line in parts[i + 1].splitlines():
+                m = re.match(r"^\s*(\w+)\s*(\(.*?\))?:\s*(.*)$", line)
+                if m:
+                    current = m.group(1)
+                    params[current] = m.group(3).strip()
+                elif current and line.strip():
+                    params[current] += " " + line.strip()
+    return description, params
+
+
+@dataclass
+class Tool:
+    """A callable tool with its JSON schema."""
+
+    name: str
+    """Name the model uses to call it."""
+    fn: Callable[..., Any]
+    """The Python function."""
+    description: str
+    """What the tool does (from the docstring)."""
+    parameters: dict[str, Any]
+    """JSON schema of the arguments object."""
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        """OpenAI-style function schema, as passed to ``apply_chat_template(tools=...)``."""
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
+    """Decorator: build a :class:`Tool` from a typed function and its Google-style docstring.
+
+    Bound methods work too: decorate the method and access it on the instance.
+    """
+
+    def build(f: Callable[..., Any]) -> Tool | _ToolDescriptor:
+        params = list(inspect.signature(f).parameters)
+        if params and params[0] == "self":
+            return _ToolDescriptor(f, name)
+        return _make_tool(f, name)
+
+    return build(fn) if fn is not None else build
+
+
+def _make_tool(f: Callable[..., Any], name: str | None, skip_self: bool = False) -> Tool:
+    description, arg_docs = _parse_docstring(f.__doc__ or "")
+    if not description:
+        raise ValueError(f"tool {f.__name__!r} needs a docstring: the model reads it as the tool description")
+    hints = typing.get_type_hints(f)
+    props: dict[str, Any] = {}
+    required: list[str] = []
+    for i, (pname, p) in enumerate(inspect.signature(f).parameters.items()):
+        if skip_self and i == 0:
+            continue
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise TypeError(f"tool {f.__name__!r}: *args/**kwargs are not allowed in tools")
+        prop = _json_type(hints.get(pname, inspect.Parameter.empty))
+        if pname in arg_docs:
+            prop["description"] = arg_docs[pname]
+        props[pname] = prop
+        if p.default is inspect.Parameter.empty:
+            required.append(pname)
+    parameters = {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+    return Tool(name=name or f.__name__, fn=f, description=description, parameters=parameters)
+
+
+class _ToolDescriptor:
+    """Makes ``@tool`` on a method give a bound :class:`Tool` per instance."""
+
+    def __init__(self, f: Callable[..., Any], name: str | None):
+        self.f = f
+        self.template = _make_tool(f, name, skip_self=True)
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        bound = types.MethodType(self.f, obj)
+        return Tool(self.template.name, bound, self.template.description, self.template.parameters)
+
+
+@dataclass
+class ToolResult:
+    """Outcome of one call: the message for the model plus the failure kind, if any."""
+
+    message: Message
+    """The ``tool`` message handed back to the model."""
+    error: str | None = None
+    """``None`` on success, else the failure kind (``unknown_tool``, ``schema``, ...)."""
+    value: Any = None
+    """The raw Python return value on success."""
+
+
+@dataclass
+class Toolset:
+    """A set of tools with validation, timeouts and output limits.
+
+    Args:
+        tools: The tools.
+        timeout_s: Per-call wall-clock timeout (``None`` for none). A call that overruns is
+            reported to the model; its thread is abandoned (tools that need hard limits run in a
+            sandbox that enforces them).
+        max_output_chars: Results longer than this are truncated with a visible marker.
+    """
+
+    tools: list[Tool]
+    timeout_s: float | None = 30.0
+    max_output_chars: int = 4000
+    _by_name: dict[str, Tool] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_name = {}
+        for t in self.tools:
+            if not isinstance(t, Tool):
+                raise TypeError(f"{t!r} is not a Tool; decorate it with @agentopd.tool")
+            if t.name in self._by_name:
+                raise ValueError(f"duplicate tool name {t.name!r}")
+            self._by_name[t.name] = t
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    @property
+    def schemas(self) -> list[dict[str, Any]]:
+        return [t.schema for t in self.tools]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def call(self, call: ToolCall) -> ToolResult:
+        """Validate and run one call; never raises for anything the model did."""
+
+        def fail(kind: str, text: str) -> ToolResult:
+            return ToolResult(self._message(call, f"Error ({kind}): {text}"), error=kind)
+
+        tool_ = self._by_name.get(call.name)
+        if tool_ is None:
+            near = difflib.get_close_matches(str(call.name), self.names, n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            return fail("unknown_tool", f"no tool named {call.name!r}.{hint} Available tools: {', '.join(self.names)}.")
+        if not isinstance(call.arguments, dict):
+            return fail("schema", f"arguments must be a JSON object, got {type(call.arguments).__name__}.")
+        try:
+            jsonschema.validate(call.arguments, tool_.parameters)
+        except jsonschema.ValidationError as e:
+            where = "/".join(str(p) for p in e.absolute_path) or "arguments"
+            return fail("schema", f"invalid arguments for {tool_.name!r} at {where}: {e.message}.")
+        try:
+            value = self._run(tool_, call.arguments)
+        except concurrent.futures.TimeoutError:
+            return fail("timeout", f"{tool_.name!r} did not finish within {self.timeout_s:g} s.")
+        except Exception as e:  # noqa: BLE001 - tool bugs are reported to the model
+            return fail("exception", f"{tool_.name!r} raised {type(e).__name__}: {e}")
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        error = None
+        if len(text) > self.max_output_chars:
+            dropped = len(text) - self.max_output_chars
+            text = text[: self.max_output_chars] + TRUNCATION_MARKER.format(dropped=dropped)
+            error = "oversize"
+        return ToolResult(self._message(call, text), error=error, value=value)
+
+    def _run(self, tool_: Tool, arguments: dict[str, Any]) -> Any:
+        if self.timeout_s is None:
+            return tool_.fn(**arguments)
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        try:
+            return pool.submit(tool_.fn, **arguments).result(timeout=self.timeout_s)
+        finally:
+            pool.shutdown(wait=False)
+
+    @staticmethod
+    def _message(call: ToolCall, text: str) -> Message:
+        return Message(role="tool", content=text, name=str(call.name), tool_call_id=call.id)

@@ -1,0 +1,1 @@
+"""Config groups composed by agentopd.config."""

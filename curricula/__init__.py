@@ -1,0 +1,1 @@
+"""Temporal curricula (TCOD) and baselines."""

@@ -1,0 +1,1 @@
+"""Built-in environments: lookup-chain, sql, code-sandbox."""
