@@ -1,1 +1,204 @@
-"""agentopd/zoo."""
+"""The built-in model zoo: a shipped tokenizer, model presets and bootstrapped teachers.
+
+Everything is built locally; nothing is downloaded. Names:
+
+* a **preset** (``tiny``, ``tiny-teacher``, ``small``): a fresh, deterministic random init;
+* an **artifact** ``<preset>-<env>`` (``tiny-teacher-lookup-chain``): the preset trained by SFT
+  on the env's scripted expert, cached under ``$AGENTOPD_CACHE/zoo/<name>/`` and built on
+  first use (:func:`build`);
+* a **path** to any ``save_pretrained`` directory.
+
+Example::
+
+    from agentopd import zoo
+    tokenizer = zoo.load_tokenizer()
+    student, tokenizer = zoo.load("tiny")
+    teacher, _ = zoo.load("tiny-teacher-lookup-chain")   # trains it the first time (minutes)
+    for row in zoo.list_models():
+        print(row.name, row.kind, row.params, row.built)
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agentopd.registry import envs as _envs
+from agentopd.registry import models as _models
+from agentopd.zoo.models import (
+    PRESETS,
+    Preset,
+    build_model,
+    cache_dir,
+    cache_root,
+    get_preset,
+    is_built,
+    model_config,
+    num_params,
+)
+from agentopd.zoo.tokenizer import load_tokenizer
+
+TEACHER_PRESETS = ("tiny-teacher",)
+"""Presets that get an artifact ``<preset>-<env>`` per registered env in :func:`list_models`."""
+
+__all__ = [
+    "PRESETS",
+    "ModelInfo",
+    "Preset",
+    "build",
+    "build_model",
+    "cache_dir",
+    "cache_root",
+    "get_preset",
+    "list_models",
+    "load",
+    "load_tokenizer",
+    "model_config",
+    "num_params",
+    "parse_artifact",
+]
+
+
+@dataclass
+class ModelInfo:
+    """One row of :func:`list_models`."""
+
+    name: str
+    """What to pass to :func:`load`."""
+    kind: str
+    """``preset`` (random init) or ``artifact`` (trained, cached)."""
+    params: int
+    """Unique parameters (tied embeddings counted once)."""
+    built: bool
+    """For artifacts: whether the cache holds it. Presets are always available."""
+    path: str | None
+    """Cache directory of an artifact; ``None`` for presets."""
+    description: str = ""
+    """One line for listings."""
+
+
+def parse_artifact(name: str) -> tuple[str, str] | None:
+    """Split ``<preset>-<env>`` into ``(preset, env)``; ``None`` if ``name`` is not one."""
+    envs = set(_envs.names())
+    for preset in sorted(PRESETS, key=len, reverse=True):
+        if name.startswith(preset + "-") and name[len(preset) + 1 :] in envs:
+            return preset, name[len(preset) + 1 :]
+    return None
+
+
+def list_models() -> list[ModelInfo]:
+    """Presets, then one teacher artifact per registered environment."""
+    rows = [
+        ModelInfo(p.name, "preset", num_params(p.name), True, None, p.description)
+        for p in PRESETS.values()
+    ]
+    for preset in TEACHER_PRESETS:
+        params = num_params(preset)
+        for env in _envs.names():
+            name = f"{preset}-{env}"
+            path = cache_dir(name)
+            rows.append(
+                ModelInfo(
+                    name,
+                    "artifact",
+                    params,
+                    is_built(path),
+                    str(path),
+                    f"{preset} trained by SFT on the {env} expert",
+                )
+            )
+    return rows
+
+
+def build(name: str, *, progress: bool = True, force: bool = False, **overrides: Any) -> Path:
+    """Build (or find in the cache) the artifact ``name`` and return its directory.
+
+    Args:
+        name: ``<preset>-<env>``, e.g. ``tiny-teacher-lookup-chain``.
+        progress: Show a progress bar and a summary.
+        force: Rebuild even when the cache holds it.
+        **overrides: Fields of :class:`agentopd.zoo.bootstrap.Recipe` (``steps``, ``lr``, ...).
+    """
+    parsed = parse_artifact(name)
+    if parsed is None:
+        raise KeyError(_unknown(name))
+    path = cache_dir(name)
+    if is_built(path) and not force:
+        return path
+    from agentopd.zoo.bootstrap import build_artifact
+
+    preset, env = parsed
+    build_artifact(env, path, preset=preset, progress=progress, **overrides)
+    return path
+
+
+def load(
+    name_or_path: str | Path, *, build_missing: bool = True, progress: bool = True
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from a preset, an artifact name or a local path.
+
+    Args:
+        name_or_path: See the module docstring.
+        build_missing: Build an artifact that is not in the cache yet (else raise).
+        progress: Show progress while building.
+    """
+    name = str(name_or_path)
+    if name in PRESETS:
+        return build_model(name), load_tokenizer()
+    if parse_artifact(name) is not None:
+        path = cache_dir(name)
+        if not is_built(path):
+            if not build_missing:
+                raise FileNotFoundError(
+                    f"{name} is not built yet; run `agentopd models build {name}`"
+                )
+            build(name, progress=progress)
+        return _from_pretrained(path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return _from_pretrained(path)
+    raise KeyError(_unknown(name))
+
+
+def _from_pretrained(path: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    if (path / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    else:
+        tokenizer = load_tokenizer()
+    return model, tokenizer
+
+
+def _unknown(name: str) -> str:
+    valid = [r.name for r in list_models()]
+    near = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean {near[0]!r}?" if near else ""
+    return (
+        f"unknown model {name!r}: not a preset, a <preset>-<env> artifact or a directory.{hint} "
+        f"Valid names: {', '.join(valid)}."
+    )
+
+
+def _register() -> None:
+    """Register presets and teacher artifacts in ``agentopd.registry.models``."""
+
+    def loader(name: str) -> Any:
+        def make(**_: Any) -> tuple[Any, Any]:
+            return load(name)
+
+        make.__doc__ = f"Load {name!r} from the zoo."
+        return make
+
+    for p in PRESETS:
+        _models.register(p, loader(p), package="agentopd.zoo")
+    for preset in TEACHER_PRESETS:
+        for env in _envs.names():
+            name = f"{preset}-{env}"
+            _models.register(name, loader(name), package="agentopd.zoo")
+
+
+_register()

@@ -1,0 +1,216 @@
+"""Tests for the model zoo: tokenizer, chat template, presets, loading and teacher bootstrap."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agentopd import zoo
+from agentopd.zoo.tokenizer import CHAT_TEMPLATE, IM_END, IM_START, load_tokenizer
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "Return the value stored under a key.",
+            "parameters": {
+                "type": "object",
+                "properties": {"key": {"type": "string", "description": "The key."}},
+                "required": ["key"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "submit",
+            "description": "Submit the final answer.\nThis ends the episode.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "answer": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                    "note": {"type": "string"},
+                },
+                "required": ["answer"],
+            },
+        },
+    },
+]
+CALL = '<tool_call>{"name": "lookup", "arguments": {"key": "k17"}}</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def render(tok, messages, tools=None, gen=False) -> str:
+    return tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen)
+
+
+# ---------------------------------------------------------------------------- tokenizer
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.text())
+def test_tokenizer_round_trips_any_text(tok, text):
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) == text
+
+
+def test_tokenizer_specials_and_sizes(tok):
+    assert 1000 <= len(tok) <= 2000
+    assert tok.eos_token == IM_END and tok.pad_token == "<|endoftext|>"
+    assert tok.padding_side == "left"
+    for special in ["<|endoftext|>", IM_START, IM_END]:
+        assert len(tok.encode(special, add_special_tokens=False)) == 1
+    assert tok.encode("hi", add_special_tokens=True) == tok.encode("hi", add_special_tokens=False)
+
+
+def test_digits_are_single_tokens_and_tool_tags_are_one_token(tok):
+    ids = tok.encode("x=90210", add_special_tokens=False)
+    pieces = [tok.decode([i]) for i in ids]
+    assert pieces[-5:] == ["9", "0", "2", "1", "0"]
+    for tag in ["<tool_call>", "</tool_call>"]:
+        assert len(tok.encode(tag, add_special_tokens=False)) == 1
+    assert len(tok.encode(CALL, add_special_tokens=False)) < len(CALL) // 2
+
+
+# ---------------------------------------------------------------------------- chat template
+def test_template_renders_system_tools_and_turns(tok):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Find k17."},
+        {"role": "assistant", "content": CALL},
+        {"role": "tool", "name": "lookup", "content": "q4"},
+    ]
+    text = render(tok, messages, TOOLS, gen=True)
+    assert text == (
+        "<|im_start|>system\nBe brief.\n\nTools:\n"
+        "lookup(key: string) - Return the value stored under a key.\n"
+        "submit(answer: string|integer, note?: string) - Submit the final answer. "
+        "This ends the episode.<|im_end|>\n"
+        "<|im_start|>user\nFind k17.<|im_end|>\n"
+        f"<|im_start|>assistant\n{CALL}<|im_end|>\n"
+        "<|im_start|>tool\nq4<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_template_makes_a_system_message_for_tools_and_none_without(tok):
+    user = [{"role": "user", "content": "hi"}]
+    assert render(tok, user, TOOLS).startswith("<|im_start|>system\nTools:\nlookup(key: string)")
+    assert render(tok, user) == "<|im_start|>user\nhi<|im_end|>\n"
+    assert render(tok, user, gen=True).endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_template_keeps_assistant_content_raw(tok):
+    raw = 'Let me check. <tool_call>{"name":"lookup","arguments":{"key":"a1"}}</tool_call>  '
+    msg = {
+        "role": "assistant",
+        "content": raw,
+        "tool_calls": [{"type": "function", "function": {"name": "other", "arguments": {"x": 1}}}],
+    }
+    text = render(tok, [{"role": "user", "content": "u"}, msg])
+    assert f"<|im_start|>assistant\n{raw}<|im_end|>\n" in text
+    assert "other" not in text
+
+
+def _conversations():
+    content = st.text(max_size=40)
+    assistant = st.builds(
+        lambda c: {"role": "assistant", "content": c}, st.one_of(content, st.just(CALL))
+    )
+    tool = st.builds(lambda c: {"role": "tool", "name": "lookup", "content": c}, content)
+    head = st.lists(st.sampled_from(["system", "user"]), min_size=1, max_size=2, unique=True).map(
+        lambda roles: [{"role": r, "content": r + " text"} for r in sorted(roles, reverse=True)]
+    )
+    return st.tuples(head, st.lists(st.one_of(assistant, tool), min_size=1, max_size=8))
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(_conversations(), st.booleans())
+def test_template_preserves_prefixes(tok, conv, with_tools):
+    head, rest = conv
+    messages = head + rest
+    tools = TOOLS if with_tools else None
+    for n in range(len(head), len(messages)):
+        shorter = render(tok, messages[:n], tools)
+        longer = render(tok, messages[: n + 1], tools)
+        assert longer.startswith(shorter)
+        if messages[n]["role"] == "assistant":
+            assert longer.startswith(render(tok, messages[:n], tools, gen=True))
+
+
+# ---------------------------------------------------------------------------- presets and loading
+@pytest.mark.parametrize("name", list(zoo.PRESETS))
+def test_presets_are_standard_llama_with_head_dim_64(tok, name):
+    cfg = zoo.model_config(name)
+    assert cfg.model_type == "llama"
+    assert cfg.head_dim == 64 and cfg.hidden_size == 64 * cfg.num_attention_heads
+    assert cfg.vocab_size == len(tok) and cfg.tie_word_embeddings
+    assert cfg.eos_token_id == tok.eos_token_id and cfg.max_position_embeddings == 2048
+
+
+def test_build_model_is_deterministic():
+    a, b, c = zoo.build_model("tiny", 0), zoo.build_model("tiny", 0), zoo.build_model("tiny", 1)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["model.embed_tokens.weight"], sc["model.embed_tokens.weight"])
+    assert zoo.num_params(a) == zoo.num_params("tiny")
+
+
+def test_load_from_path_round_trips_and_auto_tokenizer_agrees(tmp_path, tok):
+    from transformers import AutoTokenizer
+
+    model, tokenizer = zoo.load("tiny")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model2, tok2 = zoo.load(tmp_path)
+    assert torch.equal(model.model.embed_tokens.weight, model2.model.embed_tokens.weight)
+    text = "x = 12345 + 0.5\n\n ünïcödé 🤖 " + CALL
+    auto = AutoTokenizer.from_pretrained(tmp_path)
+    for t in (tok2, auto):
+        assert t.encode(text) == tok.encode(text)
+        assert t.chat_template == CHAT_TEMPLATE and t.padding_side == "left"
+
+
+def test_unknown_names_suggest_the_nearest(monkeypatch, tmp_path):
+    monkeypatch.setenv("AGENTOPD_CACHE", str(tmp_path))
+    with pytest.raises(KeyError, match="Did you mean 'tiny-teacher'"):
+        zoo.load("tiny-teachr")
+
+
+def test_list_models_rows(monkeypatch, tmp_path):
+    monkeypatch.setenv("AGENTOPD_CACHE", str(tmp_path))
+    rows = {r.name: r for r in zoo.list_models()}
+    assert rows["tiny"].kind == "preset" and rows["tiny"].params == zoo.num_params("tiny")
+    art = rows["tiny-teacher-lookup-chain"]
+    assert art.kind == "artifact" and not art.built
+    assert art.path == str(tmp_path / "zoo" / "tiny-teacher-lookup-chain")
+    assert zoo.parse_artifact("tiny-teacher-lookup-chain") == ("tiny-teacher", "lookup-chain")
+    assert zoo.parse_artifact("tiny-teacher") is None
+
+
+def test_presets_are_registered():
+    import agentopd
+
+    names = agentopd.list_registered("models")
+    assert {"tiny", "tiny-teacher", "tiny-teacher-lookup-chain"} <= set(names)
+
+
+@pytest.mark.slow
+def test_shipped_tokenizer_matches_rebuild(tmp_path):
+    from agentopd.zoo.tokenizer import TOKENIZER_FILE, train_tokenizer
+
+    fresh = json.loads(train_tokenizer().to_str())
+    shipped = json.loads(TOKENIZER_FILE.read_text())
+    assert fresh["model"]["vocab"] == shipped["model"]["vocab"]
+    assert fresh["model"]["merges"] == shipped["model"]["merges"]
