@@ -7,7 +7,7 @@ What a user imports to write a new environment::
 
 from agentopd.env import Env, Task
 from agentopd.parsing import Parsed, format_tool_call, parse_assistant
-from agentopd.registry import list_registered, make, register, registry, spec
+from agentopd.registry import list_registered, make, register, spec
 from agentopd.tooling import Tool, ToolResult, Toolset, tool
 from agentopd.types import Episode, Message, Segment, StopReason, ToolCall, Turn
 
@@ -31,7 +31,6 @@ __all__ = [
     "make",
     "parse_assistant",
     "register",
-    "registry",
     "spec",
     "tool",
 ]

@@ -1,0 +1,220 @@
+"""The ``agentopd`` command.
+
+Subcommands::
+
+    agentopd envs                                  registered environments
+    agentopd check-env NAME [key=value ...]        conformance check of one env
+    agentopd train [key=value ...]                 cold start + on-policy distillation
+    agentopd eval env=NAME model=PATH episodes=N   held-out success, pass@k, success by length
+    agentopd diagnose env=NAME student=.. teacher=..   is this teacher a good match for this student?
+    agentopd collect env=NAME model=...            collect successful teacher episodes (JSONL)
+    agentopd zoo list | zoo build NAME             built-in tiny models
+    agentopd sandbox check | sandbox build-image   code-execution sandboxes
+
+Configuration errors exit with status 2 and a message naming the key, what was expected and the
+nearest valid name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _coerce(value: str) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.from_dotlist([f"v={value}"]).v
+
+
+def _kv(items: list[str]) -> dict[str, Any]:
+    from agentopd.config import parse_overrides
+
+    return {k: _coerce(v) for k, v in parse_overrides(items)}
+
+
+# ----------------------------------------------------------------------------------- commands
+def cmd_envs(args: argparse.Namespace) -> int:
+    from agentopd import registry
+
+    table = Table(title="agentopd environments")
+    for col in ("name", "tools", "description", "package"):
+        table.add_column(col)
+    for spec in registry.envs.specs():
+        try:
+            cls = spec.load()
+            env = spec.make()
+            _, info = env.reset(seed=0)
+            tools = ", ".join(t["function"]["name"] for t in info["tools"])
+            env.close()
+            desc = getattr(cls, "description", "") or (cls.__doc__ or "").strip().splitlines()[0]
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not hide the others
+            tools, desc = "?", f"[red]failed to load: {type(e).__name__}: {e}[/]"
+        table.add_row(spec.name, tools, desc, spec.package)
+    console.print(table)
+    return 0
+
+
+def cmd_check_env(args: argparse.Namespace) -> int:
+    from agentopd.conformance import check_env_conformance
+
+    report = check_env_conformance(args.name, n_episodes=args.episodes, **_kv(args.overrides))
+    console.print(report.render())
+    return 0 if report.ok else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from agentopd.config import compose
+    from agentopd.trainer import train
+
+    cfg = compose("train", args.overrides)
+    result = train(cfg, console)
+    console.print_json(json.dumps(result))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from agentopd import zoo
+    from agentopd.config import compose
+    from agentopd.engines.hf import HFEngine
+    from agentopd.metrics import evaluate
+    from agentopd.renderer import Renderer
+    from agentopd.trainer import resolve_device, rollout_config
+
+    cfg = compose("eval", args.overrides)
+    model, tok = zoo.load(cfg.model, progress=True)
+    model.to(resolve_device(cfg.device))
+    renderer = Renderer(tok, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch)
+    engine = HFEngine(model, renderer.eot_id, renderer.pad_id)
+    report, episodes = evaluate(
+        cfg.env, dict(cfg.env_kwargs), engine, renderer, episodes=cfg.episodes, samples=cfg.samples,
+        temperature=cfg.temperature, rollout_config=rollout_config(cfg), seed=cfg.seed,
+    )
+    table = Table(title=f"eval {cfg.model} on {cfg.env} ({report['tasks']} held-out tasks × {cfg.samples})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("success", f"{report['success']:.1%}")
+    for k in range(1, cfg.samples + 1):
+        table.add_row(f"pass@{k}", f"{report[f'pass@{k}']:.1%}")
+    table.add_row("mean turns", f"{report['mean_turns']:.2f}")
+    for d, s in report["success_by_difficulty"].items():
+        table.add_row(f"success (difficulty {d})", f"{s:.1%}")
+    for r, n in report["stop_reasons"].items():
+        table.add_row(f"stop/{r}", str(n))
+    console.print(table)
+    if cfg.output:
+        Path(cfg.output).write_text("".join(e.to_json() + "\n" for e in episodes))
+        console.print(f"episodes written to {cfg.output}")
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from agentopd.config import compose
+    from agentopd.diagnose import diagnose
+
+    cfg = compose("diagnose", args.overrides)
+    diagnose(cfg, console)
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from agentopd.collect import collect
+    from agentopd.config import compose
+
+    cfg = compose("collect", args.overrides)
+    collect(cfg, console)
+    return 0
+
+
+def cmd_zoo_list(args: argparse.Namespace) -> int:
+    from agentopd import zoo
+
+    table = Table(title="agentopd model zoo")
+    for col in ("name", "kind", "params", "built", "path"):
+        table.add_column(col)
+    for row in zoo.list_models():
+        table.add_row(row.name, row.kind, f"{row.params:,}", "yes" if row.built else "no", str(row.path or ""))
+    console.print(table)
+    return 0
+
+
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from agentopd import zoo
+
+    path = zoo.build(args.name, progress=True, force=args.force)
+    console.print(f"built {args.name} → {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="agentopd",
+        description="On-policy distillation of LLM agents in multi-turn tool-use environments.",
+        epilog="Examples: agentopd train env=lookup-chain steps=20 | agentopd check-env sql | agentopd envs",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("envs", help="list registered environments")
+    s.set_defaults(func=cmd_envs)
+
+    s = sub.add_parser("check-env", help="conformance check of an environment")
+    s.add_argument("name")
+    s.add_argument("--episodes", type=int, default=5, help="seeded expert episodes to run")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="env constructor kwargs")
+    s.set_defaults(func=cmd_check_env)
+
+    for name, fn, text in (
+        ("train", cmd_train, "train a student by on-policy distillation"),
+        ("eval", cmd_eval, "evaluate a model on held-out tasks"),
+        ("diagnose", cmd_diagnose, "teacher/student compatibility check"),
+        ("collect", cmd_collect, "collect successful teacher episodes"),
+    ):
+        s = sub.add_parser(name, help=text, description=f"{text}. Options are key=value overrides (see configs/{name}.yaml).")
+        s.add_argument("overrides", nargs="*", metavar="key=value")
+        s.set_defaults(func=fn)
+
+    z = sub.add_parser("zoo", help="built-in tiny models").add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
+    z.required = True
+    z.add_parser("list", help="list presets and built artifacts").set_defaults(func=cmd_zoo_list)
+    b = z.add_parser("build", help="build (train) a zoo artifact, e.g. tiny-teacher-lookup-chain")
+    b.add_argument("name")
+    b.add_argument("--force", action="store_true")
+    b.set_defaults(func=cmd_zoo_build)
+
+    try:
+        from agentopd.tools.sandbox.cli import register_cli
+    except ImportError:
+        pass
+    else:
+        register_cli(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from agentopd.config import ConfigError
+    from agentopd.registry import UnknownNameError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, UnknownNameError) as e:
+        err_console.print(f"[red]error:[/] {e}")
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Transformers generation engine: all active episodes of a step in one batched ``generate`` call.
+
+Prompts are left-padded; the KV cache, temperature and top-p come from ``transformers``. The
+logprob stored per sampled token is the log-probability under the distribution actually sampled
+from (after temperature / top-p). With the learner's model passed in, ``load_weights`` is a no-op:
+engine and learner share parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from agentopd.engines import Sample, SamplingParams
+
+
+class HFEngine:
+    """Batched generation with a ``transformers`` causal LM.
+
+    Args:
+        model: A causal LM (``AutoModelForCausalLM``).
+        eot_id: End-of-turn token id (generation stops there).
+        pad_id: Padding token id.
+        max_batch_size: Split larger batches into chunks of this size.
+    """
+
+    def __init__(self, model: Any, eot_id: int, pad_id: int, max_batch_size: int = 64):
+        self.model = model
+        self.eot_id = eot_id
+        self.pad_id = pad_id
+        self.max_batch_size = max_batch_size
+        self.generator_seed: int | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def load_weights(self, state_dict: dict[str, Any]) -> None:
+        own = self.model.state_dict()
+        if all(own[k].data_ptr() == v.data_ptr() for k, v in state_dict.items() if k in own):
+            return
+        self.model.load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        out: list[Sample] = []
+        for i in range(0, len(prompts), self.max_batch_size):
+            out.extend(self._generate(prompts[i : i + self.max_batch_size], params))
+        return out
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sample]:
+        if not prompts:
+            return []
+        was_training = self.model.training
+        self.model.eval()
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(prompts), width), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attn[b, width - len(p) :] = 1
+        greedy = params.temperature <= 0
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": params.max_new_tokens,
+            "do_sample": not greedy,
+            "eos_token_id": self.eot_id,
+            "pad_token_id": self.pad_id,
+            "output_scores": True,
+            "return_dict_in_generate": True,
+        }
+        if not greedy:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), **kwargs)
+        if was_training:
+            self.model.train()
+        new_B_N = gen.sequences[:, width:].cpu()
+        logp_B_N = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in gen.scores], dim=1)
+        chosen_B_N = logp_B_N.gather(-1, new_B_N.unsqueeze(-1).to(logp_B_N.device)).squeeze(-1).cpu()
+        samples = []
+        for b in range(len(prompts)):
+            toks = new_B_N[b].tolist()
+            n = len(toks)
+            finished = False
+            if self.eot_id in toks:
+                n = toks.index(self.eot_id) + 1
+                finished = True
+            samples.append(Sample(tokens=toks[:n], logprobs=[float(x) for x in chosen_B_N[b, :n]], finished=finished))
+        return samples

@@ -1,0 +1,102 @@
+"""Episode metrics: success, pass@k, turns, tokens, tool errors, stop reasons, per-length success.
+
+Pure functions over :class:`~agentopd.types.Episode` lists, plus :func:`evaluate`, which plays
+held-out tasks at the full horizon (evaluation never goes through a curriculum).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from math import comb
+from typing import Any
+
+from agentopd.types import Episode
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples with ``c`` successes (Chen et al., 2021)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def episode_summary(episodes: list[Episode], prefix: str = "rollout/") -> dict[str, float]:
+    """Success, reward, turns, tokens, tool-error kinds and stop reasons of a batch."""
+    if not episodes:
+        return {}
+    n = len(episodes)
+    out: dict[str, float] = {
+        f"{prefix}success": sum(e.success for e in episodes) / n,
+        f"{prefix}reward": sum(e.reward for e in episodes) / n,
+        f"{prefix}turns": sum(e.num_turns for e in episodes) / n,
+        f"{prefix}sampled_tokens": sum(e.num_sampled_tokens for e in episodes) / n,
+        f"{prefix}tokens": sum(len(s.tokens) for e in episodes for s in e.segments) / n,
+    }
+    errors: Counter[str] = Counter()
+    for e in episodes:
+        errors.update(e.info.get("tool_errors", {}))
+    for kind, count in sorted(errors.items()):
+        out[f"tool_error/{kind}"] = count / n
+    stops = Counter(e.stop_reason.value for e in episodes)
+    for reason, count in sorted(stops.items()):
+        out[f"stop/{reason}"] = count / n
+    return out
+
+
+def success_by_difficulty(episodes: list[Episode]) -> dict[int, float]:
+    """Success rate per task difficulty (episode length class)."""
+    groups: dict[int, list[bool]] = defaultdict(list)
+    for e in episodes:
+        groups[int(e.info.get("difficulty", 1))].append(e.success)
+    return {d: sum(v) / len(v) for d, v in sorted(groups.items())}
+
+
+def eval_report(episodes: list[Episode], samples: int = 1) -> dict[str, Any]:
+    """Success, pass@k for k in 1..samples, mean turns and success by episode length.
+
+    ``episodes`` holds ``samples`` consecutive attempts per task.
+    """
+    by_task: dict[tuple[str, int | None], list[Episode]] = defaultdict(list)
+    for e in episodes:
+        by_task[(e.task_id, e.seed)].append(e)
+    report: dict[str, Any] = {
+        "episodes": len(episodes),
+        "tasks": len(by_task),
+        "success": sum(e.success for e in episodes) / max(1, len(episodes)),
+        "mean_turns": sum(e.num_turns for e in episodes) / max(1, len(episodes)),
+        "success_by_difficulty": success_by_difficulty(episodes),
+        "stop_reasons": dict(Counter(e.stop_reason.value for e in episodes)),
+    }
+    for k in range(1, samples + 1):
+        vals = [pass_at_k(len(v), sum(x.success for x in v), k) for v in by_task.values() if len(v) >= k]
+        report[f"pass@{k}"] = sum(vals) / max(1, len(vals))
+    return report
+
+
+def evaluate(
+    env: str,
+    env_kwargs: dict[str, Any],
+    engine: Any,
+    renderer: Any,
+    *,
+    episodes: int = 50,
+    samples: int = 1,
+    temperature: float = 0.0,
+    rollout_config: Any = None,
+    seed: int = 0,
+) -> tuple[dict[str, Any], list[Episode]]:
+    """Play ``episodes`` held-out tasks (``split="eval"``) ``samples`` times each at full horizon."""
+    from dataclasses import replace
+
+    from agentopd.rollout import EpisodeJob, RolloutConfig, run_episodes
+
+    cfg = replace(rollout_config or RolloutConfig(), temperature=temperature)
+    jobs = [
+        EpisodeJob(env, seed=seed + i, options={"split": "eval"}, env_kwargs=dict(env_kwargs))
+        for i in range(episodes)
+        for _ in range(samples)
+    ]
+    eps = run_episodes(jobs, engine, renderer, cfg, seed=seed)
+    return eval_report(eps, samples), eps

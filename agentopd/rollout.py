@@ -1,0 +1,269 @@
+"""The multi-turn rollout loop.
+
+A batch of episodes advances turn by turn: the prompts of all active episodes go to the engine in
+one call, the sampled turns are stepped through their environments in a thread pool (so slow
+tools overlap), and the renderer appends bridge tokens for the tool results. Each episode ends on
+an answer, the turn limit, the token budget, or an environment error, and records why.
+
+The same loop plays scripted experts (:func:`expert_episodes`): their text is encoded once and
+treated as "sampled" (mask 1), which is what cold-start SFT trains on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentopd.engines import Engine, Sample, SamplingParams
+from agentopd.env import Env
+from agentopd.registry import make
+from agentopd.renderer import Renderer
+from agentopd.types import Episode, Segment, StopReason, Turn
+
+
+@dataclass
+class RolloutConfig:
+    """Knobs of the rollout loop."""
+
+    max_new_tokens: int = 128
+    """Generation limit per turn."""
+    max_episode_tokens: int = 2048
+    """Token budget per segment (prompt + all turns + bridges)."""
+    temperature: float = 1.0
+    """Sampling temperature (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    tool_workers: int = 8
+    """Threads that run ``env.step`` (tool calls) concurrently."""
+    mask_parse_errors: bool = False
+    """Give mask 0 to turns whose tool calls could not be parsed."""
+
+
+@dataclass
+class EpisodeJob:
+    """What to play: an env, its constructor kwargs, a seed and reset options."""
+
+    env: str
+    """Registry name of the environment."""
+    seed: int
+    """Seed for ``env.reset``."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Reset options (task choice, ``max_turns``, ``replay``, ``split``)."""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Constructor kwargs."""
+
+
+@dataclass
+class _Live:
+    env: Env
+    episode: Episode
+    tools: list[dict[str, Any]]
+    stream_text: str
+    done: bool = False
+    pending: Sample | None = None
+
+
+Policy = Callable[[list["_Live"]], list[Sample]]
+
+
+def run_episodes(
+    jobs: list[EpisodeJob],
+    engine: Engine,
+    renderer: Renderer,
+    config: RolloutConfig | None = None,
+    *,
+    seed: int | None = None,
+) -> list[Episode]:
+    """Play ``jobs`` with the engine's policy; returns one token-exact episode per job."""
+    cfg = config or RolloutConfig()
+
+    def policy(lives: list[_Live]) -> list[Sample]:
+        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed)
+        return engine.generate([lv.episode.segments[-1].tokens for lv in lives], params)
+
+    return _play(jobs, policy, renderer, cfg)
+
+
+def expert_episodes(jobs: list[EpisodeJob], renderer: Renderer, config: RolloutConfig | None = None) -> list[Episode]:
+    """Play ``jobs`` with each env's scripted expert (mask 1 on the expert's tokens)."""
+    cfg = config or RolloutConfig(max_new_tokens=10_000, max_episode_tokens=100_000)
+
+    def policy(lives: list[_Live]) -> list[Sample]:
+        out = []
+        for lv in lives:
+            text = lv.env.expert_action(list(lv.env.messages))
+            toks = renderer.encode(text) + [renderer.eot_id]
+            out.append(Sample(tokens=toks, logprobs=[0.0] * len(toks), finished=True))
+        return out
+
+    return _play(jobs, policy, renderer, cfg)
+
+
+def expert_episode(env: Env, renderer: Renderer, seed: int, options: dict[str, Any] | None = None) -> Episode:
+    """One expert episode on an already-built env (convenience for tests and bootstrapping)."""
+    name = getattr(env, "spec_name", type(env).__name__)
+    lv = _start_with(env, EpisodeJob(name, seed, dict(options or {})), renderer)
+    cfg = RolloutConfig(max_new_tokens=10_000, max_episode_tokens=100_000)
+
+    def policy(lives: list[_Live]) -> list[Sample]:
+        text = lives[0].env.expert_action(list(lives[0].env.messages))
+        toks = renderer.encode(text) + [renderer.eot_id]
+        return [Sample(tokens=toks, logprobs=[0.0] * len(toks), finished=True)]
+
+    _loop([lv], policy, renderer, cfg, close=False)
+    return lv.episode
+
+
+# ------------------------------------------------------------------------------------------
+def _start_with(env: Env, job: EpisodeJob, renderer: Renderer) -> _Live:
+    messages, info = env.reset(seed=job.seed, options=job.options)
+    tools = info.get("tools") or []
+    tokens, text = renderer.initial_prompt(messages, tools)
+    seg = Segment(prompt_len=len(tokens))
+    seg.append(tokens, None, sampled=False)
+    ep = Episode(
+        env=job.env,
+        task_id=str(info.get("task_id", "")),
+        seed=job.seed,
+        segments=[seg],
+        info={
+            "difficulty": info.get("difficulty", 1),
+            "replayed_turns": info.get("replayed_turns", 0),
+            "max_turns": info.get("max_turns"),
+            "options": {k: v for k, v in job.options.items() if k != "replay"},
+            "tool_errors": {},
+            "n_prompt_messages": len(messages),
+            "tools": tools,
+            "privileged_context": env.privileged_context(),
+        },
+    )
+    return _Live(env=env, episode=ep, tools=tools, stream_text=text)
+
+
+def _play(jobs: list[EpisodeJob], policy: Policy, renderer: Renderer, cfg: RolloutConfig) -> list[Episode]:
+    lives = []
+    try:
+        for job in jobs:
+            env = make(job.env, **job.env_kwargs)
+            lives.append(_start_with(env, job, renderer))
+        _loop(lives, policy, renderer, cfg, close=True)
+    finally:
+        for lv in lives:
+            _close(lv)
+    return [lv.episode for lv in lives]
+
+
+def _close(lv: _Live) -> None:
+    try:
+        lv.env.close()
+    except Exception:  # noqa: BLE001 - closing must not hide the rollout's own result
+        pass
+
+
+def _loop(lives: list[_Live], policy: Policy, renderer: Renderer, cfg: RolloutConfig, close: bool) -> None:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, cfg.tool_workers)) as pool:
+        while True:
+            active = [lv for lv in lives if not lv.done]
+            for lv in active:
+                if len(lv.episode.segments[-1].tokens) >= cfg.max_episode_tokens:
+                    _finish(lv, StopReason.TOKEN_BUDGET)
+            active = [lv for lv in active if not lv.done]
+            if not active:
+                break
+            samples = policy(active)
+            stepping = []
+            for lv, sample in zip(active, samples, strict=True):
+                if _record_turn(lv, sample, renderer, cfg):
+                    stepping.append(lv)
+            futures = [(lv, pool.submit(_step, lv)) for lv in stepping]
+            for lv, fut in futures:
+                result = fut.result()
+                _after_step(lv, result, renderer, cfg)
+    for lv in lives:
+        lv.episode.messages = list(lv.env.messages)
+        if close:
+            _close(lv)
+
+
+def _record_turn(lv: _Live, sample: Sample, renderer: Renderer, cfg: RolloutConfig) -> bool:
+    """Append the sampled tokens; returns whether the turn should be stepped."""
+    ep = lv.episode
+    seg = ep.segments[-1]
+    room = cfg.max_episode_tokens - len(seg.tokens)
+    tokens, logprobs, finished = sample.tokens[:room], sample.logprobs[:room], sample.finished
+    if len(tokens) < len(sample.tokens):
+        finished = False
+    start = len(seg.tokens)
+    seg.append(tokens, logprobs, sampled=True)
+    content, ended = renderer.strip_eot(tokens)
+    text = renderer.decode(content)
+    lv.stream_text += renderer.decode(tokens)
+    turn = Turn(
+        index=ep.info.get("replayed_turns", 0) + len(ep.turns),
+        segment=len(ep.segments) - 1,
+        start=start,
+        end=start + len(tokens),
+        text=text,
+    )
+    ep.turns.append(turn)
+    if not (finished and ended):
+        _finish(lv, StopReason.TOKEN_BUDGET)
+        return False
+    lv.pending = sample
+    return True
+
+
+def _step(lv: _Live) -> tuple[Any, ...] | BaseException:
+    try:
+        return lv.env.step(lv.episode.turns[-1].text)
+    except Exception as e:  # noqa: BLE001 - an env bug ends this episode, not the batch
+        e.__traceback_text__ = traceback.format_exc()  # type: ignore[attr-defined]
+        return e
+
+
+def _after_step(lv: _Live, result: Any, renderer: Renderer, cfg: RolloutConfig) -> None:
+    ep = lv.episode
+    turn = ep.turns[-1]
+    if isinstance(result, BaseException):
+        ep.info["error"] = getattr(result, "__traceback_text__", repr(result))
+        _finish(lv, StopReason.ERROR)
+        return
+    new_messages, reward, terminated, truncated, info = result
+    assistant = lv.env.messages[-1 - len(new_messages)]
+    turn.tool_calls = list(assistant.tool_calls)
+    turn.tool_results = list(new_messages)
+    turn.parse_error = info.get("parse_error")
+    turn.reward = float(reward)
+    ep.reward += float(reward)
+    counts = Counter(ep.info.get("tool_errors", {}))
+    counts.update(info.get("tool_errors", []))
+    ep.info["tool_errors"] = dict(counts)
+    if turn.parse_error is not None and cfg.mask_parse_errors:
+        seg = ep.segments[turn.segment]
+        seg.mask[turn.start : turn.end] = [0] * (turn.end - turn.start)
+    if terminated:
+        ep.success = bool(info.get("success", reward > 0))
+        _finish(lv, StopReason.ANSWER)
+        return
+    if truncated:
+        _finish(lv, StopReason.MAX_TURNS)
+        return
+    bridge = renderer.bridge(lv.stream_text, lv.env.messages, lv.tools)
+    if bridge.new_segment:
+        seg = Segment(prompt_len=len(bridge.tokens))
+        seg.append(bridge.tokens, None, sampled=False)
+        ep.segments.append(seg)
+        lv.stream_text = bridge.text
+        ep.info["segments_restarted"] = ep.info.get("segments_restarted", 0) + 1
+    else:
+        ep.segments[-1].append(bridge.tokens, None, sampled=False)
+        lv.stream_text += bridge.text
+
+
+def _finish(lv: _Live, reason: StopReason) -> None:
+    lv.done = True
+    lv.episode.stop_reason = reason

@@ -1,0 +1,144 @@
+"""The run directory: resolved config, metrics and episodes logs, checkpoints, resume.
+
+Layout of ``runs/<name>/``::
+
+    config.yaml          resolved configuration
+    metrics.jsonl        one line per step (and per evaluation)
+    episodes.jsonl       every training episode: tokens, mask, teacher top-k, reward, stop reason
+    checkpoints/step_000010/
+        model/           save_pretrained format (weights, config, tokenizer)
+        trainer.pt       optimizer, scheduler and RNG state
+        state.json       step, curriculum state, byte sizes of the logs at this point
+    checkpoints/latest.json
+
+Every file is written atomically (a temporary file, fsync, rename). The JSONL logs are appended
+and fsynced; a checkpoint records their sizes, and resuming truncates them back to those sizes,
+so steps after the last checkpoint are replayed without duplicating or losing a line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+LOGS = ("metrics.jsonl", "episodes.jsonl")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so readers see the old or the new file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RunDir:
+    """One run's directory.
+
+    Args:
+        root: ``runs_dir``.
+        name: Run name (a subdirectory of ``root``).
+    """
+
+    def __init__(self, root: str | Path, name: str):
+        self.path = Path(root) / name
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = self.path / "checkpoints"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_config(self, yaml_text: str) -> None:
+        atomic_write_text(self.file("config.yaml"), yaml_text)
+
+    def append_jsonl(self, name: str, lines: list[str]) -> None:
+        """Append lines and fsync them."""
+        if not lines:
+            return
+        with open(self.file(name), "a", encoding="utf-8") as f:
+            f.write("".join(line.rstrip("\n") + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def log_sizes(self) -> dict[str, int]:
+        return {n: (self.file(n).stat().st_size if self.file(n).exists() else 0) for n in LOGS}
+
+    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        p = self.file(name)
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def save_checkpoint(self, step: int, write_payload: Any, state: dict[str, Any], keep: int = 2) -> Path:
+        """Save a checkpoint atomically.
+
+        Args:
+            step: Training step just completed.
+            write_payload: ``fn(directory)`` that writes the model and trainer state into it.
+            state: JSON-able state (curriculum, counters); log sizes are added here.
+            keep: How many checkpoints to keep.
+        """
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        final = self.checkpoints / f"step_{step:06d}"
+        tmp = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=f".step_{step:06d}."))
+        try:
+            write_payload(tmp)
+            full_state = {**state, "step": step, "log_sizes": self.log_sizes()}
+            atomic_write_text(tmp / "state.json", json.dumps(full_state, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.checkpoints)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_text(self.checkpoints / "latest.json", json.dumps({"step": step, "path": final.name}))
+        old = sorted(p for p in self.checkpoints.glob("step_*") if p.is_dir())
+        for p in old[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+        return final
+
+    def latest_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest complete checkpoint and its state, or None."""
+        pointer = self.checkpoints / "latest.json"
+        if not pointer.exists():
+            return None
+        info = json.loads(pointer.read_text())
+        path = self.checkpoints / info["path"]
+        state_file = path / "state.json"
+        if not state_file.exists():
+            return None
+        return path, json.loads(state_file.read_text())
+
+    def truncate_logs(self, sizes: dict[str, int]) -> None:
+        """Cut the logs back to the sizes a checkpoint recorded (drop un-checkpointed steps)."""
+        for name in LOGS:
+            p = self.file(name)
+            size = int(sizes.get(name, 0))
+            if p.exists() and p.stat().st_size > size:
+                with open(p, "r+b") as f:
+                    f.truncate(size)
+                    f.flush()
+                    os.fsync(f.fileno())

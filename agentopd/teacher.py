@@ -1,0 +1,152 @@
+"""The teacher scores the student's exact token ids.
+
+For every token the student sampled (mask 1), the teacher returns its logprob of that token, its
+top-k ids and logprobs at that position (k = 16 by default) and its entropy. One batched forward
+pass per group of segments. The teacher may see its own system prompt or privileged context (the
+task's answer, for self-distillation): the opening prompt is then re-rendered for the teacher and
+positions are realigned so each student token gets the teacher's distribution at that token.
+
+Teacher and student must share a tokenizer; :func:`check_tokenizers` refuses a mismatch at
+start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from agentopd.renderer import Renderer
+from agentopd.types import Episode, Message
+
+
+class TokenizerMismatchError(ValueError):
+    """Teacher and student tokenizers differ, so the teacher cannot score the student's ids."""
+
+
+def check_tokenizers(student: Any, teacher: Any) -> None:
+    """Raise :class:`TokenizerMismatchError` unless both tokenizers map text to the same ids."""
+    sv, tv = student.get_vocab(), teacher.get_vocab()
+    if sv == tv and student.eos_token == teacher.eos_token:
+        return
+    only_s = sorted(set(sv) - set(tv))[:5]
+    only_t = sorted(set(tv) - set(sv))[:5]
+    moved = sorted(k for k in set(sv) & set(tv) if sv[k] != tv[k])[:5]
+    raise TokenizerMismatchError(
+        "teacher and student tokenizers differ, so the teacher cannot score the student's token ids: "
+        f"student vocab {len(sv)}, teacher vocab {len(tv)}; only in student {only_s}, only in teacher "
+        f"{only_t}, different ids for {moved}; eos {student.eos_token!r} vs {teacher.eos_token!r}. "
+        "Pick a teacher from the same model family (same tokenizer)."
+    )
+
+
+@dataclass
+class TeacherConfig:
+    """How the teacher scores."""
+
+    topk: int = 16
+    """Number of top teacher tokens kept per student token."""
+    system_prompt: str | None = None
+    """Replace the system prompt the teacher sees (None: same as the student)."""
+    privileged: bool = False
+    """Append the env's privileged context (e.g. the answer) to the teacher's system prompt."""
+    batch_size: int = 16
+    """Segments per forward pass."""
+
+
+class Teacher:
+    """Scores episodes with a causal LM.
+
+    Args:
+        model: The teacher causal LM.
+        renderer: A renderer over the teacher's tokenizer (used to re-render the opening prompt).
+        config: Scoring options.
+    """
+
+    def __init__(self, model: Any, renderer: Renderer, config: TeacherConfig | None = None):
+        self.model = model
+        self.renderer = renderer
+        self.config = config or TeacherConfig()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def teacher_prompt(self, episode: Episode) -> list[int] | None:
+        """Re-rendered opening prompt for the teacher, or None to use the student's tokens."""
+        cfg = self.config
+        if cfg.system_prompt is None and not cfg.privileged:
+            return None
+        n = int(episode.info.get("n_prompt_messages", 0))
+        if n <= 0:
+            raise ValueError("episode lacks info['n_prompt_messages']; it was not produced by agentopd.rollout")
+        msgs = [Message(**vars(m)) for m in episode.messages[:n]]
+        system = cfg.system_prompt
+        if msgs and msgs[0].role == "system":
+            base = msgs[0].content if system is None else system
+            msgs = msgs[1:]
+        else:
+            base = system or ""
+        if cfg.privileged:
+            base = (base + "\n" + episode.info.get("privileged_context", "")).strip()
+        msgs = [Message(role="system", content=base), *msgs]
+        tokens, _ = self.renderer.initial_prompt(msgs, episode.info.get("tools"))
+        return tokens
+
+    @torch.no_grad()
+    def score(self, episodes: list[Episode]) -> None:
+        """Fill ``episode.teacher`` for each episode (one dict per segment).
+
+        Each dict holds, for the segment's mask-1 positions in order: ``positions``,
+        ``logprobs`` (teacher logprob of the sampled token), ``topk_ids``, ``topk_logprobs`` and
+        ``entropy`` (of the full teacher distribution).
+        """
+        items = []
+        for ep in episodes:
+            ep.teacher = [None] * len(ep.segments)  # type: ignore[list-item]
+            prompt = self.teacher_prompt(ep)
+            for s, seg in enumerate(ep.segments):
+                positions = [t for t, m in enumerate(seg.mask) if m]
+                if s == 0 and prompt is not None:
+                    tokens = prompt + seg.tokens[seg.prompt_len :]
+                    shift = len(prompt) - seg.prompt_len
+                else:
+                    tokens, shift = seg.tokens, 0
+                items.append((ep, s, tokens, positions, shift))
+        bs = max(1, self.config.batch_size)
+        for i in range(0, len(items), bs):
+            self._score_batch(items[i : i + bs])
+
+    def _score_batch(self, items: list[tuple[Episode, int, list[int], list[int], int]]) -> None:
+        width = max(len(t) for _, _, t, _, _ in items)
+        pad = self.renderer.pad_id
+        ids = torch.full((len(items), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(items), width), dtype=torch.long)
+        for b, (_, _, toks, _, _) in enumerate(items):
+            ids[b, : len(toks)] = torch.tensor(toks)
+            attn[b, : len(toks)] = 1
+        was_training = self.model.training
+        self.model.eval()
+        logits_B_T_V = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
+        if was_training:
+            self.model.train()
+        k = self.config.topk
+        for b, (ep, s, toks, positions, shift) in enumerate(items):
+            if not positions:
+                ep.teacher[s] = {"positions": [], "logprobs": [], "topk_ids": [], "topk_logprobs": [], "entropy": []}
+                continue
+            # The distribution over token t lives at position t - 1 (next-token prediction).
+            pos = torch.tensor([p + shift - 1 for p in positions], device=logits_B_T_V.device)
+            logp_N_V = torch.log_softmax(logits_B_T_V[b, pos].float(), dim=-1)
+            target = torch.tensor([toks[p + shift] for p in positions], device=logp_N_V.device)
+            chosen_N = logp_N_V.gather(-1, target[:, None]).squeeze(-1)
+            top_N_K = logp_N_V.topk(min(k, logp_N_V.shape[-1]), dim=-1)
+            entropy_N = -(logp_N_V.exp() * logp_N_V).sum(-1)
+            ep.teacher[s] = {
+                "positions": positions,
+                "logprobs": chosen_N.cpu().tolist(),
+                "topk_ids": top_N_K.indices.cpu().tolist(),
+                "topk_logprobs": top_N_K.values.cpu().tolist(),
+                "entropy": entropy_N.cpu().tolist(),
+            }

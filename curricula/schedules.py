@@ -1,0 +1,157 @@
+"""Temporal curricula (TCOD) and plain baselines: which tasks, and how many turns, at each step.
+
+A curriculum turns a training step into episode jobs (seed + reset options). Its state is a
+small dict saved in every checkpoint, so a resumed run continues the same schedule.
+
+* ``uniform``: full horizon, fresh seeded tasks every step.
+* ``horizon-sorted``: a fixed pool of tasks, ordered short to long, walked through in order.
+* ``tcod-f2b``: at step n the student plays only the first k = min(k_start + ⌊n/η⌋, max_turns)
+  turns of each episode (``options["max_turns"] = k``); only those turns are distilled.
+* ``tcod-b2f``: from a successful expert episode of length L, replay its first L − k actions
+  (they enter the prompt with mask 0) and let the student play from turn L − k to the end.
+
+Evaluation never goes through a curriculum: it always uses the full horizon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from agentopd.registry import make
+
+
+@dataclass
+class Job:
+    """One episode to play."""
+
+    seed: int
+    options: dict[str, Any]
+
+
+class Curriculum:
+    """Base class. Subclasses override :meth:`options_for`.
+
+    Args:
+        env: Registry name of the environment.
+        env_kwargs: Its constructor kwargs.
+        seed: Base seed; step ``n``'s tasks use seeds derived from it.
+    """
+
+    def __init__(self, env: str, env_kwargs: dict[str, Any] | None = None, seed: int = 0):
+        self.env = env
+        self.env_kwargs = dict(env_kwargs or {})
+        self.seed = seed
+        self.step = 0
+
+    def jobs(self, step: int, n: int) -> list[Job]:
+        """Episode jobs for training step ``step`` (deterministic in ``step``)."""
+        self.step = step
+        out = []
+        for i in range(n):
+            seed = self.seed * 1_000_000 + step * n + i
+            out.append(Job(seed=seed, options=self.options_for(step, seed)))
+        return out
+
+    def options_for(self, step: int, seed: int) -> dict[str, Any]:
+        return {"split": "train"}
+
+    def describe(self, step: int) -> dict[str, Any]:
+        """Scalar knobs at ``step`` for the metrics log."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state.get("step", 0))
+
+
+class Uniform(Curriculum):
+    """Full horizon on fresh tasks every step."""
+
+
+class HorizonSorted(Curriculum):
+    """A pool of tasks ordered by difficulty (short to long), visited in order.
+
+    Args:
+        pool_size: Number of tasks in the pool (cycled when exhausted).
+    """
+
+    def __init__(self, env: str, env_kwargs: dict[str, Any] | None = None, seed: int = 0, pool_size: int = 512):
+        super().__init__(env, env_kwargs, seed)
+        probe = make(env, **self.env_kwargs)
+        try:
+            scored = []
+            for i in range(pool_size):
+                s = seed * 1_000_000 + i
+                _, info = probe.reset(seed=s, options={"split": "train"})
+                scored.append((int(info.get("difficulty", 1)), s))
+        finally:
+            probe.close()
+        self.pool = [s for _, s in sorted(scored)]
+
+    def jobs(self, step: int, n: int) -> list[Job]:
+        self.step = step
+        return [Job(seed=self.pool[(step * n + i) % len(self.pool)], options={"split": "train"}) for i in range(n)]
+
+
+class TcodF2B(Curriculum):
+    """Front-to-back: the horizon grows from ``k_start`` by one turn every ``eta`` steps."""
+
+    def __init__(self, env: str, env_kwargs: dict[str, Any] | None = None, seed: int = 0, k_start: int = 1, eta: int = 5, max_turns: int | None = None):
+        super().__init__(env, env_kwargs, seed)
+        if k_start < 1 or eta < 1:
+            raise ValueError(f"tcod-f2b needs k_start >= 1 and eta >= 1, got k_start={k_start}, eta={eta}")
+        self.k_start, self.eta = k_start, eta
+        if max_turns is None:
+            probe = make(env, **self.env_kwargs)
+            max_turns = probe.max_turns
+            probe.close()
+        self.max_turns = int(max_turns)
+
+    def horizon(self, step: int) -> int:
+        return min(self.k_start + step // self.eta, self.max_turns)
+
+    def options_for(self, step: int, seed: int) -> dict[str, Any]:
+        return {"split": "train", "max_turns": self.horizon(step)}
+
+    def describe(self, step: int) -> dict[str, Any]:
+        return {"curriculum/horizon": self.horizon(step)}
+
+
+class TcodB2F(Curriculum):
+    """Back-to-front: replay all but the last k expert actions; k grows like ``tcod-f2b``."""
+
+    def __init__(self, env: str, env_kwargs: dict[str, Any] | None = None, seed: int = 0, k_start: int = 1, eta: int = 5):
+        super().__init__(env, env_kwargs, seed)
+        if k_start < 1 or eta < 1:
+            raise ValueError(f"tcod-b2f needs k_start >= 1 and eta >= 1, got k_start={k_start}, eta={eta}")
+        self.k_start, self.eta = k_start, eta
+
+    def k(self, step: int) -> int:
+        return self.k_start + step // self.eta
+
+    def expert_actions(self, seed: int) -> list[str]:
+        """The expert's actions on task ``seed`` (a successful teacher episode)."""
+        env = make(self.env, **self.env_kwargs)
+        try:
+            messages, _ = env.reset(seed=seed, options={"split": "train"})
+            actions = []
+            for _ in range(env.max_turns):
+                action = env.expert_action(list(env.messages))
+                actions.append(action)
+                _, _, terminated, truncated, _ = env.step(action)
+                if terminated or truncated:
+                    break
+            return actions
+        finally:
+            env.close()
+
+    def options_for(self, step: int, seed: int) -> dict[str, Any]:
+        actions = self.expert_actions(seed)
+        keep = max(0, len(actions) - self.k(step))
+        return {"split": "train", "replay": actions[:keep]}
+
+    def describe(self, step: int) -> dict[str, Any]:
+        return {"curriculum/k": self.k(step)}
