@@ -1,0 +1,545 @@
+"""The sandbox interface (start, run code, stop) and the host side of the worker protocol.
+
+A :class:`Sandbox` owns one persistent Python worker (see ``worker.py``) inside some isolation
+backend. Backends implement only :meth:`Sandbox._launch` (start the isolated worker and return a
+:class:`Channel` to it) and :meth:`Sandbox._destroy` (kill and remove everything it made).
+Everything else lives here: the ready handshake, per-call soft and hard timeouts, restarting a
+worker after a timeout or crash (the result says so), and removing every live sandbox at
+interpreter exit, on SIGTERM / SIGHUP and (through the backends) when the trainer dies.
+
+Example::
+
+    from agentopd.tools.sandbox import make_sandbox
+
+    with make_sandbox("auto") as box:
+        box.run("x = 6 * 7")
+        print(box.run("print(x)").stdout)  # "42\\n"
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import json
+import os
+import queue
+import select
+import signal
+import struct
+import subprocess
+import threading
+import time
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+WORKER_SOURCE = (Path(__file__).with_name("worker.py")).read_text()
+HEADER = struct.Struct(">I")
+MAX_FRAME = 64 << 20
+HARD_GRACE_S = 0.5
+"""The host kills the sandbox this long after the soft (in-worker) timeout."""
+PR_SET_PDEATHSIG = 1
+NOBODY = 65534
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not be started or talked to."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one sandbox. Each backend enforces what it can (see docs/sandbox.md)."""
+
+    memory_mb: int = 512
+    """Address space of the worker (rlimit) and, for docker, the container memory limit."""
+    cpus: float = 1.0
+    """CPU share (docker only; the others have no cgroups)."""
+    pids: int = 64
+    """Maximum number of processes (docker pids cgroup; rlimit NPROC per user namespace else)."""
+    work_dir_mb: int = 64
+    """Size of the writable work dir (tmpfs for docker / bwrap)."""
+    file_size_mb: int = 32
+    """Largest file the code may write (rlimit FSIZE)."""
+    open_files: int = 256
+    """Maximum open file descriptors (rlimit NOFILE)."""
+    cpu_time_s: int = 3600
+    """CPU seconds over the whole life of a worker (rlimit CPU; a backstop, per-call time is the timeout)."""
+    max_output_bytes: int = 65536
+    """Bytes of stdout and of stderr kept per call; the rest is counted and reported as truncated."""
+
+    def rlimits(self, nproc: bool = True) -> dict[str, list[int]]:
+        """The rlimits the worker sets on itself at start-up."""
+        mb = 1 << 20
+        r = {
+            "RLIMIT_AS": [self.memory_mb * mb, self.memory_mb * mb],
+            "RLIMIT_FSIZE": [self.file_size_mb * mb, self.file_size_mb * mb],
+            "RLIMIT_NOFILE": [self.open_files, self.open_files],
+            "RLIMIT_CPU": [self.cpu_time_s, self.cpu_time_s],
+            "RLIMIT_CORE": [0, 0],
+        }
+        if nproc:
+            r["RLIMIT_NPROC"] = [self.pids, self.pids]
+        return r
+
+
+@dataclass
+class ExecResult:
+    """Outcome of one :meth:`Sandbox.run` call."""
+
+    stdout: str = ""
+    """Captured standard output (at most ``Limits.max_output_bytes``)."""
+    stderr: str = ""
+    """Captured standard error (same limit)."""
+    exception: str | None = None
+    """Traceback of an exception the code raised (state is kept, like a notebook cell)."""
+    timed_out: bool = False
+    """The code ran past its timeout and was stopped."""
+    crashed: bool = False
+    """The worker died during the call (killed, out of memory, ``os._exit``, ...)."""
+    restarted: bool = False
+    """The worker had to be killed and will be restarted: variables from earlier calls are lost."""
+    stdout_dropped: int = 0
+    """Bytes of stdout not kept (over the limit)."""
+    stderr_dropped: int = 0
+    """Bytes of stderr not kept."""
+    killed_processes: int = 0
+    """Leftover processes the worker killed after the call."""
+    duration_s: float = 0.0
+    """Wall time of the call as seen by the host."""
+    detail: str = ""
+    """What went wrong, for crashes and timeouts."""
+
+    @property
+    def ok(self) -> bool:
+        return not (self.exception or self.timed_out or self.crashed)
+
+    def to_text(self) -> str:
+        """The tool result shown to the model: stdout, then stderr, errors and truncation notes."""
+        parts: list[str] = []
+        if self.stdout:
+            parts.append(self.stdout + _dropped_note(self.stdout_dropped))
+        if self.stderr:
+            parts.append("[stderr]\n" + self.stderr + _dropped_note(self.stderr_dropped))
+        if self.exception:
+            parts.append(self.exception.rstrip("\n"))
+        if self.timed_out or self.crashed:
+            parts.append(f"Error: {self.detail}")
+        if self.killed_processes:
+            parts.append(
+                f"[{self.killed_processes} leftover process(es) were killed after the call]"
+            )
+        return "\n".join(p.rstrip("\n") for p in parts) if parts else "(no output)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _dropped_note(n: int) -> str:
+    return f"\n[... output truncated: {n} more bytes not shown ...]" if n else ""
+
+
+# ---------------------------------------------------------------------------- channels
+class Channel(ABC):
+    """A byte pipe to the worker: ``send`` requests, ``recv`` its stdout bytes with a deadline."""
+
+    @abstractmethod
+    def send(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    def recv(self, deadline: float) -> bytes | None:
+        """Some bytes of the worker's protocol stream; ``None`` at the deadline; ``b""`` at EOF."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def stderr_tail(self) -> str:
+        """Last bytes the worker (or the launcher) wrote to its own stderr, for error messages."""
+        return ""
+
+
+class PipeChannel(Channel):
+    """A channel over a child process's stdin / stdout pipes (local and bwrap)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]):
+        self.proc = proc
+        assert proc.stdin is not None and proc.stdout is not None
+        self._in = proc.stdin.fileno()
+        self._out = proc.stdout.fileno()
+        self._err = proc.stderr.fileno() if proc.stderr is not None else None
+        self._err_tail = b""
+
+    def send(self, data: bytes) -> None:
+        while data:
+            data = data[os.write(self._in, data) :]
+
+    def recv(self, deadline: float) -> bytes | None:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            fds = [self._out] + ([self._err] if self._err is not None else [])
+            ready, _, _ = select.select(fds, [], [], left)
+            if self._err is not None and self._err in ready:
+                chunk = os.read(self._err, 65536)
+                if chunk:
+                    self._err_tail = (self._err_tail + chunk)[-4096:]
+                else:
+                    self._err = None
+            if self._out in ready:
+                return os.read(self._out, 1 << 20)
+
+    def stderr_tail(self) -> str:
+        if self._err is not None:
+            with contextlib.suppress(OSError):
+                if select.select([self._err], [], [], 0)[0]:
+                    self._err_tail = (self._err_tail + os.read(self._err, 65536))[-4096:]
+        return self._err_tail.decode("utf-8", "replace").strip()
+
+    def close(self) -> None:
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            with contextlib.suppress(OSError):
+                if f is not None:
+                    f.close()
+
+
+class FrameReader:
+    """Reassembles length-prefixed JSON frames from a byte stream."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def read(self, channel: Channel, deadline: float) -> dict[str, Any] | None:
+        """The next frame, ``None`` at the deadline. Raises ``EOFError`` / ``SandboxError``."""
+        while True:
+            if len(self.buf) >= HEADER.size:
+                (n,) = HEADER.unpack(self.buf[: HEADER.size])
+                if n > MAX_FRAME:
+                    raise SandboxError(f"protocol error: frame of {n} bytes from the worker")
+                if len(self.buf) >= HEADER.size + n:
+                    data = bytes(self.buf[HEADER.size : HEADER.size + n])
+                    del self.buf[: HEADER.size + n]
+                    try:
+                        frame = json.loads(data)
+                    except ValueError as e:
+                        raise SandboxError(
+                            f"protocol error: bad frame from the worker ({e})"
+                        ) from e
+                    if not isinstance(frame, dict):
+                        raise SandboxError("protocol error: frame is not an object")
+                    return frame
+            chunk = channel.recv(deadline)
+            if chunk is None:
+                return None
+            if not chunk:
+                raise EOFError("the worker closed its output")
+            self.buf += chunk
+
+
+def encode_frame(obj: dict[str, Any]) -> bytes:
+    data = json.dumps(obj).encode("utf-8")
+    return HEADER.pack(len(data)) + data
+
+
+# ---------------------------------------------------------------------------- sandbox
+class Sandbox(ABC):
+    """One isolated, persistent Python worker: :meth:`start`, :meth:`run` code, :meth:`stop`.
+
+    Args:
+        limits: Resource limits.
+        timeout_s: Default per-call timeout.
+        startup_timeout_s: How long to wait for a fresh worker to say it is ready.
+
+    The worker starts lazily on the first :meth:`run` if :meth:`start` was not called. After a
+    timeout the worker is interrupted inside the cell (variables survive) or, if that does not
+    work within ``HARD_GRACE_S``, the whole sandbox is destroyed and the next call starts a fresh
+    one (``ExecResult.restarted``). Thread-safe (calls are serialised).
+    """
+
+    name: str = "base"
+    """Backend name."""
+    strength: int = 0
+    """Higher is stronger isolation; ``auto`` picks the strongest available."""
+    secure: bool = True
+    """False for backends that are not a security boundary."""
+
+    def __init__(
+        self, limits: Limits | None = None, timeout_s: float = 10.0, startup_timeout_s: float = 30.0
+    ):
+        self.limits = limits or Limits()
+        self.timeout_s = timeout_s
+        self.startup_timeout_s = startup_timeout_s
+        self._channel: Channel | None = None
+        self._reader = FrameReader()
+        self._lock = threading.RLock()
+        self.worker_info: dict[str, Any] = {}
+        self.restarts = 0
+
+    # ------------------------------------------------------------ backend hooks
+    @classmethod
+    @abstractmethod
+    def availability(cls) -> tuple[bool, str]:
+        """Cheap check: ``(usable, reason or details)``; never raises."""
+
+    @abstractmethod
+    def _launch(self, config: dict[str, Any]) -> Channel:
+        """Start the isolated worker with ``python3 -I -S -u -c WORKER_SOURCE json(config)``."""
+
+    @abstractmethod
+    def _destroy(self) -> None:
+        """Kill the worker and remove every process, container and directory this sandbox made."""
+
+    def worker_argv(self, python: str, config: dict[str, Any]) -> list[str]:
+        return [python, "-I", "-S", "-u", "-c", WORKER_SOURCE, json.dumps(config)]
+
+    def worker_config(self) -> dict[str, Any]:
+        return {"rlimits": self.limits.rlimits(), "max_output": self.limits.max_output_bytes}
+
+    # ------------------------------------------------------------ public API
+    @property
+    def running(self) -> bool:
+        return self._channel is not None
+
+    def start(self) -> None:
+        """Start the worker (no-op if it is running)."""
+        with self._lock:
+            if self._channel is not None:
+                return
+            _register(self)
+            try:
+                self._channel = self._launch(self.worker_config())
+                self._reader = FrameReader()
+                deadline = time.monotonic() + self.startup_timeout_s
+                frame = self._reader.read(self._channel, deadline)
+                if frame is None or not frame.get("ready"):
+                    raise SandboxError(f"worker did not start within {self.startup_timeout_s:g} s")
+                self.worker_info = frame
+            except (EOFError, OSError, SandboxError) as e:
+                tail = self._channel.stderr_tail() if self._channel is not None else ""
+                self._teardown()
+                raise SandboxError(
+                    f"{self.name} sandbox failed to start: {e}" + (f": {tail}" if tail else "")
+                ) from e
+
+    def run(self, code: str, timeout_s: float | None = None) -> ExecResult:
+        """Run ``code`` in the worker; never raises for anything the code does."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        with self._lock:
+            self.start()
+            assert self._channel is not None
+            t0 = time.monotonic()
+            try:
+                self._channel.send(encode_frame({"code": code, "timeout": timeout}))
+                frame = self._reader.read(self._channel, t0 + timeout + HARD_GRACE_S)
+            except (EOFError, OSError, SandboxError) as e:
+                return self._fail(t0, crashed=True, why=e)
+            if frame is None:
+                return self._fail(t0, timed_out=True, timeout=timeout)
+            r = ExecResult(
+                stdout=str(frame.get("stdout", "")),
+                stderr=str(frame.get("stderr", "")),
+                exception=frame.get("exception"),
+                timed_out=bool(frame.get("timed_out")),
+                stdout_dropped=int(frame.get("stdout_dropped", 0)),
+                stderr_dropped=int(frame.get("stderr_dropped", 0)),
+                killed_processes=int(frame.get("killed_processes", 0)),
+                duration_s=time.monotonic() - t0,
+            )
+            if r.timed_out:
+                r.detail = (
+                    f"the code ran past the {timeout:g} s time limit and was interrupted; "
+                    "variables from earlier calls are kept."
+                )
+            return r
+
+    def stop(self) -> None:
+        """Kill the worker and remove everything the sandbox made (idempotent)."""
+        with self._lock:
+            self._teardown()
+            _unregister(self)
+
+    def __enter__(self) -> Sandbox:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ internals
+    def _fail(
+        self,
+        t0: float,
+        *,
+        crashed: bool = False,
+        timed_out: bool = False,
+        timeout: float = 0.0,
+        why: object = None,
+    ) -> ExecResult:
+        tail = self._channel.stderr_tail() if self._channel is not None else ""
+        hint = self._crash_hint()
+        self._teardown()
+        self.restarts += 1
+        if timed_out:
+            detail = (
+                f"the code ran past the {timeout:g} s time limit and was killed. The Python worker "
+                "was restarted: variables from earlier calls are lost."
+            )
+        else:
+            detail = (
+                "the Python worker died during the call"
+                + (f" ({hint})" if hint else "")
+                + ". It was restarted: variables from earlier calls are lost."
+            )
+            if tail:
+                detail += f" Worker stderr: {tail[-300:]}"
+        return ExecResult(
+            timed_out=timed_out,
+            crashed=crashed,
+            restarted=True,
+            duration_s=time.monotonic() - t0,
+            detail=detail,
+        )
+
+    def _crash_hint(self) -> str:
+        """Backend-specific reason for a crash (e.g. out of memory); empty if unknown."""
+        return ""
+
+    def _teardown(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+        try:
+            self._destroy()
+        except Exception:  # noqa: BLE001 - best effort; stale-resource cleanup catches the rest
+            pass
+
+
+# ---------------------------------------------------------------------------- process helpers
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def set_pdeathsig() -> None:
+    """In a forked child: get SIGKILL when the parent thread dies."""
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class _Spawner:
+    """Starts children from one long-lived thread.
+
+    ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child exits, and tools often run
+    in short-lived pool threads; forking from this thread ties the child's life to the process.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[Callable[[], Any], queue.Queue[Any]]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._guard = threading.Lock()
+
+    def __call__(self, fn: Callable[[], Any]) -> Any:
+        with self._guard:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._loop, name="agentopd-sandbox-spawner", daemon=True
+                )
+                self._thread.start()
+        done: queue.Queue[Any] = queue.Queue()
+        self._jobs.put((fn, done))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    def _loop(self) -> None:
+        while True:
+            fn, done = self._jobs.get()
+            try:
+                done.put((True, fn()))
+            except BaseException as e:  # noqa: BLE001 - handed back to the caller
+                done.put((False, e))
+
+
+spawn = _Spawner()
+
+
+def descendant_pids(root: int) -> list[int]:
+    """Every live descendant of ``root`` (scans ``/proc``)."""
+    parents: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+                ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            parents.setdefault(ppid, []).append(int(name))
+    found, todo = [], list(parents.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += parents.get(pid, [])
+    return found
+
+
+def kill_process_tree(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL ``proc``, its process group and every descendant, and reap it."""
+    if proc is None:
+        return
+    for _ in range(3):
+        pids = descendant_pids(proc.pid)
+        if not pids:
+            break
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+# ---------------------------------------------------------------------------- cleanup
+_live: weakref.WeakSet[Sandbox] = weakref.WeakSet()
+_hooks_installed = False
+_hooks_lock = threading.Lock()
+
+
+def _register(box: Sandbox) -> None:
+    _install_hooks()
+    _live.add(box)
+
+
+def _unregister(box: Sandbox) -> None:
+    _live.discard(box)
+
+
+def stop_all() -> None:
+    """Stop every live sandbox of this process (atexit, signals, tests)."""
+    for box in list(_live):
+        with contextlib.suppress(Exception):
+            box.stop()
+
+
+def _install_hooks() -> None:
+    global _hooks_installed
+    with _hooks_lock:
+        if _hooks_installed:
+            return
+        _hooks_installed = True
+        atexit.register(stop_all)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                signal.signal(sig, _die_cleanly)
+
+
+def _die_cleanly(signum: int, frame: object) -> None:
+    stop_all()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
