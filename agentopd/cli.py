@@ -92,7 +92,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = compose("eval", args.overrides)
     model, tok = zoo.load(cfg.model, progress=True)
-    model.to(resolve_device(cfg.device))
+    model.to(resolve_device(cfg.device, cfg.cpu_threads))
     renderer = Renderer(tok, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch)
     engine = HFEngine(model, renderer.eot_id, renderer.pad_id)
     report, episodes = evaluate(

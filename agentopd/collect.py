@@ -31,7 +31,7 @@ def collect(cfg: DictConfig, console: Console | None = None) -> list[Episode]:
             episodes = expert_episodes(jobs, Renderer(tok))
         else:
             model, tok = zoo.load(cfg.model, progress=True)
-            model.to(resolve_device(cfg.device))
+            model.to(resolve_device(cfg.device, cfg.cpu_threads))
             renderer = Renderer(tok, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch)
             engine = HFEngine(model, renderer.eot_id, renderer.pad_id)
             episodes = run_episodes(jobs, engine, renderer, rollout_config(cfg, cfg.temperature), seed=cfg.seed)

@@ -109,6 +109,7 @@ class TrainConfig:
     temperature_end: float | None = None
     checkpoint_every: int = 5
     device: str = "auto"
+    cpu_threads: int = 1
     rollout: RolloutCfg = field(default_factory=RolloutCfg)
     teacher_cfg: TeacherCfg = field(default_factory=TeacherCfg)
     loss_cfg: LossCfg = field(default_factory=LossCfg)
@@ -127,6 +128,7 @@ class EvalConfig:
     temperature: float = 0.0
     seed: int = 0
     device: str = "auto"
+    cpu_threads: int = 1
     rollout: RolloutCfg = field(default_factory=RolloutCfg)
     output: str | None = None
 
@@ -140,6 +142,7 @@ class DiagnoseConfig:
     episodes: int = 16
     seed: int = 0
     device: str = "auto"
+    cpu_threads: int = 1
     rollout: RolloutCfg = field(default_factory=RolloutCfg)
     teacher_cfg: TeacherCfg = field(default_factory=TeacherCfg)
 
@@ -155,6 +158,7 @@ class CollectConfig:
     output: str = "teacher_episodes.jsonl"
     temperature: float = 1.0
     device: str = "auto"
+    cpu_threads: int = 1
     rollout: RolloutCfg = field(default_factory=RolloutCfg)
 
 

@@ -32,7 +32,7 @@ def _load(name: str, seed: int) -> tuple[Any, Any]:
 def diagnose(cfg: DictConfig, console: Console | None = None) -> dict[str, float]:
     """Run the diagnosis and print it; returns the metrics."""
     console = console or Console()
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.cpu_threads)
     student, tok = _load(student_name(cfg), cfg.seed)
     teacher_model, teacher_tok = _load(teacher_name(cfg), cfg.seed)
     check_tokenizers(tok, teacher_tok)
@@ -70,5 +70,5 @@ def diagnose(cfg: DictConfig, console: Console | None = None) -> dict[str, float
         for turn, v in per_turn:
             tt.add_row(str(turn), f"{v:.4f}", "█" * max(1, int(30 * abs(v) / top)))
         console.print(tt)
-    console.print(f"[bold]verdict:[/] {verdict(metrics)}")
+    console.print(f"[bold]verdict:[/] {verdict({k.removeprefix('diag/'): v for k, v in metrics.items()})}")
     return metrics

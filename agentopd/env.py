@@ -80,6 +80,8 @@ class Task:
     """Expected number of tool calls (or hops) needed; used for curricula and per-length metrics."""
     data: dict[str, Any] = field(default_factory=dict)
     """Anything else the env needs."""
+    max_turns: int | None = None
+    """Per-task turn limit (None: the env's ``max_turns``); ``options["max_turns"]`` wins over both."""
 
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "prompt": self.prompt, "difficulty": self.difficulty}
@@ -211,10 +213,14 @@ class Env(gymnasium.Env):
         options = dict(options or {})
         self.close_episode()
         rng = self.np_random
-        if options.get("split") == "eval" and seed is not None:
+        split_tag = 1 if options.get("split") == "eval" else 0
+        if split_tag and seed is not None:
             rng = np.random.default_rng(seed + EVAL_SEED_OFFSET)
+        elif split_tag:
+            rng = np.random.default_rng(int(self.np_random.integers(2**62)) + EVAL_SEED_OFFSET)
         if "task_index" in options:
-            rng = np.random.default_rng([int(options["task_index"]), 0 if options.get("split") != "eval" else 1])
+            # A distinct stream from plain seeds: [index, tag, split] never equals default_rng(index).
+            rng = np.random.default_rng([int(options["task_index"]), 0x7A5C, split_tag])
         self.task = self.new_task(rng, options)
         tools = list(self.build_tools(self.task))
         if self.answer_tool:
@@ -222,7 +228,7 @@ class Env(gymnasium.Env):
         self.toolset = Toolset(tools, timeout_s=self.tool_timeout_s, max_output_chars=self.max_output_chars)
         self.action_space = AssistantTextSpace(self.toolset.names)
         self.action_space.seed(seed)
-        self._horizon = int(options.get("max_turns", self.max_turns))
+        self._horizon = int(options.get("max_turns", self.task.max_turns or self.max_turns))
         self.turn = 0
         self.answer = None
         self.error_counts = Counter()

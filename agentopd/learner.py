@@ -258,18 +258,26 @@ def _diag_row(batch: Batch, st: losses.TokenLogprobs) -> dict[str, torch.Tensor]
 
 def _diagnostics(rows: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Overlap, entropy gap and teacher KL per turn index on the student's own tokens."""
-    try:
-        from agentopd import diagnostics
-    except ImportError:  # TEMP until diagnostics lands
-        return {}
+    from agentopd import diagnostics
 
-    out: dict[str, float] = {}
     flat: dict[str, list[torch.Tensor]] = {}
     for r in rows:
         m = r["mask"]
         for k, v in r.items():
             if k != "mask":
                 flat.setdefault(k, []).append(v[m])
-    cat = {k: torch.cat(v) for k, v in flat.items()}
-    out.update(diagnostics.summarize(cat))
-    return out
+    # One row of N sampled tokens: shapes [1, N] and [1, N, K].
+    cat = {k: torch.cat(v)[None] for k, v in flat.items()}
+    metrics = diagnostics.compatibility(
+        cat["student_ids"],
+        cat["student_topk_lp"],
+        cat["teacher_ids"],
+        cat["teacher_topk_lp"],
+        torch.ones_like(cat["turn"], dtype=torch.bool),
+        student_logprobs_B_T=cat["student_lp"],
+        teacher_logprobs_B_T=cat["teacher_lp"],
+        turn_index_B_T=cat["turn"],
+        student_entropy_B_T=cat["student_entropy"],
+        teacher_entropy_B_T=cat["teacher_entropy"],
+    )
+    return {f"diag/{k}": float(v) for k, v in metrics.items()}

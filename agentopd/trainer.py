@@ -39,7 +39,11 @@ from agentopd.teacher import Teacher, TeacherConfig, check_tokenizers
 from agentopd.types import Episode
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, cpu_threads: int = 0) -> torch.device:
+    """``auto`` → CUDA when available, else CPU. ``cpu_threads > 0`` sets torch's CPU threads
+    (tiny models run fastest on one thread: more threads mostly add synchronisation)."""
+    if cpu_threads > 0:
+        torch.set_num_threads(cpu_threads)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -102,7 +106,7 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         _seed_everything(cfg.seed)
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device, cfg.cpu_threads)
         self.run_dir = RunDir(cfg.runs_dir, _new_run_name(cfg))
         self.run_dir.write_config(OmegaConf.to_yaml(cfg))
         self.console.print(f"[bold]run[/] {self.run_dir.path}  env={cfg.env} loss={cfg.loss} device={self.device}")
@@ -282,7 +286,7 @@ class Trainer:
             for step in range(self.start_step, cfg.steps):
                 row = self.train_step(step)
                 self.log(row)
-                info = f"success {row.get('rollout/success', float('nan')):.2f}  kl {row.get('learner/kl_sampled', row.get('diag/kl_sampled', float('nan'))):.3f}"
+                info = f"success {row.get('rollout/success', float('nan')):.2f}  kl {row.get('diag/sampled_kl', float('nan')):.3f}"
                 progress.update(task, advance=1, info=info)
                 if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.steps:
                     self.evaluate(f"step {step + 1}", step)
