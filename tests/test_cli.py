@@ -1,0 +1,118 @@
+"""The real `agentopd` command in subprocesses: listing, check-env, config errors, train, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+FAST = [
+    "env=lookup-chain",
+    "env_kwargs.hops=1",
+    "student=tiny",
+    "teacher=tiny-teacher",
+    "episodes_per_step=2",
+    "cold_start.steps=0",
+    "eval.episodes=0",
+    "rollout.max_new_tokens=12",
+]
+
+
+def agentopd(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "agentopd.cli", *args],
+        capture_output=True, text=True, cwd=cwd, timeout=timeout, env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def test_help_and_envs():
+    r = agentopd("--help")
+    assert r.returncode == 0 and "train" in r.stdout and "check-env" in r.stdout
+    r = agentopd("envs")
+    assert r.returncode == 0, r.stderr
+    for name in ("lookup-chain", "sql", "code-sandbox"):
+        assert name in r.stdout
+
+
+def test_check_env_ok_and_typo():
+    r = agentopd("check-env", "lookup-chain")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = agentopd("check-env", "lookup-chian")
+    assert r.returncode != 0
+    assert "Did you mean 'lookup-chain'?" in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("stpes=3", "Did you mean 'steps'?"),
+        ("steps=abc", "expected int"),
+        ("env=lookup-chian", "Did you mean 'lookup-chain'?"),
+        ("loss=rkl-topc", "Did you mean 'rkl-topk'?"),
+        ("optim.schedule=cosin", "Did you mean 'cosine'?"),
+        ("curriculum=tcod-f2", "Did you mean 'tcod-f2b'?"),
+        ("steps", "expected key=value"),
+    ],
+)
+def test_config_errors_are_clear(override, expected):
+    r = agentopd("train", override)
+    assert r.returncode == 2
+    assert expected in " ".join((r.stdout + r.stderr).split())
+
+
+def _train_rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"phase": "train"' in x]
+
+
+@pytest.mark.slow
+def test_train_two_steps_writes_run_dir(tmp_path):
+    r = agentopd("train", *FAST, "steps=2", f"runs_dir={tmp_path}", "run_name=smoke", timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = tmp_path / "smoke"
+    assert (run / "config.yaml").read_text().startswith("env: lookup-chain")
+    rows = _train_rows(run)
+    assert [row["step"] for row in rows] == [0, 1]
+    for key in ("rollout/success", "learner/loss", "diag/overlap_ratio", "diag/sampled_kl", "throughput/rollout_tok_s"):
+        assert key in rows[0], key
+    episodes = [json.loads(x) for x in (run / "episodes.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in episodes] == [0, 0, 1, 1]
+    assert all(e["teacher"] and len(e["teacher"][0]["topk_ids"][0]) == 16 for e in episodes if e["segments"][0]["mask"].count(1))
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 1
+    ckpt = run / "checkpoints" / latest["path"]
+    assert (ckpt / "model" / "config.json").exists() and (ckpt / "trainer.pt").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
+    args = [sys.executable, "-m", "agentopd.cli", "train", *FAST, "steps=5", "checkpoint_every=1",
+            f"runs_dir={tmp_path}", "run_name=killed"]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline:
+            latest = run / "checkpoints" / "latest.json"
+            if latest.exists() and json.loads(latest.read_text())["step"] >= 1:
+                break
+            assert proc.poll() is None, "training exited before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint appeared in time")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
+    assert killed_at < 4, "the run finished before it was killed; the test proves nothing"
+    r = agentopd("train", *FAST, "steps=5", "checkpoint_every=1", f"runs_dir={tmp_path}", "run_name=killed", "resume=true", timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed" in r.stdout
+    assert [row["step"] for row in _train_rows(run)] == [0, 1, 2, 3, 4]
+    steps = [json.loads(x)["step"] for x in (run / "episodes.jsonl").read_text().splitlines()]
+    assert steps == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
