@@ -75,7 +75,7 @@ class ColdStartCfg:
     steps: int = 0
     batch_size: int = 16
     lr: float = 1e-3
-    source: str = "expert"
+    data: str | None = None
 
 
 @dataclass
@@ -270,7 +270,6 @@ def validate_names(cfg: DictConfig) -> None:
         "loss_cfg.agg": ("token-mean", "seq-mean-token-mean"),
         "loss_cfg.support": ("teacher", "student"),
         "optim.schedule": ("constant", "cosine", "linear"),
-        "cold_start.source": ("expert", "teacher"),
     }
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)

@@ -206,7 +206,14 @@ class Trainer:
         cs = self.cfg.cold_start
         if cs.steps <= 0 or self.cold_start_done:
             return
-        demos = self.demonstrations(cs.episodes, seed=7_000_000 + self.cfg.seed)
+        if cs.data:
+            # Teacher episodes collected with `agentopd collect` (successful ones only).
+            lines = Path(cs.data).read_text(encoding="utf-8").splitlines()
+            demos = [ep for ep in (Episode.from_json(x) for x in lines if x.strip()) if ep.success]
+            if not demos:
+                raise ValueError(f"cold_start.data={cs.data} holds no successful episodes")
+        else:
+            demos = self.demonstrations(cs.episodes, seed=7_000_000 + self.cfg.seed)
         saved_lr = [g["lr"] for g in self.learner.optimizer.param_groups]
         for g in self.learner.optimizer.param_groups:
             g["lr"] = cs.lr
