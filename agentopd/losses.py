@@ -1,0 +1,678 @@
+"""Distillation objectives as pure functions, token selection, and chunked student log-probs.
+
+This module owns everything between "per-token numbers" and "a scalar to call ``backward`` on":
+
+* :func:`chunked_token_logprobs` turns final hidden states into per-token student log-probs
+  (sampled token, an arbitrary support such as the teacher's top-k, the student's own top-k,
+  entropy) without ever materialising the whole ``[tokens x vocab]`` float32 logits, in the
+  forward *or* the backward pass (a custom autograd function recomputes one chunk at a time).
+* Objectives (:data:`LOSSES`): ``rkl-sampled``, ``rkl-topk``, ``fkl-topk``, ``jsd``, plus
+  :func:`sft_nll` for the off-policy cold start. Each returns ``(loss, metrics)`` where
+  ``metrics`` is a dict of Python floats.
+* Token selection: :func:`select_entropy_top_frac`, :func:`select_overlap_only`.
+
+Notation: student p, teacher q, both on the student's own prefix; ``mask_B_T`` is 1 exactly on
+tokens the student sampled. Masked-out positions contribute *nothing* to a loss or its gradient,
+whatever the inputs hold there (NaN, inf, garbage): every input is passed through
+:func:`torch.where` before any arithmetic, because ``0 * nan`` is ``nan`` and because a NaN in a
+discarded ``torch.where`` branch still poisons the gradient.
+
+Aggregation (``agg``):
+
+* ``"token-mean"``: sum over all masked tokens of the batch / number of masked tokens.
+* ``"seq-mean-token-mean"``: mean over sequences of each sequence's token mean; sequences
+  without any masked token are left out.
+
+With no masked token at all, every loss is an exact 0 that still has a (zero) gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+
+LOG_FLOOR = -1.0e4
+"""Log-probabilities are clamped from below to this value on top-k supports, so that a
+probability of exactly 0 (``-inf``) yields ``0 * finite = 0`` instead of ``0 * -inf = nan``.
+``exp(LOG_FLOOR)`` is 0 in float32, so no probability mass changes."""
+
+_TAIL_MAX_LOGMASS = -1.0e-7
+"""The log of the summed top-k mass is clamped to at most this value before the tail bucket is
+formed, so the tail log-probability stays finite (about -16.1) when top-k holds all the mass."""
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked student log-probs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenLogprobs:
+    """Per-token student quantities returned by :func:`chunked_token_logprobs`.
+
+    All float tensors are float32 (float64 for float64 inputs) and differentiable w.r.t. the hidden states and lm_head.
+    """
+
+    logprobs_B_T: Tensor
+    """log p(target) at each position."""
+    support_logprobs_B_T_K: Tensor | None = None
+    """log p at the caller's ids (e.g. the teacher's top-k), if ``topk_ids_B_T_K`` was given."""
+    topk_ids_B_T_K: Tensor | None = None
+    """The student's own top-``student_topk`` ids (int64), if ``student_topk > 0``."""
+    topk_logprobs_B_T_K: Tensor | None = None
+    """The student's log-probs at its own top-``student_topk`` ids."""
+    entropy_B_T: Tensor | None = None
+    """Entropy of the full student distribution (nats), if ``return_entropy``."""
+
+
+def _at_least_f32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _chunk_logits(
+    hidden_C_H: Tensor,
+    weight_V_H: Tensor,
+    bias_V: Tensor | None,
+    temperature: float,
+    buffer_C_V: Tensor,
+) -> Tensor:
+    """One chunk's logits in at least float32, written into (a prefix of) ``buffer_C_V``."""
+    logits = torch.mm(hidden_C_H, weight_V_H.T, out=buffer_C_V[: hidden_C_H.shape[0]])
+    if bias_V is not None:
+        logits.add_(bias_V)
+    logits = _at_least_f32(logits)
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """Chunked log-softmax statistics with a hand-written, chunk-recomputing backward.
+
+    Forward keeps only the per-token log-normaliser (and entropy); backward recomputes one
+    chunk's logits at a time and forms ``d/dlogits`` analytically:
+    ``sum_j g_j (e_{id_j} - p) - g_H p (log p + H)`` for the gathered log-probs and entropy.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden_N_H: Tensor,
+        weight_V_H: Tensor,
+        bias_V: Tensor | None,
+        target_N: Tensor,
+        support_N_K: Tensor,
+        chunk_size: int,
+        temperature: float,
+        student_topk: int,
+        return_entropy: bool,
+        compute_dtype: torch.dtype,
+    ) -> tuple[Tensor, ...]:
+        N, V = hidden_N_H.shape[0], weight_V_H.shape[0]
+        out_dtype = torch.promote_types(compute_dtype, torch.float32)
+        h, w = hidden_N_H.to(compute_dtype), weight_V_H.to(compute_dtype)
+        b = None if bias_V is None else bias_V.to(compute_dtype)
+        new = hidden_N_H.new_empty
+        target_lp = new(N, dtype=out_dtype)
+        lse = new(N, dtype=out_dtype)
+        support_lp = new(N, support_N_K.shape[1], dtype=out_dtype)
+        topk_lp = new(N, student_topk, dtype=out_dtype)
+        topk_ids = new(N, student_topk, dtype=torch.long)
+        entropy = new(N if return_entropy else 0, dtype=out_dtype)
+        buffer = new(min(chunk_size, N), V, dtype=compute_dtype)
+        for s in range(0, N, chunk_size):
+            e = min(s + chunk_size, N)
+            logits = _chunk_logits(h[s:e], w, b, temperature, buffer)
+            lse_c = torch.logsumexp(logits, -1)
+            lse[s:e] = lse_c
+            target_lp[s:e] = logits.gather(-1, target_N[s:e, None]).squeeze(-1) - lse_c
+            if support_N_K.shape[1]:
+                support_lp[s:e] = logits.gather(-1, support_N_K[s:e]) - lse_c[:, None]
+            if student_topk:
+                values, ids = logits.topk(student_topk, -1)
+                topk_lp[s:e], topk_ids[s:e] = values - lse_c[:, None], ids
+            if return_entropy:
+                logprobs = logits.sub_(lse_c[:, None])
+                entropy[s:e] = -(logprobs.exp() * logprobs).sum(-1)
+        ctx.save_for_backward(
+            hidden_N_H, weight_V_H, bias_V, target_N, support_N_K, topk_ids, lse, entropy
+        )
+        ctx.config = (chunk_size, temperature, compute_dtype)
+        ctx.mark_non_differentiable(topk_ids)
+        ctx.set_materialize_grads(False)
+        return target_lp, support_lp, topk_ids, topk_lp, entropy
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any,
+        g_target: Tensor | None,
+        g_support: Tensor | None,
+        _g_topk_ids: Tensor | None,
+        g_topk: Tensor | None,
+        g_entropy: Tensor | None,
+    ) -> tuple[Tensor | None, ...]:
+        hidden_N_H, weight_V_H, bias_V, target_N, support_N_K, topk_ids, lse, entropy = (
+            ctx.saved_tensors
+        )
+        chunk_size, temperature, compute_dtype = ctx.config
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        N, V = hidden_N_H.shape[0], weight_V_H.shape[0]
+        acc = lse.dtype
+        h, w = hidden_N_H.to(compute_dtype), weight_V_H.to(compute_dtype)
+        b = None if bias_V is None else bias_V.to(compute_dtype)
+        grad_h = hidden_N_H.new_zeros(N, h.shape[1], dtype=acc) if need_h else None
+        grad_w = weight_V_H.new_zeros(V, w.shape[1], dtype=acc) if need_w else None
+        grad_b = weight_V_H.new_zeros(V, dtype=acc) if need_b else None
+        if g_support is not None and not support_N_K.shape[1]:
+            g_support = None
+        if g_topk is not None and not topk_ids.shape[1]:
+            g_topk = None
+        if g_entropy is not None and not entropy.numel():
+            g_entropy = None
+        buffer = hidden_N_H.new_empty(min(chunk_size, N), V, dtype=compute_dtype)
+        for s in range(0, N, chunk_size):
+            e = min(s + chunk_size, N)
+            logprobs = _chunk_logits(h[s:e], w, b, temperature, buffer).sub_(lse[s:e, None])
+            # coefficient of -p in d/dlogits: the sum of upstream grads of gathered log-probs
+            coef = torch.zeros(e - s, dtype=acc, device=lse.device)
+            for g in (g_target, g_support, g_topk):
+                if g is not None:
+                    coef += g[s:e] if g.dim() == 1 else g[s:e].sum(-1)
+            if g_entropy is not None:
+                p = logprobs.exp()
+                logprobs.add_(entropy[s:e, None]).mul_(g_entropy[s:e, None]).add_(coef[:, None])
+                grad = p.mul_(logprobs).neg_()
+            else:
+                grad = logprobs.exp_().mul_(-coef[:, None])
+            if g_target is not None:
+                grad.scatter_add_(1, target_N[s:e, None], g_target[s:e, None].to(acc))
+            if g_support is not None:
+                grad.scatter_add_(1, support_N_K[s:e], g_support[s:e].to(acc))
+            if g_topk is not None:
+                grad.scatter_add_(1, topk_ids[s:e], g_topk[s:e].to(acc))
+            if temperature != 1.0:
+                grad.div_(temperature)
+            grad_c = grad.to(compute_dtype)
+            if grad_h is not None:
+                grad_h[s:e] = grad_c @ w
+            if grad_w is not None and compute_dtype == acc:
+                grad_w.addmm_(grad_c.T, h[s:e])
+            elif grad_w is not None:
+                grad_w += (grad_c.T @ h[s:e]).to(acc)
+            if grad_b is not None:
+                grad_b += grad.sum(0)
+        return (
+            None if grad_h is None else grad_h.to(hidden_N_H.dtype),
+            None if grad_w is None else grad_w.to(weight_V_H.dtype),
+            None if grad_b is None else grad_b.to(bias_V.dtype),
+            *([None] * 7),
+        )
+
+
+def chunked_token_logprobs(
+    hidden_B_T_H: Tensor,
+    lm_head_weight_V_H: Tensor,
+    target_ids_B_T: Tensor,
+    *,
+    lm_head_bias_V: Tensor | None = None,
+    chunk_size: int = 1024,
+    topk_ids_B_T_K: Tensor | None = None,
+    student_topk: int = 0,
+    return_entropy: bool = False,
+    temperature: float = 1.0,
+) -> TokenLogprobs:
+    """Student log-probs from final hidden states, one chunk of tokens at a time.
+
+    The ``B*T`` tokens are flattened and processed ``chunk_size`` at a time through one reused
+    ``chunk_size x V`` buffer, so the full ``[tokens x vocab]`` logits never exist. A custom
+    autograd function keeps only each token's log-normaliser (and entropy) for backward, which
+    recomputes one chunk's logits at a time and writes ``d/dlogits`` analytically into the same
+    kind of buffer (the cost is one extra lm_head matmul, like activation checkpointing).
+    Log-softmax runs in at least float32; under autocast the matmuls use the autocast dtype
+    (e.g. bf16) and gradients accumulate in float32. Double backward is not supported.
+
+    Args:
+        hidden_B_T_H: Final hidden states (after the last norm), any float dtype.
+        lm_head_weight_V_H: Output projection weight.
+        target_ids_B_T: Token whose log-prob is wanted at each position (usually the next token).
+        lm_head_bias_V: Optional output projection bias.
+        chunk_size: Tokens per chunk. Smaller saves memory; very small chunks cost time.
+        topk_ids_B_T_K: Optional ids at which to also evaluate the student, e.g. the teacher's
+            top-k (this is how the student's log-probs on the teacher's support are gathered).
+        student_topk: If > 0, also return the student's own top-``student_topk`` ids and
+            log-probs.
+        return_entropy: Also return the entropy of the full student distribution.
+        temperature: Logits are divided by this before the softmax.
+
+    Returns:
+        A :class:`TokenLogprobs`; tensors have shapes ``[B, T]`` or ``[B, T, K]``.
+
+    Raises:
+        ValueError: On a non-positive ``chunk_size`` or ``temperature``, or mismatched shapes.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    B, T, H = hidden_B_T_H.shape
+    if target_ids_B_T.shape != (B, T):
+        raise ValueError(
+            f"target_ids_B_T has shape {tuple(target_ids_B_T.shape)}, expected {(B, T)} "
+            "to match hidden_B_T_H"
+        )
+    if topk_ids_B_T_K is not None and topk_ids_B_T_K.shape[:2] != (B, T):
+        raise ValueError(
+            f"topk_ids_B_T_K has shape {tuple(topk_ids_B_T_K.shape)}, expected ({B}, {T}, K)"
+        )
+    device = hidden_B_T_H.device.type
+    if torch.is_autocast_enabled(device):
+        compute_dtype = torch.get_autocast_dtype(device)
+    else:
+        compute_dtype = torch.promote_types(hidden_B_T_H.dtype, lm_head_weight_V_H.dtype)
+    N = B * T
+    if topk_ids_B_T_K is None:
+        support_N_K = target_ids_B_T.new_zeros(N, 0, dtype=torch.long)
+    else:
+        support_N_K = topk_ids_B_T_K.reshape(N, -1).long()
+    with torch.autocast(device, enabled=False):
+        target_lp, support_lp, topk_ids, topk_lp, entropy = _ChunkedLogprobs.apply(
+            hidden_B_T_H.reshape(N, H),
+            lm_head_weight_V_H,
+            lm_head_bias_V,
+            target_ids_B_T.reshape(N).long(),
+            support_N_K,
+            chunk_size,
+            temperature,
+            student_topk,
+            return_entropy,
+            compute_dtype,
+        )
+    out = TokenLogprobs(logprobs_B_T=target_lp.reshape(B, T))
+    if topk_ids_B_T_K is not None:
+        out.support_logprobs_B_T_K = support_lp.reshape(B, T, -1)
+    if student_topk > 0:
+        out.topk_ids_B_T_K = topk_ids.reshape(B, T, student_topk)
+        out.topk_logprobs_B_T_K = topk_lp.reshape(B, T, student_topk)
+    if return_entropy:
+        out.entropy_B_T = entropy.reshape(B, T)
+    return out
+
+
+def gather_support_logprobs(logprobs_B_T_V: Tensor, ids_B_T_K: Tensor) -> Tensor:
+    """Gather log-probs at given ids from a full distribution (small vocabularies, tests).
+
+    For real vocabularies pass the ids as ``topk_ids_B_T_K`` to :func:`chunked_token_logprobs`
+    instead, which never builds ``logprobs_B_T_V``.
+
+    Args:
+        logprobs_B_T_V: Full log-probabilities.
+        ids_B_T_K: Ids to gather, e.g. the teacher's top-k ids.
+
+    Returns:
+        ``[B, T, K]`` log-probs at ``ids_B_T_K``.
+    """
+    return logprobs_B_T_V.gather(-1, ids_B_T_K.long())
+
+
+# --------------------------------------------------------------------------------------------
+# Masking and aggregation
+# --------------------------------------------------------------------------------------------
+
+
+def _bool_mask(mask_B_T: Tensor) -> Tensor:
+    return mask_B_T if mask_B_T.dtype == torch.bool else mask_B_T != 0
+
+
+def _masked(values: Tensor, mask: Tensor, fill: float = 0.0) -> Tensor:
+    """``values`` where ``mask`` else ``fill``; the mask broadcasts over trailing dims."""
+    while mask.dim() < values.dim():
+        mask = mask[..., None]
+    return torch.where(mask, values, torch.full_like(values, fill))
+
+
+def aggregate(values_B_T: Tensor, mask_B_T: Tensor, agg: str = "token-mean") -> Tensor:
+    """Reduce per-token values to a scalar over masked tokens.
+
+    Args:
+        values_B_T: Per-token values (masked positions may hold anything, NaN included).
+        mask_B_T: 1/True on tokens that count.
+        agg: ``"token-mean"`` or ``"seq-mean-token-mean"`` (see the module docstring).
+
+    Returns:
+        A scalar tensor; 0 when no token is masked in.
+
+    Raises:
+        ValueError: On an unknown ``agg``.
+    """
+    mask = _bool_mask(mask_B_T)
+    values = _masked(values_B_T, mask)
+    if agg == "token-mean":
+        return values.sum() / mask.sum().clamp(min=1)
+    if agg == "seq-mean-token-mean":
+        count_B = mask.sum(-1)
+        per_seq_B = values.sum(-1) / count_B.clamp(min=1)
+        has_tokens_B = count_B > 0
+        return _masked(per_seq_B, has_tokens_B).sum() / has_tokens_B.sum().clamp(min=1)
+    raise ValueError(f"unknown agg {agg!r}; expected one of {AGGREGATIONS}")
+
+
+def _token_mean(values_B_T: Tensor, mask: Tensor) -> float:
+    with torch.no_grad():
+        return float(aggregate(values_B_T.detach(), mask, "token-mean"))
+
+
+# --------------------------------------------------------------------------------------------
+# Objectives
+# --------------------------------------------------------------------------------------------
+
+
+def rkl_sampled(
+    logprobs_new_B_T: Tensor,
+    logprobs_old_B_T: Tensor,
+    teacher_logprobs_B_T: Tensor,
+    mask_B_T: Tensor,
+    *,
+    clip_eps: float = 0.2,
+    agg: str = "token-mean",
+) -> tuple[Tensor, dict[str, float]]:
+    """Sampled-token reverse KL as a clipped policy-gradient surrogate.
+
+    Per token: ``A = stopgrad(log q(y) - log p_old(y))``, ``ratio = exp(log p_new - log p_old)``
+    and ``loss = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)``. With ``new == old`` the
+    gradient is that of ``-sum(m * A * log p_new) / n``, an unbiased estimate of the reverse KL
+    gradient from one teacher log-prob per token.
+
+    Args:
+        logprobs_new_B_T: Current student log-probs of the sampled tokens (with grad).
+        logprobs_old_B_T: Student log-probs at sampling time (treated as constants).
+        teacher_logprobs_B_T: Teacher log-probs of the same tokens (treated as constants).
+        mask_B_T: 1 on tokens the student sampled.
+        clip_eps: PPO clip range.
+        agg: Aggregation mode.
+
+    Returns:
+        ``(loss, metrics)``; metrics: ``loss``, ``advantage_mean``, ``kl_sampled`` (mean of
+        ``log p_old - log q``), ``ratio_mean``, ``clip_frac``, ``tokens``.
+    """
+    mask = _bool_mask(mask_B_T)
+    new = _masked(logprobs_new_B_T, mask)
+    old = _masked(logprobs_old_B_T.detach(), mask)
+    teacher = _masked(teacher_logprobs_B_T.detach(), mask)
+    advantage = teacher - old
+    ratio = torch.exp(new - old)
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    per_token = -torch.minimum(ratio * advantage, clipped * advantage)
+    loss = aggregate(per_token, mask, agg)
+    with torch.no_grad():
+        clip_hit = ((ratio - clipped).abs() > 0).float()
+        metrics = {
+            "loss": float(loss.detach()),
+            "advantage_mean": _token_mean(advantage, mask),
+            "kl_sampled": _token_mean(-advantage, mask),
+            "ratio_mean": _token_mean(ratio, mask),
+            "clip_frac": _token_mean(clip_hit, mask),
+            "tokens": float(mask.sum()),
+        }
+    return loss, metrics
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate near 0 and for very negative ``x``.
+
+    Both branches stay finite for finite ``x < 0``, so gradients through ``torch.where`` are
+    NaN-free.
+    """
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def with_tail(logprobs_B_T_K: Tensor) -> Tensor:
+    """Append a tail bucket holding the mass outside the support.
+
+    Args:
+        logprobs_B_T_K: Log-probs of K distinct tokens under a full distribution.
+
+    Returns:
+        ``[B, T, K + 1]`` log-probs whose probabilities sum to 1; the last entry is
+        ``log(1 - sum(exp(logprobs_B_T_K)))``, computed stably, kept finite when the support
+        holds (numerically) all the mass.
+    """
+    support_mass = torch.logsumexp(logprobs_B_T_K, dim=-1, keepdim=True)
+    tail = log1mexp(support_mass.clamp(max=_TAIL_MAX_LOGMASS))
+    return torch.cat([logprobs_B_T_K, tail], dim=-1)
+
+
+def _support_pair(
+    student_B_T_K: Tensor, teacher_B_T_K: Tensor, mask: Tensor, tail: bool
+) -> tuple[Tensor, Tensor]:
+    """Sanitise masked positions, floor -inf, then add a tail bucket or renormalise."""
+    if student_B_T_K.shape != teacher_B_T_K.shape:
+        raise ValueError(
+            f"student and teacher support log-probs differ in shape: "
+            f"{tuple(student_B_T_K.shape)} vs {tuple(teacher_B_T_K.shape)}; both must be "
+            "evaluated on the same [B, T, K] ids"
+        )
+    K = student_B_T_K.shape[-1]
+    fill = -math.log(K + 1)  # a valid sub-distribution at masked positions
+    student = _masked(_at_least_f32(student_B_T_K), mask, fill).clamp(min=LOG_FLOOR)
+    teacher = _masked(_at_least_f32(teacher_B_T_K.detach()), mask, fill).clamp(min=LOG_FLOOR)
+    if tail:
+        return with_tail(student), with_tail(teacher)
+    return (
+        student - torch.logsumexp(student, -1, keepdim=True),
+        teacher - torch.logsumexp(teacher, -1, keepdim=True),
+    )
+
+
+def _kl(logp_B_T_K: Tensor, logq_B_T_K: Tensor) -> Tensor:
+    """KL(p || q) summed over the last dim; inputs are finite (floored) log-probs."""
+    return (logp_B_T_K.exp() * (logp_B_T_K - logq_B_T_K)).sum(-1)
+
+
+def _support_metrics(
+    loss: Tensor, student_B_T_K: Tensor, teacher_B_T_K: Tensor, mask: Tensor
+) -> dict[str, float]:
+    with torch.no_grad():
+        s = _masked(_at_least_f32(student_B_T_K.detach()), mask).clamp(min=LOG_FLOOR)
+        t = _masked(_at_least_f32(teacher_B_T_K.detach()), mask).clamp(min=LOG_FLOOR)
+        return {
+            "loss": float(loss.detach()),
+            "student_support_mass": _token_mean(s.exp().sum(-1), mask),
+            "teacher_support_mass": _token_mean(t.exp().sum(-1), mask),
+            "tokens": float(mask.sum()),
+        }
+
+
+def rkl_topk(
+    student_logprobs_on_support_B_T_K: Tensor,
+    teacher_logprobs_on_support_B_T_K: Tensor,
+    mask_B_T: Tensor,
+    *,
+    tail: bool = True,
+    agg: str = "token-mean",
+) -> tuple[Tensor, dict[str, float]]:
+    """Exact reverse KL(p || q) on a top-k support.
+
+    The support (K distinct ids per position, the student's or the teacher's top-k) is chosen
+    by the caller; both models must be evaluated at the same ids. With ``tail=True`` the
+    remaining mass of each model forms one extra bucket, so the loss is the exact KL between the
+    two (K+1)-bucket coarsenings (a lower bound on the full KL). With ``tail=False`` both are
+    renormalised on the support.
+
+    Args:
+        student_logprobs_on_support_B_T_K: Student log-probs at the support ids (with grad).
+        teacher_logprobs_on_support_B_T_K: Teacher log-probs at the same ids (constants).
+        mask_B_T: 1 on tokens the student sampled.
+        tail: Add the tail bucket (else renormalise on the support).
+        agg: Aggregation mode.
+
+    Returns:
+        ``(loss, metrics)``; metrics: ``loss``, ``student_support_mass``,
+        ``teacher_support_mass``, ``tokens``.
+    """
+    mask = _bool_mask(mask_B_T)
+    s, t = _support_pair(
+        student_logprobs_on_support_B_T_K, teacher_logprobs_on_support_B_T_K, mask, tail
+    )
+    loss = aggregate(_kl(s, t), mask, agg)
+    return loss, _support_metrics(
+        loss, student_logprobs_on_support_B_T_K, teacher_logprobs_on_support_B_T_K, mask
+    )
+
+
+def fkl_topk(
+    student_logprobs_on_support_B_T_K: Tensor,
+    teacher_logprobs_on_support_B_T_K: Tensor,
+    mask_B_T: Tensor,
+    *,
+    tail: bool = True,
+    agg: str = "token-mean",
+) -> tuple[Tensor, dict[str, float]]:
+    """Exact forward KL(q || p) on a top-k support; arguments as in :func:`rkl_topk`."""
+    mask = _bool_mask(mask_B_T)
+    s, t = _support_pair(
+        student_logprobs_on_support_B_T_K, teacher_logprobs_on_support_B_T_K, mask, tail
+    )
+    loss = aggregate(_kl(t, s), mask, agg)
+    return loss, _support_metrics(
+        loss, student_logprobs_on_support_B_T_K, teacher_logprobs_on_support_B_T_K, mask
+    )
+
+
+def jsd(
+    student_logprobs_on_support_B_T_K: Tensor,
+    teacher_logprobs_on_support_B_T_K: Tensor,
+    mask_B_T: Tensor,
+    *,
+    beta: float = 0.5,
+    tail: bool = True,
+    agg: str = "token-mean",
+) -> tuple[Tensor, dict[str, float]]:
+    """Generalised Jensen-Shannon divergence (GKD) on a top-k support.
+
+    For ``0 < beta < 1``, with ``M = beta * q + (1 - beta) * p``:
+    ``JSD_beta = beta * KL(q || M) + (1 - beta) * KL(p || M)``. Near the ends this vanishes like
+    ``beta * KL(q || p)`` and ``(1 - beta) * KL(p || q)``, so the ends are defined by those
+    directions: ``beta = 0`` is the forward KL(q || p) and ``beta = 1`` the reverse KL(p || q),
+    exactly :func:`fkl_topk` and :func:`rkl_topk`. Other arguments as in :func:`rkl_topk`.
+
+    Raises:
+        ValueError: If ``beta`` is outside ``[0, 1]``.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    mask = _bool_mask(mask_B_T)
+    s, t = _support_pair(
+        student_logprobs_on_support_B_T_K, teacher_logprobs_on_support_B_T_K, mask, tail
+    )
+    if beta == 0.0:
+        per_token = _kl(t, s)
+    elif beta == 1.0:
+        per_token = _kl(s, t)
+    else:
+        log_m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log1p(-beta)]), dim=0)
+        per_token = beta * _kl(t, log_m) + (1.0 - beta) * _kl(s, log_m)
+    loss = aggregate(per_token, mask, agg)
+    return loss, _support_metrics(
+        loss, student_logprobs_on_support_B_T_K, teacher_logprobs_on_support_B_T_K, mask
+    )
+
+
+def sft_nll(
+    logprobs_B_T: Tensor, mask_B_T: Tensor, agg: str = "token-mean"
+) -> tuple[Tensor, dict[str, float]]:
+    """Negative log-likelihood for the off-policy cold start (SFT on teacher episodes).
+
+    Args:
+        logprobs_B_T: Student log-probs of the demonstration tokens (with grad).
+        mask_B_T: 1 on the tokens to imitate (the teacher's sampled tokens).
+        agg: Aggregation mode.
+
+    Returns:
+        ``(loss, metrics)``; metrics: ``loss``, ``tokens``.
+    """
+    mask = _bool_mask(mask_B_T)
+    loss = aggregate(-_masked(logprobs_B_T, mask), mask, agg)
+    return loss, {"loss": float(loss.detach()), "tokens": float(mask.sum())}
+
+
+LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
+    "rkl-sampled": rkl_sampled,
+    "rkl-topk": rkl_topk,
+    "fkl-topk": fkl_topk,
+    "jsd": jsd,
+}
+"""Distillation objectives by config name (``loss=rkl-sampled``). ``rkl-sampled`` takes
+sampled-token log-probs; the others take log-probs on a shared ``[B, T, K]`` support."""
+
+
+# --------------------------------------------------------------------------------------------
+# Token selection
+# --------------------------------------------------------------------------------------------
+
+
+def select_entropy_top_frac(entropy_B_T: Tensor, mask_B_T: Tensor, frac: float) -> Tensor:
+    """Keep only the highest-entropy fraction of masked tokens, across the whole batch.
+
+    Exactly ``ceil(frac * n)`` tokens are kept, ``n`` being the number of masked tokens (ties
+    broken arbitrarily). Entropy values at masked-out positions are ignored.
+
+    Args:
+        entropy_B_T: Per-token student entropy (e.g. ``TokenLogprobs.entropy_B_T``).
+        mask_B_T: Current loss mask.
+        frac: Fraction in ``[0, 1]`` to keep.
+
+    Returns:
+        A new boolean mask, a subset of ``mask_B_T``.
+
+    Raises:
+        ValueError: If ``frac`` is outside ``[0, 1]``.
+    """
+    if not 0.0 <= frac <= 1.0:
+        raise ValueError(f"frac must be in [0, 1], got {frac}")
+    mask = _bool_mask(mask_B_T)
+    n = int(mask.sum())
+    keep = min(n, math.ceil(frac * n - 1e-9))
+    if keep <= 0:
+        return torch.zeros_like(mask)
+    scores = _masked(entropy_B_T.detach().float().nan_to_num(nan=-math.inf), mask, -math.inf)
+    chosen = scores.flatten().topk(keep).indices
+    out = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    out[chosen] = True
+    return out.reshape(mask.shape) & mask
+
+
+def topk_overlap_count(student_topk_ids_B_T_K: Tensor, teacher_topk_ids_B_T_K: Tensor) -> Tensor:
+    """``|TopK(p) ∩ TopK(q)|`` per position (ids within one top-k list are assumed distinct)."""
+    hits = student_topk_ids_B_T_K[..., :, None] == teacher_topk_ids_B_T_K[..., None, :]
+    return hits.any(-1).sum(-1)
+
+
+def select_overlap_only(
+    student_topk_ids_B_T_K: Tensor,
+    teacher_topk_ids_B_T_K: Tensor,
+    mask_B_T: Tensor,
+    *,
+    min_overlap: int = 1,
+) -> Tensor:
+    """Keep only positions where the student's and teacher's top-k share enough tokens.
+
+    A masked-in position is kept iff ``|TopK(p) ∩ TopK(q)| >= min_overlap``.
+
+    Args:
+        student_topk_ids_B_T_K: Student top-k ids.
+        teacher_topk_ids_B_T_K: Teacher top-k ids (K may differ from the student's).
+        mask_B_T: Current loss mask.
+        min_overlap: Minimum number of shared ids (default 1: the sets intersect).
+
+    Returns:
+        A new boolean mask, a subset of ``mask_B_T``.
+    """
+    overlap = topk_overlap_count(student_topk_ids_B_T_K, teacher_topk_ids_B_T_K)
+    return _bool_mask(mask_B_T) & (overlap >= min_overlap)
