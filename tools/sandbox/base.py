@@ -128,6 +128,8 @@ class ExecResult:
             parts.append(self.exception.rstrip("\n"))
         if self.timed_out or self.crashed:
             parts.append(f"Error: {self.detail}")
+        elif self.restarted and self.detail:
+            parts.insert(0, self.detail)
         if self.killed_processes:
             parts.append(
                 f"[{self.killed_processes} leftover process(es) were killed after the call]"
@@ -328,6 +330,16 @@ class Sandbox(ABC):
         """Run ``code`` in the worker; never raises for anything the code does."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         with self._lock:
+            notice = ""
+            if self._channel is not None and not self._worker_alive():
+                hint = self._crash_hint()
+                self._teardown()
+                self.restarts += 1
+                notice = (
+                    "[the Python worker had died after the previous call"
+                    + (f" ({hint})" if hint else "")
+                    + "; it was restarted and variables from earlier calls are lost]\n"
+                )
             self.start()
             assert self._channel is not None
             t0 = time.monotonic()
@@ -348,6 +360,8 @@ class Sandbox(ABC):
                 killed_processes=int(frame.get("killed_processes", 0)),
                 duration_s=time.monotonic() - t0,
             )
+            if notice:
+                r.restarted, r.detail = True, notice
             if r.timed_out:
                 r.detail = (
                     f"the code ran past the {timeout:g} s time limit and was interrupted; "
@@ -402,6 +416,10 @@ class Sandbox(ABC):
             duration_s=time.monotonic() - t0,
             detail=detail,
         )
+
+    def _worker_alive(self) -> bool:
+        """Cheap liveness check before a call (a dead worker is restarted with a notice)."""
+        return True
 
     def _crash_hint(self) -> str:
         """Backend-specific reason for a crash (e.g. out of memory); empty if unknown."""

@@ -152,6 +152,9 @@ class BwrapSandbox(Sandbox):
         )
         return PipeChannel(self._proc)
 
+    def _worker_alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
     def _crash_hint(self) -> str:
         if self._proc is not None and self._proc.poll() is not None:
             code = self._proc.returncode

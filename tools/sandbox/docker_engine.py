@@ -196,7 +196,7 @@ class DockerSandbox(Sandbox):
                 network_mode="none",
                 read_only=True,
                 tmpfs={
-                    "/work": f"rw,nosuid,nodev,size={lim.work_dir_mb}m,mode=1777",
+                    "/work": f"rw,nosuid,nodev,size={lim.work_dir_mb}m,uid={NOBODY},gid={NOBODY},mode=0700",
                     "/tmp": "rw,nosuid,nodev,size=16m,mode=1777",
                 },
                 cap_drop=["ALL"],

@@ -161,6 +161,9 @@ class LocalSandbox(Sandbox):
         )
         return PipeChannel(self._proc)
 
+    def _worker_alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
     def _crash_hint(self) -> str:
         if self._proc is not None and self._proc.poll() is not None and self._proc.returncode < 0:
             return f"killed by signal {-self._proc.returncode}"

@@ -266,6 +266,7 @@ def main():
                 else 1
             )
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        os.setpgid(0, 0)  # kill(0, ...) from the cell must not reach the helper outside
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     for name, (soft, hard) in config.get("rlimits", {}).items():
         try:
