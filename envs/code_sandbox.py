@@ -26,7 +26,8 @@ with jsonschema; a bad line raises :class:`TaskFileError` naming the line)::
 Keys: ``prompt`` and ``answer`` (required), ``id``, ``difficulty`` (expected python calls),
 ``solution`` (the expert's cells; it submits the last line printed by the last one, or the
 reference answer when there is no solution), ``setup`` (code run in the sandbox before the
-first call, e.g. to create data files), ``split`` (``train`` / ``eval``).
+first call, e.g. to create data files), ``split`` (``eval`` tasks are held out from training
+and are the eval split when there are any; others are train tasks).
 
 The sandbox backend is configurable (``backend="auto" | "docker" | "bwrap" | "local"``, see
 ``docs/sandbox.md``); the worker starts on the first ``python`` call and is removed at the end
@@ -286,10 +287,10 @@ class CodeSandboxEnv(Env):
     def new_task(self, rng: np.random.Generator, options: dict[str, Any]) -> Task:
         want_eval = options.get("split") == "eval"
         if self.file_tasks is not None:
-            pool = [
-                t for t in self.file_tasks if t.data["split"] == ("eval" if want_eval else "train")
-            ]
-            pool = pool or self.file_tasks
+            if want_eval:  # tasks marked eval if there are any, else all of them
+                pool = [t for t in self.file_tasks if t.data["split"] == "eval"] or self.file_tasks
+            else:  # everything not marked eval
+                pool = [t for t in self.file_tasks if t.data["split"] != "eval"] or self.file_tasks
             task = pool[int(rng.integers(len(pool)))]
         else:
             steps = int(options.get("steps", rng.integers(self.min_steps, self.max_steps + 1)))
