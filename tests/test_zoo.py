@@ -214,3 +214,71 @@ def test_shipped_tokenizer_matches_rebuild(tmp_path):
     shipped = json.loads(TOKENIZER_FILE.read_text())
     assert fresh["model"]["vocab"] == shipped["model"]["vocab"]
     assert fresh["model"]["merges"] == shipped["model"]["merges"]
+
+
+# ---------------------------------------------------------------------------- teacher bootstrap
+@pytest.fixture(scope="module")
+def lookup_examples(tok):
+    import agentopd
+    from agentopd.renderer import Renderer
+    from agentopd.zoo import bootstrap
+
+    renderer = Renderer(tok)
+    env = agentopd.make("lookup-chain", min_hops=1, max_hops=3)
+    out = [bootstrap.expert_sequence(env, renderer, seed) for seed in range(6)]
+    env.close()
+    return out
+
+
+def test_expert_sequences_mask_only_the_expert_turns(tok, lookup_examples):
+    for tokens, mask, success in lookup_examples:
+        assert success and len(tokens) == len(mask)
+        trained = tok.decode([t for t, m in zip(tokens, mask) if m])
+        assert trained.count("<tool_call>") == trained.count(IM_END) >= 2
+        assert "<|im_start|>" not in trained and "Tools:" not in trained
+        assert mask[-1] == 1 and tokens[-1] == tok.eos_token_id
+
+
+def test_shared_prefix_loss_equals_full_forward(lookup_examples):
+    from agentopd.zoo import bootstrap
+
+    batch = [bootstrap.SftExample(t, m) for t, m, _ in lookup_examples]
+    assert bootstrap._shared_prefix(batch) > 8
+    model = zoo.build_model("tiny", seed=3)
+    grads = []
+    for fn in (bootstrap.masked_nll, bootstrap._masked_nll_full):
+        model.zero_grad()
+        loss = fn(batch, model, 0)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (l1, g1), (l2, g2) = grads
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
+
+
+@pytest.mark.slow
+def test_teacher_build_saves_atomically_and_loads(monkeypatch, tmp_path):
+    from agentopd.engines import SamplingParams
+    from agentopd.engines.hf import HFEngine
+
+    monkeypatch.setenv("AGENTOPD_CACHE", str(tmp_path))
+    name = "tiny-teacher-lookup-chain"
+    small = dict(steps=2, batch_size=2, train_episodes=4, eval_episodes=2, max_new_tokens=8)
+    path = zoo.build(name, progress=False, **small)
+    assert path == tmp_path / "zoo" / name
+    assert sorted(p.name for p in path.parent.iterdir()) == [name]  # no temp dirs left
+    report = json.loads((path / "zoo.json").read_text())
+    assert report["train_examples"] == 4 and report["eval"]["episodes"] == 2
+    assert {r.name: r.built for r in zoo.list_models()}[name]
+    stamp = (path / "zoo.json").stat().st_mtime_ns
+    assert zoo.build(name, progress=False) == path  # cached: not rebuilt
+    assert (path / "zoo.json").stat().st_mtime_ns == stamp
+
+    model, tokenizer = zoo.load(name)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Start at k1."}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    engine = HFEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    (sample,) = engine.generate([ids], SamplingParams(max_new_tokens=5, temperature=0.0))
+    assert 1 <= len(sample.tokens) <= 5

@@ -1,0 +1,457 @@
+"""Teacher bootstrap: train a zoo preset by SFT on an environment's scripted expert.
+
+``agentopd.zoo.build("tiny-teacher-<env>")`` lands here. The recipe, top to bottom:
+
+1. Play ``train_episodes`` expert episodes (``split="train"``) through the renderer, so the
+   training data is token-exact exactly as the rollout loop would produce it; the loss mask is 1
+   on the expert's assistant tokens (end-of-turn included) and 0 elsewhere.
+2. Masked next-token cross-entropy, AdamW, linear warm-up then cosine decay, random batches of
+   right-padded sequences, seeded.
+3. Greedy evaluation on ``eval_episodes`` held-out tasks (``split="eval"``).
+4. Save ``save_pretrained`` weights, the tokenizer and ``zoo.json`` (recipe and results) to a
+   temporary directory next to the target, then rename it into place.
+
+Run it directly::
+
+    python -m agentopd.zoo.bootstrap lookup-chain --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from agentopd.env import Env
+from agentopd.registry import make
+from agentopd.renderer import Renderer
+from agentopd.zoo.models import build_model, cache_dir
+from agentopd.zoo.tokenizer import load_tokenizer
+
+
+@dataclass
+class Recipe:
+    """How to bootstrap one teacher."""
+
+    preset: str = "tiny-teacher"
+    """Model preset to train."""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Constructor kwargs of the environment (for training and evaluation)."""
+    train_episodes: int = 2000
+    """Expert episodes (distinct train tasks) to train on."""
+    steps: int = 400
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Sequences per step."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+    warmup_steps: int = 20
+    """Linear warm-up before the cosine decay."""
+    min_lr_frac: float = 0.05
+    """Final learning rate as a fraction of ``lr``."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    eval_episodes: int = 64
+    """Held-out tasks for the greedy success rate (0: skip)."""
+    max_new_tokens: int = 96
+    """Generation limit per turn at evaluation."""
+    seed: int = 0
+    """Seeds the init, the task draws and the batch order."""
+
+
+RECIPES: dict[str, Recipe] = {
+    "lookup-chain": Recipe(env_kwargs={"min_hops": 1, "max_hops": 3}),
+    "sql": Recipe(),
+    "code-sandbox": Recipe(),
+}
+"""Per-environment defaults; other environments get ``Recipe()``."""
+
+
+@dataclass
+class SftExample:
+    """One token sequence with its loss mask."""
+
+    tokens: list[int]
+    mask: list[int]
+
+
+# ---------------------------------------------------------------------------- data
+def expert_sequence(
+    env: Env, renderer: Renderer, seed: int, options: dict[str, Any] | None = None
+) -> tuple[list[int], list[int], bool]:
+    """One expert episode as ``(tokens, mask, success)`` through the renderer.
+
+    This mirrors ``agentopd.rollout.expert_episode`` (initial prompt, then per turn the expert's
+    encoded text plus the end-of-turn token with mask 1, then bridge tokens with mask 0). It is
+    kept separate because the zoo only needs the token stream, and so that a teacher can be
+    built while the rollout loop evolves.
+    """
+    messages, info = env.reset(seed=seed, options={"split": "train", **(options or {})})
+    tools = info.get("tools") or []
+    tokens, stream = renderer.initial_prompt(messages, tools)
+    tokens = list(tokens)
+    mask = [0] * len(tokens)
+    success = False
+    while True:
+        text = env.expert_action(list(env.messages))
+        turn = renderer.encode(text) + [renderer.eot_id]
+        tokens += turn
+        mask += [1] * len(turn)
+        stream += renderer.decode(turn)
+        _, reward, terminated, truncated, step_info = env.step(text)
+        if terminated or truncated:
+            success = bool(step_info.get("success", reward > 0))
+            break
+        bridge = renderer.bridge(stream, env.messages, tools)
+        if bridge.new_segment:
+            raise RuntimeError("the chat template rewrote history while bootstrapping")
+        tokens += bridge.tokens
+        mask += [0] * len(bridge.tokens)
+        stream += bridge.text
+    return tokens, mask, success
+
+
+# ---------------------------------------------------------------------------- training
+def sft(
+    model: torch.nn.Module,
+    examples: list[SftExample],
+    recipe: Recipe,
+    pad_id: int,
+    progress: Any = None,
+    task: Any = None,
+) -> list[float]:
+    """Masked next-token cross-entropy on ``examples``; returns the loss per step."""
+    gen = torch.Generator().manual_seed(recipe.seed)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay
+    )
+
+    def lr_at(step: int) -> float:
+        if step < recipe.warmup_steps:
+            return recipe.lr * (step + 1) / recipe.warmup_steps
+        t = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+        floor = recipe.min_lr_frac
+        return recipe.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    model.train()
+    losses: list[float] = []
+    for step in range(recipe.steps):
+        idx = torch.randint(len(examples), (recipe.batch_size,), generator=gen).tolist()
+        loss = masked_nll([examples[i] for i in idx], model, pad_id)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress.update(task, advance=1, loss=f"{losses[-1]:.4f}")
+    model.eval()
+    return losses
+
+
+def masked_nll(batch: list[SftExample], model: Any, pad_id: int) -> torch.Tensor:
+    """Mean next-token NLL over the masked tokens of ``batch``.
+
+    Episodes of one environment share a long prompt (system message and tools block), so the
+    shared prefix is run once with batch size 1 and its KV cache is repeated for the batch;
+    gradients still flow through it. The prefix stops before the first position whose *next*
+    token is trained on, so the loss is exactly that of a full forward pass.
+    """
+    shared = _shared_prefix(batch)
+    if shared < 8:
+        return _masked_nll_full(batch, model, pad_id)
+    from transformers import DynamicCache
+
+    prefix = torch.tensor([batch[0].tokens[:shared]])
+    cache = DynamicCache(config=model.config)
+    model(input_ids=prefix, past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(len(batch))
+    rest = [SftExample(e.tokens[shared:], e.mask[shared:]) for e in batch]
+    tokens_B_S, mask_B_S, attn_B_S = _batch(rest, pad_id)
+    attn_B_T = torch.cat([torch.ones((len(batch), shared), dtype=torch.long), attn_B_S], dim=1)
+    logits_B_S_V = model(
+        input_ids=tokens_B_S, attention_mask=attn_B_T, past_key_values=cache, use_cache=True
+    ).logits
+    # The last prefix position predicts rest[0], which is never trained on (see above).
+    return _nll(logits_B_S_V[:, :-1], tokens_B_S[:, 1:], mask_B_S[:, 1:])
+
+
+def _masked_nll_full(batch: list[SftExample], model: Any, pad_id: int) -> torch.Tensor:
+    tokens_B_T, mask_B_T, attn_B_T = _batch(batch, pad_id)
+    logits_B_T_V = model(input_ids=tokens_B_T, attention_mask=attn_B_T).logits
+    return _nll(logits_B_T_V[:, :-1], tokens_B_T[:, 1:], mask_B_T[:, 1:])
+
+
+def _nll(
+    logits_B_T_V: torch.Tensor, targets_B_T: torch.Tensor, mask_B_T: torch.Tensor
+) -> torch.Tensor:
+    """Position t predicts token t+1; callers pass the mask of the *predicted* tokens."""
+    nll = F.cross_entropy(
+        logits_B_T_V.reshape(-1, logits_B_T_V.shape[-1]).float(),
+        targets_B_T.reshape(-1),
+        reduction="none",
+    )
+    m = mask_B_T.reshape(-1).float()
+    return (nll * m).sum() / m.sum().clamp(min=1)
+
+
+def _shared_prefix(batch: list[SftExample]) -> int:
+    """Length of the common token prefix that holds no trained position (see masked_nll)."""
+    first = batch[0].tokens
+    n = min(len(e.tokens) for e in batch)
+    for e in batch:
+        if 1 in e.mask:
+            n = min(n, e.mask.index(1) - 1)
+        i = 0
+        while i < n and e.tokens[i] == first[i]:
+            i += 1
+        n = i
+    return max(0, n)
+
+
+def _batch(batch: list[SftExample], pad_id: int) -> tuple[torch.Tensor, ...]:
+    width = max(len(e.tokens) for e in batch)
+    tokens = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    attn = torch.zeros((len(batch), width), dtype=torch.long)
+    for b, e in enumerate(batch):
+        n = len(e.tokens)
+        tokens[b, :n] = torch.tensor(e.tokens)
+        mask[b, :n] = torch.tensor(e.mask)
+        attn[b, :n] = 1
+    return tokens, mask, attn
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def greedy_success(
+    model: Any,
+    tokenizer: Any,
+    env_name: str,
+    episodes: int,
+    env_kwargs: dict[str, Any] | None = None,
+    max_new_tokens: int = 96,
+    split: str = "eval",
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Greedy success rate on ``episodes`` tasks of ``split`` (seeds ``0..episodes-1``).
+
+    Returns ``{"success": rate, "episodes": n, "by_difficulty": {d: rate}, "mean_turns": t}``.
+    """
+    from agentopd.engines import SamplingParams
+    from agentopd.engines.hf import HFEngine
+
+    renderer = Renderer(tokenizer)
+    engine = HFEngine(model, renderer.eot_id, renderer.pad_id, max_batch_size=batch_size)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    results: list[tuple[int, bool, int]] = []
+    for start in range(0, episodes, batch_size):
+        lives = []
+        for seed in range(start, min(episodes, start + batch_size)):
+            env = make(env_name, **(env_kwargs or {}))
+            messages, info = env.reset(seed=seed, options={"split": split})
+            tools = info.get("tools") or []
+            tokens, stream = renderer.initial_prompt(messages, tools)
+            lives.append(
+                {"env": env, "tools": tools, "tokens": list(tokens), "stream": stream,
+                 "done": False, "success": False, "turns": 0,
+                 "difficulty": int(info.get("difficulty", 1))}
+            )  # fmt: skip
+        while any(not lv["done"] for lv in lives):
+            active = [lv for lv in lives if not lv["done"]]
+            samples = engine.generate([lv["tokens"] for lv in active], params)
+            for lv, s in zip(active, samples, strict=True):
+                lv["tokens"] += s.tokens
+                lv["stream"] += renderer.decode(s.tokens)
+                lv["turns"] += 1
+                content, ended = renderer.strip_eot(s.tokens)
+                if not (s.finished and ended):
+                    lv["done"] = True
+                    continue
+                env = lv["env"]
+                _, reward, terminated, truncated, info = env.step(renderer.decode(content))
+                if terminated or truncated:
+                    lv["done"] = True
+                    lv["success"] = bool(info.get("success", reward > 0))
+                    continue
+                bridge = renderer.bridge(lv["stream"], env.messages, lv["tools"])
+                lv["tokens"] += bridge.tokens
+                lv["stream"] += bridge.text
+                if len(lv["tokens"]) >= 2048 - max_new_tokens:
+                    lv["done"] = True
+        for lv in lives:
+            lv["env"].close()
+            results.append((lv["difficulty"], lv["success"], lv["turns"]))
+    by_diff: dict[int, list[bool]] = {}
+    for d, ok, _ in results:
+        by_diff.setdefault(d, []).append(ok)
+    return {
+        "success": sum(ok for _, ok, _ in results) / max(1, len(results)),
+        "episodes": len(results),
+        "by_difficulty": {d: sum(v) / len(v) for d, v in sorted(by_diff.items())},
+        "mean_turns": sum(t for *_, t in results) / max(1, len(results)),
+    }
+
+
+# ---------------------------------------------------------------------------- build
+def build_artifact(
+    env_name: str,
+    path: Path | None = None,
+    *,
+    preset: str | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train ``preset`` on ``env_name``'s expert and save it atomically to ``path``.
+
+    Args:
+        env_name: Registered environment name.
+        path: Target directory (default: the cache dir of ``<preset>-<env_name>``).
+        preset: Model preset (default: the recipe's).
+        progress: Show a rich progress bar and a summary line.
+        **overrides: :class:`Recipe` fields.
+
+    Returns:
+        The report saved as ``zoo.json``: recipe, timings, data statistics, final loss and the
+        held-out greedy success.
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    recipe = replace(RECIPES.get(env_name, Recipe()), **overrides)
+    if preset is not None:
+        recipe = replace(recipe, preset=preset)
+    name = f"{recipe.preset}-{env_name}"
+    path = Path(path) if path is not None else cache_dir(name)
+    console = Console(stderr=True, quiet=not progress)
+    t0 = time.perf_counter()
+    torch.manual_seed(recipe.seed)
+
+    tokenizer = load_tokenizer()
+    renderer = Renderer(tokenizer)
+    env = make(env_name, **recipe.env_kwargs)
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        # ------------------------------------------------------------ data
+        task = bar.add_task(f"{name}: expert episodes", total=recipe.train_episodes, loss="")
+        examples: list[SftExample] = []
+        failed = 0
+        seeds = range(recipe.seed * 10_000_019, recipe.seed * 10_000_019 + recipe.train_episodes)
+        for seed in seeds:
+            tokens, mask, ok = expert_sequence(env, renderer, seed)
+            if ok:
+                examples.append(SftExample(tokens, mask))
+            else:
+                failed += 1
+            bar.update(task, advance=1)
+        env.close()
+        if not examples:
+            raise RuntimeError(
+                f"the {env_name} expert solved none of {recipe.train_episodes} tasks"
+            )
+        t_data = time.perf_counter() - t0
+
+        # ------------------------------------------------------------ train
+        model = build_model(recipe.preset, seed=recipe.seed)
+        task = bar.add_task(f"{name}: SFT", total=recipe.steps, loss="")
+        losses = sft(model, examples, recipe, renderer.pad_id, bar, task)
+        t_train = time.perf_counter() - t0 - t_data
+
+        # ------------------------------------------------------------ evaluate
+        evaluation: dict[str, Any] = {}
+        if recipe.eval_episodes > 0:
+            task = bar.add_task(f"{name}: greedy eval", total=1, loss="")
+            evaluation = greedy_success(
+                model, tokenizer, env_name, recipe.eval_episodes, recipe.env_kwargs,
+                recipe.max_new_tokens,
+            )  # fmt: skip
+            bar.update(task, advance=1, loss=f"success {evaluation['success']:.1%}")
+    t_eval = time.perf_counter() - t0 - t_data - t_train
+
+    report = {
+        "name": name,
+        "env": env_name,
+        "recipe": asdict(recipe),
+        "train_examples": len(examples),
+        "expert_failures": failed,
+        "mean_tokens": sum(len(e.tokens) for e in examples) / len(examples),
+        "mean_loss_tokens": sum(sum(e.mask) for e in examples) / len(examples),
+        "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "eval": evaluation,
+        "seconds": {
+            "data": round(t_data, 1),
+            "train": round(t_train, 1),
+            "eval": round(t_eval, 1),
+            "total": round(time.perf_counter() - t0, 1),
+        },
+        "torch_threads": torch.get_num_threads(),
+    }
+    _save_atomically(model, tokenizer, report, path)
+    if evaluation:
+        console.print(
+            f"[green]{name}[/]: held-out greedy success {evaluation['success']:.1%} "
+            f"on {evaluation['episodes']} tasks in {report['seconds']['total']:.0f}s -> {path}"
+        )
+    return report
+
+
+def _save_atomically(model: Any, tokenizer: Any, report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "zoo.json").write_text(json.dumps(report, indent=2))
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            path.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m agentopd.zoo.bootstrap ENV [--steps N ...]``: build one teacher."""
+    p = argparse.ArgumentParser(description="Bootstrap a zoo teacher by SFT on an env's expert.")
+    p.add_argument("env")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--out", type=Path, default=None, help="target directory (default: cache)")
+    for f in ("steps", "batch_size", "train_episodes", "eval_episodes", "seed"):
+        p.add_argument("--" + f.replace("_", "-"), dest=f, type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    args = p.parse_args(argv)
+    overrides = {
+        k: v for k, v in vars(args).items() if k not in ("env", "preset", "out") and v is not None
+    }
+    report = build_artifact(args.env, args.out, preset=args.preset, **overrides)
+    print(json.dumps({k: report[k] for k in ("name", "eval", "seconds", "final_loss")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
