@@ -16,11 +16,14 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.metadata
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("envs", "tools", "curricula", "models")
+# The entry-point value syntax of the packaging spec: "pkg.module:Attr.sub [extra1, extra2]".
+_ENTRY_POINT = re.compile(r"^\s*(?P<module>[\w.]+)\s*:\s*(?P<attr>[\w.]+)\s*(\[.*\])?\s*$")
 
 
 class UnknownNameError(KeyError):
@@ -49,11 +52,13 @@ class Spec:
         """Import and return the entry point."""
         if callable(self.entry_point):
             return self.entry_point
-        module, _, attr = self.entry_point.partition(":")
-        if not attr:
-            raise ValueError(f"entry point {self.entry_point!r} for {self.name!r} must look like 'pkg.module:Attr'")
-        obj: Any = importlib.import_module(module)
-        for part in attr.split("."):
+        m = _ENTRY_POINT.match(self.entry_point)
+        if m is None:
+            raise ValueError(
+                f"entry point {self.entry_point!r} for {self.name!r} must look like 'pkg.module:Attr'"
+            )
+        obj: Any = importlib.import_module(m.group("module"))
+        for part in m.group("attr").split("."):
             obj = getattr(obj, part)
         return obj
 
@@ -70,6 +75,7 @@ class Registry:
             raise ValueError(f"unknown registry kind {kind!r}; expected one of {KINDS}")
         self.kind = kind
         self._specs: dict[str, Spec] = {}
+        self._from_entry_points: set[str] = set()
         self._loaded_entry_points = False
 
     def _load_entry_points(self) -> None:
@@ -81,18 +87,39 @@ class Registry:
                 continue
             package = ep.dist.name if ep.dist is not None else "?"
             self._specs[ep.name] = Spec(ep.name, self.kind, ep.value, {}, package)
+            self._from_entry_points.add(ep.name)
 
     def refresh(self) -> None:
-        """Re-read entry points (after installing a plugin package in this process)."""
+        """Re-read entry points (after installing or removing a plugin package in this process).
+
+        Names added with :meth:`register` are kept.
+        """
+        for name in self._from_entry_points:
+            self._specs.pop(name, None)
+        self._from_entry_points.clear()
         self._loaded_entry_points = False
         importlib.invalidate_caches()
         self._load_entry_points()
 
-    def register(self, name: str, entry_point: str | Callable[..., Any], *, package: str = "(runtime)", **defaults: Any) -> Spec:
+    def register(
+        self,
+        name: str,
+        entry_point: str | Callable[..., Any],
+        *,
+        package: str = "(runtime)",
+        **defaults: Any,
+    ) -> Spec:
         """Register (or replace) ``name``."""
         self._load_entry_points()
         spec = Spec(name, self.kind, entry_point, dict(defaults), package)
         self._specs[name] = spec
+        self._from_entry_points.discard(name)
+        return spec
+
+    def unregister(self, name: str) -> Spec:
+        """Remove ``name`` (until the next :meth:`refresh` if it came from an entry point)."""
+        spec = self.spec(name)
+        del self._specs[name]
         return spec
 
     def spec(self, name: str) -> Spec:
@@ -108,7 +135,8 @@ class Registry:
             f"Valid names: {', '.join(valid) or '(none registered)'}."
         )
 
-    def make(self, name: str, **kwargs: Any) -> Any:
+    def make(self, name: str, /, **kwargs: Any) -> Any:
+        """Build ``name`` (positional only, so an entry point may take a ``name`` keyword)."""
         return self.spec(name).make(**kwargs)
 
     def names(self) -> list[str]:
@@ -134,12 +162,14 @@ def registry(kind: str) -> Registry:
         raise ValueError(f"unknown registry kind {kind!r}; expected one of {KINDS}") from None
 
 
-def register(name: str, entry_point: str | Callable[..., Any], *, kind: str = "envs", **defaults: Any) -> Spec:
+def register(
+    name: str, entry_point: str | Callable[..., Any], *, kind: str = "envs", **defaults: Any
+) -> Spec:
     """Register an environment (or, with ``kind=``, a tool, curriculum or model)."""
     return registry(kind).register(name, entry_point, **defaults)
 
 
-def make(name: str, **kwargs: Any) -> Any:
+def make(name: str, /, **kwargs: Any) -> Any:
     """Build the environment registered as ``name``.
 
     The registry name is recorded on the instance as ``env.spec_name`` so episodes carry it.

@@ -23,11 +23,12 @@ Example::
 
 from __future__ import annotations
 
-import concurrent.futures
 import difflib
+import functools
 import inspect
 import json
 import re
+import threading
 import types
 import typing
 from collections.abc import Callable
@@ -35,6 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import jsonschema
+import jsonschema.exceptions
+import jsonschema.validators
 
 from agentopd.types import Message, ToolCall
 
@@ -48,40 +51,80 @@ def _json_type(annotation: Any) -> dict[str, Any]:
     args = typing.get_args(annotation)
     if annotation in _PY_TO_JSON:
         return {"type": _PY_TO_JSON[annotation]}
+    if annotation is None or annotation is type(None):
+        return {"type": "null"}
     if origin is Literal:
-        return {"enum": list(args)}
+        kinds = {_PY_TO_JSON.get(type(a)) for a in args}
+        enum: dict[str, Any] = {"enum": list(args)}
+        return {"type": kinds.pop(), **enum} if len(kinds) == 1 and None not in kinds else enum
     if origin in (list, tuple) or annotation in (list, tuple):
         item = _json_type(args[0]) if args else {}
         return {"type": "array", "items": item} if item else {"type": "array"}
     if origin is dict or annotation is dict:
-        return {"type": "object"}
+        value = _json_type(args[1]) if len(args) == 2 else {}
+        return {"type": "object", "additionalProperties": value} if value else {"type": "object"}
     if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
+        nullable = len(non_none) < len(args)
         if len(non_none) == 1:
-            return _json_type(non_none[0])
-        return {"anyOf": [_json_type(a) for a in non_none]}
+            schema = _json_type(non_none[0])
+            if not nullable:
+                return schema
+            if set(schema) == {"type"} and isinstance(schema["type"], str):
+                return {"type": [schema["type"], "null"]}
+            return {"anyOf": [schema, {"type": "null"}]}
+        return {
+            "anyOf": [_json_type(a) for a in non_none] + ([{"type": "null"}] if nullable else [])
+        }
     if annotation is Any or annotation is inspect.Parameter.empty:
         return {}
-    raise TypeError(f"unsupported tool parameter type {annotation!r}; use str, int, float, bool, list, dict or Literal")
+    raise TypeError(
+        f"unsupported tool parameter type {annotation!r}; use str, int, float, bool, list, dict or Literal"
+    )
+
+
+_SECTION = re.compile(
+    r"^(Args|Arguments|Attributes|Examples?|Keyword Args|Keyword Arguments|Notes?|Raises|"
+    r"References|Returns|See Also|Todo|Warnings?|Yields):\s*$"
+)
+_ARG_LINE = re.compile(r"^(\*{0,2}\w+)\s*(\(.*?\))?\s*:\s*(.*)$")
 
 
 def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
-    """Google-style docstring -> (description, {arg: description})."""
-    doc = inspect.cleandoc(doc or "")
-    parts = re.split(r"^\s*(Args|Arguments|Returns|Raises):\s*$", doc, flags=re.M)
-    description = parts[0].strip()
+    """Google-style docstring -> (description, {arg: description}).
+
+    In an ``Args:`` section, a line indented like the first argument starts a new argument; a
+    line indented deeper continues the current one (so it may contain a colon).
+    """
+    lines = inspect.cleandoc(doc or "").splitlines()
+    description: list[str] = []
     params: dict[str, str] = {}
-    for i in range(1, len(parts) - 1, 2):
-        if parts[i] in ("Args", "Arguments"):
-            current = None
-            for line in parts[i + 1].splitlines():
-                m = re.match(r"^\s*(\w+)\s*(\(.*?\))?:\s*(.*)$", line)
-                if m:
-                    current = m.group(1)
-                    params[current] = m.group(3).strip()
-                elif current and line.strip():
-                    params[current] += " " + line.strip()
-    return description, params
+    section: str | None = None
+    arg_indent: int | None = None
+    current: str | None = None
+    for line in lines:
+        header = _SECTION.match(line)
+        if header:
+            section, arg_indent, current = header.group(1), None, None
+            continue
+        if section is None:
+            description.append(line)
+            continue
+        if (
+            section not in ("Args", "Arguments", "Keyword Args", "Keyword Arguments")
+            or not line.strip()
+        ):
+            continue
+        indent = len(line) - len(line.lstrip())
+        if arg_indent is None:
+            arg_indent = indent
+        m = _ARG_LINE.match(line.strip())
+        if indent <= arg_indent and m:
+            current = m.group(1).lstrip("*")
+            params[current] = m.group(3).strip()
+        elif current is not None:
+            params[current] = (params[current] + " " + line.strip()).strip()
+    return "\n".join(description).strip(), params
 
 
 @dataclass
@@ -102,7 +145,11 @@ class Tool:
         """OpenAI-style function schema, as passed to ``apply_chat_template(tools=...)``."""
         return {
             "type": "function",
-            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters,
+            },
         }
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -127,7 +174,9 @@ def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None) -> An
 def _make_tool(f: Callable[..., Any], name: str | None, skip_self: bool = False) -> Tool:
     description, arg_docs = _parse_docstring(f.__doc__ or "")
     if not description:
-        raise ValueError(f"tool {f.__name__!r} needs a docstring: the model reads it as the tool description")
+        raise ValueError(
+            f"tool {f.__name__!r} needs a docstring: the model reads it as the tool description"
+        )
     hints = typing.get_type_hints(f)
     props: dict[str, Any] = {}
     required: list[str] = []
@@ -142,7 +191,12 @@ def _make_tool(f: Callable[..., Any], name: str | None, skip_self: bool = False)
         props[pname] = prop
         if p.default is inspect.Parameter.empty:
             required.append(pname)
-    parameters = {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+    parameters = {
+        "type": "object",
+        "properties": props,
+        "required": required,
+        "additionalProperties": False,
+    }
     return Tool(name=name or f.__name__, fn=f, description=description, parameters=parameters)
 
 
@@ -158,6 +212,37 @@ class _ToolDescriptor:
             return self
         bound = types.MethodType(self.f, obj)
         return Tool(self.template.name, bound, self.template.description, self.template.parameters)
+
+
+def _validator(schema: dict[str, Any]) -> Any:
+    """A checked jsonschema validator; cached, since envs rebuild the same tools every episode."""
+    try:
+        key = json.dumps(schema, sort_keys=True)
+    except (TypeError, ValueError):
+        return _build_validator(schema)
+    return _cached_validator(key)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_validator(schema_json: str) -> Any:
+    return _build_validator(json.loads(schema_json))
+
+
+def _build_validator(schema: dict[str, Any]) -> Any:
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+class _ToolTimeout(Exception):
+    """Raised by :meth:`Toolset._run` only: distinct from a ``TimeoutError`` raised by the tool."""
+
+
+def _safe_str(x: Any) -> str:
+    try:
+        return str(x)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not crash the episode
+        return f"<unprintable {type(x).__name__}>"
 
 
 @dataclass
@@ -188,15 +273,18 @@ class Toolset:
     timeout_s: float | None = 30.0
     max_output_chars: int = 4000
     _by_name: dict[str, Tool] = field(init=False, repr=False)
+    _validators: dict[str, Any] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._by_name = {}
+        self._validators = {}
         for t in self.tools:
             if not isinstance(t, Tool):
                 raise TypeError(f"{t!r} is not a Tool; decorate it with @agentopd.tool")
             if t.name in self._by_name:
                 raise ValueError(f"duplicate tool name {t.name!r}")
             self._by_name[t.name] = t
+            self._validators[t.name] = _validator(t.parameters)
 
     @property
     def names(self) -> list[str]:
@@ -213,42 +301,77 @@ class Toolset:
         """Validate and run one call; never raises for anything the model did."""
 
         def fail(kind: str, text: str) -> ToolResult:
-            return ToolResult(self._message(call, f"Error ({kind}): {text}"), error=kind)
+            return ToolResult(
+                self._message(call, self._clip(f"Error ({kind}): {text}")[0]), error=kind
+            )
 
-        tool_ = self._by_name.get(call.name)
+        tool_ = self._by_name.get(call.name) if isinstance(call.name, str) else None
         if tool_ is None:
             near = difflib.get_close_matches(str(call.name), self.names, n=1)
             hint = f" Did you mean {near[0]!r}?" if near else ""
-            return fail("unknown_tool", f"no tool named {call.name!r}.{hint} Available tools: {', '.join(self.names)}.")
+            return fail(
+                "unknown_tool",
+                f"no tool named {_safe_str(call.name)!r}.{hint} Available tools: {', '.join(self.names)}.",
+            )
         if not isinstance(call.arguments, dict):
-            return fail("schema", f"arguments must be a JSON object, got {type(call.arguments).__name__}.")
-        try:
-            jsonschema.validate(call.arguments, tool_.parameters)
-        except jsonschema.ValidationError as e:
-            where = "/".join(str(p) for p in e.absolute_path) or "arguments"
-            return fail("schema", f"invalid arguments for {tool_.name!r} at {where}: {e.message}.")
+            return fail(
+                "schema", f"arguments must be a JSON object, got {type(call.arguments).__name__}."
+            )
+        error = jsonschema.exceptions.best_match(
+            self._validators[tool_.name].iter_errors(call.arguments)
+        )
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "arguments"
+            return fail(
+                "schema", f"invalid arguments for {tool_.name!r} at {where}: {error.message}."
+            )
         try:
             value = self._run(tool_, call.arguments)
-        except concurrent.futures.TimeoutError:
+        except _ToolTimeout:
             return fail("timeout", f"{tool_.name!r} did not finish within {self.timeout_s:g} s.")
-        except Exception as e:  # noqa: BLE001 - tool bugs are reported to the model
-            return fail("exception", f"{tool_.name!r} raised {type(e).__name__}: {e}")
-        text = value if isinstance(value, str) else json.dumps(value, default=str)
-        error = None
-        if len(text) > self.max_output_chars:
-            dropped = len(text) - self.max_output_chars
-            text = text[: self.max_output_chars] + TRUNCATION_MARKER.format(dropped=dropped)
-            error = "oversize"
-        return ToolResult(self._message(call, text), error=error, value=value)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - tool bugs are reported to the model
+            return fail("exception", f"{tool_.name!r} raised {type(e).__name__}: {_safe_str(e)}")
+        try:
+            text = (
+                value
+                if isinstance(value, str)
+                else json.dumps(value, default=str, ensure_ascii=False)
+            )
+        except (TypeError, ValueError, RecursionError):
+            text = _safe_str(value)
+        text, truncated = self._clip(text)
+        return ToolResult(
+            self._message(call, text), error="oversize" if truncated else None, value=value
+        )
+
+    def _clip(self, text: str) -> tuple[str, bool]:
+        if len(text) <= self.max_output_chars:
+            return text, False
+        dropped = len(text) - self.max_output_chars
+        return text[: self.max_output_chars] + TRUNCATION_MARKER.format(dropped=dropped), True
 
     def _run(self, tool_: Tool, arguments: dict[str, Any]) -> Any:
         if self.timeout_s is None:
             return tool_.fn(**arguments)
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        try:
-            return pool.submit(tool_.fn, **arguments).result(timeout=self.timeout_s)
-        finally:
-            pool.shutdown(wait=False)
+        # A daemon thread, not a ThreadPoolExecutor: the executor joins its workers at interpreter
+        # exit, so one tool that never returns would keep the whole process from exiting.
+        outcome: dict[str, Any] = {}
+        done = threading.Event()
+
+        def target() -> None:
+            try:
+                outcome["value"] = tool_.fn(**arguments)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                outcome["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=target, name=f"tool-{tool_.name}", daemon=True).start()
+        if not done.wait(self.timeout_s):
+            raise _ToolTimeout
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
     @staticmethod
     def _message(call: ToolCall, text: str) -> Message:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class StopReason(str, Enum):
+class StopReason(StrEnum):
     """Why an episode ended. Each value is counted in the metrics as ``stop/<value>``."""
 
     ANSWER = "answer"
@@ -69,7 +70,11 @@ class Message:
         d: dict[str, Any] = {"role": self.role, "content": self.content}
         if self.tool_calls:
             d["tool_calls"] = [
-                {"type": "function", "id": c.id, "function": {"name": c.name, "arguments": c.arguments}}
+                {
+                    "type": "function",
+                    "id": c.id,
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
                 for c in self.tool_calls
             ]
         if self.name is not None:
@@ -83,7 +88,9 @@ class Message:
         calls = []
         for c in d.get("tool_calls") or []:
             fn = c.get("function", c)
-            calls.append(ToolCall(name=fn["name"], arguments=fn.get("arguments", {}), id=c.get("id")))
+            calls.append(
+                ToolCall(name=fn["name"], arguments=fn.get("arguments", {}), id=c.get("id"))
+            )
         return cls(
             role=d["role"],
             content=d.get("content") or "",
@@ -150,12 +157,26 @@ class Segment:
     """Length of the initial prompt of this segment."""
 
     def append(self, tokens: list[int], logprobs: list[float] | None, sampled: bool) -> None:
-        """Append tokens; ``sampled`` sets their mask."""
-        self.tokens.extend(tokens)
-        self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(tokens))
-        self.mask.extend([1 if sampled else 0] * len(tokens))
+        """Append tokens; ``sampled`` sets their mask.
+
+        Raises:
+            ValueError: ``logprobs`` does not have one entry per token, or the segment is already
+                misaligned. The segment is left unchanged.
+        """
+        tokens = list(tokens)
+        logprobs = list(logprobs) if logprobs is not None else [0.0] * len(tokens)
+        if len(logprobs) != len(tokens):
+            raise ValueError(
+                f"got {len(tokens)} tokens but {len(logprobs)} logprobs; expected one logprob per token"
+            )
         if not (len(self.tokens) == len(self.logprobs) == len(self.mask)):
-            raise ValueError("tokens, logprobs and mask must have the same length")
+            raise ValueError(
+                f"segment is misaligned: {len(self.tokens)} tokens, {len(self.logprobs)} logprobs, "
+                f"{len(self.mask)} mask entries"
+            )
+        self.tokens.extend(tokens)
+        self.logprobs.extend(logprobs)
+        self.mask.extend([1 if sampled else 0] * len(tokens))
 
 
 @dataclass
@@ -225,8 +246,16 @@ class Episode:
         )
 
     def to_json(self) -> str:
-        """One JSON line. Non-finite floats are written as strings so the line stays valid JSON."""
-        return json.dumps(_encode_floats(self.to_dict()), ensure_ascii=False, allow_nan=False)
+        """One JSON line, valid JSON and UTF-8 encodable, with no line break under any convention.
+
+        Non-finite floats are written as ``{"__float__": "NaN" | "Infinity" | "-Infinity"}``; a
+        user dict that could be mistaken for such a marker is wrapped as ``{"__dict__": {...}}``.
+        Line and paragraph separators and lone surrogates are written as ``\\uXXXX`` escapes.
+        Limit: a high surrogate directly followed by a low one is read back as the combined
+        character (JSON cannot tell the two apart).
+        """
+        line = json.dumps(_encode_floats(self.to_dict()), ensure_ascii=False, allow_nan=False)
+        return _UNSAFE_IN_LINE.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
 
     @classmethod
     def from_json(cls, line: str) -> Episode:
@@ -234,13 +263,22 @@ class Episode:
 
 
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_FLOAT_KEY, _DICT_KEY = "__float__", "__dict__"
+# Characters json.dumps(ensure_ascii=False) leaves raw although str.splitlines() breaks on them
+# (NEL, LINE SEPARATOR, PARAGRAPH SEPARATOR) or UTF-8 cannot encode them (lone surrogates).
+_UNSAFE_IN_LINE = re.compile("[\x85\u2028\u2029\ud800-\udfff]")
+
+
+def _is_marker(x: dict[str, Any]) -> bool:
+    return len(x) == 1 and next(iter(x)) in (_FLOAT_KEY, _DICT_KEY)
 
 
 def _encode_floats(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
-        return {"__float__": "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")}
+        return {_FLOAT_KEY: "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")}
     if isinstance(x, dict):
-        return {k: _encode_floats(v) for k, v in x.items()}
+        encoded = {k: _encode_floats(v) for k, v in x.items()}
+        return {_DICT_KEY: encoded} if _is_marker(x) else encoded
     if isinstance(x, list | tuple):
         return [_encode_floats(v) for v in x]
     return x
@@ -248,8 +286,10 @@ def _encode_floats(x: Any) -> Any:
 
 def _decode_floats(x: Any) -> Any:
     if isinstance(x, dict):
-        if len(x) == 1 and "__float__" in x:
-            return _NONFINITE[x["__float__"]]
+        if _is_marker(x):
+            if _FLOAT_KEY in x:
+                return _NONFINITE[x[_FLOAT_KEY]]
+            return {k: _decode_floats(v) for k, v in x[_DICT_KEY].items()}
         return {k: _decode_floats(v) for k, v in x.items()}
     if isinstance(x, list):
         return [_decode_floats(v) for v in x]
