@@ -96,10 +96,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     renderer = Renderer(tok, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch)
     engine = HFEngine(model, renderer.eot_id, renderer.pad_id)
     report, episodes = evaluate(
-        cfg.env, dict(cfg.env_kwargs), engine, renderer, episodes=cfg.episodes, samples=cfg.samples,
-        temperature=cfg.temperature, rollout_config=rollout_config(cfg), seed=cfg.seed,
+        cfg.env,
+        dict(cfg.env_kwargs),
+        engine,
+        renderer,
+        episodes=cfg.episodes,
+        samples=cfg.samples,
+        temperature=cfg.temperature,
+        rollout_config=rollout_config(cfg),
+        seed=cfg.seed,
     )
-    table = Table(title=f"eval {cfg.model} on {cfg.env} ({report['tasks']} held-out tasks × {cfg.samples})")
+    table = Table(
+        title=f"eval {cfg.model} on {cfg.env} ({report['tasks']} held-out tasks × {cfg.samples})"
+    )
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("success", f"{report['success']:.1%}")
@@ -142,7 +151,9 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
     for col in ("name", "kind", "params", "built", "path"):
         table.add_column(col)
     for row in zoo.list_models():
-        table.add_row(row.name, row.kind, f"{row.params:,}", "yes" if row.built else "no", str(row.path or ""))
+        table.add_row(
+            row.name, row.kind, f"{row.params:,}", "yes" if row.built else "no", str(row.path or "")
+        )
     console.print(table)
     return 0
 
@@ -180,11 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
         ("diagnose", cmd_diagnose, "teacher/student compatibility check"),
         ("collect", cmd_collect, "collect successful teacher episodes"),
     ):
-        s = sub.add_parser(name, help=text, description=f"{text}. Options are key=value overrides (see configs/{name}.yaml).")
+        s = sub.add_parser(
+            name,
+            help=text,
+            description=f"{text}. Options are key=value overrides (see configs/{name}.yaml).",
+        )
         s.add_argument("overrides", nargs="*", metavar="key=value")
         s.set_defaults(func=fn)
 
-    z = sub.add_parser("zoo", help="built-in tiny models").add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
+    z = sub.add_parser("zoo", help="built-in tiny models").add_subparsers(
+        dest="zoo_command", metavar="ZOO_COMMAND"
+    )
     z.required = True
     z.add_parser("list", help="list presets and built artifacts").set_defaults(func=cmd_zoo_list)
     b = z.add_parser("build", help="build (train) a zoo artifact, e.g. tiny-teacher-lookup-chain")

@@ -24,7 +24,12 @@ from agentopd.types import Episode
 
 def collect(cfg: DictConfig, console: Console | None = None) -> list[Episode]:
     console = console or Console()
-    jobs = [EpisodeJob(cfg.env, seed=cfg.seed + i, options={"split": "train"}, env_kwargs=dict(cfg.env_kwargs)) for i in range(cfg.episodes)]
+    jobs = [
+        EpisodeJob(
+            cfg.env, seed=cfg.seed + i, options={"split": "train"}, env_kwargs=dict(cfg.env_kwargs)
+        )
+        for i in range(cfg.episodes)
+    ]
     tok = zoo.load_tokenizer() if cfg.model == "expert" else None
     with console.status(f"collecting {cfg.episodes} episodes of {cfg.model} on {cfg.env}"):
         if cfg.model == "expert":
@@ -34,8 +39,12 @@ def collect(cfg: DictConfig, console: Console | None = None) -> list[Episode]:
             model.to(resolve_device(cfg.device, cfg.cpu_threads))
             renderer = Renderer(tok, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch)
             engine = HFEngine(model, renderer.eot_id, renderer.pad_id)
-            episodes = run_episodes(jobs, engine, renderer, rollout_config(cfg, cfg.temperature), seed=cfg.seed)
+            episodes = run_episodes(
+                jobs, engine, renderer, rollout_config(cfg, cfg.temperature), seed=cfg.seed
+            )
     kept = [e for e in episodes if e.success or not cfg.only_successful]
     atomic_write_text(Path(cfg.output), "".join(e.to_json() + "\n" for e in kept))
-    console.print(f"kept {len(kept)}/{len(episodes)} episodes ({sum(e.success for e in episodes)} successful) → {cfg.output}")
+    console.print(
+        f"kept {len(kept)}/{len(episodes)} episodes ({sum(e.success for e in episodes)} successful) → {cfg.output}"
+    )
     return kept

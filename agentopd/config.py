@@ -222,13 +222,17 @@ def compose(command: str, overrides: list[str] | None = None) -> DictConfig:
             near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
             hint = f" Did you mean {near[0]!r}?" if near else ""
             top = ", ".join(k for k in valid if "." not in k)
-            raise ConfigError(f"unknown config key {key!r} for `agentopd {command}`.{hint} Valid top-level keys: {top}.")
+            raise ConfigError(
+                f"unknown config key {key!r} for `agentopd {command}`.{hint} Valid top-level keys: {top}."
+            )
         try:
             parsed = OmegaConf.from_dotlist([f"{key}={value}"])
             cfg = OmegaConf.merge(cfg, parsed)
         except OmegaConfBaseException as e:
             expected = _expected_type(command, key)
-            raise ConfigError(f"bad value {value!r} for {key!r}: expected {expected}. ({e.msg if hasattr(e, 'msg') else e})") from None
+            raise ConfigError(
+                f"bad value {value!r} for {key!r}: expected {expected}. ({e.msg if hasattr(e, 'msg') else e})"
+            ) from None
     validate_names(cfg)
     return cfg
 
@@ -264,7 +268,9 @@ def validate_names(cfg: DictConfig) -> None:
         if cfg.loss not in LOSSES:
             near = difflib.get_close_matches(cfg.loss, list(LOSSES), n=1)
             hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(f"unknown loss {cfg.loss!r}.{hint} Valid losses: {', '.join(LOSSES)}.")
+            raise ConfigError(
+                f"unknown loss {cfg.loss!r}.{hint} Valid losses: {', '.join(LOSSES)}."
+            )
     choices = {
         "rollout.on_prefix_mismatch": ("error", "new-segment"),
         "loss_cfg.agg": ("token-mean", "seq-mean-token-mean"),
@@ -276,4 +282,6 @@ def validate_names(cfg: DictConfig) -> None:
         if value is not None and value not in allowed:
             near = difflib.get_close_matches(str(value), allowed, n=1)
             hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(f"bad value {value!r} for {key!r}.{hint} Expected one of: {', '.join(allowed)}.")
+            raise ConfigError(
+                f"bad value {value!r} for {key!r}.{hint} Expected one of: {', '.join(allowed)}."
+            )

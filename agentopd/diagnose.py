@@ -40,11 +40,25 @@ def diagnose(cfg: DictConfig, console: Console | None = None) -> dict[str, float
     teacher_model.to(device)
     renderer = Renderer(tok, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch)
     engine = HFEngine(student, renderer.eot_id, renderer.pad_id)
-    jobs = [EpisodeJob(cfg.env, seed=cfg.seed + i, options={"split": "train"}, env_kwargs=dict(cfg.env_kwargs)) for i in range(cfg.episodes)]
+    jobs = [
+        EpisodeJob(
+            cfg.env, seed=cfg.seed + i, options={"split": "train"}, env_kwargs=dict(cfg.env_kwargs)
+        )
+        for i in range(cfg.episodes)
+    ]
     with console.status(f"rolling out {cfg.episodes} student episodes on {cfg.env}"):
         episodes = run_episodes(jobs, engine, renderer, rollout_config(cfg), seed=cfg.seed)
     t = cfg.teacher_cfg
-    teacher = Teacher(teacher_model, Renderer(teacher_tok), TeacherConfig(topk=t.topk, system_prompt=t.system_prompt, privileged=t.privileged, batch_size=t.batch_size))
+    teacher = Teacher(
+        teacher_model,
+        Renderer(teacher_tok),
+        TeacherConfig(
+            topk=t.topk,
+            system_prompt=t.system_prompt,
+            privileged=t.privileged,
+            batch_size=t.batch_size,
+        ),
+    )
     with console.status("scoring with the teacher"):
         teacher.score(episodes)
     learner = Learner(student, LearnerConfig(topk=t.topk), pad_id=renderer.pad_id)
@@ -52,7 +66,9 @@ def diagnose(cfg: DictConfig, console: Console | None = None) -> dict[str, float
 
     from agentopd.diagnostics import verdict
 
-    table = Table(title=f"diagnose: student {student_name(cfg)} vs teacher {teacher_name(cfg)} on {cfg.env}")
+    table = Table(
+        title=f"diagnose: student {student_name(cfg)} vs teacher {teacher_name(cfg)} on {cfg.env}"
+    )
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in sorted(metrics):
@@ -60,7 +76,9 @@ def diagnose(cfg: DictConfig, console: Console | None = None) -> dict[str, float
             continue
         table.add_row(key, f"{metrics[key]:.4f}")
     console.print(table)
-    per_turn = sorted((int(k.rsplit("/", 1)[1]), v) for k, v in metrics.items() if k.startswith("diag/kl_turn/"))
+    per_turn = sorted(
+        (int(k.rsplit("/", 1)[1]), v) for k, v in metrics.items() if k.startswith("diag/kl_turn/")
+    )
     if per_turn:
         tt = Table(title="teacher KL (sampled-token estimate) per turn index")
         tt.add_column("turn", justify="right")
@@ -70,5 +88,7 @@ def diagnose(cfg: DictConfig, console: Console | None = None) -> dict[str, float
         for turn, v in per_turn:
             tt.add_row(str(turn), f"{v:.4f}", "█" * max(1, int(30 * abs(v) / top)))
         console.print(tt)
-    console.print(f"[bold]verdict:[/] {verdict({k.removeprefix('diag/'): v for k, v in metrics.items()})}")
+    console.print(
+        f"[bold]verdict:[/] {verdict({k.removeprefix('diag/'): v for k, v in metrics.items()})}"
+    )
     return metrics

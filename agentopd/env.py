@@ -208,7 +208,9 @@ class Env(gymnasium.Env):
         return format_tool_call(self.answer_tool or "submit", {"answer": str(answer)})
 
     # ---------------------------------------------------------------- gymnasium API
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[list[Message], dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[list[Message], dict[str, Any]]:
         super().reset(seed=seed)
         options = dict(options or {})
         self.close_episode()
@@ -219,13 +221,17 @@ class Env(gymnasium.Env):
         elif split_tag:
             rng = np.random.default_rng(int(self.np_random.integers(2**62)) + EVAL_SEED_OFFSET)
         if "task_index" in options:
+            if int(options["task_index"]) < 0:
+                raise ValueError(f"options['task_index'] must be >= 0, got {options['task_index']}")
             # A distinct stream from plain seeds: [index, tag, split] never equals default_rng(index).
             rng = np.random.default_rng([int(options["task_index"]), 0x7A5C, split_tag])
         self.task = self.new_task(rng, options)
         tools = list(self.build_tools(self.task))
         if self.answer_tool:
             tools.append(self._make_submit_tool())
-        self.toolset = Toolset(tools, timeout_s=self.tool_timeout_s, max_output_chars=self.max_output_chars)
+        self.toolset = Toolset(
+            tools, timeout_s=self.tool_timeout_s, max_output_chars=self.max_output_chars
+        )
         self.action_space = AssistantTextSpace(self.toolset.names)
         self.action_space.seed(seed)
         self._horizon = int(options.get("max_turns", self.task.max_turns or self.max_turns))
@@ -238,9 +244,12 @@ class Env(gymnasium.Env):
         self.messages.append(Message(role="user", content=self.task.prompt))
         replay = list(options.get("replay") or [])
         for action in replay:
-            if self.answer is not None:
-                break
             self._apply(action)
+            if self.answer is not None or self.turn >= self._horizon:
+                raise ValueError(
+                    f"options['replay'] ended the episode after {self.turn} of {len(replay)} actions; "
+                    "a replayed prefix must leave at least one turn for the policy"
+                )
         info = {
             "tools": self.toolset.schemas,
             "task": self.task.public(),
@@ -251,7 +260,9 @@ class Env(gymnasium.Env):
         }
         return list(self.messages), info
 
-    def step(self, action: str | Message) -> tuple[list[Message], float, bool, bool, dict[str, Any]]:
+    def step(
+        self, action: str | Message
+    ) -> tuple[list[Message], float, bool, bool, dict[str, Any]]:
         if self.task is None or self.toolset is None:
             raise RuntimeError("call reset() before step()")
         if self.answer is not None or self.turn >= self._horizon:
@@ -289,7 +300,13 @@ class Env(gymnasium.Env):
         errors: list[str] = []
         if parsed.error is not None:
             errors.append("parse")
-            new.append(Message(role="tool", name="error", content=f"Error (parse): {parsed.error}. The turn's tool calls were not run."))
+            new.append(
+                Message(
+                    role="tool",
+                    name="error",
+                    content=f"Error (parse): {parsed.error.rstrip('.')}. The turn's tool calls were not run.",
+                )
+            )
         elif not parsed.tool_calls:
             # A plain-text reply is the final answer.
             self.answer = parsed.content

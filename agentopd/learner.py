@@ -48,7 +48,9 @@ def segments_of(episodes: list[Episode]) -> list[tuple[Episode, int]]:
     return [(ep, s) for ep in episodes for s, seg in enumerate(ep.segments) if any(seg.mask)]
 
 
-def make_batch(items: list[tuple[Episode, int]], pad_id: int, topk: int, with_teacher: bool) -> Batch:
+def make_batch(
+    items: list[tuple[Episode, int]], pad_id: int, topk: int, with_teacher: bool
+) -> Batch:
     """Pad segments into a :class:`Batch`. With ``with_teacher``, episodes must be scored."""
     T = max(len(ep.segments[s].tokens) for ep, s in items)
     B, S = len(items), T - 1
@@ -71,10 +73,14 @@ def make_batch(items: list[tuple[Episode, int]], pad_id: int, topk: int, with_te
                 turn[b, max(tr.start - 1, 0) : tr.end - 1] = tr.index
         if with_teacher:
             if not ep.teacher or ep.teacher[s] is None:
-                raise ValueError(f"episode {ep.task_id} segment {s} has no teacher scores; run teacher.score first")
+                raise ValueError(
+                    f"episode {ep.task_id} segment {s} has no teacher scores; run teacher.score first"
+                )
             sc = ep.teacher[s]
             if sc["positions"] != [t for t, m in enumerate(seg.mask) if m]:
-                raise ValueError(f"teacher scores of episode {ep.task_id} do not match its mask (stale scores?)")
+                raise ValueError(
+                    f"teacher scores of episode {ep.task_id} do not match its mask (stale scores?)"
+                )
             if sc["positions"]:
                 pos = torch.tensor(sc["positions"]) - 1
                 t_lp[b, pos] = torch.tensor(sc["logprobs"])
@@ -126,7 +132,10 @@ class Learner:
         self.pad_id = pad_id
         self.device = next(model.parameters()).device
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay
+            model.parameters(),
+            lr=config.lr,
+            betas=(config.beta1, config.beta2),
+            weight_decay=config.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
@@ -141,12 +150,18 @@ class Learner:
             return max(0.0, 1.0 - progress)
         return 1.0
 
-    def _student(self, batch: Batch, support: torch.Tensor | None, want_topk: bool) -> losses.TokenLogprobs:
+    def _student(
+        self, batch: Batch, support: torch.Tensor | None, want_topk: bool
+    ) -> losses.TokenLogprobs:
         base = self.model.base_model
         head = self.model.get_output_embeddings()
         ids = batch.input_ids_B_T.to(self.device)
         attn = batch.attention_B_T.to(self.device)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda"
+            else torch.autocast("cpu", enabled=False)
+        )
         with autocast:
             hidden = base(input_ids=ids, attention_mask=attn).last_hidden_state
         return losses.chunked_token_logprobs(
@@ -184,16 +199,26 @@ class Learner:
                 loss, metrics = losses.sft_nll(st.logprobs_B_T, mask, c.agg)
             else:
                 if c.entropy_top_frac < 1.0:
-                    mask = losses.select_entropy_top_frac(st.entropy_B_T.detach(), mask, c.entropy_top_frac)
+                    mask = losses.select_entropy_top_frac(
+                        st.entropy_B_T.detach(), mask, c.entropy_top_frac
+                    )
                 if c.overlap_only:
-                    mask = losses.select_overlap_only(st.topk_ids_B_T_K, batch.teacher_ids_B_S_K.to(self.device), mask)
+                    mask = losses.select_overlap_only(
+                        st.topk_ids_B_T_K, batch.teacher_ids_B_S_K.to(self.device), mask
+                    )
                 loss, metrics = self._opd_loss(st, batch, mask)
                 diag_rows.append(_diag_row(batch, st))
-            weight = batch.tokens / max(1, total_tokens) if c.agg == "token-mean" else batch.sequences / max(1, total_seqs)
+            weight = (
+                batch.tokens / max(1, total_tokens)
+                if c.agg == "token-mean"
+                else batch.sequences / max(1, total_seqs)
+            )
             (loss * weight).backward()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * (weight if k != "tokens" else 1.0)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf")
+        )
         self.optimizer.step()
         self.scheduler.step()
         out = {f"learner/{k}": v for k, v in sums.items()}
@@ -220,13 +245,22 @@ class Learner:
         """One SFT update (cold start, demonstration batches): NLL on mask-1 tokens."""
         return self.step(episodes, mode="sft")
 
-    def _opd_loss(self, st: losses.TokenLogprobs, batch: Batch, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def _opd_loss(
+        self, st: losses.TokenLogprobs, batch: Batch, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
         t_lp = batch.teacher_lp_B_S.to(self.device)
         if c.loss == "rkl-sampled":
             # On-policy, one update per batch: the sampling policy equals the current weights, so
             # p_old is the current log-prob without gradient (ratio 1, gradient of the surrogate).
-            return losses.rkl_sampled(st.logprobs_B_T, st.logprobs_B_T.detach(), t_lp, mask, clip_eps=c.clip_eps, agg=c.agg)
+            return losses.rkl_sampled(
+                st.logprobs_B_T,
+                st.logprobs_B_T.detach(),
+                t_lp,
+                mask,
+                clip_eps=c.clip_eps,
+                agg=c.agg,
+            )
         s_sup = st.support_logprobs_B_T_K
         t_sup = batch.teacher_topk_lp_B_S_K.to(self.device)
         if c.loss == "jsd":

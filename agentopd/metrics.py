@@ -70,7 +70,9 @@ def eval_report(episodes: list[Episode], samples: int = 1) -> dict[str, Any]:
         "stop_reasons": dict(Counter(e.stop_reason.value for e in episodes)),
     }
     for k in range(1, samples + 1):
-        vals = [pass_at_k(len(v), sum(x.success for x in v), k) for v in by_task.values() if len(v) >= k]
+        vals = [
+            pass_at_k(len(v), sum(x.success for x in v), k) for v in by_task.values() if len(v) >= k
+        ]
         report[f"pass@{k}"] = sum(vals) / max(1, len(vals))
     return report
 

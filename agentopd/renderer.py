@@ -72,7 +72,9 @@ class Renderer:
         end_of_turn: str | None = None,
     ):
         if on_prefix_mismatch not in ("error", "new-segment"):
-            raise ValueError(f"on_prefix_mismatch must be 'error' or 'new-segment', got {on_prefix_mismatch!r}")
+            raise ValueError(
+                f"on_prefix_mismatch must be 'error' or 'new-segment', got {on_prefix_mismatch!r}"
+            )
         self.tokenizer = tokenizer
         self.on_prefix_mismatch = on_prefix_mismatch
         self.chat_template = chat_template
@@ -83,7 +85,13 @@ class Renderer:
         self.eot_id = tokenizer.convert_tokens_to_ids(eot)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_id
 
-    def render(self, messages: list[Message], tools: list[dict[str, Any]] | None, *, add_generation_prompt: bool) -> str:
+    def render(
+        self,
+        messages: list[Message],
+        tools: list[dict[str, Any]] | None,
+        *,
+        add_generation_prompt: bool,
+    ) -> str:
         """The chat template applied to ``messages`` as text."""
         kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": add_generation_prompt}
         if tools:
@@ -97,7 +105,9 @@ class Renderer:
 
     def decode(self, tokens: list[int]) -> str:
         """Decode for display and prefix checks (special tokens kept)."""
-        return self.tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(
+            tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
 
     def strip_eot(self, tokens: list[int]) -> tuple[list[int], bool]:
         """Split off a trailing end-of-turn token; returns (content tokens, ended)."""
@@ -105,7 +115,9 @@ class Renderer:
             return tokens[:-1], True
         return tokens, False
 
-    def initial_prompt(self, messages: list[Message], tools: list[dict[str, Any]] | None) -> tuple[list[int], str]:
+    def initial_prompt(
+        self, messages: list[Message], tools: list[dict[str, Any]] | None
+    ) -> tuple[list[int], str]:
         """Tokens (and text) of the first prompt, ending with the generation prompt."""
         text = self.render(messages, tools, add_generation_prompt=True)
         return self.encode(text), text
@@ -132,12 +144,14 @@ class Renderer:
         where = _first_difference(full, stream_text)
         detail = (
             f"the chat template does not preserve the token stream's prefix (first difference at "
-            f"character {where}: stream has {stream_text[where:where + 40]!r}, template renders "
-            f"{full[where:where + 40]!r}). Templates that rewrite history (e.g. strip earlier reasoning) "
+            f"character {where}: stream has {stream_text[where : where + 40]!r}, template renders "
+            f"{full[where : where + 40]!r}). Templates that rewrite history (e.g. strip earlier reasoning) "
             "break token-exact training data."
         )
         if self.on_prefix_mismatch == "error":
-            raise PrefixMismatchError(detail + " Set renderer.on_prefix_mismatch=new-segment to re-render instead.")
+            raise PrefixMismatchError(
+                detail + " Set renderer.on_prefix_mismatch=new-segment to re-render instead."
+            )
         return Bridge(self.encode(full), new_segment=True, text=full)
 
 

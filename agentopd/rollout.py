@@ -88,7 +88,9 @@ def run_episodes(
     return _play(jobs, policy, renderer, cfg)
 
 
-def expert_episodes(jobs: list[EpisodeJob], renderer: Renderer, config: RolloutConfig | None = None) -> list[Episode]:
+def expert_episodes(
+    jobs: list[EpisodeJob], renderer: Renderer, config: RolloutConfig | None = None
+) -> list[Episode]:
     """Play ``jobs`` with each env's scripted expert (mask 1 on the expert's tokens)."""
     cfg = config or RolloutConfig(max_new_tokens=10_000, max_episode_tokens=100_000)
 
@@ -103,7 +105,9 @@ def expert_episodes(jobs: list[EpisodeJob], renderer: Renderer, config: RolloutC
     return _play(jobs, policy, renderer, cfg)
 
 
-def expert_episode(env: Env, renderer: Renderer, seed: int, options: dict[str, Any] | None = None) -> Episode:
+def expert_episode(
+    env: Env, renderer: Renderer, seed: int, options: dict[str, Any] | None = None
+) -> Episode:
     """One expert episode on an already-built env (convenience for tests and bootstrapping)."""
     name = getattr(env, "spec_name", type(env).__name__)
     lv = _start_with(env, EpisodeJob(name, seed, dict(options or {})), renderer)
@@ -144,7 +148,9 @@ def _start_with(env: Env, job: EpisodeJob, renderer: Renderer) -> _Live:
     return _Live(env=env, episode=ep, tools=tools, stream_text=text)
 
 
-def _play(jobs: list[EpisodeJob], policy: Policy, renderer: Renderer, cfg: RolloutConfig) -> list[Episode]:
+def _play(
+    jobs: list[EpisodeJob], policy: Policy, renderer: Renderer, cfg: RolloutConfig
+) -> list[Episode]:
     lives = []
     try:
         for job in jobs:
@@ -164,7 +170,9 @@ def _close(lv: _Live) -> None:
         pass
 
 
-def _loop(lives: list[_Live], policy: Policy, renderer: Renderer, cfg: RolloutConfig, close: bool) -> None:
+def _loop(
+    lives: list[_Live], policy: Policy, renderer: Renderer, cfg: RolloutConfig, close: bool
+) -> None:
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, cfg.tool_workers)) as pool:
         while True:
             active = [lv for lv in lives if not lv.done]

@@ -89,9 +89,13 @@ class RunDir:
         p = self.file(name)
         if not p.exists():
             return []
-        return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [
+            json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
 
-    def save_checkpoint(self, step: int, write_payload: Any, state: dict[str, Any], keep: int = 2) -> Path:
+    def save_checkpoint(
+        self, step: int, write_payload: Any, state: dict[str, Any], keep: int = 2
+    ) -> Path:
         """Save a checkpoint atomically.
 
         Args:
@@ -114,7 +118,9 @@ class RunDir:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        atomic_write_text(self.checkpoints / "latest.json", json.dumps({"step": step, "path": final.name}))
+        atomic_write_text(
+            self.checkpoints / "latest.json", json.dumps({"step": step, "path": final.name})
+        )
         old = sorted(p for p in self.checkpoints.glob("step_*") if p.is_dir())
         for p in old[:-keep]:
             shutil.rmtree(p, ignore_errors=True)

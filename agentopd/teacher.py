@@ -80,7 +80,9 @@ class Teacher:
             return None
         n = int(episode.info.get("n_prompt_messages", 0))
         if n <= 0:
-            raise ValueError("episode lacks info['n_prompt_messages']; it was not produced by agentopd.rollout")
+            raise ValueError(
+                "episode lacks info['n_prompt_messages']; it was not produced by agentopd.rollout"
+            )
         msgs = [Message(**vars(m)) for m in episode.messages[:n]]
         system = cfg.system_prompt
         if msgs and msgs[0].role == "system":
@@ -137,13 +139,21 @@ class Teacher:
             attn[b, : len(toks)] = 1
         was_training = self.model.training
         self.model.eval()
-        logits_B_T_V = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
+        logits_B_T_V = self.model(
+            input_ids=ids.to(self.device), attention_mask=attn.to(self.device)
+        ).logits
         if was_training:
             self.model.train()
         k = self.config.topk
         for b, (ep, s, toks, positions, shift) in enumerate(items):
             if not positions:
-                ep.teacher[s] = {"positions": [], "logprobs": [], "topk_ids": [], "topk_logprobs": [], "entropy": []}
+                ep.teacher[s] = {
+                    "positions": [],
+                    "logprobs": [],
+                    "topk_ids": [],
+                    "topk_logprobs": [],
+                    "entropy": [],
+                }
                 continue
             # The distribution over token t lives at position t - 1 (next-token prediction).
             pos = torch.tensor([p + shift - 1 for p in positions], device=logits_B_T_V.device)

@@ -76,7 +76,11 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -109,12 +113,17 @@ class Trainer:
         self.device = resolve_device(cfg.device, cfg.cpu_threads)
         self.run_dir = RunDir(cfg.runs_dir, _new_run_name(cfg))
         self.run_dir.write_config(OmegaConf.to_yaml(cfg))
-        self.console.print(f"[bold]run[/] {self.run_dir.path}  env={cfg.env} loss={cfg.loss} device={self.device}")
+        self.console.print(
+            f"[bold]run[/] {self.run_dir.path}  env={cfg.env} loss={cfg.loss} device={self.device}"
+        )
 
         # ------------------------------------------------------------------ models
         name = student_name(cfg)
         if name in zoo.PRESETS:
-            self.student, self.tokenizer = zoo.build_model(name, seed=cfg.seed), zoo.load_tokenizer()
+            self.student, self.tokenizer = (
+                zoo.build_model(name, seed=cfg.seed),
+                zoo.load_tokenizer(),
+            )
         else:
             self.student, self.tokenizer = zoo.load(name, progress=True)
         self.teacher_model, teacher_tok = zoo.load(teacher_name(cfg), progress=True)
@@ -129,22 +138,44 @@ class Trainer:
         self.teacher = Teacher(
             self.teacher_model,
             Renderer(teacher_tok, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch),
-            TeacherConfig(topk=t.topk, system_prompt=t.system_prompt, privileged=t.privileged, batch_size=t.batch_size),
+            TeacherConfig(
+                topk=t.topk,
+                system_prompt=t.system_prompt,
+                privileged=t.privileged,
+                batch_size=t.batch_size,
+            ),
         )
         o, lc = cfg.optim, cfg.loss_cfg
         self.learner = Learner(
             self.student,
             LearnerConfig(
-                lr=o.lr, weight_decay=o.weight_decay, beta1=o.beta1, beta2=o.beta2, grad_clip=o.grad_clip,
-                warmup_steps=o.warmup_steps, schedule=o.schedule, total_steps=cfg.steps, micro_batch=o.micro_batch,
-                loss=cfg.loss, clip_eps=lc.clip_eps, tail=lc.tail, beta=lc.beta, agg=lc.agg,
-                entropy_top_frac=lc.entropy_top_frac, overlap_only=lc.overlap_only, chunk_size=lc.chunk_size,
+                lr=o.lr,
+                weight_decay=o.weight_decay,
+                beta1=o.beta1,
+                beta2=o.beta2,
+                grad_clip=o.grad_clip,
+                warmup_steps=o.warmup_steps,
+                schedule=o.schedule,
+                total_steps=cfg.steps,
+                micro_batch=o.micro_batch,
+                loss=cfg.loss,
+                clip_eps=lc.clip_eps,
+                tail=lc.tail,
+                beta=lc.beta,
+                agg=lc.agg,
+                entropy_top_frac=lc.entropy_top_frac,
+                overlap_only=lc.overlap_only,
+                chunk_size=lc.chunk_size,
                 topk=t.topk,
             ),
             pad_id=self.renderer.pad_id,
         )
         self.curriculum = registry.curricula.make(
-            cfg.curriculum, env=cfg.env, env_kwargs=dict(cfg.env_kwargs), seed=cfg.seed, **dict(cfg.curriculum_kwargs)
+            cfg.curriculum,
+            env=cfg.env,
+            env_kwargs=dict(cfg.env_kwargs),
+            seed=cfg.seed,
+            **dict(cfg.curriculum_kwargs),
         )
         self.start_step = 0
         self.cold_start_done = False
@@ -158,7 +189,9 @@ class Trainer:
         def payload(d: Path) -> None:
             self.student.save_pretrained(d / "model")
             self.tokenizer.save_pretrained(d / "model")
-            torch.save({"learner": self.learner.state_dict(), "rng": _rng_state()}, d / "trainer.pt")
+            torch.save(
+                {"learner": self.learner.state_dict(), "rng": _rng_state()}, d / "trainer.pt"
+            )
 
         state = {
             "curriculum": self.curriculum.state_dict(),
@@ -180,7 +213,9 @@ class Trainer:
         self.teacher_tokens = int(state.get("teacher_tokens", 0))
         self.start_step = int(state["step"]) + 1
         self.run_dir.truncate_logs(state["log_sizes"])
-        self.console.print(f"[yellow]resumed[/] from {path.name}: continuing at step {self.start_step}")
+        self.console.print(
+            f"[yellow]resumed[/] from {path.name}: continuing at step {self.start_step}"
+        )
 
     # ---------------------------------------------------------------------- phases
     def log(self, row: dict[str, Any]) -> None:
@@ -189,17 +224,41 @@ class Trainer:
     def evaluate(self, tag: str, step: int) -> float:
         e = self.cfg.eval
         report, _ = evaluate(
-            self.cfg.env, dict(self.cfg.env_kwargs), self.engine, self.renderer,
-            episodes=e.episodes, samples=e.pass_k, temperature=e.temperature,
-            rollout_config=rollout_config(self.cfg), seed=10_000 + self.cfg.seed,
+            self.cfg.env,
+            dict(self.cfg.env_kwargs),
+            self.engine,
+            self.renderer,
+            episodes=e.episodes,
+            samples=e.pass_k,
+            temperature=e.temperature,
+            rollout_config=rollout_config(self.cfg),
+            seed=10_000 + self.cfg.seed,
         )
-        self.log({"phase": "eval", "tag": tag, "step": step, "teacher_tokens": self.teacher_tokens, **{f"eval/{k}": v for k, v in report.items()}})
-        self.console.print(f"[bold]{tag}[/]: held-out success {report['success']:.1%} ({report['tasks']} tasks, mean turns {report['mean_turns']:.2f})")
+        self.log(
+            {
+                "phase": "eval",
+                "tag": tag,
+                "step": step,
+                "teacher_tokens": self.teacher_tokens,
+                **{f"eval/{k}": v for k, v in report.items()},
+            }
+        )
+        self.console.print(
+            f"[bold]{tag}[/]: held-out success {report['success']:.1%} ({report['tasks']} tasks, mean turns {report['mean_turns']:.2f})"
+        )
         return float(report["success"])
 
     def demonstrations(self, n: int, seed: int) -> list[Episode]:
         """Successful expert episodes (teacher demonstrations) for SFT."""
-        jobs = [EpisodeJob(self.cfg.env, seed=seed + i, options={"split": "train"}, env_kwargs=dict(self.cfg.env_kwargs)) for i in range(n)]
+        jobs = [
+            EpisodeJob(
+                self.cfg.env,
+                seed=seed + i,
+                options={"split": "train"},
+                env_kwargs=dict(self.cfg.env_kwargs),
+            )
+            for i in range(n)
+        ]
         return [ep for ep in expert_episodes(jobs, self.renderer) if ep.success]
 
     def cold_start(self) -> None:
@@ -235,11 +294,18 @@ class Trainer:
         temp = cfg.rollout.temperature
         if cfg.temperature_end is not None and cfg.steps > 1:
             temp = temp + (cfg.temperature_end - temp) * step / (cfg.steps - 1)
-        row: dict[str, Any] = {"phase": "train", "step": step, "temperature": temp, **self.curriculum.describe(step)}
+        row: dict[str, Any] = {
+            "phase": "train",
+            "step": step,
+            "temperature": temp,
+            **self.curriculum.describe(step),
+        }
         step_rng = random.Random(cfg.seed * 7919 + step)
         jobs = self.curriculum.jobs(step, cfg.episodes_per_step)
         if step_rng.random() >= cfg.gkd_lambda:
-            demos = self.demonstrations(cfg.episodes_per_step, seed=8_000_000 + step * cfg.episodes_per_step)
+            demos = self.demonstrations(
+                cfg.episodes_per_step, seed=8_000_000 + step * cfg.episodes_per_step
+            )
             row.update(self.learner.step_sft(demos))
             row["batch"] = "demonstration"
             self.teacher_tokens += sum(e.num_sampled_tokens for e in demos)
@@ -248,7 +314,10 @@ class Trainer:
         t0 = time.perf_counter()
         episodes = run_episodes(
             [EpisodeJob(cfg.env, j.seed, j.options, dict(cfg.env_kwargs)) for j in jobs],
-            self.engine, self.renderer, rollout_config(cfg, temp), seed=cfg.seed * 100_003 + step,
+            self.engine,
+            self.renderer,
+            rollout_config(cfg, temp),
+            seed=cfg.seed * 100_003 + step,
         )
         t1 = time.perf_counter()
         self.teacher.score(episodes)
@@ -260,20 +329,32 @@ class Trainer:
         scored = sum(len(s.tokens) for e in episodes for s in e.segments)
         self.teacher_tokens += sampled
         row.update(episode_summary(episodes))
-        row.update({
-            "throughput/rollout_tok_s": sampled / max(t1 - t0, 1e-9),
-            "throughput/teacher_tok_s": scored / max(t2 - t1, 1e-9),
-            "throughput/learner_tok_s": scored / max(t3 - t2, 1e-9),
-            "time/rollout_s": t1 - t0, "time/teacher_s": t2 - t1, "time/learner_s": t3 - t2,
-            "teacher_tokens": self.teacher_tokens,
-        })
-        self.run_dir.append_jsonl("episodes.jsonl", [json.dumps({"step": step, **json.loads(e.to_json())}) for e in episodes])
+        row.update(
+            {
+                "throughput/rollout_tok_s": sampled / max(t1 - t0, 1e-9),
+                "throughput/teacher_tok_s": scored / max(t2 - t1, 1e-9),
+                "throughput/learner_tok_s": scored / max(t3 - t2, 1e-9),
+                "time/rollout_s": t1 - t0,
+                "time/teacher_s": t2 - t1,
+                "time/learner_s": t3 - t2,
+                "teacher_tokens": self.teacher_tokens,
+            }
+        )
+        self.run_dir.append_jsonl(
+            "episodes.jsonl",
+            [json.dumps({"step": step, **json.loads(e.to_json())}) for e in episodes],
+        )
         return row
 
     def _progress(self) -> Progress:
         return Progress(
-            TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=self.console, transient=False,
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=self.console,
+            transient=False,
         )
 
     # ---------------------------------------------------------------------- the loop
@@ -289,7 +370,9 @@ class Trainer:
             if cfg.eval.episodes > 0:
                 result["success_after_cold_start"] = self.evaluate("after cold start", step=-1)
         with self._progress() as progress:
-            task = progress.add_task("on-policy distillation", total=cfg.steps, completed=self.start_step, info="")
+            task = progress.add_task(
+                "on-policy distillation", total=cfg.steps, completed=self.start_step, info=""
+            )
             for step in range(self.start_step, cfg.steps):
                 row = self.train_step(step)
                 self.log(row)

@@ -78,7 +78,13 @@ class HorizonSorted(Curriculum):
         pool_size: Number of tasks in the pool (cycled when exhausted).
     """
 
-    def __init__(self, env: str, env_kwargs: dict[str, Any] | None = None, seed: int = 0, pool_size: int = 512):
+    def __init__(
+        self,
+        env: str,
+        env_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+        pool_size: int = 512,
+    ):
         super().__init__(env, env_kwargs, seed)
         probe = make(env, **self.env_kwargs)
         try:
@@ -93,16 +99,29 @@ class HorizonSorted(Curriculum):
 
     def jobs(self, step: int, n: int) -> list[Job]:
         self.step = step
-        return [Job(seed=self.pool[(step * n + i) % len(self.pool)], options={"split": "train"}) for i in range(n)]
+        return [
+            Job(seed=self.pool[(step * n + i) % len(self.pool)], options={"split": "train"})
+            for i in range(n)
+        ]
 
 
 class TcodF2B(Curriculum):
     """Front-to-back: the horizon grows from ``k_start`` by one turn every ``eta`` steps."""
 
-    def __init__(self, env: str, env_kwargs: dict[str, Any] | None = None, seed: int = 0, k_start: int = 1, eta: int = 5, max_turns: int | None = None):
+    def __init__(
+        self,
+        env: str,
+        env_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+        k_start: int = 1,
+        eta: int = 5,
+        max_turns: int | None = None,
+    ):
         super().__init__(env, env_kwargs, seed)
         if k_start < 1 or eta < 1:
-            raise ValueError(f"tcod-f2b needs k_start >= 1 and eta >= 1, got k_start={k_start}, eta={eta}")
+            raise ValueError(
+                f"tcod-f2b needs k_start >= 1 and eta >= 1, got k_start={k_start}, eta={eta}"
+            )
         self.k_start, self.eta = k_start, eta
         if max_turns is None:
             probe = make(env, **self.env_kwargs)
@@ -123,10 +142,19 @@ class TcodF2B(Curriculum):
 class TcodB2F(Curriculum):
     """Back-to-front: replay all but the last k expert actions; k grows like ``tcod-f2b``."""
 
-    def __init__(self, env: str, env_kwargs: dict[str, Any] | None = None, seed: int = 0, k_start: int = 1, eta: int = 5):
+    def __init__(
+        self,
+        env: str,
+        env_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+        k_start: int = 1,
+        eta: int = 5,
+    ):
         super().__init__(env, env_kwargs, seed)
         if k_start < 1 or eta < 1:
-            raise ValueError(f"tcod-b2f needs k_start >= 1 and eta >= 1, got k_start={k_start}, eta={eta}")
+            raise ValueError(
+                f"tcod-b2f needs k_start >= 1 and eta >= 1, got k_start={k_start}, eta={eta}"
+            )
         self.k_start, self.eta = k_start, eta
 
     def k(self, step: int) -> int:

@@ -24,10 +24,16 @@ FAST = [
 ]
 
 
-def agentopd(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def agentopd(
+    *args: str, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "agentopd.cli", *args],
-        capture_output=True, text=True, cwd=cwd, timeout=timeout, env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
     )
 
 
@@ -67,7 +73,11 @@ def test_config_errors_are_clear(override, expected):
 
 
 def _train_rows(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"phase": "train"' in x]
+    return [
+        json.loads(x)
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+        if '"phase": "train"' in x
+    ]
 
 
 @pytest.mark.slow
@@ -78,11 +88,21 @@ def test_train_two_steps_writes_run_dir(tmp_path):
     assert (run / "config.yaml").read_text().startswith("env: lookup-chain")
     rows = _train_rows(run)
     assert [row["step"] for row in rows] == [0, 1]
-    for key in ("rollout/success", "learner/loss", "diag/overlap_ratio", "diag/sampled_kl", "throughput/rollout_tok_s"):
+    for key in (
+        "rollout/success",
+        "learner/loss",
+        "diag/overlap_ratio",
+        "diag/sampled_kl",
+        "throughput/rollout_tok_s",
+    ):
         assert key in rows[0], key
     episodes = [json.loads(x) for x in (run / "episodes.jsonl").read_text().splitlines()]
     assert [e["step"] for e in episodes] == [0, 0, 1, 1]
-    assert all(e["teacher"] and len(e["teacher"][0]["topk_ids"][0]) == 16 for e in episodes if e["segments"][0]["mask"].count(1))
+    assert all(
+        e["teacher"] and len(e["teacher"][0]["topk_ids"][0]) == 16
+        for e in episodes
+        if e["segments"][0]["mask"].count(1)
+    )
     latest = json.loads((run / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == 1
     ckpt = run / "checkpoints" / latest["path"]
@@ -91,8 +111,17 @@ def test_train_two_steps_writes_run_dir(tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
-    args = [sys.executable, "-m", "agentopd.cli", "train", *FAST, "steps=5", "checkpoint_every=1",
-            f"runs_dir={tmp_path}", "run_name=killed"]
+    args = [
+        sys.executable,
+        "-m",
+        "agentopd.cli",
+        "train",
+        *FAST,
+        "steps=5",
+        "checkpoint_every=1",
+        f"runs_dir={tmp_path}",
+        "run_name=killed",
+    ]
     run = tmp_path / "killed"
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
@@ -110,7 +139,16 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
         proc.wait()
     killed_at = json.loads((run / "checkpoints" / "latest.json").read_text())["step"]
     assert killed_at < 4, "the run finished before it was killed; the test proves nothing"
-    r = agentopd("train", *FAST, "steps=5", "checkpoint_every=1", f"runs_dir={tmp_path}", "run_name=killed", "resume=true", timeout=600)
+    r = agentopd(
+        "train",
+        *FAST,
+        "steps=5",
+        "checkpoint_every=1",
+        f"runs_dir={tmp_path}",
+        "run_name=killed",
+        "resume=true",
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed" in r.stdout
     assert [row["step"] for row in _train_rows(run)] == [0, 1, 2, 3, 4]

@@ -9,7 +9,13 @@ from agentopd import make, zoo
 from agentopd.engines import Sample, SamplingParams
 from agentopd.engines.hf import HFEngine
 from agentopd.renderer import PrefixMismatchError, Renderer
-from agentopd.rollout import EpisodeJob, RolloutConfig, expert_episode, expert_episodes, run_episodes
+from agentopd.rollout import (
+    EpisodeJob,
+    RolloutConfig,
+    expert_episode,
+    expert_episodes,
+    run_episodes,
+)
 from agentopd.types import Episode, StopReason
 
 # A ChatML template that, like some reasoning-model templates, strips <think>...</think> from every
@@ -82,8 +88,8 @@ def test_mask_is_one_exactly_on_sampled_tokens(renderer):
         expected[s:e] = [1] * (e - s)
     assert seg.mask == expected
     # Each prompt the engine saw is the previous prompt + sampled tokens + bridge (never re-encoded).
-    for prev, nxt, (s, e) in zip(engine.calls, engine.calls[1:], _sampled_spans(ep), strict=False):
-        assert nxt[0][: e] == seg.tokens[:e]
+    for prev, nxt, (_s, e) in zip(engine.calls, engine.calls[1:], _sampled_spans(ep), strict=False):
+        assert nxt[0][:e] == seg.tokens[:e]
         assert nxt[0][: len(prev[0])] == prev[0]
     # Tool results are in the token stream with mask 0.
     text_unmasked = renderer.decode([t for t, m in zip(seg.tokens, seg.mask, strict=True) if not m])
@@ -104,9 +110,16 @@ def test_sampled_tokens_are_never_reencoded(renderer):
 
     class OddEngine(ScriptedEngine):
         def generate(self, prompts, params):
-            return [Sample(tokens=odd + [renderer.eot_id], logprobs=[0.0] * (len(odd) + 1), finished=True) for _ in prompts]
+            return [
+                Sample(
+                    tokens=odd + [renderer.eot_id], logprobs=[0.0] * (len(odd) + 1), finished=True
+                )
+                for _ in prompts
+            ]
 
-    [ep] = run_episodes([EpisodeJob("lookup-chain", 0, options={"max_turns": 1})], OddEngine(renderer, []), renderer)
+    [ep] = run_episodes(
+        [EpisodeJob("lookup-chain", 0, options={"max_turns": 1})], OddEngine(renderer, []), renderer
+    )
     t = ep.turns[0]
     assert ep.segments[0].tokens[t.start : t.end] == odd + [renderer.eot_id]
 
@@ -121,7 +134,9 @@ def test_history_rewriting_template_is_detected(tok):
 def test_history_rewriting_template_new_segment(tok):
     r = Renderer(tok, chat_template=REWRITING_TEMPLATE, on_prefix_mismatch="new-segment")
     texts = ["<think>hmm</think>" + make("lookup-chain").call("lookup", key="zz")] * 3
-    [ep] = run_episodes([EpisodeJob("lookup-chain", 0, options={"max_turns": 3})], ScriptedEngine(r, texts), r)
+    [ep] = run_episodes(
+        [EpisodeJob("lookup-chain", 0, options={"max_turns": 3})], ScriptedEngine(r, texts), r
+    )
     assert len(ep.segments) == 3 and ep.info["segments_restarted"] == 2
     for seg in ep.segments[1:]:
         # A fresh rendering: its prompt (mask 0) holds the rewritten history, then one sampled turn.
@@ -134,7 +149,11 @@ def test_history_rewriting_template_new_segment(tok):
 
 def test_parse_errors_become_observations_and_can_be_masked(renderer):
     bad = '<tool_call>{"name": "lookup", "arguments": {"key": </tool_call>'
-    [ep] = run_episodes([EpisodeJob("lookup-chain", 1, options={"max_turns": 2})], ScriptedEngine(renderer, [bad, bad]), renderer)
+    [ep] = run_episodes(
+        [EpisodeJob("lookup-chain", 1, options={"max_turns": 2})],
+        ScriptedEngine(renderer, [bad, bad]),
+        renderer,
+    )
     assert ep.stop_reason == StopReason.MAX_TURNS and ep.info["tool_errors"] == {"parse": 2}
     assert all(t.parse_error for t in ep.turns)
     assert "Error (parse)" in ep.turns[0].tool_results[0].content
@@ -150,9 +169,21 @@ def test_parse_errors_become_observations_and_can_be_masked(renderer):
 def test_token_budget_and_unfinished_turn(renderer):
     class Rambler(ScriptedEngine):
         def generate(self, prompts, params):
-            return [Sample(tokens=[7] * params.max_new_tokens, logprobs=[0.0] * params.max_new_tokens, finished=False) for _ in prompts]
+            return [
+                Sample(
+                    tokens=[7] * params.max_new_tokens,
+                    logprobs=[0.0] * params.max_new_tokens,
+                    finished=False,
+                )
+                for _ in prompts
+            ]
 
-    [ep] = run_episodes([EpisodeJob("lookup-chain", 0)], Rambler(renderer, []), renderer, RolloutConfig(max_new_tokens=10))
+    [ep] = run_episodes(
+        [EpisodeJob("lookup-chain", 0)],
+        Rambler(renderer, []),
+        renderer,
+        RolloutConfig(max_new_tokens=10),
+    )
     assert ep.stop_reason == StopReason.TOKEN_BUDGET and ep.num_turns == 1
     assert sum(ep.segments[0].mask) == 10
 
@@ -165,7 +196,10 @@ def test_replayed_prefix_has_mask_zero(renderer):
         a = probe.expert_action(list(probe.messages))
         actions.append(a)
         probe.step(a)
-    [ep] = expert_episodes([EpisodeJob("lookup-chain", 5, options={"replay": actions[:2]}, env_kwargs={"hops": 3})], renderer)
+    [ep] = expert_episodes(
+        [EpisodeJob("lookup-chain", 5, options={"replay": actions[:2]}, env_kwargs={"hops": 3})],
+        renderer,
+    )
     assert ep.success and ep.info["replayed_turns"] == 2
     assert [t.index for t in ep.turns] == [2, 3]
     seg = ep.segments[0]
@@ -181,7 +215,13 @@ def test_expert_episode_roundtrip_and_hf_engine(renderer, tok):
     torch.manual_seed(0)
     model = zoo.build_model("tiny", seed=0)
     engine = HFEngine(model, renderer.eot_id, renderer.pad_id)
-    eps = run_episodes([EpisodeJob("lookup-chain", i) for i in range(3)], engine, renderer, RolloutConfig(max_new_tokens=12), seed=0)
+    eps = run_episodes(
+        [EpisodeJob("lookup-chain", i) for i in range(3)],
+        engine,
+        renderer,
+        RolloutConfig(max_new_tokens=12),
+        seed=0,
+    )
     for e in eps:
         for t in e.turns:
             seg = e.segments[t.segment]
@@ -189,5 +229,11 @@ def test_expert_episode_roundtrip_and_hf_engine(renderer, tok):
             assert all(lp <= 0 for lp in seg.logprobs[t.start : t.end])
         assert len(e.segments[0].tokens) == len(e.segments[0].mask) == len(e.segments[0].logprobs)
     # Same seed, same samples.
-    again = run_episodes([EpisodeJob("lookup-chain", i) for i in range(3)], engine, renderer, RolloutConfig(max_new_tokens=12), seed=0)
+    again = run_episodes(
+        [EpisodeJob("lookup-chain", i) for i in range(3)],
+        engine,
+        renderer,
+        RolloutConfig(max_new_tokens=12),
+        seed=0,
+    )
     assert [e.segments[0].tokens for e in eps] == [e.segments[0].tokens for e in again]

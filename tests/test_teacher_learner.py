@@ -9,10 +9,10 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from agentopd import zoo
+from agentopd.engines.hf import HFEngine
 from agentopd.learner import Learner, LearnerConfig, make_batch, segments_of
 from agentopd.renderer import Renderer
 from agentopd.rollout import EpisodeJob, RolloutConfig, expert_episodes, run_episodes
-from agentopd.engines.hf import HFEngine
 from agentopd.teacher import Teacher, TeacherConfig, TokenizerMismatchError, check_tokenizers
 
 
@@ -31,8 +31,16 @@ def episodes(renderer):
     torch.manual_seed(0)
     student = zoo.build_model("tiny", seed=0)
     engine = HFEngine(student, renderer.eot_id, renderer.pad_id)
-    eps = run_episodes([EpisodeJob("lookup-chain", i) for i in range(3)], engine, renderer, RolloutConfig(max_new_tokens=24), seed=0)
-    eps += expert_episodes([EpisodeJob("lookup-chain", 10 + i, env_kwargs={"hops": 2}) for i in range(2)], renderer)
+    eps = run_episodes(
+        [EpisodeJob("lookup-chain", i) for i in range(3)],
+        engine,
+        renderer,
+        RolloutConfig(max_new_tokens=24),
+        seed=0,
+    )
+    eps += expert_episodes(
+        [EpisodeJob("lookup-chain", 10 + i, env_kwargs={"hops": 2}) for i in range(2)], renderer
+    )
     return eps
 
 
@@ -57,29 +65,43 @@ def test_teacher_scores_the_students_exact_ids(episodes, renderer, teacher_model
         for seg, sc in zip(ep.segments, ep.teacher, strict=True):
             assert sc["positions"] == [t for t, m in enumerate(seg.mask) if m]
             with torch.no_grad():
-                logp = torch.log_softmax(teacher_model(input_ids=torch.tensor([seg.tokens])).logits[0].float(), -1)
+                logp = torch.log_softmax(
+                    teacher_model(input_ids=torch.tensor([seg.tokens])).logits[0].float(), -1
+                )
             for i, p in enumerate(sc["positions"]):
-                assert sc["logprobs"][i] == pytest.approx(float(logp[p - 1, seg.tokens[p]]), abs=1e-4)
+                assert sc["logprobs"][i] == pytest.approx(
+                    float(logp[p - 1, seg.tokens[p]]), abs=1e-4
+                )
                 assert sc["topk_ids"][i] == logp[p - 1].topk(5).indices.tolist()
 
 
 def test_teacher_privileged_context_realigns_positions(episodes, renderer, teacher_model):
     ep = copy.deepcopy(episodes[-1])
-    teacher = Teacher(teacher_model, renderer, TeacherConfig(topk=3, system_prompt="You are the teacher.", privileged=True))
+    teacher = Teacher(
+        teacher_model,
+        renderer,
+        TeacherConfig(topk=3, system_prompt="You are the teacher.", privileged=True),
+    )
     prompt = teacher.teacher_prompt(ep)
     seg = ep.segments[0]
     assert len(prompt) != seg.prompt_len
     assert "You are the teacher." in renderer.decode(prompt)
-    assert ep.info["privileged_context"] and ep.info["privileged_context"] in renderer.decode(prompt)
+    assert ep.info["privileged_context"] and ep.info["privileged_context"] in renderer.decode(
+        prompt
+    )
     teacher.score([ep])
     full = prompt + seg.tokens[seg.prompt_len :]
     shift = len(prompt) - seg.prompt_len
     with torch.no_grad():
-        logp = torch.log_softmax(teacher_model(input_ids=torch.tensor([full])).logits[0].float(), -1)
+        logp = torch.log_softmax(
+            teacher_model(input_ids=torch.tensor([full])).logits[0].float(), -1
+        )
     sc = ep.teacher[0]
     for i, p in enumerate(sc["positions"]):
         assert full[p + shift] == seg.tokens[p]
-        assert sc["logprobs"][i] == pytest.approx(float(logp[p + shift - 1, seg.tokens[p]]), abs=1e-4)
+        assert sc["logprobs"][i] == pytest.approx(
+            float(logp[p + shift - 1, seg.tokens[p]]), abs=1e-4
+        )
 
 
 def _loss_and_grads(learner: Learner, batch) -> tuple[float, list[torch.Tensor]]:
@@ -94,7 +116,9 @@ def _loss_and_grads(learner: Learner, batch) -> tuple[float, list[torch.Tensor]]
 def test_masked_positions_contribute_nothing(loss, episodes, renderer, teacher_model):
     Teacher(teacher_model, renderer, TeacherConfig(topk=4)).score(episodes)
     model = zoo.build_model("tiny", seed=3)
-    learner = Learner(model, LearnerConfig(loss=loss, topk=4, chunk_size=37), pad_id=renderer.pad_id)
+    learner = Learner(
+        model, LearnerConfig(loss=loss, topk=4, chunk_size=37), pad_id=renderer.pad_id
+    )
     batch = make_batch(segments_of(episodes), renderer.pad_id, 4, with_teacher=True)
     assert 0 < batch.tokens < batch.mask_B_S.numel()
     base_loss, base_grads = _loss_and_grads(learner, batch)
@@ -103,8 +127,12 @@ def test_masked_positions_contribute_nothing(loss, episodes, renderer, teacher_m
     for garbage in (float("nan"), float("inf"), -1e30, 123.0):
         bad = copy.copy(batch)
         bad.teacher_lp_B_S = torch.where(off, torch.tensor(garbage), batch.teacher_lp_B_S)
-        bad.teacher_topk_lp_B_S_K = torch.where(off[..., None], torch.tensor(garbage), batch.teacher_topk_lp_B_S_K)
-        bad.teacher_ids_B_S_K = torch.where(off[..., None], torch.tensor(1), batch.teacher_ids_B_S_K)
+        bad.teacher_topk_lp_B_S_K = torch.where(
+            off[..., None], torch.tensor(garbage), batch.teacher_topk_lp_B_S_K
+        )
+        bad.teacher_ids_B_S_K = torch.where(
+            off[..., None], torch.tensor(1), batch.teacher_ids_B_S_K
+        )
         loss_value, grads = _loss_and_grads(learner, bad)
         assert loss_value == base_loss
         for g, h in zip(grads, base_grads, strict=True):
@@ -127,7 +155,9 @@ def test_teacher_at_masked_positions_does_not_matter_end_to_end(episodes, render
 
 
 def test_sft_step_reduces_nll(renderer):
-    demos = expert_episodes([EpisodeJob("lookup-chain", i, env_kwargs={"hops": 1}) for i in range(8)], renderer)
+    demos = expert_episodes(
+        [EpisodeJob("lookup-chain", i, env_kwargs={"hops": 1}) for i in range(8)], renderer
+    )
     model = zoo.build_model("tiny", seed=0)
     learner = Learner(model, LearnerConfig(lr=3e-3), pad_id=renderer.pad_id)
     first = learner.step_sft(demos)["learner/loss"]
@@ -141,7 +171,9 @@ def test_opd_step_reduces_teacher_kl(episodes, renderer, teacher_model):
     eps = copy.deepcopy(episodes)
     Teacher(teacher_model, renderer, TeacherConfig(topk=8)).score(eps)
     model = zoo.build_model("tiny", seed=5)
-    learner = Learner(model, LearnerConfig(loss="rkl-topk", lr=3e-3, topk=8), pad_id=renderer.pad_id)
+    learner = Learner(
+        model, LearnerConfig(loss="rkl-topk", lr=3e-3, topk=8), pad_id=renderer.pad_id
+    )
     first = learner.step(eps)["learner/loss"]
     for _ in range(10):
         last = learner.step(eps)["learner/loss"]

@@ -75,12 +75,16 @@ class HFEngine:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device), **kwargs)
+        gen = self.model.generate(
+            input_ids=ids.to(self.device), attention_mask=attn.to(self.device), **kwargs
+        )
         if was_training:
             self.model.train()
         new_B_N = gen.sequences[:, width:].cpu()
         logp_B_N = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in gen.scores], dim=1)
-        chosen_B_N = logp_B_N.gather(-1, new_B_N.unsqueeze(-1).to(logp_B_N.device)).squeeze(-1).cpu()
+        chosen_B_N = (
+            logp_B_N.gather(-1, new_B_N.unsqueeze(-1).to(logp_B_N.device)).squeeze(-1).cpu()
+        )
         samples = []
         for b in range(len(prompts)):
             toks = new_B_N[b].tolist()
@@ -89,5 +93,11 @@ class HFEngine:
             if self.eot_id in toks:
                 n = toks.index(self.eot_id) + 1
                 finished = True
-            samples.append(Sample(tokens=toks[:n], logprobs=[float(x) for x in chosen_B_N[b, :n]], finished=finished))
+            samples.append(
+                Sample(
+                    tokens=toks[:n],
+                    logprobs=[float(x) for x in chosen_B_N[b, :n]],
+                    finished=finished,
+                )
+            )
         return samples
