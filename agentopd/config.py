@@ -106,6 +106,8 @@ class TrainConfig:
     steps: int = 30
     episodes_per_step: int = 16
     gkd_lambda: float = 1.0
+    demo_source: str = "expert"
+    teacher_token_budget: int = 0
     temperature_end: float | None = None
     checkpoint_every: int = 5
     device: str = "auto"
@@ -276,6 +278,7 @@ def validate_names(cfg: DictConfig) -> None:
         "loss_cfg.agg": ("token-mean", "seq-mean-token-mean"),
         "loss_cfg.support": ("teacher", "student"),
         "optim.schedule": ("constant", "cosine", "linear"),
+        "demo_source": ("expert", "teacher"),
     }
     for key, allowed in choices.items():
         value = OmegaConf.select(cfg, key)

@@ -249,7 +249,11 @@ class Trainer:
         return float(report["success"])
 
     def demonstrations(self, n: int, seed: int) -> list[Episode]:
-        """Successful expert episodes (teacher demonstrations) for SFT."""
+        return self._demonstrations(n, seed)[0]
+
+    def _demonstrations(self, n: int, seed: int) -> tuple[list[Episode], int]:
+        """Successful teacher demonstrations for SFT (``demo_source``: scripted expert or the
+        teacher model sampling at temperature 1)."""
         jobs = [
             EpisodeJob(
                 self.cfg.env,
@@ -259,7 +263,15 @@ class Trainer:
             )
             for i in range(n)
         ]
-        return [ep for ep in expert_episodes(jobs, self.renderer) if ep.success]
+        if self.cfg.demo_source == "teacher":
+            engine = HFEngine(self.teacher_model, self.renderer.eot_id, self.renderer.pad_id)
+            episodes = run_episodes(
+                jobs, engine, self.renderer, rollout_config(self.cfg, 1.0), seed=seed
+            )
+        else:
+            episodes = expert_episodes(jobs, self.renderer)
+        generated = sum(ep.num_sampled_tokens for ep in episodes)
+        return [ep for ep in episodes if ep.success], generated
 
     def cold_start(self) -> None:
         cs = self.cfg.cold_start
@@ -303,12 +315,15 @@ class Trainer:
         step_rng = random.Random(cfg.seed * 7919 + step)
         jobs = self.curriculum.jobs(step, cfg.episodes_per_step)
         if step_rng.random() >= cfg.gkd_lambda:
-            demos = self.demonstrations(
+            demos, generated = self._demonstrations(
                 cfg.episodes_per_step, seed=8_000_000 + step * cfg.episodes_per_step
             )
             row.update(self.learner.step_sft(demos))
             row["batch"] = "demonstration"
-            self.teacher_tokens += sum(e.num_sampled_tokens for e in demos)
+            # Every token the teacher generated counts, including its failed episodes.
+            self.teacher_tokens += generated
+            row["teacher_tokens"] = self.teacher_tokens
+            row.update(episode_summary(demos, prefix="demo/"))
             return row
         row["batch"] = "on-policy"
         t0 = time.perf_counter()
@@ -367,6 +382,9 @@ class Trainer:
             result["success_before"] = self.evaluate("before training", step=-1)
         if not self.cold_start_done and cfg.cold_start.steps > 0:
             self.cold_start()
+            # Keep the cold-started student: baselines (SFT-only, other losses) start from it.
+            self.student.save_pretrained(self.run_dir.path / "cold_start_model")
+            self.tokenizer.save_pretrained(self.run_dir.path / "cold_start_model")
             if cfg.eval.episodes > 0:
                 result["success_after_cold_start"] = self.evaluate("after cold start", step=-1)
         with self._progress() as progress:
@@ -374,6 +392,12 @@ class Trainer:
                 "on-policy distillation", total=cfg.steps, completed=self.start_step, info=""
             )
             for step in range(self.start_step, cfg.steps):
+                if cfg.teacher_token_budget and self.teacher_tokens >= cfg.teacher_token_budget:
+                    self.console.print(
+                        f"teacher-token budget {cfg.teacher_token_budget} reached at step {step}"
+                    )
+                    self._save(step - 1)
+                    break
                 row = self.train_step(step)
                 self.log(row)
                 info = f"success {row.get('rollout/success', float('nan')):.2f}  kl {row.get('diag/sampled_kl', float('nan')):.3f}"

@@ -1,0 +1,360 @@
+"""The reference experiment: does on-policy distillation beat SFT at equal teacher-token budget?
+
+For each environment and seed:
+
+1. the teacher (``tiny-teacher-<env>``) and the untrained student are evaluated;
+2. the student is cold-started by SFT on expert demonstrations (evaluated again);
+3. from the same cold-started weights, three arms run:
+   * ``opd-rkl-sampled`` and ``opd-rkl-topk``: on-policy distillation for ``--steps`` steps;
+   * ``sft-only``: continued SFT on successful *teacher-model* episodes until it has consumed the
+     same number of teacher tokens as ``opd-rkl-sampled`` (teacher tokens: tokens the teacher
+     scored for OPD, tokens the teacher generated for SFT);
+4. every arm is evaluated on ``--eval-episodes`` held-out tasks (greedy) along the way (learning
+   curves vs teacher tokens), at the end by episode length, and with ``--samples`` samples at
+   temperature 1 for pass@k.
+
+Outputs: ``docs/results.md`` (tables, command, wall time), ``docs/figures/*.png`` and
+``docs/results.json``. Run::
+
+    python benchmarks/reference.py                      # full: 2 envs x 3 seeds, 200 eval tasks
+    python benchmarks/reference.py --quick              # smoke run (minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agentopd import zoo
+from agentopd.config import compose
+from agentopd.engines.hf import HFEngine
+from agentopd.metrics import evaluate
+from agentopd.renderer import Renderer
+from agentopd.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+ARMS = ("sft-only", "opd-rkl-sampled", "opd-rkl-topk")
+
+
+def _eval_model(
+    path_or_name: str, env: str, env_kwargs: dict, n: int, samples: int, seed: int
+) -> dict[str, Any]:
+    model, tok = zoo.load(path_or_name, progress=True)
+    renderer = Renderer(tok)
+    engine = HFEngine(model, renderer.eot_id, renderer.pad_id)
+    greedy, _ = evaluate(
+        env, env_kwargs, engine, renderer, episodes=n, temperature=0.0, seed=10_000 + seed
+    )
+    out = {
+        "success": greedy["success"],
+        "by_difficulty": greedy["success_by_difficulty"],
+        "mean_turns": greedy["mean_turns"],
+    }
+    if samples > 1:
+        sampled, _ = evaluate(
+            env,
+            env_kwargs,
+            engine,
+            renderer,
+            episodes=max(1, n // 2),
+            samples=samples,
+            temperature=1.0,
+            seed=10_000 + seed,
+        )
+        out["pass@k"] = {k: sampled[f"pass@{k}"] for k in range(1, samples + 1)}
+    return out
+
+
+def _run(overrides: list[str]) -> tuple[dict[str, Any], Path]:
+    cfg = compose("train", overrides)
+    trainer = Trainer(cfg)
+    result = trainer.run()
+    return result, Path(result["run_dir"])
+
+
+def _curve(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [
+        (r["teacher_tokens"], r["eval/success"])
+        for r in rows
+        if r.get("phase") == "eval" and r.get("tag") != "before training"
+    ]
+
+
+def _last_checkpoint_model(run: Path) -> str:
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())
+    return str(run / "checkpoints" / latest["path"] / "model")
+
+
+def run_env(env: str, seeds: list[int], a: argparse.Namespace, runs_dir: Path) -> dict[str, Any]:
+    env_kwargs = json.loads(a.env_kwargs.get(env, "{}")) if isinstance(a.env_kwargs, dict) else {}
+    kw = [f"env_kwargs.{k}={v}" for k, v in env_kwargs.items()]
+    common = [
+        f"env={env}",
+        f"runs_dir={runs_dir}",
+        "student=tiny",
+        "teacher=auto",
+        f"episodes_per_step={a.episodes_per_step}",
+        *kw,
+    ]
+    out: dict[str, Any] = {
+        "teacher": _eval_model(
+            f"tiny-teacher-{env}", env, env_kwargs, a.eval_episodes, a.samples, 0
+        ),
+        "seeds": {},
+    }
+    for seed in seeds:
+        s: dict[str, Any] = {}
+        res, cold_run = _run(
+            [
+                *common,
+                f"seed={seed}",
+                "steps=0",
+                f"cold_start.steps={a.cold_steps}",
+                f"cold_start.episodes={a.cold_episodes}",
+                f"eval.episodes={a.eval_episodes}",
+                "eval.after=false",
+                f"run_name={env}-s{seed}-cold",
+            ]
+        )
+        s["before"] = res["success_before"]
+        s["cold_start"] = res["success_after_cold_start"]
+        cold_model = str(cold_run / "cold_start_model")
+        arm_common = [
+            *common,
+            f"seed={seed}",
+            f"student={cold_model}",
+            "cold_start.steps=0",
+            "eval.before=false",
+            f"eval.episodes={a.eval_episodes}",
+            f"eval.every={a.eval_every}",
+            "checkpoint_every=1000",
+        ]
+        arms: dict[str, Any] = {}
+        for arm in ("opd-rkl-sampled", "opd-rkl-topk"):
+            loss = arm.removeprefix("opd-")
+            res, run = _run(
+                [*arm_common, f"loss={loss}", f"steps={a.steps}", f"run_name={env}-s{seed}-{arm}"]
+            )
+            arms[arm] = {"run": str(run), "curve": _curve(run), "final": res["success_after"]}
+        budget = arms["opd-rkl-sampled"]["curve"][-1][0]
+        res, run = _run(
+            [
+                *arm_common,
+                "gkd_lambda=0",
+                "demo_source=teacher",
+                f"teacher_token_budget={budget}",
+                f"steps={a.steps * 20}",
+                f"eval.every={a.eval_every}",
+                f"run_name={env}-s{seed}-sft-only",
+            ]
+        )
+        arms["sft-only"] = {"run": str(run), "curve": _curve(run), "final": res["success_after"]}
+        for arm, info in arms.items():
+            info["eval"] = _eval_model(
+                _last_checkpoint_model(Path(info["run"])),
+                env,
+                env_kwargs,
+                a.eval_episodes,
+                a.samples,
+                seed,
+            )
+        s["arms"] = arms
+        out["seeds"][seed] = s
+        print(
+            json.dumps(
+                {
+                    env: {
+                        seed: {k: v for k, v in s.items() if k != "arms"}
+                        | {arm: arms[arm]["eval"]["success"] for arm in arms}
+                    }
+                }
+            )
+        )
+    return out
+
+
+def _ms(xs: list[float]) -> str:
+    if not xs:
+        return "n/a"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{100 * statistics.mean(xs):.1f} ± {100 * sd:.1f}"
+
+
+def write_report(results: dict[str, Any], command: str, wall: float, a: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = ROOT / "docs" / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "# Reference experiment",
+        "",
+        f"Command: `{command}`  ",
+        f"Wall time: {wall / 60:.1f} min on {torch.get_num_threads()} CPU thread(s) (2-core shared machine).  ",
+        f"Held-out tasks per evaluation: {a.eval_episodes} (greedy); pass@k from {a.samples} samples at temperature 1 on half as many tasks.  ",
+        f"Seeds: {a.seeds}. OPD steps: {a.steps} x {a.episodes_per_step} episodes. Cold start: {a.cold_steps} SFT steps on {a.cold_episodes} expert episodes.",
+        "",
+        "Success rate (%), mean ± std over seeds:",
+        "",
+        "| env | teacher | student before | cold start | SFT-only | OPD rkl-sampled | OPD rkl-topk |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for env, r in results.items():
+        seeds = list(r["seeds"].values())
+        row = [
+            env,
+            f"{100 * r['teacher']['success']:.1f}",
+            _ms([s["before"] for s in seeds]),
+            _ms([s["cold_start"] for s in seeds]),
+        ]
+        row += [_ms([s["arms"][arm]["eval"]["success"] for s in seeds]) for arm in ARMS]
+        lines.append("| " + " | ".join(row) + " |")
+    for env, r in results.items():
+        seeds = list(r["seeds"].values())
+        # Learning curves
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for arm in ARMS:
+            for i, s in enumerate(seeds):
+                pts = s["arms"][arm]["curve"]
+                if pts:
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [100 * p[1] for p in pts],
+                        marker="o",
+                        ms=3,
+                        alpha=0.8,
+                        color={
+                            "sft-only": "tab:gray",
+                            "opd-rkl-sampled": "tab:blue",
+                            "opd-rkl-topk": "tab:orange",
+                        }[arm],
+                        label=arm if i == 0 else None,
+                    )
+        ax.axhline(100 * r["teacher"]["success"], color="k", ls="--", lw=1, label="teacher")
+        ax.axhline(
+            100 * statistics.mean(s["cold_start"] for s in seeds),
+            color="tab:green",
+            ls=":",
+            lw=1,
+            label="cold start",
+        )
+        ax.set_xlabel("teacher tokens consumed")
+        ax.set_ylabel("held-out success (%)")
+        ax.set_title(f"{env}: success vs teacher tokens")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(figs / f"{env}-curves.png", dpi=110)
+        plt.close(fig)
+        # Success by episode length
+        diffs = sorted(
+            {int(d) for s in seeds for arm in ARMS for d in s["arms"][arm]["eval"]["by_difficulty"]}
+        )
+        lines += [
+            "",
+            f"### {env}: success by episode length (difficulty), mean over seeds",
+            "",
+            "| arm | " + " | ".join(f"d={d}" for d in diffs) + " |",
+            "|---" * (len(diffs) + 1) + "|",
+        ]
+        teacher_bd = r["teacher"]["by_difficulty"]
+        lines.append(
+            "| teacher | "
+            + " | ".join(
+                f"{100 * teacher_bd.get(d, teacher_bd.get(str(d), float('nan'))):.0f}"
+                for d in diffs
+            )
+            + " |"
+        )
+        for arm in ARMS:
+            vals = []
+            for d in diffs:
+                xs = [
+                    s["arms"][arm]["eval"]["by_difficulty"].get(
+                        d, s["arms"][arm]["eval"]["by_difficulty"].get(str(d))
+                    )
+                    for s in seeds
+                ]
+                xs = [x for x in xs if x is not None]
+                vals.append(f"{100 * statistics.mean(xs):.0f}" if xs else "n/a")
+            lines.append(f"| {arm} | " + " | ".join(vals) + " |")
+        # pass@k
+        if a.samples > 1:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            lines += [
+                "",
+                f"### {env}: pass@k (temperature 1), mean over seeds",
+                "",
+                "| arm | " + " | ".join(f"pass@{k}" for k in range(1, a.samples + 1)) + " |",
+                "|---" * (a.samples + 1) + "|",
+            ]
+            for arm in ARMS:
+                ks = list(range(1, a.samples + 1))
+                vals = [
+                    statistics.mean(s["arms"][arm]["eval"]["pass@k"][k] for s in seeds) for k in ks
+                ]
+                ax.plot(ks, [100 * v for v in vals], marker="o", label=arm)
+                lines.append(f"| {arm} | " + " | ".join(f"{100 * v:.1f}" for v in vals) + " |")
+            ax.set_xlabel("k")
+            ax.set_ylabel("pass@k (%)")
+            ax.set_title(f"{env}: pass@k")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(figs / f"{env}-passk.png", dpi=110)
+            plt.close(fig)
+        lines += ["", f"![{env} curves](figures/{env}-curves.png)"] + (
+            [f"![{env} pass@k](figures/{env}-passk.png)"] if a.samples > 1 else []
+        )
+    (ROOT / "docs" / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (ROOT / "docs" / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--envs", default="lookup-chain,code-sandbox")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--eval-episodes", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--episodes-per-step", type=int, default=16)
+    p.add_argument("--cold-steps", type=int, default=40)
+    p.add_argument("--cold-episodes", type=int, default=200)
+    p.add_argument("--runs-dir", default="runs/reference")
+    p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
+    a = p.parse_args(argv)
+    if a.quick:
+        (
+            a.seeds,
+            a.eval_episodes,
+            a.eval_every,
+            a.samples,
+            a.steps,
+            a.cold_steps,
+            a.cold_episodes,
+            a.episodes_per_step,
+        ) = "0", 16, 2, 2, 2, 4, 16, 4
+    a.env_kwargs = {}
+    torch.set_num_threads(1)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    start = time.time()
+    results = {env: run_env(env, seeds, a, Path(a.runs_dir)) for env in a.envs.split(",")}
+    command = "python " + " ".join(
+        shlex.quote(x) for x in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
+    )
+    write_report(results, command, time.time() - start, a)
+
+
+if __name__ == "__main__":
+    main()
