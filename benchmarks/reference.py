@@ -158,7 +158,7 @@ def run_env(env: str, seeds: list[int], a: argparse.Namespace, runs_dir: Path) -
             ]
         )
         arms["sft-only"] = {"run": str(run), "curve": _curve(run), "final": res["success_after"]}
-        for arm, info in arms.items():
+        for info in arms.values():
             info["eval"] = _eval_model(
                 _last_checkpoint_model(Path(info["run"])),
                 env,
