@@ -8,7 +8,7 @@ What a user imports to write a new environment::
 from agentopd.env import Env, Task
 from agentopd.parsing import Parsed, format_tool_call, parse_assistant
 from agentopd.registry import list_registered, make, register, spec
-from agentopd.tooling import Tool, ToolResult, Toolset, tool
+from agentopd.tooling import Tool, ToolError, ToolResult, Toolset, tool
 from agentopd.types import Episode, Message, Segment, StopReason, ToolCall, Turn
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "Task",
     "Tool",
     "ToolCall",
+    "ToolError",
     "ToolResult",
     "Toolset",
     "Turn",

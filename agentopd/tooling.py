@@ -245,6 +245,22 @@ def _safe_str(x: Any) -> str:
         return f"<unprintable {type(x).__name__}>"
 
 
+class ToolError(Exception):
+    """Raise from a tool to report a failure of a given kind with verbatim text for the model.
+
+    The model sees ``text`` as the tool result; the failure is counted as ``tool_error/<kind>``.
+
+    Example::
+
+        raise ToolError("timeout", "the code ran past 5 s and was interrupted")
+    """
+
+    def __init__(self, kind: str, text: str):
+        super().__init__(text)
+        self.kind = kind
+        self.text = text
+
+
 @dataclass
 class ToolResult:
     """Outcome of one call: the message for the model plus the failure kind, if any."""
@@ -329,6 +345,8 @@ class Toolset:
             value = self._run(tool_, call.arguments)
         except _ToolTimeout:
             return fail("timeout", f"{tool_.name!r} did not finish within {self.timeout_s:g} s.")
+        except ToolError as e:
+            return ToolResult(self._message(call, self._clip(e.text)[0]), error=e.kind)
         except (Exception, SystemExit) as e:  # noqa: BLE001 - tool bugs are reported to the model
             return fail("exception", f"{tool_.name!r} raised {type(e).__name__}: {_safe_str(e)}")
         try:

@@ -56,7 +56,7 @@ import numpy as np
 from agentopd.tools.sandbox import Limits, Sandbox, make_sandbox, resolve_backend
 
 from agentopd.env import Env, Task
-from agentopd.tooling import Tool, tool
+from agentopd.tooling import Tool, ToolError, tool
 from agentopd.types import Message
 
 SYSTEM_PROMPT = (
@@ -345,6 +345,11 @@ class CodeSandboxEnv(Env):
         result = box.run(code, timeout_s=self.timeout_s)
         if result.restarted:
             self._setup_done = False
+        # Sandbox failures reach the model as the worker's own text and are counted by kind.
+        if result.timed_out:
+            raise ToolError("timeout", result.to_text())
+        if result.crashed:
+            raise ToolError("crash", result.to_text())
         return result.to_text()
 
     def _box(self) -> Sandbox:
