@@ -256,7 +256,6 @@ def test_shared_prefix_loss_equals_full_forward(lookup_examples):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
 
 
-@pytest.mark.slow
 def test_teacher_build_saves_atomically_and_loads(monkeypatch, tmp_path):
     from agentopd.engines import SamplingParams
     from agentopd.engines.hf import HFEngine
