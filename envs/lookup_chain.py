@@ -104,10 +104,8 @@ class LookupChainEnv(Env):
             # The base class reads ``self.max_turns`` after ``new_task``: a per-task horizon.
             self.max_turns = hops + 2
         start = chain[0]
-        times = "once" if hops == 1 else f"{hops} times"
-        prompt = (
-            f"Start at {start}. Follow the chain with lookup {times}, then submit the final value."
-        )
+        # Fixed-width keys and wording keep every copy at a fixed offset: tiny models learn it fast.
+        prompt = f"Start at {start}. Follow the chain with lookup {hops} times, then submit the final value."
         return Task(
             id=f"{start}-h{hops}-{digest[:8]}",
             prompt=prompt,
@@ -160,7 +158,7 @@ class LookupChainEnv(Env):
 def _draw_store(rng: np.random.Generator, size: int, hops: int) -> tuple[dict[str, str], list[str]]:
     """A store of ``size`` keys whose first ``hops + 1`` keys (in draw order) form the chain."""
     codes = rng.choice(len(KEY_LETTERS) * KEY_NUMBERS, size=size, replace=False)
-    keys = [f"{KEY_LETTERS[c // KEY_NUMBERS]}{c % KEY_NUMBERS}" for c in codes.tolist()]
+    keys = [f"{KEY_LETTERS[c // KEY_NUMBERS]}{c % KEY_NUMBERS:02d}" for c in codes.tolist()]
     chain = keys[: hops + 1]
     targets = rng.integers(0, size, size=size).tolist()
     store = {k: keys[t] for k, t in zip(keys, targets)}
