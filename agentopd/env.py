@@ -87,6 +87,25 @@ class Task:
         return {"id": self.id, "prompt": self.prompt, "difficulty": self.difficulty}
 
 
+def answered_calls(messages: list[Message], tool_name: str, argument: str) -> dict[str, str]:
+    """``{argument value: result text}`` for every ``tool_name`` call answered in ``messages``.
+
+    A helper for scripted experts that act on what earlier tool calls returned.
+    """
+    results: dict[str, str] = {}
+    pending: dict[str | None, str] = {}
+    for m in messages:
+        if m.role == "assistant":
+            pending = {
+                c.id: str(c.arguments.get(argument, ""))
+                for c in m.tool_calls
+                if c.name == tool_name and isinstance(c.arguments, dict)
+            }
+        elif m.role == "tool" and m.name == tool_name and m.tool_call_id in pending:
+            results[pending[m.tool_call_id]] = m.content
+    return results
+
+
 class MessagesSpace(gymnasium.Space):
     """A list of :class:`Message` (the observation space of every agentopd env)."""
 

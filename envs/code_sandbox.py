@@ -55,7 +55,7 @@ import jsonschema
 import numpy as np
 from agentopd.tools.sandbox import Limits, Sandbox, make_sandbox, resolve_backend
 
-from agentopd.env import Env, Task
+from agentopd.env import Env, Task, answered_calls
 from agentopd.tooling import Tool, ToolError, tool
 from agentopd.types import Message
 
@@ -377,7 +377,7 @@ class CodeSandboxEnv(Env):
         """
         if self.task is None:
             raise RuntimeError("call reset() before expert_action()")
-        results = _python_results(messages)
+        results = answered_calls(messages, "python", "code")
         if "chain" not in self.task.data:
             return self._expert_from_solution(results)
         x: int | None = None
@@ -402,22 +402,6 @@ class CodeSandboxEnv(Env):
 
     def _tool_names_hint(self) -> list[str]:
         return ["python", self.answer_tool or "submit"]
-
-
-def _python_results(messages: list[Message]) -> dict[str, str]:
-    """``{code: result text}`` for every answered ``python`` call in ``messages``."""
-    results: dict[str, str] = {}
-    pending: dict[str | None, str] = {}
-    for m in messages:
-        if m.role == "assistant":
-            pending = {
-                c.id: str(c.arguments.get("code", ""))
-                for c in m.tool_calls
-                if c.name == "python" and isinstance(c.arguments, dict)
-            }
-        elif m.role == "tool" and m.name == "python" and m.tool_call_id in pending:
-            results[pending[m.tool_call_id]] = m.content
-    return results
 
 
 def _last_int(text: str | None) -> int | None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from agentopd.env import Env, Task
+from agentopd.env import Env, Task, answered_calls
 from agentopd.tooling import Tool, tool
 from agentopd.types import Message
 
@@ -143,7 +143,11 @@ class LookupChainEnv(Env):
         """
         if self.task is None:
             raise RuntimeError("call reset() before expert_action()")
-        results = _lookup_results(messages)
+        results = {
+            k: v.strip()
+            for k, v in answered_calls(messages, "lookup", "key").items()
+            if not v.strip().startswith(("no key", "Error"))
+        }
         current = self.task.data["chain"][0]
         for _ in range(self.task.data["hops"]):
             if current not in results:
@@ -170,21 +174,3 @@ def _draw_store(rng: np.random.Generator, size: int, hops: int) -> tuple[dict[st
 def _digest(store: dict[str, str], chain: list[str]) -> str:
     text = ";".join(f"{k}={v}" for k, v in sorted(store.items())) + "|" + ",".join(chain)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _lookup_results(messages: list[Message]) -> dict[str, str]:
-    """``{key: value}`` for every successful ``lookup`` call answered in ``messages``."""
-    results: dict[str, str] = {}
-    pending: dict[str | None, str] = {}
-    for m in messages:
-        if m.role == "assistant":
-            pending = {
-                c.id: str(c.arguments.get("key", "")).strip()
-                for c in m.tool_calls
-                if c.name == "lookup" and isinstance(c.arguments, dict)
-            }
-        elif m.role == "tool" and m.name == "lookup" and m.tool_call_id in pending:
-            content = m.content.strip()
-            if not content.startswith(("no key", "Error")):
-                results[pending[m.tool_call_id]] = content
-    return results

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from agentopd.env import Env, Task
+from agentopd.env import Env, Task, answered_calls
 from agentopd.tooling import Tool, tool
 from agentopd.types import Message
 
@@ -197,7 +197,7 @@ class SqlEnv(Env):
         """
         if self.task is None:
             raise RuntimeError("call reset() before expert_action()")
-        results = _sql_results(messages)
+        results = answered_calls(messages, "sql", "query")
         values: dict[str, str] = {}
         for step in self.task.data["plan"]:
             query = step.query.format(**values)
@@ -443,19 +443,3 @@ def _first_cell(result: str | None) -> str | None:
     if len(lines) < 2 or lines[1].startswith("("):
         return None
     return lines[1].split("|")[0]
-
-
-def _sql_results(messages: list[Message]) -> dict[str, str]:
-    """``{query: result text}`` for every ``sql`` call answered in ``messages``."""
-    results: dict[str, str] = {}
-    pending: dict[str | None, str] = {}
-    for m in messages:
-        if m.role == "assistant":
-            pending = {
-                c.id: str(c.arguments.get("query", ""))
-                for c in m.tool_calls
-                if c.name == "sql" and isinstance(c.arguments, dict)
-            }
-        elif m.role == "tool" and m.name == "sql" and m.tool_call_id in pending:
-            results[pending[m.tool_call_id]] = m.content
-    return results
