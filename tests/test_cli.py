@@ -154,3 +154,49 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
     assert [row["step"] for row in _train_rows(run)] == [0, 1, 2, 3, 4]
     steps = [json.loads(x)["step"] for x in (run / "episodes.jsonl").read_text().splitlines()]
     assert steps == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+@pytest.mark.slow
+def test_collect_then_cold_start_from_file_then_eval_and_diagnose(tmp_path):
+    demos = tmp_path / "demos.jsonl"
+    r = agentopd("collect", "env=lookup-chain", "model=expert", "episodes=6", f"output={demos}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = demos.read_text().splitlines()
+    assert len(lines) == 6 and all(json.loads(x)["success"] for x in lines)
+    r = agentopd(
+        "train",
+        *FAST,
+        "steps=1",
+        "cold_start.steps=2",
+        f"cold_start.data={demos}",
+        f"runs_dir={tmp_path}",
+        "run_name=cs",
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    model = tmp_path / "cs" / "cold_start_model"
+    assert (model / "config.json").exists()
+    r = agentopd(
+        "eval",
+        "env=lookup-chain",
+        f"model={model}",
+        "episodes=3",
+        "samples=2",
+        "temperature=1.0",
+        "rollout.max_new_tokens=12",
+        f"output={tmp_path / 'ev.jsonl'}",
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "pass@2" in r.stdout and "success (difficulty" in r.stdout
+    assert len((tmp_path / "ev.jsonl").read_text().splitlines()) == 6
+    r = agentopd(
+        "diagnose",
+        "env=lookup-chain",
+        f"student={model}",
+        "teacher=tiny-teacher",
+        "episodes=3",
+        "rollout.max_new_tokens=12",
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = " ".join(r.stdout.split())
+    assert "diag/overlap_ratio" in out and "verdict:" in out and "per turn index" in out
