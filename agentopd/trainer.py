@@ -108,6 +108,9 @@ class Trainer:
     console: Console = field(default_factory=Console)
 
     def setup(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own progress bars; no per-save shard bars
         cfg = self.cfg
         _seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device, cfg.cpu_threads)
