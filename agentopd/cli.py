@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     from agentopd.registry import UnknownNameError
 
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # agentopd draws its own progress bars
     try:
         return int(args.func(args) or 0)
     except (ConfigError, UnknownNameError) as e:
