@@ -6,7 +6,8 @@
    training data is token-exact exactly as the rollout loop would produce it; the loss mask is 1
    on the expert's assistant tokens (end-of-turn included) and 0 elsewhere.
 2. Masked next-token cross-entropy, AdamW, linear warm-up then cosine decay, random batches of
-   right-padded sequences, seeded.
+   right-padded sequences, seeded. Optionally (``copy_batch > 0``) every step adds a few
+   synthetic copy drills (:func:`copy_sequence`) with dense copy supervision.
 3. Greedy evaluation on ``eval_episodes`` held-out tasks (``split="eval"``).
 4. Save ``save_pretrained`` weights, the tokenizer and ``zoo.json`` (recipe and results) to a
    temporary directory next to the target, then rename it into place.
@@ -22,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -66,6 +68,10 @@ class Recipe:
     """Generation limit per turn at evaluation."""
     seed: int = 0
     """Seeds the init, the task draws and the batch order."""
+    copy_batch: int = 0
+    """Synthetic copy sequences added to every batch (see :func:`copy_sequence`); 0: none."""
+    copy_weight: float = 1.0
+    """Weight of the copy loss next to the expert loss."""
 
 
 RECIPES: dict[str, Recipe] = {
@@ -120,6 +126,31 @@ def expert_sequence(
     return tokens, mask, success
 
 
+def copy_sequence(tokenizer: Any, rng: random.Random, max_keys: int = 8) -> SftExample:
+    """A synthetic copy drill: a tool message of random keys, then an assistant turn repeating them.
+
+    Keys look like the environments' short identifiers (a letter and two digits). The assistant
+    turn joins the same keys with a possibly different separator, so the model must align by
+    content rather than by a fixed offset, and learns to map ``" h"`` to ``"h"``. Every token of
+    the assistant turn is trained: dense copy supervision makes copying (induction) heads form in
+    a few hundred steps, which the sparse key tokens of expert episodes alone do not.
+    """
+    seps = [" ", ",", "\n", ", ", ""]
+    keys = [
+        rng.choice("abcdefghijklmnopqrstuvwxyz") + f"{rng.randrange(100):02d}"
+        for _ in range(rng.randint(1, max_keys))
+    ]
+    source = rng.choice(seps).join(keys)
+    target = rng.choice(seps).join(keys)
+
+    def enc(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    head = enc("<|im_start|>tool\n" + source + "<|im_end|>\n<|im_start|>assistant\n")
+    tail = enc(target + "<|im_end|>")
+    return SftExample(head + tail, [0] * len(head) + [1] * len(tail))
+
+
 # ---------------------------------------------------------------------------- training
 def sft(
     model: torch.nn.Module,
@@ -128,8 +159,13 @@ def sft(
     pad_id: int,
     progress: Any = None,
     task: Any = None,
+    copy_examples: list[SftExample] | None = None,
 ) -> list[float]:
-    """Masked next-token cross-entropy on ``examples``; returns the loss per step."""
+    """Masked next-token cross-entropy on ``examples``; returns the expert loss per step.
+
+    With ``copy_examples`` and ``recipe.copy_batch > 0``, every step adds
+    ``recipe.copy_weight`` times the loss of ``copy_batch`` of them.
+    """
     gen = torch.Generator().manual_seed(recipe.seed)
     opt = torch.optim.AdamW(
         model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay
@@ -147,10 +183,15 @@ def sft(
     for step in range(recipe.steps):
         idx = torch.randint(len(examples), (recipe.batch_size,), generator=gen).tolist()
         loss = masked_nll([examples[i] for i in idx], model, pad_id)
+        total = loss
+        if copy_examples and recipe.copy_batch > 0:
+            cidx = torch.randint(len(copy_examples), (recipe.copy_batch,), generator=gen).tolist()
+            copy_loss = _masked_nll_full([copy_examples[i] for i in cidx], model, pad_id)
+            total = loss + recipe.copy_weight * copy_loss
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
@@ -378,7 +419,11 @@ def build_artifact(
         # ------------------------------------------------------------ train
         model = build_model(recipe.preset, seed=recipe.seed)
         task = bar.add_task(f"{name}: SFT", total=recipe.steps, loss="")
-        losses = sft(model, examples, recipe, renderer.pad_id, bar, task)
+        copy_rng = random.Random(recipe.seed)
+        copy_examples = [
+            copy_sequence(tokenizer, copy_rng) for _ in range(min(4096, recipe.copy_batch * 256))
+        ]
+        losses = sft(model, examples, recipe, renderer.pad_id, bar, task, copy_examples)
         t_train = time.perf_counter() - t0 - t_data
 
         # ------------------------------------------------------------ evaluate
@@ -401,6 +446,10 @@ def build_artifact(
         "mean_tokens": sum(len(e.tokens) for e in examples) / len(examples),
         "mean_loss_tokens": sum(sum(e.mask) for e in examples) / len(examples),
         "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "loss_curve": [
+            round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 4)
+            for i in range(0, len(losses), 50)
+        ],
         "eval": evaluation,
         "seconds": {
             "data": round(t_data, 1),
@@ -442,12 +491,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("env")
     p.add_argument("--preset", default=None)
     p.add_argument("--out", type=Path, default=None, help="target directory (default: cache)")
-    for f in ("steps", "batch_size", "train_episodes", "eval_episodes", "seed"):
+    for f in ("steps", "batch_size", "train_episodes", "eval_episodes", "seed", "warmup_steps",
+              "copy_batch"):  # fmt: skip
         p.add_argument("--" + f.replace("_", "-"), dest=f, type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    for f in ("lr", "min_lr_frac", "weight_decay", "copy_weight"):
+        p.add_argument("--" + f.replace("_", "-"), dest=f, type=float, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     overrides = {
-        k: v for k, v in vars(args).items() if k not in ("env", "preset", "out") and v is not None
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("env", "preset", "out", "threads") and v is not None
     }
     report = build_artifact(args.env, args.out, preset=args.preset, **overrides)
     print(json.dumps({k: report[k] for k in ("name", "eval", "seconds", "final_loss")}, indent=2))
