@@ -109,7 +109,9 @@ def _loss_and_grads(learner: Learner, batch) -> tuple[float, list[torch.Tensor]]
     st = learner._student(batch, batch.teacher_ids_B_S_K, want_topk=True)
     loss, _ = learner._opd_loss(st, batch, batch.mask_B_S)
     loss.backward()
-    return float(loss), [p.grad.clone() for p in learner.model.parameters() if p.grad is not None]
+    return float(loss.detach()), [
+        p.grad.clone() for p in learner.model.parameters() if p.grad is not None
+    ]
 
 
 @pytest.mark.parametrize("loss", ["rkl-sampled", "rkl-topk", "fkl-topk", "jsd"])
