@@ -392,7 +392,10 @@ class Trainer:
                 result["success_after_cold_start"] = self.evaluate("after cold start", step=-1)
         with self._progress() as progress:
             task = progress.add_task(
-                "on-policy distillation", total=cfg.steps, completed=self.start_step, info=""
+                "on-policy distillation" if cfg.gkd_lambda > 0 else "off-policy SFT (gkd_lambda=0)",
+                total=cfg.steps,
+                completed=self.start_step,
+                info="",
             )
             for step in range(self.start_step, cfg.steps):
                 if cfg.teacher_token_budget and self.teacher_tokens >= cfg.teacher_token_budget:

@@ -195,7 +195,8 @@ def write_report(results: dict[str, Any], command: str, wall: float, a: argparse
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figs = ROOT / "docs" / "figures"
+    out = Path(a.out)
+    figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Reference experiment",
@@ -315,8 +316,8 @@ def write_report(results: dict[str, Any], command: str, wall: float, a: argparse
         lines += ["", f"![{env} curves](figures/{env}-curves.png)"] + (
             [f"![{env} pass@k](figures/{env}-passk.png)"] if a.samples > 1 else []
         )
-    (ROOT / "docs" / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (ROOT / "docs" / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -332,8 +333,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cold-steps", type=int, default=40)
     p.add_argument("--cold-episodes", type=int, default=200)
     p.add_argument("--runs-dir", default="runs/reference")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="report folder (default: docs/, or runs-dir/report with --quick)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke configuration")
     a = p.parse_args(argv)
+    a.out = a.out or str(Path(a.runs_dir) / "report" if a.quick else ROOT / "docs")
     if a.quick:
         (
             a.seeds,
