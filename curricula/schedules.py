@@ -105,8 +105,29 @@ class HorizonSorted(Curriculum):
         ]
 
 
-class TcodF2B(Curriculum):
+class _Temporal(Curriculum):
+    """Shared schedule of the TCOD curricula: k = k_start + floor(step / eta)."""
+
+    name = "tcod"
+
+    def __init__(
+        self, env: str, env_kwargs: dict[str, Any] | None, seed: int, k_start: int, eta: int
+    ):
+        super().__init__(env, env_kwargs, seed)
+        if k_start < 1 or eta < 1:
+            raise ValueError(
+                f"{self.name} needs k_start >= 1 and eta >= 1, got k_start={k_start}, eta={eta}"
+            )
+        self.k_start, self.eta = k_start, eta
+
+    def k(self, step: int) -> int:
+        return self.k_start + step // self.eta
+
+
+class TcodF2B(_Temporal):
     """Front-to-back: the horizon grows from ``k_start`` by one turn every ``eta`` steps."""
+
+    name = "tcod-f2b"
 
     def __init__(
         self,
@@ -117,12 +138,7 @@ class TcodF2B(Curriculum):
         eta: int = 5,
         max_turns: int | None = None,
     ):
-        super().__init__(env, env_kwargs, seed)
-        if k_start < 1 or eta < 1:
-            raise ValueError(
-                f"tcod-f2b needs k_start >= 1 and eta >= 1, got k_start={k_start}, eta={eta}"
-            )
-        self.k_start, self.eta = k_start, eta
+        super().__init__(env, env_kwargs, seed, k_start, eta)
         if max_turns is None:
             probe = make(env, **self.env_kwargs)
             max_turns = probe.max_turns
@@ -130,7 +146,7 @@ class TcodF2B(Curriculum):
         self.max_turns = int(max_turns)
 
     def horizon(self, step: int) -> int:
-        return min(self.k_start + step // self.eta, self.max_turns)
+        return min(self.k(step), self.max_turns)
 
     def options_for(self, step: int, seed: int) -> dict[str, Any]:
         return {"split": "train", "max_turns": self.horizon(step)}
@@ -139,8 +155,10 @@ class TcodF2B(Curriculum):
         return {"curriculum/horizon": self.horizon(step)}
 
 
-class TcodB2F(Curriculum):
+class TcodB2F(_Temporal):
     """Back-to-front: replay all but the last k expert actions; k grows like ``tcod-f2b``."""
+
+    name = "tcod-b2f"
 
     def __init__(
         self,
@@ -150,15 +168,7 @@ class TcodB2F(Curriculum):
         k_start: int = 1,
         eta: int = 5,
     ):
-        super().__init__(env, env_kwargs, seed)
-        if k_start < 1 or eta < 1:
-            raise ValueError(
-                f"tcod-b2f needs k_start >= 1 and eta >= 1, got k_start={k_start}, eta={eta}"
-            )
-        self.k_start, self.eta = k_start, eta
-
-    def k(self, step: int) -> int:
-        return self.k_start + step // self.eta
+        super().__init__(env, env_kwargs, seed, k_start, eta)
 
     def expert_actions(self, seed: int) -> list[str]:
         """The expert's actions on task ``seed`` (a successful teacher episode)."""
