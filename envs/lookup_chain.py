@@ -105,7 +105,9 @@ class LookupChainEnv(Env):
             self.max_turns = hops + 2
         start = chain[0]
         # Fixed-width keys and wording keep every copy at a fixed offset: tiny models learn it fast.
-        prompt = f"Start at {start}. Follow the chain with lookup {hops} times, then submit the final value."
+        # The key is quoted so it tokenizes exactly as inside the tool call's JSON ('"', 'q', '0',
+        # '2'); unquoted, the byte-level BPE merges the space into ' q', a different token to copy.
+        prompt = f'Start at "{start}". Follow the chain with lookup {hops} times, then submit the final value.'
         return Task(
             id=f"{start}-h{hops}-{digest[:8]}",
             prompt=prompt,
