@@ -200,3 +200,26 @@ def test_collect_then_cold_start_from_file_then_eval_and_diagnose(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     out = " ".join(r.stdout.split())
     assert "diag/overlap_ratio" in out and "verdict:" in out and "per turn index" in out
+
+
+@pytest.mark.slow
+def test_gkd_lambda_zero_uses_demonstrations_and_temperature_schedule(tmp_path):
+    r = agentopd(
+        "train",
+        *FAST,
+        "steps=2",
+        "gkd_lambda=0",
+        "rollout.temperature=1.0",
+        "temperature_end=0.5",
+        f"runs_dir={tmp_path}",
+        "run_name=gkd",
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = _train_rows(tmp_path / "gkd")
+    assert [row["batch"] for row in rows] == ["demonstration", "demonstration"]
+    assert [row["temperature"] for row in rows] == [1.0, 0.5]
+    assert rows[1]["teacher_tokens"] > rows[0]["teacher_tokens"] > 0
+    assert rows[0]["demo/success"] == 1.0 and rows[0]["learner/loss"] > 0
+    # Demonstration steps write no on-policy episodes.
+    assert not (tmp_path / "gkd" / "episodes.jsonl").exists()
