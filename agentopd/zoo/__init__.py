@@ -123,7 +123,9 @@ def build(name: str, *, progress: bool = True, force: bool = False, **overrides:
     """
     parsed = parse_artifact(name)
     if parsed is None:
-        raise KeyError(_unknown(name))
+        from agentopd.registry import UnknownNameError
+
+    raise UnknownNameError(_unknown(name))
     path = cache_dir(name)
     if is_built(path) and not force:
         return path
@@ -152,14 +154,16 @@ def load(
         if not is_built(path):
             if not build_missing:
                 raise FileNotFoundError(
-                    f"{name} is not built yet; run `agentopd models build {name}`"
+                    f"{name} is not built yet; run `agentopd zoo build {name}`"
                 )
             build(name, progress=progress)
         return _from_pretrained(path)
     path = Path(name).expanduser()
     if path.is_dir():
         return _from_pretrained(path)
-    raise KeyError(_unknown(name))
+    from agentopd.registry import UnknownNameError
+
+    raise UnknownNameError(_unknown(name))
 
 
 def _from_pretrained(path: Path) -> tuple[Any, Any]:
