@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agentopd.registry import UnknownNameError
 from agentopd.registry import envs as _envs
 from agentopd.registry import models as _models
 from agentopd.zoo.models import (
@@ -123,9 +124,7 @@ def build(name: str, *, progress: bool = True, force: bool = False, **overrides:
     """
     parsed = parse_artifact(name)
     if parsed is None:
-        from agentopd.registry import UnknownNameError
-
-    raise UnknownNameError(_unknown(name))
+        raise UnknownNameError(_unknown(name))
     path = cache_dir(name)
     if is_built(path) and not force:
         return path
@@ -153,16 +152,12 @@ def load(
         path = cache_dir(name)
         if not is_built(path):
             if not build_missing:
-                raise FileNotFoundError(
-                    f"{name} is not built yet; run `agentopd zoo build {name}`"
-                )
+                raise FileNotFoundError(f"{name} is not built yet; run `agentopd zoo build {name}`")
             build(name, progress=progress)
         return _from_pretrained(path)
     path = Path(name).expanduser()
     if path.is_dir():
         return _from_pretrained(path)
-    from agentopd.registry import UnknownNameError
-
     raise UnknownNameError(_unknown(name))
 
 
