@@ -78,22 +78,22 @@ RECIPES: dict[str, Recipe] = {
     "lookup-chain": Recipe(
         env_kwargs={"min_hops": 1, "max_hops": 3},
         train_episodes=1000,
-        steps=250,
+        steps=1200,
         lr=1e-3,
         min_lr_frac=0.5,
         copy_batch=8,
-        eval_episodes=32,
+        eval_episodes=64,
     ),
     "sql": Recipe(train_episodes=600, steps=200, lr=1e-3, min_lr_frac=0.5, eval_episodes=32),
     "code-sandbox": Recipe(
         train_episodes=400, steps=200, lr=1e-3, min_lr_frac=0.5, eval_episodes=32
     ),
 }
-"""Per-environment defaults, sized so a build takes about 5 minutes on 2 CPU cores; other
-environments get ``Recipe()``. Measured so far (see the closing notes of the issue): these
-budgets teach the tiny teachers the tool-call format but not yet the copying the tasks need,
-so held-out success is still far below the 90% target; longer runs (lr 1e-3, copy drills,
-~1,000+ steps) are the lead that is being followed."""
+"""Per-environment defaults; other environments get ``Recipe()``. Measured on the 2-core machine:
+``lookup-chain`` reaches 100% held-out greedy success (64 tasks, hops 1-3) with this recipe in
+1,605 s of training (above the ~5 minute target; shipping the weights would remove the wait).
+``sql`` and ``code-sandbox`` are sized for ~5 minute builds and still teach only the format
+(0% held-out success so far)."""
 
 
 @dataclass
