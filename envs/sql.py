@@ -303,7 +303,11 @@ class SqlEnv(Env):
 def _draw_question(
     rng: np.random.Generator, shop: Shop, difficulty: int
 ) -> tuple[str, list[Step], int | str]:
-    """A templated question, the expert's query plan and the answer computed in Python."""
+    """A templated question, the expert's query plan and the answer computed in Python.
+
+    Names are quoted as the query will quote them (``'jon'``), so the text the model copies into
+    its SQL is the same tokens in both places (unquoted, the BPE would merge the space into it).
+    """
     cust = {c[0]: c for c in shop.customers}
     prod = {p[0]: p for p in shop.products}
     kind = int(rng.integers(0, 3))
@@ -311,20 +315,20 @@ def _draw_question(
         if kind == 0:
             _, name, city = shop.customers[int(rng.integers(len(shop.customers)))]
             return (
-                f"Which city is {name} from?",
+                f"Which city is '{name}' from?",
                 [Step(f"SELECT city FROM customers WHERE name = '{name}'", "a")],
                 city,
             )
         if kind == 1:
             _, pname, price = shop.products[int(rng.integers(len(shop.products)))]
             return (
-                f"What is the price of a {pname}?",
+                f"What is the price of a '{pname}'?",
                 [Step(f"SELECT price FROM products WHERE name = '{pname}'", "a")],
                 price,
             )
         city = shop.customers[int(rng.integers(len(shop.customers)))][2]
         return (
-            f"How many customers live in {city}?",
+            f"How many customers live in '{city}'?",
             [Step(f"SELECT COUNT(*) FROM customers WHERE city = '{city}'", "a")],
             sum(c[2] == city for c in shop.customers),
         )
@@ -332,7 +336,7 @@ def _draw_question(
         if kind == 0:
             cid, name, _ = shop.customers[int(rng.integers(len(shop.customers)))]
             return (
-                f"How many orders has {name} placed?",
+                f"How many orders has '{name}' placed?",
                 [
                     Step(f"SELECT id FROM customers WHERE name = '{name}'", "cid"),
                     Step("SELECT COUNT(*) FROM orders WHERE customer_id = {cid}", "a"),
@@ -362,7 +366,7 @@ def _draw_question(
     if kind < 2:
         pname = prod[pid][1]
         return (
-            f"How many {pname} units did {name} order in total?",
+            f"How many '{pname}' units did '{name}' order in total?",
             [
                 Step(f"SELECT id FROM customers WHERE name = '{name}'", "cid"),
                 Step(f"SELECT id FROM products WHERE name = '{pname}'", "pid"),
@@ -375,7 +379,7 @@ def _draw_question(
         )
     first = min(o for o in shop.orders if o[1] == cid)
     return (
-        f"What is the price of the product in {name}'s first order?",
+        f"What is the price of the product in the first order of '{name}'?",
         [
             Step(f"SELECT id FROM customers WHERE name = '{name}'", "cid"),
             Step(
