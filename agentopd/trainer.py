@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ def resolve_device(name: str, cpu_threads: int = 0) -> torch.device:
 
 
 def student_name(cfg: DictConfig) -> str:
-    return "tiny" if cfg.student == "auto" else cfg.student
+    return "tiny-base" if cfg.student == "auto" else cfg.student
 
 
 def teacher_name(cfg: DictConfig) -> str:
@@ -288,20 +288,29 @@ class Trainer:
                 raise ValueError(f"cold_start.data={cs.data} holds no successful episodes")
         else:
             demos = self.demonstrations(cs.episodes, seed=7_000_000 + self.cfg.seed)
-        saved_lr = [g["lr"] for g in self.learner.optimizer.param_groups]
-        for g in self.learner.optimizer.param_groups:
-            g["lr"] = cs.lr
+        # Its own optimizer at cold_start.lr, constant: the OPD learner's schedule and AdamW
+        # moments start fresh afterwards. (Setting the shared optimizer's lr did not hold: the
+        # OPD scheduler reset it to optim.lr after the first step.)
+        sft = Learner(
+            self.student,
+            replace(
+                self.learner.config,
+                lr=cs.lr,
+                schedule="constant",
+                warmup_steps=0,
+                total_steps=cs.steps,
+            ),
+            self.learner.pad_id,
+        )
         rng = random.Random(self.cfg.seed)
         with self._progress() as progress:
             task = progress.add_task("cold start (SFT)", total=cs.steps, info="")
             for i in range(cs.steps):
                 batch = rng.sample(demos, min(cs.batch_size, len(demos)))
-                m = self.learner.step_sft(batch)
+                m = sft.step_sft(batch)
                 self.log({"phase": "cold_start", "step": i, **m})
                 progress.update(task, advance=1, info=f"nll {m.get('learner/loss', 0):.3f}")
-        for g, lr in zip(self.learner.optimizer.param_groups, saved_lr):
-            g["lr"] = lr
-        self.learner.optimizer.state.clear()
+        del sft
         self.cold_start_done = True
 
     def train_step(self, step: int) -> dict[str, Any]:

@@ -3,8 +3,12 @@
 Everything is built locally; nothing is downloaded. Names:
 
 * a **preset** (``tiny``, ``tiny-teacher``, ``small``): a fresh, deterministic random init;
-* an **artifact** ``<preset>-<env>`` (``tiny-teacher-lookup-chain``): the preset trained by SFT
-  on the env's scripted expert, cached under ``$AGENTOPD_CACHE/zoo/<name>/`` and built on
+* a **base** ``<preset>-base`` (``tiny-base``, ``tiny-teacher-base``): the preset pretrained on
+  generic synthetic copy text (:mod:`agentopd.zoo.pretrain`), so that it can copy from its
+  context like any pretrained LM; shipped with the package;
+* an **artifact** ``<preset>-<env>`` (``tiny-teacher-lookup-chain``): the preset's base trained
+  by SFT on the env's scripted expert. Shipped for the built-in envs; otherwise (or after
+  ``agentopd zoo build --force``) cached under ``$AGENTOPD_CACHE/zoo/<name>/`` and built on
   first use (:func:`build`);
 * a **path** to any ``save_pretrained`` directory.
 
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from agentopd.registry import UnknownNameError
 from agentopd.registry import envs as _envs
 from agentopd.registry import models as _models
@@ -42,12 +48,32 @@ from agentopd.zoo.models import (
 from agentopd.zoo.tokenizer import load_tokenizer
 
 TEACHER_PRESETS = ("tiny-teacher",)
+BASES = {"tiny-base": "tiny", "tiny-teacher-base": "tiny-teacher"}
+"""Base model name -> its preset."""
+SHIPPED = Path(__file__).parent / "assets" / "models"
+"""Weights that ship with the package (float16), one ``save_pretrained`` directory per name."""
+
+
+def shipped_dir(name: str) -> Path | None:
+    """The shipped directory of ``name``, or ``None`` when the package does not ship it."""
+    path = SHIPPED / name
+    return path if is_built(path) else None
+
+
+def resolve(name: str) -> Path | None:
+    """Where a base or artifact ``name`` is found: the shipped weights, then the cache (for
+    names the package does not ship); ``None`` if neither holds it. A local rebuild of a shipped
+    name (``agentopd zoo build --force``) lands in the cache; load it by its path."""
+    return shipped_dir(name) or (cache_dir(name) if is_built(cache_dir(name)) else None)
+
+
 """Presets that get an artifact ``<preset>-<env>`` per registered env in :func:`list_models`."""
 
 __all__ = [
     "PRESETS",
     "ModelInfo",
     "Preset",
+    "BASES",
     "build",
     "build_model",
     "cache_dir",
@@ -59,6 +85,8 @@ __all__ = [
     "model_config",
     "num_params",
     "parse_artifact",
+    "resolve",
+    "shipped_dir",
 ]
 
 
@@ -90,23 +118,35 @@ def parse_artifact(name: str) -> tuple[str, str] | None:
 
 
 def list_models() -> list[ModelInfo]:
-    """Presets, then one teacher artifact per registered environment."""
+    """Presets, bases, then one teacher artifact per registered environment."""
     rows = [
         ModelInfo(p.name, "preset", num_params(p.name), True, None, p.description)
         for p in PRESETS.values()
     ]
+    for name, preset in BASES.items():
+        where = resolve(name)
+        rows.append(
+            ModelInfo(
+                name,
+                "base",
+                num_params(preset),
+                where is not None,
+                str(where or cache_dir(name)),
+                f"{preset} pretrained on synthetic copy text",
+            )  # fmt: skip
+        )
     for preset in TEACHER_PRESETS:
         params = num_params(preset)
         for env in _envs.names():
             name = f"{preset}-{env}"
-            path = cache_dir(name)
+            where = resolve(name)
             rows.append(
                 ModelInfo(
                     name,
                     "artifact",
                     params,
-                    is_built(path),
-                    str(path),
+                    where is not None,
+                    str(where or cache_dir(name)),
                     f"{preset} trained by SFT on the {env} expert",
                 )
             )
@@ -122,12 +162,21 @@ def build(name: str, *, progress: bool = True, force: bool = False, **overrides:
         force: Rebuild even when the cache holds it.
         **overrides: Fields of :class:`agentopd.zoo.bootstrap.Recipe` (``steps``, ``lr``, ...).
     """
+    if name in BASES:
+        path = cache_dir(name)
+        if not force and resolve(name) is not None:
+            return resolve(name)  # type: ignore[return-value]
+        # force: rebuild into the cache (the shipped copy, if any, is left alone)
+        from agentopd.zoo.pretrain import build_base
+
+        build_base(BASES[name], path, progress=progress, **overrides)
+        return path
     parsed = parse_artifact(name)
     if parsed is None:
         raise UnknownNameError(_unknown(name))
     path = cache_dir(name)
-    if is_built(path) and not force:
-        return path
+    if not force and resolve(name) is not None:
+        return resolve(name)  # type: ignore[return-value]
     from agentopd.zoo.bootstrap import build_artifact
 
     preset, env = parsed
@@ -148,13 +197,13 @@ def load(
     name = str(name_or_path)
     if name in PRESETS:
         return build_model(name), load_tokenizer()
-    if parse_artifact(name) is not None:
-        path = cache_dir(name)
-        if not is_built(path):
+    if name in BASES or parse_artifact(name) is not None:
+        where = resolve(name)
+        if where is None:
             if not build_missing:
                 raise FileNotFoundError(f"{name} is not built yet; run `agentopd zoo build {name}`")
-            build(name, progress=progress)
-        return _from_pretrained(path)
+            where = build(name, progress=progress)
+        return _from_pretrained(where)
     path = Path(name).expanduser()
     if path.is_dir():
         return _from_pretrained(path)
@@ -164,7 +213,8 @@ def load(
 def _from_pretrained(path: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path))
+    # Shipped weights are float16; every consumer here trains or scores in float32.
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     if (path / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     else:
@@ -192,7 +242,7 @@ def _register() -> None:
         make.__doc__ = f"Load {name!r} from the zoo."
         return make
 
-    for p in PRESETS:
+    for p in [*PRESETS, *BASES]:
         _models.register(p, loader(p), package="agentopd.zoo")
     for preset in TEACHER_PRESETS:
         for env in _envs.names():
