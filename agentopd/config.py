@@ -58,6 +58,7 @@ class LossCfg:
 
 @dataclass
 class OptimCfg:
+    name: str = "adamw"
     lr: float = 1e-4
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -278,6 +279,7 @@ def validate_names(cfg: DictConfig) -> None:
         "loss_cfg.agg": ("token-mean", "seq-mean-token-mean"),
         "loss_cfg.support": ("teacher", "student"),
         "optim.schedule": ("constant", "cosine", "linear"),
+        "optim.name": ("adamw", "sgd"),
         "demo_source": ("expert", "teacher"),
     }
     for key, allowed in choices.items():

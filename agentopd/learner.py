@@ -97,6 +97,8 @@ def make_batch(
 class LearnerConfig:
     """Optimisation and objective settings (see ``agentopd.config`` for the user-facing keys)."""
 
+    optimizer: str = "adamw"
+    """``adamw`` or ``sgd`` (plain, no momentum). See the README on tiny students and AdamW."""
     lr: float = 1e-4
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -131,12 +133,19 @@ class Learner:
         self.config = config
         self.pad_id = pad_id
         self.device = next(model.parameters()).device
-        self.optimizer = torch.optim.AdamW(
-            model.parameters(),
-            lr=config.lr,
-            betas=(config.beta1, config.beta2),
-            weight_decay=config.weight_decay,
-        )
+        if config.optimizer == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            )
+        elif config.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(
+                model.parameters(),
+                lr=config.lr,
+                betas=(config.beta1, config.beta2),
+                weight_decay=config.weight_decay,
+            )
+        else:
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {config.optimizer!r}")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     def _lr_factor(self, step: int) -> float:

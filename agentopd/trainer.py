@@ -152,6 +152,7 @@ class Trainer:
         self.learner = Learner(
             self.student,
             LearnerConfig(
+                optimizer=o.name,
                 lr=o.lr,
                 weight_decay=o.weight_decay,
                 beta1=o.beta1,
@@ -295,6 +296,7 @@ class Trainer:
             self.student,
             replace(
                 self.learner.config,
+                optimizer="adamw",
                 lr=cs.lr,
                 schedule="constant",
                 warmup_steps=0,

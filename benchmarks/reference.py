@@ -100,7 +100,7 @@ def run_env(env: str, seeds: list[int], a: argparse.Namespace, runs_dir: Path) -
     common = [
         f"env={env}",
         f"runs_dir={runs_dir}",
-        "student=tiny",
+        "student=tiny-base",
         "teacher=auto",
         f"episodes_per_step={a.episodes_per_step}",
         *kw,
@@ -119,6 +119,7 @@ def run_env(env: str, seeds: list[int], a: argparse.Namespace, runs_dir: Path) -
                 f"seed={seed}",
                 "steps=0",
                 f"cold_start.steps={a.cold_steps}",
+                f"cold_start.lr={a.sft_lr}",
                 f"cold_start.episodes={a.cold_episodes}",
                 f"eval.episodes={a.eval_episodes}",
                 "eval.after=false",
@@ -142,7 +143,14 @@ def run_env(env: str, seeds: list[int], a: argparse.Namespace, runs_dir: Path) -
         for arm in ("opd-rkl-sampled", "opd-rkl-topk"):
             loss = arm.removeprefix("opd-")
             res, run = _run(
-                [*arm_common, f"loss={loss}", f"steps={a.steps}", f"run_name={env}-s{seed}-{arm}"]
+                [
+                    *arm_common,
+                    f"loss={loss}",
+                    f"optim.name={a.opd_optim}",
+                    f"optim.lr={a.opd_lr}",
+                    f"steps={a.steps}",
+                    f"run_name={env}-s{seed}-{arm}",
+                ]
             )
             arms[arm] = {"run": str(run), "curve": _curve(run), "final": res["success_after"]}
         budget = arms["opd-rkl-sampled"]["curve"][-1][0]
@@ -151,6 +159,8 @@ def run_env(env: str, seeds: list[int], a: argparse.Namespace, runs_dir: Path) -
                 *arm_common,
                 "gkd_lambda=0",
                 "demo_source=teacher",
+                "optim.name=adamw",
+                f"optim.lr={a.sft_lr}",
                 f"teacher_token_budget={budget}",
                 f"steps={a.steps * 20}",
                 f"eval.every={a.eval_every}",
@@ -204,7 +214,7 @@ def write_report(results: dict[str, Any], command: str, wall: float, a: argparse
         f"Command: `{command}`  ",
         f"Wall time: {wall / 60:.1f} min on {torch.get_num_threads()} CPU thread(s) (2-core shared machine).  ",
         f"Held-out tasks per evaluation: {a.eval_episodes} (greedy); pass@k from {a.samples} samples at temperature 1 on half as many tasks.  ",
-        f"Seeds: {a.seeds}. OPD steps: {a.steps} x {a.episodes_per_step} episodes. Cold start: {a.cold_steps} SFT steps on {a.cold_episodes} expert episodes.",
+        f"Seeds: {a.seeds}. OPD steps: {a.steps} x {a.episodes_per_step} episodes ({a.opd_optim}, lr {a.opd_lr}). Cold start: {a.cold_steps} SFT steps on {a.cold_episodes} expert episodes (AdamW, lr {a.sft_lr}); SFT-only continues with AdamW at lr {a.sft_lr}.",
         "",
         "Success rate (%), mean ± std over seeds:",
         "",
@@ -330,7 +340,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--episodes-per-step", type=int, default=16)
-    p.add_argument("--cold-steps", type=int, default=40)
+    p.add_argument("--cold-steps", type=int, default=80)
+    p.add_argument("--sft-lr", type=float, default=1e-3, help="AdamW lr of cold start and SFT-only")
+    p.add_argument("--opd-optim", default="sgd", help="optimizer of the OPD arms")
+    p.add_argument("--opd-lr", type=float, default=0.05, help="lr of the OPD arms")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report from runs-dir/results-<env>.json saved by earlier runs (e.g. one "
+        "process per env in parallel)",
+    )
     p.add_argument("--cold-episodes", type=int, default=200)
     p.add_argument("--runs-dir", default="runs/reference")
     p.add_argument(
@@ -355,11 +374,29 @@ def main(argv: list[str] | None = None) -> None:
     a.env_kwargs = {}
     torch.set_num_threads(1)
     seeds = [int(s) for s in a.seeds.split(",")]
-    start = time.time()
-    results = {env: run_env(env, seeds, a, Path(a.runs_dir)) for env in a.envs.split(",")}
     command = "python " + " ".join(
         shlex.quote(x) for x in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
     )
+    runs = Path(a.runs_dir)
+    results: dict[str, Any] = {}
+    if a.report_only:
+        walls, commands = [], []
+        for env in a.envs.split(","):
+            saved = json.loads((runs / f"results-{env}.json").read_text())
+            results[env] = saved["results"]
+            walls.append(saved["wall_s"])
+            commands.append(saved["command"])
+        command = " & ".join(commands) + "; then " + command
+        write_report(results, command, max(walls), a)
+        return
+    start = time.time()
+    for env in a.envs.split(","):
+        t0 = time.time()
+        results[env] = run_env(env, seeds, a, runs)
+        runs.mkdir(parents=True, exist_ok=True)
+        (runs / f"results-{env}.json").write_text(
+            json.dumps({"results": results[env], "wall_s": time.time() - t0, "command": command})
+        )
     write_report(results, command, time.time() - start, a)
 
 
