@@ -111,6 +111,7 @@ def run_env(env: str, seeds: list[int], a: argparse.Namespace, runs_dir: Path) -
         ),
         "seeds": {},
     }
+    t_env = time.time()
     for seed in seeds:
         s: dict[str, Any] = {}
         res, cold_run = _run(
@@ -179,6 +180,10 @@ def run_env(env: str, seeds: list[int], a: argparse.Namespace, runs_dir: Path) -
             )
         s["arms"] = arms
         out["seeds"][seed] = s
+        # Seeds finished so far, so a run cut short still leaves its results behind.
+        (runs_dir / f"partial-{env}.json").write_text(
+            json.dumps({"results": out, "wall_s": time.time() - t_env, "command": "(partial)"})
+        )
         print(
             json.dumps(
                 {
@@ -382,7 +387,10 @@ def main(argv: list[str] | None = None) -> None:
     if a.report_only:
         walls, commands = [], []
         for env in a.envs.split(","):
-            saved = json.loads((runs / f"results-{env}.json").read_text())
+            path = runs / f"results-{env}.json"
+            if not path.exists():  # fall back to the seeds an interrupted run finished
+                path = runs / f"partial-{env}.json"
+            saved = json.loads(path.read_text())
             results[env] = saved["results"]
             walls.append(saved["wall_s"])
             commands.append(saved["command"])

@@ -62,6 +62,7 @@ def test_check_env_ok_and_typo():
         ("env=lookup-chian", "Did you mean 'lookup-chain'?"),
         ("loss=rkl-topc", "Did you mean 'rkl-topk'?"),
         ("optim.schedule=cosin", "Did you mean 'cosine'?"),
+        ("optim.name=adamm", "Did you mean 'adamw'?"),
         ("curriculum=tcod-f2", "Did you mean 'tcod-f2b'?"),
         ("steps", "expected key=value"),
     ],

@@ -180,3 +180,20 @@ def test_opd_step_reduces_teacher_kl(episodes, renderer, teacher_model):
     for _ in range(10):
         last = learner.step(eps)["learner/loss"]
     assert last < 0.7 * first
+
+
+def test_sgd_opd_steps_reduce_teacher_kl(episodes, renderer, teacher_model):
+    """optim.name=sgd builds plain SGD, and its updates move the student towards the teacher."""
+    eps = copy.deepcopy(episodes)
+    Teacher(teacher_model, renderer, TeacherConfig(topk=8)).score(eps)
+    model = zoo.build_model("tiny", seed=5)
+    learner = Learner(
+        model,
+        LearnerConfig(optimizer="sgd", loss="rkl-topk", lr=0.5, topk=8),
+        pad_id=renderer.pad_id,
+    )
+    assert type(learner.optimizer) is torch.optim.SGD
+    first = learner.step(eps)["learner/loss"]
+    for _ in range(10):
+        last = learner.step(eps)["learner/loss"]
+    assert last < 0.9 * first
