@@ -162,7 +162,12 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     from agentopd import zoo
 
     path = zoo.build(args.name, progress=True, force=args.force)
-    console.print(f"built {args.name} → {path}")
+    if zoo.SHIPPED in path.parents:
+        console.print(
+            f"{args.name} ships with agentopd → {path} (--force rebuilds it into the cache)"
+        )
+    else:
+        console.print(f"built {args.name} → {path}")
     return 0
 
 

@@ -4,6 +4,7 @@ report, then the behaviour specific to ``lookup-chain`` and ``sql``."""
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -396,3 +397,24 @@ def test_sql_rejects_bad_configuration() -> None:
         SqlEnv(min_difficulty=0)
     with pytest.raises(ValueError):
         SqlEnv(n_customers=100)
+
+
+def test_sql_names_tokenize_as_the_query_writes_them():
+    """What the expert copies from the question must be the same tokens in its query."""
+    from agentopd.zoo.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    env = SqlEnv()
+    for seed in range(40):
+        messages, _ = env.reset(seed=seed, options={"split": "train"})
+        question = messages[-1].content
+        query = json.loads(env.expert_action(list(env.messages)).split("<tool_call>")[1].split(
+            "</tool_call>")[0])["arguments"]["query"]  # fmt: skip
+        for literal in query.split("'")[1::2]:  # the quoted names in the first query
+            quoted = tok.encode(f" '{literal}'", add_special_tokens=False)
+            q_ids = tok.encode(question, add_special_tokens=False)
+            assert any(q_ids[i : i + len(quoted)] == quoted for i in range(len(q_ids))), (
+                question,
+                literal,
+            )
+    env.close()
