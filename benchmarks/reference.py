@@ -38,7 +38,7 @@ from agentopd.config import compose
 from agentopd.engines.hf import HFEngine
 from agentopd.metrics import evaluate
 from agentopd.renderer import Renderer
-from agentopd.trainer import Trainer
+from agentopd.trainer import Trainer, rollout_config
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = ("sft-only", "opd-rkl-sampled", "opd-rkl-topk")
@@ -47,12 +47,16 @@ ARMS = ("sft-only", "opd-rkl-sampled", "opd-rkl-topk")
 def _eval_model(
     path_or_name: str, env: str, env_kwargs: dict, n: int, samples: int, seed: int
 ) -> dict[str, Any]:
+    """Greedy success (and pass@k) with the env's training config: the same tasks (env_kwargs
+    from ``configs/env/<env>.yaml``), token limits and eval seeds as the trainer's evaluations."""
     model, tok = zoo.load(path_or_name, progress=True)
     renderer = Renderer(tok)
     engine = HFEngine(model, renderer.eot_id, renderer.pad_id)
+    limits = rollout_config(compose("train", [f"env={env}"]))
     greedy, _ = evaluate(
-        env, env_kwargs, engine, renderer, episodes=n, temperature=0.0, seed=10_000 + seed
-    )
+        env, env_kwargs, engine, renderer, episodes=n, temperature=0.0, seed=10_000 + seed,
+        rollout_config=limits,
+    )  # fmt: skip
     out = {
         "success": greedy["success"],
         "by_difficulty": greedy["success_by_difficulty"],
@@ -68,6 +72,7 @@ def _eval_model(
             samples=samples,
             temperature=1.0,
             seed=10_000 + seed,
+            rollout_config=limits,
         )
         out["pass@k"] = {k: sampled[f"pass@{k}"] for k in range(1, samples + 1)}
     return out
@@ -89,14 +94,22 @@ def _curve(run: Path) -> list[tuple[int, float]]:
     ]
 
 
+def _teacher_tokens(run: Path) -> int:
+    """Teacher tokens consumed by the end of a run (its last training row)."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return max(r["teacher_tokens"] for r in rows if r.get("phase") == "train")
+
+
 def _last_checkpoint_model(run: Path) -> str:
     latest = json.loads((run / "checkpoints" / "latest.json").read_text())
     return str(run / "checkpoints" / latest["path"] / "model")
 
 
 def run_env(env: str, seeds: list[int], a: argparse.Namespace, runs_dir: Path) -> dict[str, Any]:
-    env_kwargs = json.loads(a.env_kwargs.get(env, "{}")) if isinstance(a.env_kwargs, dict) else {}
-    kw = [f"env_kwargs.{k}={v}" for k, v in env_kwargs.items()]
+    # The env's training defaults (configs/env/<env>.yaml), e.g. lookup-chain's 1-3 hops: every
+    # evaluation here uses them, like the trainer's own evaluations.
+    env_kwargs = dict(compose("train", [f"env={env}"]).env_kwargs)
+    kw: list[str] = []
     common = [
         f"env={env}",
         f"runs_dir={runs_dir}",
@@ -136,6 +149,7 @@ def run_env(env: str, seeds: list[int], a: argparse.Namespace, runs_dir: Path) -
             f"student={cold_model}",
             "cold_start.steps=0",
             "eval.before=false",
+            "eval.after=false",  # the final point is _eval_model's greedy pass (same tasks)
             f"eval.episodes={a.eval_episodes}",
             f"eval.every={a.eval_every}",
             "checkpoint_every=1000",
@@ -153,8 +167,8 @@ def run_env(env: str, seeds: list[int], a: argparse.Namespace, runs_dir: Path) -
                     f"run_name={env}-s{seed}-{arm}",
                 ]
             )
-            arms[arm] = {"run": str(run), "curve": _curve(run), "final": res["success_after"]}
-        budget = arms["opd-rkl-sampled"]["curve"][-1][0]
+            arms[arm] = {"run": str(run), "curve": _curve(run)}
+        budget = _teacher_tokens(Path(arms["opd-rkl-sampled"]["run"]))
         res, run = _run(
             [
                 *arm_common,
@@ -168,7 +182,7 @@ def run_env(env: str, seeds: list[int], a: argparse.Namespace, runs_dir: Path) -
                 f"run_name={env}-s{seed}-sft-only",
             ]
         )
-        arms["sft-only"] = {"run": str(run), "curve": _curve(run), "final": res["success_after"]}
+        arms["sft-only"] = {"run": str(run), "curve": _curve(run)}
         for info in arms.values():
             info["eval"] = _eval_model(
                 _last_checkpoint_model(Path(info["run"])),
@@ -178,6 +192,8 @@ def run_env(env: str, seeds: list[int], a: argparse.Namespace, runs_dir: Path) -
                 a.samples,
                 seed,
             )
+            info["final"] = info["eval"]["success"]
+            info["curve"].append((_teacher_tokens(Path(info["run"])), info["final"]))
         s["arms"] = arms
         out["seeds"][seed] = s
         # Seeds finished so far, so a run cut short still leaves its results behind.
@@ -195,6 +211,11 @@ def run_env(env: str, seeds: list[int], a: argparse.Namespace, runs_dir: Path) -
             )
         )
     return out
+
+
+def _pass_at(table: dict, k: int) -> float:
+    """``table[k]``; keys are strings once the results went through JSON (--report-only)."""
+    return table[k] if k in table else table[str(k)]
 
 
 def _ms(xs: list[float]) -> str:
@@ -317,7 +338,8 @@ def write_report(results: dict[str, Any], command: str, wall: float, a: argparse
             for arm in ARMS:
                 ks = list(range(1, a.samples + 1))
                 vals = [
-                    statistics.mean(s["arms"][arm]["eval"]["pass@k"][k] for s in seeds) for k in ks
+                    statistics.mean(_pass_at(s["arms"][arm]["eval"]["pass@k"], k) for s in seeds)
+                    for k in ks
                 ]
                 ax.plot(ks, [100 * v for v in vals], marker="o", label=arm)
                 lines.append(f"| {arm} | " + " | ".join(f"{100 * v:.1f}" for v in vals) + " |")
