@@ -244,13 +244,14 @@ def write_report(results: dict[str, Any], command: str, wall: float, a: argparse
         "",
         "Success rate (%), mean ± std over seeds:",
         "",
-        "| env | teacher | student before | cold start | SFT-only | OPD rkl-sampled | OPD rkl-topk |",
-        "|---|---|---|---|---|---|---|",
+        "| env | seeds | teacher | student before | cold start | SFT-only | OPD rkl-sampled | OPD rkl-topk |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for env, r in results.items():
         seeds = list(r["seeds"].values())
         row = [
             env,
+            ",".join(str(k) for k in r["seeds"]),
             f"{100 * r['teacher']['success']:.1f}",
             _ms([s["before"] for s in seeds]),
             _ms([s["cold_start"] for s in seeds]),
