@@ -162,11 +162,12 @@ def build(name: str, *, progress: bool = True, force: bool = False, **overrides:
         force: Rebuild even when the cache holds it.
         **overrides: Fields of :class:`agentopd.zoo.bootstrap.Recipe` (``steps``, ``lr``, ...).
     """
+    found = None if force else resolve(name)
+    if found is not None:
+        return found
     if name in BASES:
         path = cache_dir(name)
-        if not force and resolve(name) is not None:
-            return resolve(name)  # type: ignore[return-value]
-        # force: rebuild into the cache (the shipped copy, if any, is left alone)
+        # With force, rebuild into the cache; a shipped copy is left alone.
         from agentopd.zoo.pretrain import build_base
 
         build_base(BASES[name], path, progress=progress, **overrides)
@@ -175,8 +176,6 @@ def build(name: str, *, progress: bool = True, force: bool = False, **overrides:
     if parsed is None:
         raise UnknownNameError(_unknown(name))
     path = cache_dir(name)
-    if not force and resolve(name) is not None:
-        return resolve(name)  # type: ignore[return-value]
     from agentopd.zoo.bootstrap import build_artifact
 
     preset, env = parsed

@@ -169,6 +169,16 @@ def copy_sequence(tokenizer: Any, rng: random.Random, max_keys: int = 8) -> SftE
 
 
 # ---------------------------------------------------------------------------- training
+def warmup_cosine_lr(step: int, recipe: Any) -> float:
+    """Linear warm-up to ``recipe.lr``, then cosine decay to ``recipe.min_lr_frac * lr`` at
+    ``recipe.steps`` (any recipe with those fields: :class:`Recipe`, ``PretrainRecipe``)."""
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    t = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    floor = recipe.min_lr_frac
+    return recipe.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
 def sft(
     model: torch.nn.Module,
     examples: list[SftExample],
@@ -189,11 +199,7 @@ def sft(
     )
 
     def lr_at(step: int) -> float:
-        if step < recipe.warmup_steps:
-            return recipe.lr * (step + 1) / recipe.warmup_steps
-        t = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
-        floor = recipe.min_lr_frac
-        return recipe.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+        return warmup_cosine_lr(step, recipe)
 
     model.train()
     losses: list[float] = []

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from agentopd.zoo.bootstrap import SftExample, _batch, _masked_nll_full, warmup_cosine_lr
 from agentopd.zoo.models import build_model
 from agentopd.zoo.tokenizer import load_tokenizer
 
@@ -107,18 +107,6 @@ def drill(tokenizer: Any, rng: random.Random) -> tuple[list[int], list[int]]:
     return head + tail, [0] * len(head) + [1] * len(tail)
 
 
-def _batch(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
-    width = max(len(t) for t, _ in seqs)
-    tokens = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.float)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    for b, (t, m) in enumerate(seqs):
-        tokens[b, : len(t)] = torch.tensor(t)
-        mask[b, : len(t)] = torch.tensor(m, dtype=torch.float)
-        attn[b, : len(t)] = 1
-    return tokens, mask, attn
-
-
 @torch.no_grad()
 def copy_accuracy(model: Any, tokenizer: Any, n: int, seed: int, skip: int = 4) -> float:
     """Teacher-forced argmax accuracy on held-out drill answers (their own seed stream).
@@ -130,14 +118,14 @@ def copy_accuracy(model: Any, tokenizer: Any, n: int, seed: int, skip: int = 4) 
     rng = random.Random(10_000_000 + seed)
     model.eval()
     seqs = [drill(tokenizer, rng) for _ in range(n)]
-    tokens, mask, attn = _batch(seqs, tokenizer.pad_token_id)
+    tokens, mask, attn = _batch([SftExample(t, m) for t, m in seqs], tokenizer.pad_token_id)
     for b, (_, m) in enumerate(seqs):
         start = m.index(1)
         mask[b, start : start + skip] = 0
     pred = model(input_ids=tokens, attention_mask=attn).logits[:, :-1].argmax(-1)
     m = mask[:, 1:]
     model.train()
-    return float(((pred == tokens[:, 1:]).float() * m).sum() / m.sum())
+    return float(((pred == tokens[:, 1:]).float() * m).sum() / m.sum().float())
 
 
 def pretrain(
@@ -156,13 +144,6 @@ def pretrain(
     losses: list[float] = []
     evals: list[dict[str, float]] = []
 
-    def lr_at(step: int) -> float:
-        if step < recipe.warmup_steps:
-            return recipe.lr * (step + 1) / recipe.warmup_steps
-        t = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
-        f = recipe.min_lr_frac
-        return recipe.lr * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * t)))
-
     model.train()
     columns = [
         TextColumn(f"[bold]{preset}-base: pretrain"), BarColumn(),
@@ -173,16 +154,11 @@ def pretrain(
         task = bar.add_task("pretrain", total=recipe.steps, info="")
         for step in range(recipe.steps):
             seqs = [drill(tokenizer, rng) for _ in range(recipe.batch_size)]
-            tokens, mask, attn = _batch(seqs, tokenizer.pad_token_id)
-            logits = model(input_ids=tokens, attention_mask=attn).logits[:, :-1]
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1),
-                reduction="none",
-            )  # fmt: skip
-            m = mask[:, 1:].reshape(-1)
-            loss = (nll * m).sum() / m.sum()
+            loss = _masked_nll_full(
+                [SftExample(t, m) for t, m in seqs], model, tokenizer.pad_token_id
+            )
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = warmup_cosine_lr(step, recipe)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
