@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import agentopd
 
 FAST = [
     "env=lookup-chain",
@@ -22,19 +22,6 @@ FAST = [
     "eval.episodes=0",
     "rollout.max_new_tokens=12",
 ]
-
-
-def agentopd(
-    *args: str, cwd: Path | None = None, timeout: float = 300
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "agentopd.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=timeout,
-        env={**os.environ, "COLUMNS": "200"},
-    )
 
 
 def test_help_and_envs():
