@@ -225,6 +225,11 @@ def _ms(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.1f} ± {100 * sd:.1f}"
 
 
+NOTES_MARKER = (
+    "<!-- generated above by benchmarks/reference.py; notes below are kept on rewrite -->"
+)
+
+
 def write_report(results: dict[str, Any], command: str, wall: float, a: argparse.Namespace) -> None:
     import matplotlib
 
@@ -355,7 +360,11 @@ def write_report(results: dict[str, Any], command: str, wall: float, a: argparse
             [f"![{env} pass@k](figures/{env}-passk.png)"] if a.samples > 1 else []
         )
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    # Hand-written notes below the marker (how the run was made, the analysis) survive a rewrite.
+    md = out / "results.md"
+    old = md.read_text() if md.exists() else ""
+    notes = old.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in old else "\n"
+    md.write_text("\n".join(lines) + "\n\n" + NOTES_MARKER + notes)
     print("\n".join(lines))
 
 
