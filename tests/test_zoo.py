@@ -294,13 +294,17 @@ def test_teacher_build_saves_atomically_and_loads(monkeypatch, tmp_path):
     assert 1 <= len(sample.tokens) <= 5
 
 
-def test_shipped_lookup_chain_teacher_solves_held_out_tasks():
-    """The shipped float16 teacher, loaded as float32, reaches the issue's 90% bar."""
+@pytest.mark.parametrize(
+    "env, env_kwargs", [("lookup-chain", {"min_hops": 1, "max_hops": 3}), ("sql", {})]
+)
+def test_shipped_teacher_solves_held_out_tasks(env, env_kwargs):
+    """The shipped float16 teachers, loaded as float32, reach the issue's 90% bar (64 held-out
+    tasks; the code-sandbox teacher does not yet, see the README's status table)."""
     from agentopd.zoo.bootstrap import greedy_success
 
-    model, tok = zoo.load("tiny-teacher-lookup-chain", build_missing=False)
+    model, tok = zoo.load(f"tiny-teacher-{env}", build_missing=False)
     assert next(model.parameters()).dtype == torch.float32
-    result = greedy_success(model, tok, "lookup-chain", 32, {"min_hops": 1, "max_hops": 3})
+    result = greedy_success(model, tok, env, 64, env_kwargs)
     assert result["success"] >= 0.9, result
 
 
@@ -311,3 +315,29 @@ def test_shipped_bases_copy_from_context_and_random_inits_do_not():
         model, tok = zoo.load(base, build_missing=False)
         assert copy_accuracy(model, tok, 48, seed=0) > 0.7, base
         assert copy_accuracy(zoo.build_model(preset), tok, 48, seed=0) < 0.1, preset
+
+
+def test_copy_drills_repeat_their_items_including_whole_word_tokens(tok):
+    """The teacher recipes' copy drills (``copy_batch``) train copying of one-token words such as
+    sql's city names, which the letter-level pretraining drills never covered."""
+    import random
+    import re
+
+    from agentopd.zoo.bootstrap import _vocab_words, copy_sequence
+
+    words = set(_vocab_words(tok))
+    assert {"rome", "lima", "oslo"} <= words
+    rng = random.Random(0)
+    trained: set[str] = set()
+    for _ in range(300):
+        ex = copy_sequence(tok, rng)
+        start = ex.mask.index(1)
+        assert set(ex.mask[start:]) == {1} and set(ex.mask[:start]) == {0}
+        text = tok.decode(ex.tokens)
+        source = text.split("<|im_start|>tool\n", 1)[1].split("<|im_end|>", 1)[0]
+        target = tok.decode(ex.tokens[start:-1])
+        # The same items in the same order; only the separators may differ.
+        assert re.sub(r"[\s,]", "", source) == re.sub(r"[\s,]", "", target)
+        trained |= {tok.decode([t]) for t in ex.tokens[start:]}
+    assert len(trained & words) > 50
+    assert any(t.isdigit() for t in trained)
