@@ -13,7 +13,7 @@ previous cell into the next one, then submits the last number, so a task of ``st
 
     user:      Step 1: x = the sum of the squares of 1..37. Step 2: x = x squared modulo 101.
                Submit x.
-    assistant: python(code="print(sum(i*i for i in range(1,38)))")   -> 17575
+    assistant: python(code="print(sum(i*i for i in range(1,37+1)))") -> 17575
     assistant: python(code="print(17575*17575%101)")                  -> 6
     assistant: submit(answer="6")
 
@@ -115,7 +115,7 @@ def _next_prime(n: int) -> int:
 
 
 FIRST_OPS = (
-    Op("squares", "the sum of the squares of 1..{a}", "print(sum(i*i for i in range(1,{a1})))",
+    Op("squares", "the sum of the squares of 1..{a}", "print(sum(i*i for i in range(1,{a}+1)))",
        lambda x, a, b: sum(i * i for i in range(1, a + 1)), ((5, 99),)),
     Op("primes", "the number of primes below {a}", "print(sum(all(k%d for d in range(2,k)) for k in range(2,{a})))",
        lambda x, a, b: _primes_below(a), ((20, 999),)),
@@ -157,7 +157,7 @@ def chain_values(chain: list[tuple[Op, int, int]]) -> list[int]:
 
 def step_code(op: Op, a: int, b: int, x: int | None) -> str:
     """The expert's cell for one step given the previous printed value ``x``."""
-    return op.code.format(a=a, b=b, a1=a + 1, x=x)
+    return op.code.format(a=a, b=b, x=x)
 
 
 def chain_prompt(chain: list[tuple[Op, int, int]]) -> str:
