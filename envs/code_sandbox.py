@@ -13,8 +13,8 @@ previous cell into the next one, then submits the last number, so a task of ``st
 
     user:      Step 1: x = the sum of the squares of 1..37. Step 2: x = x squared modulo 101.
                Submit x.
-    assistant: python(code="print(sum(i*i for i in range(1,37+1)))") -> 17575
-    assistant: python(code="print(17575*17575%101)")                  -> 6
+    assistant: python(code="print(sum(i*i for i in range(1,37+1)))")  -> 17575
+    assistant: python(code="print(17575*17575%101)")                    -> 6
     assistant: submit(answer="6")
 
 Prompts, code and outputs are kept short and templated so that a tiny model can learn the expert

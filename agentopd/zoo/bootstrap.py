@@ -165,13 +165,14 @@ def copy_sequence(tokenizer: Any, rng: random.Random, max_keys: int = 8) -> SftE
     """A synthetic copy drill: a tool message of random keys, then an assistant turn repeating them.
 
     Keys look like the environments' short identifiers (a letter and two digits), are numbers of
-    up to six digits, or are whole words of the vocabulary (``rome``, ``lima``: one token each, which the letter-level drills
-    the bases were pretrained on never ask to copy; without them the sql teacher answered a
-    city from its prior instead of the query result). The assistant turn joins the same keys
-    with a possibly different separator, so the model must align by content rather than by a
-    fixed offset, and learns to map ``" h"`` to ``"h"``. Every token of the assistant turn is
-    trained: dense copy supervision makes copying (induction) heads form in a few hundred steps,
-    which the sparse key tokens of expert episodes alone do not.
+    up to six digits, or are whole words of the vocabulary (``rome``, ``lima``). Such words are
+    one token each, and the letter-level drills the bases were pretrained on never ask to copy
+    them; without these drills the sql teacher answered a city from its prior instead of the
+    query result. The assistant turn joins the same keys with a possibly different separator, so
+    the model must align by content rather than by a fixed offset, and learns to map ``" h"`` to
+    ``"h"``. Every token of the assistant turn is trained: dense copy supervision makes copying
+    (induction) heads form in a few hundred steps, which the sparse key tokens of expert
+    episodes alone do not.
     """
     seps = [" ", ",", "\n", ", ", ""]
     words = _vocab_words(tokenizer)
