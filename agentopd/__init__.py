@@ -5,7 +5,7 @@ What a user imports to write a new environment::
     from agentopd import Env, Task, tool, register, make
 """
 
-from agentopd.env import Env, Task, answered_calls
+from agentopd.env import Env, Task, answered_call_log, answered_calls
 from agentopd.parsing import Parsed, format_tool_call, parse_assistant
 from agentopd.registry import list_registered, make, register, spec
 from agentopd.tooling import Tool, ToolError, ToolResult, Toolset, tool
@@ -27,6 +27,7 @@ __all__ = [
     "ToolResult",
     "Toolset",
     "Turn",
+    "answered_call_log",
     "answered_calls",
     "format_tool_call",
     "list_registered",

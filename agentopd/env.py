@@ -90,9 +90,21 @@ class Task:
 def answered_calls(messages: list[Message], tool_name: str, argument: str) -> dict[str, str]:
     """``{argument value: result text}`` for every ``tool_name`` call answered in ``messages``.
 
-    A helper for scripted experts that act on what earlier tool calls returned.
+    A helper for scripted experts that act on what earlier tool calls returned. A value called
+    twice keeps its latest result; :func:`answered_call_log` keeps the order and every call.
     """
-    results: dict[str, str] = {}
+    return dict(answered_call_log(messages, tool_name, argument))
+
+
+def answered_call_log(
+    messages: list[Message], tool_name: str, argument: str
+) -> list[tuple[str, str]]:
+    """``(argument value, result text)`` for every answered ``tool_name`` call, in call order.
+
+    For experts whose tools keep state between calls (a Python session), where what ran before
+    and in which order matters.
+    """
+    log: list[tuple[str, str]] = []
     pending: dict[str | None, str] = {}
     for m in messages:
         if m.role == "assistant":
@@ -102,8 +114,8 @@ def answered_calls(messages: list[Message], tool_name: str, argument: str) -> di
                 if c.name == tool_name and isinstance(c.arguments, dict)
             }
         elif m.role == "tool" and m.name == tool_name and m.tool_call_id in pending:
-            results[pending[m.tool_call_id]] = m.content
-    return results
+            log.append((pending[m.tool_call_id], m.content))
+    return log
 
 
 class MessagesSpace(gymnasium.Space):

@@ -7,15 +7,21 @@ from the submitted answer; nothing the code does inside the sandbox can change i
 
 Built-in tasks come from a seeded generator and are chains of ``steps`` templated operations;
 step 1 computes a number from scratch, each later step transforms the previous result. The
-scripted expert runs one short ``print(...)`` cell per step, copying the number printed by the
-previous cell into the next one, then submits the last number, so a task of ``steps`` steps takes
-``steps + 1`` turns and ``steps`` is the difficulty::
+scripted expert runs one short cell per step that updates the session variable ``x`` and prints
+it, then submits the last number printed, so a task of ``steps`` steps takes ``steps + 1`` turns
+and ``steps`` is the difficulty::
 
     user:      Step 1: x = the sum of the squares of 1..37. Step 2: x = x squared modulo 101.
                Submit x.
-    assistant: python(code="print(sum(i*i for i in range(1,37+1)))")  -> 17575
-    assistant: python(code="print(17575*17575%101)")                    -> 6
+    assistant: python(code="x=sum(i*i for i in range(1,37+1))\nprint(x)")  -> 17575
+    assistant: python(code="x=x*x%101\nprint(x)")                           -> 6
     assistant: submit(answer="6")
+
+Keeping ``x`` in the session spares the model from copying intermediate numbers from one cell's
+output into the next cell, which is where a tiny model fails: with that style (``print(17575*
+17575%101)``) the shipped teacher solved 37% of 3-step tasks. When something else has run in the
+session since its last cell (a student's cell, a crash that restarted the worker), the expert
+cannot trust ``x`` and restates it first (``x=17575\nx=x*x%101\nprint(x)``).
 
 Prompts, code and outputs are kept short and templated so that a tiny model can learn the expert
 by SFT on a CPU. Your own tasks: ``tasks_file=path.jsonl``, one JSON object per line (checked
@@ -55,7 +61,7 @@ import jsonschema
 import numpy as np
 from agentopd.tools.sandbox import Limits, Sandbox, make_sandbox, resolve_backend
 
-from agentopd.env import Env, Task, answered_calls
+from agentopd.env import Env, Task, answered_call_log, answered_calls
 from agentopd.tooling import Tool, ToolError, tool
 from agentopd.types import Message
 
@@ -96,7 +102,8 @@ class Op:
     phrase: str
     """Prompt text with ``{a}``, ``{b}`` parameters (and ``x`` for the previous result)."""
     code: str
-    """The expert's cell, with ``{x}`` (the previous printed value) and parameters."""
+    """The expert's cell, with parameters ``{a}``, ``{b}``; it reads the session variable ``x``
+    (the previous step's result) and leaves the new result in ``x``, printed."""
     ref: Callable[..., int]
     """Reference result from (x, a, b), computed in the trainer."""
     params: tuple[tuple[int, int], ...]
@@ -115,23 +122,23 @@ def _next_prime(n: int) -> int:
 
 
 FIRST_OPS = (
-    Op("squares", "the sum of the squares of 1..{a}", "print(sum(i*i for i in range(1,{a}+1)))",
+    Op("squares", "the sum of the squares of 1..{a}", "x=sum(i*i for i in range(1,{a}+1))\nprint(x)",
        lambda x, a, b: sum(i * i for i in range(1, a + 1)), ((5, 99),)),
-    Op("primes", "the number of primes below {a}", "print(sum(all(k%d for d in range(2,k)) for k in range(2,{a})))",
+    Op("primes", "the number of primes below {a}", "x=sum(all(k%d for d in range(2,k)) for k in range(2,{a}))\nprint(x)",
        lambda x, a, b: _primes_below(a), ((20, 999),)),
-    Op("multiples", "the sum of the multiples of 3 or 5 below {a}", "print(sum(k for k in range(1,{a}) if k%3==0 or k%5==0))",
+    Op("multiples", "the sum of the multiples of 3 or 5 below {a}", "x=sum(k for k in range(1,{a}) if k%3==0 or k%5==0)\nprint(x)",
        lambda x, a, b: sum(k for k in range(1, a) if k % 3 == 0 or k % 5 == 0), ((10, 999),)),
-    Op("power", "{a} to the power {b} modulo 997", "print(pow({a},{b},997))",
+    Op("power", "{a} to the power {b} modulo 997", "x=pow({a},{b},997)\nprint(x)",
        lambda x, a, b: pow(a, b, 997), ((2, 99), (10, 999))),
 )  # fmt: skip
 NEXT_OPS = (
-    Op("digitsum", "the digit sum of x*{a}", "print(sum(map(int,str({x}*{a}))))",
+    Op("digitsum", "the digit sum of x*{a}", "x=sum(map(int,str(x*{a})))\nprint(x)",
        lambda x, a, b: sum(map(int, str(x * a))), ((2, 99),)),
-    Op("square-mod", "x squared modulo {a}", "print({x}*{x}%{a})",
+    Op("square-mod", "x squared modulo {a}", "x=x*x%{a}\nprint(x)",
        lambda x, a, b: x * x % a, ((101, 9999),)),
-    Op("divisors", "the number of divisors of x+{a}", "n={x}+{a}\nprint(sum(n%d==0 for d in range(1,n+1)))",
+    Op("divisors", "the number of divisors of x+{a}", "n=x+{a}\nx=sum(n%d==0 for d in range(1,n+1))\nprint(x)",
        lambda x, a, b: sum((x + a) % d == 0 for d in range(1, x + a + 1)), ((1, 99),)),
-    Op("next-prime", "the smallest prime above x", "n={x}+1\nwhile any(n%d==0 for d in range(2,int(n**.5)+1)):n+=1\nprint(n)",
+    Op("next-prime", "the smallest prime above x", "x+=1\nwhile any(x%d==0 for d in range(2,int(x**.5)+1)):x+=1\nprint(x)",
        lambda x, a, b: _next_prime(x), ()),
 )  # fmt: skip
 
@@ -155,9 +162,13 @@ def chain_values(chain: list[tuple[Op, int, int]]) -> list[int]:
     return values
 
 
-def step_code(op: Op, a: int, b: int, x: int | None) -> str:
-    """The expert's cell for one step given the previous printed value ``x``."""
-    return op.code.format(a=a, b=b, x=x)
+def step_code(op: Op, a: int, b: int, x: int | None = None) -> str:
+    """The expert's cell for one step; with ``x`` given it first restates ``x=<value>``.
+
+    Without ``x`` the cell relies on the session's ``x`` from the previous step's cell.
+    """
+    code = op.code.format(a=a, b=b)
+    return code if x is None else f"x={x}\n{code}"
 
 
 def chain_prompt(chain: list[tuple[Op, int, int]]) -> str:
@@ -370,24 +381,35 @@ class CodeSandboxEnv(Env):
 
     # ---------------------------------------------------------------- expert
     def expert_action(self, messages: list[Message]) -> str:
-        """One cell per step, copying the value printed by the previous cell; then submit.
+        """One cell per step that updates and prints ``x``; then submit the last value.
 
-        Only results of the expert's own cells count, so it continues correctly after replayed
-        or student turns.
+        It replays the session's history of cells in order: a step counts as done when its own
+        cell printed a number while ``x`` could be trusted (nothing else had run since the
+        previous step's cell, or the cell restated ``x`` itself). Any other cell makes ``x``
+        untrusted, and the next cell restates it, so the expert continues correctly after
+        replayed or student turns, crashes and restarts.
         """
         if self.task is None:
             raise RuntimeError("call reset() before expert_action()")
-        results = answered_calls(messages, "python", "code")
         if "chain" not in self.task.data:
-            return self._expert_from_solution(results)
-        x: int | None = None
-        for op, a, b in self.task.data["chain"]:
-            code = step_code(op, a, b, x)
-            value = _last_int(results.get(code))
-            if value is None:
-                return self.call("python", code=code)
-            x = value
-        return self.submit_call(x)
+            return self._expert_from_solution(answered_calls(messages, "python", "code"))
+        chain = self.task.data["chain"]
+        done, x, trusted = 0, None, True
+        for code, result in answered_call_log(messages, "python", "code"):
+            if done < len(chain):
+                op, a, b = chain[done]
+                ok = {step_code(op, a, b, x)}
+                if trusted or done == 0:  # step 1 does not read x
+                    ok.add(step_code(op, a, b))
+                value = _last_int(result)
+                if code in ok and value is not None:
+                    done, x, trusted = done + 1, value, True
+                    continue
+            trusted = False
+        if done == len(chain):
+            return self.submit_call(x)
+        op, a, b = chain[done]
+        return self.call("python", code=step_code(op, a, b, None if trusted or done == 0 else x))
 
     def _expert_from_solution(self, results: dict[str, str]) -> str:
         assert self.task is not None

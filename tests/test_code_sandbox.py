@@ -132,6 +132,30 @@ def test_variables_persist_across_calls(env: CodeSandboxEnv) -> None:
     assert python(env, "f(x) * 2") == "84"  # a cell's last expression is shown, like a notebook
 
 
+def expert_call(env: CodeSandboxEnv) -> tuple[str, dict]:
+    (call,) = agentopd.parse_assistant(env.expert_action(env.messages)).tool_calls
+    return call.name, call.arguments
+
+
+def test_expert_keeps_x_in_the_session_and_restates_it_when_untrusted(env: CodeSandboxEnv) -> None:
+    env.reset(seed=5, options={"steps": 3, "max_turns": 8})
+    chain, values = env.task.data["chain"], env.task.data["values"]
+    assert expert_call(env) == ("python", {"code": step_code(*chain[0])})
+    python(env, step_code(*chain[0]))
+    assert expert_call(env) == ("python", {"code": step_code(*chain[1])})  # trusted
+    python(env, "x = 0")  # a student's cell clobbers x
+    assert expert_call(env) == ("python", {"code": step_code(*chain[1], values[0])})
+    python(env, step_code(*chain[1], values[0]))
+    assert expert_call(env) == ("python", {"code": step_code(*chain[2])})  # trusted
+    python(env, "import os\nos._exit(3)")  # the worker dies and restarts: x is gone
+    assert expert_call(env) == ("python", {"code": step_code(*chain[2], values[1])})
+    while True:
+        _, reward, terminated, truncated, info = env.step(env.expert_action(env.messages))
+        if terminated or truncated:
+            break
+    assert (reward, info["success"], env.turn) == (1.0, True, 6)
+
+
 def test_restart_after_crash_is_reported(env: CodeSandboxEnv) -> None:
     env.reset(seed=0)
     python(env, "x = 1")

@@ -91,7 +91,7 @@ RECIPES: dict[str, Recipe] = {
         train_episodes=1000, steps=400, lr=1e-3, min_lr_frac=0.5, eval_episodes=64, copy_batch=8
     ),
     "code-sandbox": Recipe(
-        train_episodes=1500, steps=400, lr=1e-3, min_lr_frac=0.5, eval_episodes=64
+        train_episodes=2000, steps=600, lr=1e-3, min_lr_frac=0.5, eval_episodes=64
     ),
 }
 """Per-environment defaults; other environments get ``Recipe()``. All start from the shipped
@@ -100,9 +100,10 @@ with one torch thread and the other core busy (the numbers are in each shipped `
 ``lookup-chain`` 100% held-out greedy success (64 tasks, hops 1-3) after 391 s; ``sql`` 95% after
 1,050 s with three other jobs on the two cores (81% without the copy drills, 83% with 2,000
 episodes instead: it answered cities from a prior, see :func:`copy_sequence`); ``code-sandbox``
-72% after 1,776 s, three jobs sharing the cores (59% with 400 episodes, before the expert let
-Python add 1 to N; with 8 copy drills per step only 38%: 100% of 1-step tasks, 25% of 2-step
-tasks, 0% of 3-step tasks). From a random init instead (``init="random"``), ``lookup-chain``
+92% after 1,219 s with another build on the other core (1-, 2-, 3-step tasks 88/96/89%; 89% with
+1,500 episodes and 400 steps in 496 s on both idle cores). Before its expert kept ``x`` in the
+Python session it had to copy each printed number into the next cell, and the same 1,500/400
+recipe reached 72% (3-step tasks 37%); copy drills made that worse (38%), so it uses none. From a random init instead (``init="random"``), ``lookup-chain``
 needed 1,200 steps and 1,605 s: the loss sits on a plateau until copying heads form."""
 
 
