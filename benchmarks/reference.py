@@ -123,6 +123,7 @@ def run_env(env: str, seeds: list[int], a: argparse.Namespace, runs_dir: Path) -
             f"tiny-teacher-{env}", env, env_kwargs, a.eval_episodes, a.samples, 0
         ),
         "seeds": {},
+        "cold_steps": a.cold_steps,
     }
     t_env = time.time()
     for seed in seeds:
@@ -245,11 +246,11 @@ def write_report(results: dict[str, Any], command: str, wall: float, a: argparse
         f"Command: `{command}`  ",
         f"Wall time: {wall / 60:.1f} min on {torch.get_num_threads()} CPU thread(s) (2-core shared machine).  ",
         f"Held-out tasks per evaluation: {a.eval_episodes} (greedy); pass@k from {a.samples} samples at temperature 1 on half as many tasks.  ",
-        f"Seeds: {a.seeds}. OPD steps: {a.steps} x {a.episodes_per_step} episodes ({a.opd_optim}, lr {a.opd_lr}). Cold start: {a.cold_steps} SFT steps on {a.cold_episodes} expert episodes (AdamW, lr {a.sft_lr}); SFT-only continues with AdamW at lr {a.sft_lr}.",
+        f"Seeds: {a.seeds}. OPD steps: {a.steps} x {a.episodes_per_step} episodes ({a.opd_optim}, lr {a.opd_lr}). Cold start: SFT on {a.cold_episodes} expert episodes (AdamW, lr {a.sft_lr}) for the steps in the table; SFT-only continues with AdamW at lr {a.sft_lr}.",
         "",
         "Success rate (%), mean ± std over seeds:",
         "",
-        "| env | seeds | teacher | student before | cold start | SFT-only | OPD rkl-sampled | OPD rkl-topk |",
+        "| env | seeds | teacher | student before | cold start (steps) | SFT-only | OPD rkl-sampled | OPD rkl-topk |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for env, r in results.items():
@@ -259,7 +260,8 @@ def write_report(results: dict[str, Any], command: str, wall: float, a: argparse
             ",".join(str(k) for k in r["seeds"]),
             f"{100 * r['teacher']['success']:.1f}",
             _ms([s["before"] for s in seeds]),
-            _ms([s["cold_start"] for s in seeds]),
+            # results saved before the step count was recorded: the command line's value
+            f"{_ms([s['cold_start'] for s in seeds])} ({r.get('cold_steps', a.cold_steps)})",
         ]
         row += [_ms([s["arms"][arm]["eval"]["success"] for s in seeds]) for arm in ARMS]
         lines.append("| " + " | ".join(row) + " |")
