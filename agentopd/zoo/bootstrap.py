@@ -103,8 +103,9 @@ episodes instead: it answered cities from a prior, see :func:`copy_sequence`); `
 92% after 1,219 s with another build on the other core (1-, 2-, 3-step tasks 88/96/89%; 89% with
 1,500 episodes and 400 steps in 496 s on both idle cores). Before its expert kept ``x`` in the
 Python session it had to copy each printed number into the next cell, and the same 1,500/400
-recipe reached 72% (3-step tasks 37%); copy drills made that worse (38%), so it uses none. From a random init instead (``init="random"``), ``lookup-chain``
-needed 1,200 steps and 1,605 s: the loss sits on a plateau until copying heads form."""
+recipe reached 72% (3-step tasks 37%); copy drills made that worse (38%), so it uses none. From
+a random init instead (``init="random"``), ``lookup-chain`` needed 1,200 steps and 1,605 s: the
+loss sits on a plateau until copying heads form."""
 
 
 @dataclass
