@@ -20,12 +20,12 @@ teacher tokens. Run::
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+
+from reference import _curve, _teacher_tokens  # benchmarks/ is on sys.path when run
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENTOPD = [sys.executable, "-m", "agentopd.cli"]
@@ -35,24 +35,6 @@ def _train(args: list[str]) -> None:
     r = subprocess.run([*AGENTOPD, "train", *args], cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"agentopd train {' '.join(args)} failed:\n{r.stderr[-3000:]}")
-
-
-def _rows(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-
-
-def curve(run: Path) -> list[tuple[int, float]]:
-    """``(teacher tokens, held-out success)`` at every evaluation of a run, in order.
-
-    The evaluation at a step sees the teacher tokens of the train rows logged before it.
-    """
-    points, tokens = [], 0
-    for row in _rows(run):
-        if row.get("phase") == "train":
-            tokens = int(row["teacher_tokens"])
-        elif row.get("phase") == "eval" and "eval/success" in row:
-            points.append((tokens, float(row["eval/success"])))
-    return points
 
 
 def run(seeds: list[int], a: argparse.Namespace) -> None:
@@ -78,8 +60,7 @@ def run(seeds: list[int], a: argparse.Namespace) -> None:
         t0 = time.time()
         _train([*common, f"seed={seed}", "loss=fkl-topk", "optim.name=sgd", "optim.lr=0.1",
                 "rollout.temperature=0.5", f"steps={a.steps}", f"run_name=opd-s{seed}"])  # fmt: skip
-        budget = max(int(r["teacher_tokens"]) for r in _rows(runs / f"opd-s{seed}")
-                     if r.get("phase") == "train")  # fmt: skip
+        budget = _teacher_tokens(runs / f"opd-s{seed}")
         _train([*common, f"seed={seed}", "gkd_lambda=0", "demo_source=teacher",
                 "optim.name=adamw", "optim.lr=1e-3", "rollout.temperature=0.5",
                 f"teacher_token_budget={budget}", f"steps={a.steps * 20}",
@@ -102,7 +83,7 @@ def report(seeds: list[int], a: argparse.Namespace) -> str:
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm, color in (("opd", "tab:blue"), ("sft", "tab:orange")):
         for seed in seeds:
-            pts = curve(runs / f"{arm}-s{seed}")
+            pts = _curve(runs / f"{arm}-s{seed}")
             first = next((i for i, (_, s) in enumerate(pts) if s >= 0.9), None)
             reached = f"{pts[first][0]:,}" if first is not None else "never"
             low = min(s for _, s in pts[first:]) if first is not None else float("nan")

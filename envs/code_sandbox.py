@@ -394,12 +394,12 @@ class CodeSandboxEnv(Env):
         if "chain" not in self.task.data:
             return self._expert_from_solution(answered_calls(messages, "python", "code"))
         chain = self.task.data["chain"]
-        done, x, trusted = 0, None, True
+        done, x, trusted = 0, None, True  # x stays None until step 1 (which does not read it)
         for code, result in answered_call_log(messages, "python", "code"):
             if done < len(chain):
                 op, a, b = chain[done]
                 ok = {step_code(op, a, b, x)}
-                if trusted or done == 0:  # step 1 does not read x
+                if trusted:
                     ok.add(step_code(op, a, b))
                 value = _last_int(result)
                 if code in ok and value is not None:
@@ -409,7 +409,7 @@ class CodeSandboxEnv(Env):
         if done == len(chain):
             return self.submit_call(x)
         op, a, b = chain[done]
-        return self.call("python", code=step_code(op, a, b, None if trusted or done == 0 else x))
+        return self.call("python", code=step_code(op, a, b, None if trusted else x))
 
     def _expert_from_solution(self, results: dict[str, str]) -> str:
         assert self.task is not None

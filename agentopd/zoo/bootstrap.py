@@ -183,7 +183,7 @@ def copy_sequence(tokenizer: Any, rng: random.Random, max_keys: int = 8) -> SftE
         kind = rng.randrange(3)
         if kind == 0:
             return rng.choice(words)
-        if kind == 1:  # numbers as code-sandbox copies them from a prompt or an output
+        if kind == 1:  # numbers of up to six digits, as tasks quote them
             return str(rng.randrange(10 ** rng.randint(1, 6)))
         return rng.choice("abcdefghijklmnopqrstuvwxyz") + f"{rng.randrange(100):02d}"
 
