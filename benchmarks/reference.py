@@ -17,7 +17,11 @@ Outputs: ``docs/results.md`` (tables, command, wall time), ``docs/figures/*.png`
 ``docs/results.json``. Run::
 
     python benchmarks/reference.py                      # full: 2 envs x 3 seeds, 200 eval tasks
+    python benchmarks/reference.py --jobs 2             # the same, two processes at a time
     python benchmarks/reference.py --quick              # smoke run (minutes)
+
+With ``--jobs N`` each env's teacher evaluation and each (env, seed) run in their own process
+(logs in ``RUNS_DIR/logs``); the numbers are those of the serial run, only the wall time differs.
 """
 
 from __future__ import annotations
@@ -105,113 +109,133 @@ def _last_checkpoint_model(run: Path) -> str:
     return str(run / "checkpoints" / latest["path"] / "model")
 
 
+def _env_kwargs(env: str) -> dict[str, Any]:
+    """The env's training defaults (configs/env/<env>.yaml), e.g. lookup-chain's 1-3 hops: every
+    evaluation here uses them, like the trainer's own evaluations."""
+    return dict(compose("train", [f"env={env}"]).env_kwargs)
+
+
+def cold_steps_for(spec: str, env: str) -> int:
+    """``--cold-steps``: one number for every env, or ``env=N`` pairs (``lookup-chain=80,...``)."""
+    if "=" not in spec:
+        return int(spec)
+    table = dict(pair.split("=", 1) for pair in spec.split(","))
+    if env not in table:
+        raise SystemExit(f"--cold-steps {spec!r} names no step count for env {env!r}")
+    return int(table[env])
+
+
+def run_teacher(env: str, a: argparse.Namespace) -> dict[str, Any]:
+    return _eval_model(f"tiny-teacher-{env}", env, _env_kwargs(env), a.eval_episodes, a.samples, 0)
+
+
 def run_env(env: str, seeds: list[int], a: argparse.Namespace, runs_dir: Path) -> dict[str, Any]:
-    # The env's training defaults (configs/env/<env>.yaml), e.g. lookup-chain's 1-3 hops: every
-    # evaluation here uses them, like the trainer's own evaluations.
-    env_kwargs = dict(compose("train", [f"env={env}"]).env_kwargs)
-    kw: list[str] = []
+    out: dict[str, Any] = {
+        "teacher": run_teacher(env, a),
+        "seeds": {},
+        "cold_steps": cold_steps_for(a.cold_steps, env),
+    }
+    t_env = time.time()
+    for seed in seeds:
+        out["seeds"][seed] = run_seed(env, seed, a, runs_dir)
+        # Seeds finished so far, so a run cut short still leaves its results behind.
+        (runs_dir / f"partial-{env}.json").write_text(
+            json.dumps({"results": out, "wall_s": time.time() - t_env, "command": "(partial)"})
+        )
+    return out
+
+
+def run_seed(env: str, seed: int, a: argparse.Namespace, runs_dir: Path) -> dict[str, Any]:
+    """Cold start and the three arms for one env and seed."""
+    env_kwargs = _env_kwargs(env)
     common = [
         f"env={env}",
         f"runs_dir={runs_dir}",
         "student=tiny-base",
         "teacher=auto",
         f"episodes_per_step={a.episodes_per_step}",
-        *kw,
     ]
-    out: dict[str, Any] = {
-        "teacher": _eval_model(
-            f"tiny-teacher-{env}", env, env_kwargs, a.eval_episodes, a.samples, 0
-        ),
-        "seeds": {},
-        "cold_steps": a.cold_steps,
-    }
-    t_env = time.time()
-    for seed in seeds:
-        s: dict[str, Any] = {}
-        res, cold_run = _run(
-            [
-                *common,
-                f"seed={seed}",
-                "steps=0",
-                f"cold_start.steps={a.cold_steps}",
-                f"cold_start.lr={a.sft_lr}",
-                f"cold_start.episodes={a.cold_episodes}",
-                f"eval.episodes={a.eval_episodes}",
-                "eval.after=false",
-                f"run_name={env}-s{seed}-cold",
-            ]
-        )
-        s["before"] = res["success_before"]
-        s["cold_start"] = res["success_after_cold_start"]
-        cold_model = str(cold_run / "cold_start_model")
-        arm_common = [
+    s: dict[str, Any] = {}
+    res, cold_run = _run(
+        [
             *common,
             f"seed={seed}",
-            f"student={cold_model}",
-            "cold_start.steps=0",
-            "eval.before=false",
-            "eval.after=false",  # the final point is _eval_model's greedy pass (same tasks)
+            "steps=0",
+            f"cold_start.steps={cold_steps_for(a.cold_steps, env)}",
+            f"cold_start.lr={a.sft_lr}",
+            f"cold_start.episodes={a.cold_episodes}",
             f"eval.episodes={a.eval_episodes}",
-            f"eval.every={a.eval_every}",
-            "checkpoint_every=1000",
+            "eval.after=false",
+            f"run_name={env}-s{seed}-cold",
         ]
-        arms: dict[str, Any] = {}
-        for arm in ("opd-rkl-sampled", "opd-rkl-topk"):
-            loss = arm.removeprefix("opd-")
-            res, run = _run(
-                [
-                    *arm_common,
-                    f"loss={loss}",
-                    f"optim.name={a.opd_optim}",
-                    f"optim.lr={a.opd_lr}",
-                    f"steps={a.steps}",
-                    f"run_name={env}-s{seed}-{arm}",
-                ]
-            )
-            arms[arm] = {"run": str(run), "curve": _curve(run)}
-        budget = _teacher_tokens(Path(arms["opd-rkl-sampled"]["run"]))
+    )
+    s["before"] = res["success_before"]
+    s["cold_start"] = res["success_after_cold_start"]
+    cold_model = str(cold_run / "cold_start_model")
+    arm_common = [
+        *common,
+        f"seed={seed}",
+        f"student={cold_model}",
+        "cold_start.steps=0",
+        "eval.before=false",
+        "eval.after=false",  # the final point is _eval_model's greedy pass (same tasks)
+        f"eval.episodes={a.eval_episodes}",
+        f"eval.every={a.eval_every}",
+        "checkpoint_every=1000",
+    ]
+    arms: dict[str, Any] = {}
+    for arm in ("opd-rkl-sampled", "opd-rkl-topk"):
+        loss = arm.removeprefix("opd-")
         res, run = _run(
             [
                 *arm_common,
-                "gkd_lambda=0",
-                "demo_source=teacher",
-                "optim.name=adamw",
-                f"optim.lr={a.sft_lr}",
-                f"teacher_token_budget={budget}",
-                f"steps={a.steps * 20}",
-                f"eval.every={a.eval_every}",
-                f"run_name={env}-s{seed}-sft-only",
+                f"loss={loss}",
+                f"optim.name={a.opd_optim}",
+                f"optim.lr={a.opd_lr}",
+                f"steps={a.steps}",
+                f"run_name={env}-s{seed}-{arm}",
             ]
         )
-        arms["sft-only"] = {"run": str(run), "curve": _curve(run)}
-        for info in arms.values():
-            info["eval"] = _eval_model(
-                _last_checkpoint_model(Path(info["run"])),
-                env,
-                env_kwargs,
-                a.eval_episodes,
-                a.samples,
-                seed,
-            )
-            info["final"] = info["eval"]["success"]
-            info["curve"].append((_teacher_tokens(Path(info["run"])), info["final"]))
-        s["arms"] = arms
-        out["seeds"][seed] = s
-        # Seeds finished so far, so a run cut short still leaves its results behind.
-        (runs_dir / f"partial-{env}.json").write_text(
-            json.dumps({"results": out, "wall_s": time.time() - t_env, "command": "(partial)"})
+        arms[arm] = {"run": str(run), "curve": _curve(run)}
+    budget = _teacher_tokens(Path(arms["opd-rkl-sampled"]["run"]))
+    res, run = _run(
+        [
+            *arm_common,
+            "gkd_lambda=0",
+            "demo_source=teacher",
+            "optim.name=adamw",
+            f"optim.lr={a.sft_lr}",
+            f"teacher_token_budget={budget}",
+            f"steps={a.steps * 20}",
+            f"eval.every={a.eval_every}",
+            f"run_name={env}-s{seed}-sft-only",
+        ]
+    )
+    arms["sft-only"] = {"run": str(run), "curve": _curve(run)}
+    for info in arms.values():
+        info["eval"] = _eval_model(
+            _last_checkpoint_model(Path(info["run"])),
+            env,
+            env_kwargs,
+            a.eval_episodes,
+            a.samples,
+            seed,
         )
-        print(
-            json.dumps(
-                {
-                    env: {
-                        seed: {k: v for k, v in s.items() if k != "arms"}
-                        | {arm: arms[arm]["eval"]["success"] for arm in arms}
-                    }
+        info["final"] = info["eval"]["success"]
+        info["curve"].append((_teacher_tokens(Path(info["run"])), info["final"]))
+    s["arms"] = arms
+    print(
+        json.dumps(
+            {
+                env: {
+                    seed: {k: v for k, v in s.items() if k != "arms"}
+                    | {arm: arms[arm]["eval"]["success"] for arm in arms}
                 }
-            )
-        )
-    return out
+            }
+        ),
+        flush=True,
+    )
+    return s
 
 
 def _pass_at(table: dict, k: int) -> float:
@@ -261,7 +285,8 @@ def write_report(results: dict[str, Any], command: str, wall: float, a: argparse
             f"{100 * r['teacher']['success']:.1f}",
             _ms([s["before"] for s in seeds]),
             # results saved before the step count was recorded: the command line's value
-            f"{_ms([s['cold_start'] for s in seeds])} ({r.get('cold_steps', a.cold_steps)})",
+            f"{_ms([s['cold_start'] for s in seeds])} "
+            f"({r.get('cold_steps') or cold_steps_for(a.cold_steps, env)})",
         ]
         row += [_ms([s["arms"][arm]["eval"]["success"] for s in seeds]) for arm in ARMS]
         lines.append("| " + " | ".join(row) + " |")
@@ -379,7 +404,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--episodes-per-step", type=int, default=16)
-    p.add_argument("--cold-steps", type=int, default=80)
+    p.add_argument(
+        "--cold-steps",
+        default="lookup-chain=80,code-sandbox=150",
+        help="cold-start SFT steps: one number, or env=N pairs",
+    )
+    p.add_argument(
+        "--jobs", type=int, default=1, help="processes at a time (one torch thread each)"
+    )
+    p.add_argument("--unit", default=None, help=argparse.SUPPRESS)
     p.add_argument("--sft-lr", type=float, default=1e-3, help="AdamW lr of cold start and SFT-only")
     p.add_argument("--opd-optim", default="sgd", help="optimizer of the OPD arms")
     p.add_argument("--opd-lr", type=float, default=0.05, help="lr of the OPD arms")
@@ -409,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
             a.cold_steps,
             a.cold_episodes,
             a.episodes_per_step,
-        ) = "0", 16, 2, 2, 2, 4, 16, 4
+        ) = "0", 16, 2, 2, 2, "4", 16, 4
     a.env_kwargs = {}
     torch.set_num_threads(1)
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -431,15 +464,70 @@ def main(argv: list[str] | None = None) -> None:
         command = " & ".join(commands) + "; then " + command
         write_report(results, command, max(walls), a)
         return
+    runs.mkdir(parents=True, exist_ok=True)
+    if a.unit:  # one piece of a --jobs run, started by run_parallel
+        env, what = a.unit.split(":")
+        res = run_teacher(env, a) if what == "teacher" else run_seed(env, int(what), a, runs)
+        (runs / "units" / f"{env}-{what}.json").write_text(json.dumps(res, default=str))
+        return
     start = time.time()
-    for env in a.envs.split(","):
+    envs = a.envs.split(",")
+    if a.jobs > 1:
+        results = run_parallel(envs, seeds, a, argv if argv is not None else sys.argv[1:], runs)
+        for env in envs:
+            (runs / f"results-{env}.json").write_text(
+                json.dumps(
+                    {"results": results[env], "wall_s": time.time() - start, "command": command}
+                )
+            )
+    for env in envs if a.jobs <= 1 else []:
         t0 = time.time()
         results[env] = run_env(env, seeds, a, runs)
-        runs.mkdir(parents=True, exist_ok=True)
         (runs / f"results-{env}.json").write_text(
             json.dumps({"results": results[env], "wall_s": time.time() - t0, "command": command})
         )
     write_report(results, command, time.time() - start, a)
+
+
+def run_parallel(
+    envs: list[str], seeds: list[int], a: argparse.Namespace, argv: list[str], runs: Path
+) -> dict[str, Any]:
+    """Run each env's teacher evaluation and each (env, seed) as its own process, ``a.jobs`` at
+    a time, and assemble their results. Every process uses one torch thread; the results are
+    those of the serial run (each unit seeds itself), only the wall time differs."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    (runs / "units").mkdir(parents=True, exist_ok=True)
+    (runs / "logs").mkdir(parents=True, exist_ok=True)
+    units = [f"{env}:teacher" for env in envs] + [f"{env}:{s}" for env in envs for s in seeds]
+    t0 = time.time()
+
+    def work(unit: str) -> None:
+        log = runs / "logs" / f"{unit.replace(':', '-')}.log"
+        cmd = [sys.executable, __file__, *argv, "--jobs", "1", "--unit", unit]
+        with log.open("w") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            tail = "\n".join(log.read_text().splitlines()[-20:])
+            raise RuntimeError(f"unit {unit} failed (exit {rc}); log {log}:\n{tail}")
+        print(f"[{(time.time() - t0) / 60:5.1f} min] {unit} done", flush=True)
+
+    with ThreadPoolExecutor(a.jobs) as pool:
+        for fut in [pool.submit(work, u) for u in units]:
+            fut.result()
+
+    def load(env: str, what: Any) -> Any:
+        return json.loads((runs / "units" / f"{env}-{what}.json").read_text())
+
+    return {
+        env: {
+            "teacher": load(env, "teacher"),
+            "seeds": {s: load(env, s) for s in seeds},
+            "cold_steps": cold_steps_for(a.cold_steps, env),
+        }
+        for env in envs
+    }
 
 
 if __name__ == "__main__":

@@ -268,6 +268,46 @@ def test_shared_prefix_loss_equals_full_forward(lookup_examples):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
 
 
+def test_expert_examples_do_not_depend_on_the_worker_count():
+    from agentopd.zoo import bootstrap
+
+    kwargs = {"min_hops": 1, "max_hops": 3}
+    one = bootstrap.expert_examples("lookup-chain", kwargs, list(range(7)), workers=1)
+    calls = []
+    three = bootstrap.expert_examples(
+        "lookup-chain", kwargs, list(range(7)), workers=3, on_episode=lambda: calls.append(1)
+    )
+    assert len(calls) == 7
+    assert [(e.tokens, e.mask, ok) for e, ok in one] == [(e.tokens, e.mask, ok) for e, ok in three]
+    assert len({tuple(e.tokens) for e, _ in one}) == 7  # seeds in order, not one task repeated
+
+
+def test_length_grouped_batches_cover_each_example_once_per_epoch():
+    from agentopd.zoo import bootstrap
+
+    lengths = [(i * 37) % 101 for i in range(100)]
+    gen = torch.Generator().manual_seed(0)
+    batches = bootstrap.length_grouped_batches(lengths, 8, gen, pool=4)
+    epoch = [next(batches) for _ in range(13)]  # 100 examples: 12 full batches + 1 topped up
+    assert all(len(b) == 8 for b in epoch)
+    seen = [i for b in epoch for i in b]
+    assert set(seen) == set(range(100)) and len(seen) == 104
+    # Within a pool the batches are contiguous runs of the length order, so a batch's length
+    # spread is far below that of uniform draws.
+    spread = sorted(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epoch)
+    assert spread[len(spread) // 2] < 40
+    assert next(batches) != epoch[0] or next(batches) != epoch[1]  # the next epoch reshuffles
+
+
+def test_bf16_mode_is_checked():
+    from agentopd.zoo import bootstrap
+
+    assert bootstrap._bf16_wanted("off", torch.device("cpu")) is False
+    assert bootstrap._bf16_wanted("on", torch.device("cpu")) is True
+    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
+        bootstrap._bf16_wanted("yes", torch.device("cpu"))
+
+
 def test_teacher_build_saves_atomically_and_loads(monkeypatch, tmp_path):
     from agentopd.engines import SamplingParams
     from agentopd.engines.hf import HFEngine

@@ -76,6 +76,17 @@ class Recipe:
     """Synthetic copy sequences added to every batch (see :func:`copy_sequence`); 0: none."""
     copy_weight: float = 1.0
     """Weight of the copy loss next to the expert loss."""
+    group_by_length: bool = False
+    """Draw batches without replacement from pools of ``8 * batch_size`` shuffled examples sorted
+    by length, so a batch pads less (see :func:`length_grouped_batches`); False (the shipped
+    teachers' recipe): independent uniform draws with replacement."""
+    bf16: str = "off"
+    """Mixed precision for the forward pass: ``on`` uses bfloat16 autocast, ``auto`` only where
+    the device runs it natively (CUDA, or a CPU with AVX512-BF16/AMX), ``off`` (the shipped
+    teachers' recipe) never. Weights, optimizer state and the loss stay float32."""
+    data_workers: int = 4
+    """Threads playing expert episodes (environments that wait on tool processes, such as
+    ``code-sandbox``, overlap); the data is the same for any value."""
 
 
 RECIPES: dict[str, Recipe] = {
@@ -105,7 +116,15 @@ episodes instead: it answered cities from a prior, see :func:`copy_sequence`); `
 Python session it had to copy each printed number into the next cell, and the same 1,500/400
 recipe reached 72% (3-step tasks 37%); copy drills made that worse (38%), so it uses none. From
 a random init instead (``init="random"``), ``lookup-chain`` needed 1,200 steps and 1,605 s: the
-loss sits on a plateau until copying heads form."""
+loss sits on a plateau until copying heads form.
+
+Faster options, measured on ``code-sandbox`` with 1,500 episodes and 400 steps (64 tasks, so a
+single build's rate is uncertain by about 4 points): playing the expert episodes in 4 threads
+(``data_workers``, the default; the data are identical) cut that phase from about 100 s to 61 s.
+``group_by_length`` and ``bf16="on"`` together made a step 1.7x faster (0.58 s with 2 threads,
+234 s of training) but the teacher reached only 58%; each alone, on one thread next to another
+build, trained 1.35x faster and reached 88% (grouping) and 86% (bf16) against 89% for the
+default. So both stay off, and the shipped recipes above are reproduced by the defaults."""
 
 
 @dataclass
@@ -150,6 +169,45 @@ def expert_sequence(
         mask += [0] * len(bridge.tokens)
         stream += bridge.text
     return tokens, mask, success
+
+
+def expert_examples(
+    env_name: str,
+    env_kwargs: dict[str, Any],
+    seeds: list[int],
+    workers: int = 1,
+    on_episode: Any = None,
+) -> list[tuple[SftExample, bool]]:
+    """``(example, success)`` of one expert episode per seed, in seed order.
+
+    ``workers`` threads each play a contiguous share of the seeds with their own environment,
+    tokenizer and renderer, so nothing is shared between threads; the result does not depend
+    on ``workers``. Threads pay off where the environment waits on a tool process (a sandboxed
+    Python worker); ``on_episode`` is called after each episode (from any thread).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def play(share: list[int]) -> list[tuple[SftExample, bool]]:
+        env = make(env_name, **env_kwargs)
+        renderer = Renderer(load_tokenizer())
+        out = []
+        try:
+            for seed in share:
+                tokens, mask, ok = expert_sequence(env, renderer, seed)
+                out.append((SftExample(tokens, mask), ok))
+                if on_episode is not None:
+                    on_episode()
+        finally:
+            env.close()
+        return out
+
+    workers = max(1, min(workers, len(seeds)))
+    size = math.ceil(len(seeds) / workers)
+    shares = [seeds[i : i + size] for i in range(0, len(seeds), size)]
+    if len(shares) == 1:
+        return play(shares[0])
+    with ThreadPoolExecutor(len(shares)) as pool:
+        return [pair for part in pool.map(play, shares) for pair in part]
 
 
 @functools.lru_cache(maxsize=4)
@@ -232,16 +290,28 @@ def sft(
     def lr_at(step: int) -> float:
         return warmup_cosine_lr(step, recipe)
 
+    if recipe.group_by_length:
+        batches = length_grouped_batches([len(e.tokens) for e in examples], recipe.batch_size, gen)
+    else:
+        batches = iter(
+            lambda: torch.randint(len(examples), (recipe.batch_size,), generator=gen).tolist(),
+            None,
+        )
+    device = next(model.parameters()).device
+    use_bf16 = _bf16_wanted(recipe.bf16, device)
+
     model.train()
     losses: list[float] = []
     for step in range(recipe.steps):
-        idx = torch.randint(len(examples), (recipe.batch_size,), generator=gen).tolist()
-        loss = masked_nll([examples[i] for i in idx], model, pad_id)
-        total = loss
-        if copy_examples and recipe.copy_batch > 0:
-            cidx = torch.randint(len(copy_examples), (recipe.copy_batch,), generator=gen).tolist()
-            copy_loss = _masked_nll_full([copy_examples[i] for i in cidx], model, pad_id)
-            total = loss + recipe.copy_weight * copy_loss
+        idx = next(batches)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = masked_nll([examples[i] for i in idx], model, pad_id)
+            total = loss
+            if copy_examples and recipe.copy_batch > 0:
+                n = len(copy_examples)
+                cidx = torch.randint(n, (recipe.copy_batch,), generator=gen).tolist()
+                copy_loss = _masked_nll_full([copy_examples[i] for i in cidx], model, pad_id)
+                total = loss + recipe.copy_weight * copy_loss
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -253,6 +323,43 @@ def sft(
             progress.update(task, advance=1, loss=f"{losses[-1]:.4f}")
     model.eval()
     return losses
+
+
+def length_grouped_batches(
+    lengths: list[int], batch_size: int, gen: torch.Generator, pool: int = 8
+) -> Any:
+    """Endless index batches: each epoch shuffles all examples, sorts every pool of
+    ``pool * batch_size`` of them by length, cuts the pools into batches and shuffles the batches.
+
+    Every example is seen once per epoch; a batch holds examples of similar length, so right
+    padding wastes less compute (on code-sandbox episodes about 1.3x fewer padded positions
+    than uniform draws), while which examples share a batch still changes from epoch to epoch.
+    """
+    n = len(lengths)
+    size = min(batch_size, n)
+    while True:
+        order = torch.randperm(n, generator=gen).tolist()
+        batches = []
+        for start in range(0, n, pool * size):
+            chunk = sorted(order[start : start + pool * size], key=lambda i: lengths[i])
+            batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+        # A short last batch would make a step of fewer examples; top it up from the epoch.
+        if len(batches[-1]) < size:
+            batches[-1] += order[: size - len(batches[-1])]
+        for j in torch.randperm(len(batches), generator=gen).tolist():
+            yield batches[j]
+
+
+def _bf16_wanted(mode: str, device: torch.device) -> bool:
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"bf16 must be 'auto', 'on' or 'off', not {mode!r}")
+    if mode != "auto":
+        return mode == "on"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
 
 
 def masked_nll(batch: list[SftExample], model: Any, pad_id: int) -> torch.Tensor:
@@ -443,7 +550,7 @@ def build_artifact(
 
     tokenizer = load_tokenizer()
     renderer = Renderer(tokenizer)
-    env = make(env_name, **recipe.env_kwargs)
+    make(env_name, **recipe.env_kwargs).close()  # an unknown name or bad kwargs fail here, early
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -455,17 +562,13 @@ def build_artifact(
     with Progress(*columns, console=console, disable=not progress) as bar:
         # ------------------------------------------------------------ data
         task = bar.add_task(f"{name}: expert episodes", total=recipe.train_episodes, loss="")
-        examples: list[SftExample] = []
-        failed = 0
         seeds = range(recipe.seed * 10_000_019, recipe.seed * 10_000_019 + recipe.train_episodes)
-        for seed in seeds:
-            tokens, mask, ok = expert_sequence(env, renderer, seed)
-            if ok:
-                examples.append(SftExample(tokens, mask))
-            else:
-                failed += 1
-            bar.update(task, advance=1)
-        env.close()
+        played = expert_examples(
+            env_name, recipe.env_kwargs, list(seeds), recipe.data_workers,
+            on_episode=lambda: bar.update(task, advance=1),
+        )  # fmt: skip
+        examples = [ex for ex, ok in played if ok]
+        failed = len(played) - len(examples)
         if not examples:
             raise RuntimeError(
                 f"the {env_name} expert solved none of {recipe.train_episodes} tasks"
@@ -562,10 +665,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init", default=None, help="base (default), random, or a model name/path")
     p.add_argument("--out", type=Path, default=None, help="target directory (default: cache)")
     for f in ("steps", "batch_size", "train_episodes", "eval_episodes", "seed", "warmup_steps",
-              "copy_batch"):  # fmt: skip
+              "copy_batch", "data_workers"):  # fmt: skip
         p.add_argument("--" + f.replace("_", "-"), dest=f, type=int, default=None)
     for f in ("lr", "min_lr_frac", "weight_decay", "copy_weight"):
         p.add_argument("--" + f.replace("_", "-"), dest=f, type=float, default=None)
+    p.add_argument("--bf16", choices=("auto", "on", "off"), default=None)
+    p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
+                   default=None, help="uniform random batches")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--half", action="store_true", help="save float16 weights (shipped form)")
     args = p.parse_args(argv)
