@@ -268,7 +268,7 @@ def write_report(results: dict[str, Any], command: str, wall: float, a: argparse
         "# Reference experiment",
         "",
         f"Command: `{command}`  ",
-        f"Wall time: {wall / 60:.1f} min on {torch.get_num_threads()} CPU thread(s) (2-core shared machine).  ",
+        f"Wall time: {wall / 60:.1f} min, {a.jobs} process(es) at a time with {torch.get_num_threads()} torch thread each (2-core shared machine).  ",
         f"Held-out tasks per evaluation: {a.eval_episodes} (greedy); pass@k from {a.samples} samples at temperature 1 on half as many tasks.  ",
         f"Seeds: {a.seeds}. OPD steps: {a.steps} x {a.episodes_per_step} episodes ({a.opd_optim}, lr {a.opd_lr}). Cold start: SFT on {a.cold_episodes} expert episodes (AdamW, lr {a.sft_lr}) for the steps in the table; SFT-only continues with AdamW at lr {a.sft_lr}.",
         "",
@@ -461,7 +461,12 @@ def main(argv: list[str] | None = None) -> None:
             results[env] = saved["results"]
             walls.append(saved["wall_s"])
             commands.append(saved["command"])
-        command = " & ".join(commands) + "; then " + command
+            a.jobs = saved.get("jobs", 1)
+        if len(set(commands)) == 1:  # every env from one run: its command and wall time
+            command = commands[0]
+        else:
+            command = " & ".join(commands) + "; then " + command
+            a.jobs = len(commands)
         write_report(results, command, max(walls), a)
         return
     runs.mkdir(parents=True, exist_ok=True)
@@ -477,7 +482,12 @@ def main(argv: list[str] | None = None) -> None:
         for env in envs:
             (runs / f"results-{env}.json").write_text(
                 json.dumps(
-                    {"results": results[env], "wall_s": time.time() - start, "command": command}
+                    {
+                        "results": results[env],
+                        "wall_s": time.time() - start,
+                        "command": command,
+                        "jobs": a.jobs,
+                    }
                 )
             )
     for env in envs if a.jobs <= 1 else []:

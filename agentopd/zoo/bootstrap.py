@@ -670,8 +670,8 @@ def main(argv: list[str] | None = None) -> None:
     for f in ("lr", "min_lr_frac", "weight_decay", "copy_weight"):
         p.add_argument("--" + f.replace("_", "-"), dest=f, type=float, default=None)
     p.add_argument("--bf16", choices=("auto", "on", "off"), default=None)
-    p.add_argument("--no-group-by-length", dest="group_by_length", action="store_false",
-                   default=None, help="uniform random batches")  # fmt: skip
+    p.add_argument("--group-by-length", action="store_true", default=None,
+                   help="batches of similar length (Recipe.group_by_length)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--half", action="store_true", help="save float16 weights (shipped form)")
     args = p.parse_args(argv)
