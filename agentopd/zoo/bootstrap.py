@@ -332,8 +332,9 @@ def length_grouped_batches(
     ``pool * batch_size`` of them by length, cuts the pools into batches and shuffles the batches.
 
     Every example is seen once per epoch; a batch holds examples of similar length, so right
-    padding wastes less compute (on code-sandbox episodes about 1.3x fewer padded positions
-    than uniform draws), while which examples share a batch still changes from epoch to epoch.
+    padding wastes less compute (uniform batches of code-sandbox episodes are about 73% real
+    tokens; grouped, a step was about 1.35x faster), while which examples share a batch still
+    changes from epoch to epoch.
     """
     n = len(lengths)
     size = min(batch_size, n)
