@@ -479,23 +479,13 @@ def main(argv: list[str] | None = None) -> None:
     envs = a.envs.split(",")
     if a.jobs > 1:
         results = run_parallel(envs, seeds, a, argv if argv is not None else sys.argv[1:], runs)
-        for env in envs:
-            (runs / f"results-{env}.json").write_text(
-                json.dumps(
-                    {
-                        "results": results[env],
-                        "wall_s": time.time() - start,
-                        "command": command,
-                        "jobs": a.jobs,
-                    }
-                )
-            )
-    for env in envs if a.jobs <= 1 else []:
-        t0 = time.time()
-        results[env] = run_env(env, seeds, a, runs)
-        (runs / f"results-{env}.json").write_text(
-            json.dumps({"results": results[env], "wall_s": time.time() - t0, "command": command})
-        )
+    for env in envs:
+        if a.jobs <= 1:
+            results[env] = run_env(env, seeds, a, runs)
+        # wall_s is the run's time so far, so --report-only over one run's files (the same
+        # command) reports the whole run's wall time.
+        saved = {"results": results[env], "wall_s": time.time() - start, "command": command}
+        (runs / f"results-{env}.json").write_text(json.dumps(saved | {"jobs": a.jobs}))
     write_report(results, command, time.time() - start, a)
 
 
