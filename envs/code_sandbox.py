@@ -19,9 +19,10 @@ and ``steps`` is the difficulty::
 
 Keeping ``x`` in the session spares the model from copying intermediate numbers from one cell's
 output into the next cell, which is where a tiny model fails: with that style (``print(17575*
-17575%101)``) the teacher built by the same recipe solved 37% of 3-step tasks (now 89%). When something else has run in the
-session since its last cell (a student's cell, a crash that restarted the worker), the expert
-cannot trust ``x`` and restates it first (``x=17575\nx=x*x%101\nprint(x)``).
+17575%101)``) the teacher built by the same recipe solved 37% of 3-step tasks (now 89%). When
+something else has run in the session since its last cell (a student's cell, a crash that
+restarted the worker), the expert cannot trust ``x`` and restates it first
+(``x=17575\nx=x*x%101\nprint(x)``).
 
 Prompts, code and outputs are kept short and templated so that a tiny model can learn the expert
 by SFT on a CPU. Your own tasks: ``tasks_file=path.jsonl``, one JSON object per line (checked

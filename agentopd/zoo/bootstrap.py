@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import os
@@ -299,9 +300,9 @@ def sft(
     if recipe.group_by_length:
         batches = length_grouped_batches([len(e.tokens) for e in examples], recipe.batch_size, gen)
     else:
-        batches = iter(
-            lambda: torch.randint(len(examples), (recipe.batch_size,), generator=gen).tolist(),
-            None,
+        batches = (
+            torch.randint(len(examples), (recipe.batch_size,), generator=gen).tolist()
+            for _ in itertools.count()
         )
     device = next(model.parameters()).device
     use_bf16 = _bf16_wanted(recipe.bf16, device)
