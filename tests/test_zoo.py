@@ -251,11 +251,30 @@ def test_expert_sequences_mask_only_the_expert_turns(tok, lookup_examples):
         assert mask[-1] == 1 and tokens[-1] == tok.eos_token_id
 
 
-def test_shared_prefix_loss_equals_full_forward(lookup_examples):
+def _short_and_long(lookup_examples, keep_prefix: bool):
+    """Full episodes plus early cuts of them, so that several cuts share a packed row."""
     from agentopd.zoo import bootstrap
 
     batch = [bootstrap.SftExample(t, m) for t, m, _ in lookup_examples]
-    assert bootstrap._shared_prefix(batch) > 8
+    for t, m, _ in lookup_examples[:4]:
+        first = m.index(1)
+        start = 0 if keep_prefix else first - 10
+        batch.append(bootstrap.SftExample(t[start : first + 12], m[start : first + 12]))
+    if not keep_prefix:  # different first tokens: nothing shared, no prefix cache
+        batch = [bootstrap.SftExample([5 + i] + e.tokens[1:], e.mask) for i, e in enumerate(batch)]
+    return batch
+
+
+@pytest.mark.parametrize("keep_prefix", [True, False])
+def test_packed_shared_prefix_loss_equals_full_forward(lookup_examples, keep_prefix):
+    """``masked_nll`` (prefix cache, packed rows, logits at trained positions only) gives the
+    loss and gradients of a plain padded forward pass."""
+    from agentopd.zoo import bootstrap
+
+    batch = _short_and_long(lookup_examples, keep_prefix)
+    shared = bootstrap._shared_prefix(batch) if keep_prefix else 0
+    assert (shared > 8) == keep_prefix
+    assert max(map(len, bootstrap.pack_rows([len(e.tokens) - shared for e in batch]))) >= 3
     model = zoo.build_model("tiny", seed=3)
     grads = []
     for fn in (bootstrap.masked_nll, bootstrap._masked_nll_full):
@@ -382,3 +401,13 @@ def test_copy_drills_repeat_their_items_including_whole_word_tokens(tok):
         trained |= {tok.decode([t]) for t in ex.tokens[start:]}
     assert len(trained & words) > 50
     assert any(t.isdigit() for t in trained)
+
+
+def test_pack_rows_fills_rows_no_wider_than_the_longest():
+    from agentopd.zoo.bootstrap import pack_rows
+
+    lengths = [10, 3, 7, 4, 6, 1, 9]
+    rows = pack_rows(lengths)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 10 for r in rows)
+    assert rows == [[0], [6, 5], [2, 1], [4, 3]]

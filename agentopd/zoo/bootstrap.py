@@ -371,30 +371,85 @@ def _bf16_wanted(mode: str, device: torch.device) -> bool:
 
 
 def masked_nll(batch: list[SftExample], model: Any, pad_id: int) -> torch.Tensor:
-    """Mean next-token NLL over the masked tokens of ``batch``.
+    """Mean next-token NLL over the masked tokens of ``batch``, as a padded full forward gives it.
 
-    Episodes of one environment share a long prompt (system message and tools block), so the
-    shared prefix is run once with batch size 1 and its KV cache is repeated for the batch;
-    gradients still flow through it. The prefix stops before the first position whose *next*
-    token is trained on, so the loss is exactly that of a full forward pass.
+    Three savings, none of which changes the loss beyond float rounding:
+
+    - Episodes of one environment share a long prompt (system message and tools block), so the
+      shared prefix runs once with batch size 1 and its KV cache is repeated for every row;
+      gradients still flow through it. The prefix stops before the first position whose *next*
+      token is trained on, so no trained prediction is lost.
+    - The rest of each sequence is packed with others into rows as wide as the longest one
+      (first fit, longest first), with a block-diagonal causal mask and positions that restart
+      after the prefix, so little compute goes to padding (code-sandbox batches of 16 fit in
+      about 12 rows; a step was about 1.3x faster).
+    - The output projection and the softmax run only at trained positions.
+
+    ``pad_id`` fills the unused ends of rows; those positions are never trained on.
     """
     shared = _shared_prefix(batch)
     if shared < 8:
-        return _masked_nll_full(batch, model, pad_id)
-    from transformers import DynamicCache
+        shared = 0
+    rests = [(e.tokens[shared:], e.mask[shared:]) for e in batch]
+    width = max(len(t) for t, _ in rests)
+    rows = pack_rows([len(t) for t, _ in rests])
+    tokens_R_W = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets_R_W = torch.full((len(rows), width), -100, dtype=torch.long)
+    pos_R_W = torch.zeros((len(rows), width), dtype=torch.long)
+    seg_R_W = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for s, i in enumerate(members):
+            toks, mask = rests[i]
+            n = len(toks)
+            tokens_R_W[r, at : at + n] = torch.tensor(toks)
+            # Position j predicts token j+1 of the same sequence; the first token of a rest is
+            # predicted from the prefix and is never trained on (see above).
+            nxt = torch.tensor(toks[1:], dtype=torch.long)
+            targets_R_W[r, at : at + n - 1] = torch.where(torch.tensor(mask[1:]) > 0, nxt, -100)
+            pos_R_W[r, at : at + n] = torch.arange(shared, shared + n)
+            seg_R_W[r, at : at + n] = s
+            at += n
+    causal_W_W = torch.ones((width, width), dtype=torch.bool).tril()
+    same_R_W_W = (seg_R_W[:, :, None] == seg_R_W[:, None, :]) & (seg_R_W[:, :, None] >= 0)
+    # Unused row ends see themselves, so no attention row is empty (an empty one gives NaN).
+    allowed_R_W_W = (causal_W_W & same_R_W_W) | torch.eye(width, dtype=torch.bool)
+    kwargs: dict[str, Any] = {}
+    if shared:
+        from transformers import DynamicCache
 
-    prefix = torch.tensor([batch[0].tokens[:shared]])
-    cache = DynamicCache(config=model.config)
-    model(input_ids=prefix, past_key_values=cache, use_cache=True)
-    cache.batch_repeat_interleave(len(batch))
-    rest = [SftExample(e.tokens[shared:], e.mask[shared:]) for e in batch]
-    tokens_B_S, mask_B_S, attn_B_S = _batch(rest, pad_id)
-    attn_B_T = torch.cat([torch.ones((len(batch), shared), dtype=torch.long), attn_B_S], dim=1)
-    logits_B_S_V = model(
-        input_ids=tokens_B_S, attention_mask=attn_B_T, past_key_values=cache, use_cache=True
-    ).logits
-    # The last prefix position predicts rest[0], which is never trained on (see above).
-    return _nll(logits_B_S_V[:, :-1], tokens_B_S[:, 1:], mask_B_S[:, 1:])
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([batch[0].tokens[:shared]]), past_key_values=cache,
+              use_cache=True)  # fmt: skip
+        cache.batch_repeat_interleave(len(rows))
+        kwargs = {"past_key_values": cache, "use_cache": True}
+        prefix_R_W_P = torch.ones((len(rows), width, shared), dtype=torch.bool)
+        allowed_R_W_W = torch.cat([prefix_R_W_P, allowed_R_W_W], dim=2)
+    hidden_R_W_H = model.base_model(
+        input_ids=tokens_R_W, attention_mask=allowed_R_W_W[:, None], position_ids=pos_R_W,
+        **kwargs,
+    ).last_hidden_state  # fmt: skip
+    trained_R_W = targets_R_W >= 0
+    logits_N_V = model.get_output_embeddings()(hidden_R_W_H[trained_R_W])
+    if logits_N_V.shape[0] == 0:
+        return logits_N_V.sum() * 0.0
+    return F.cross_entropy(logits_N_V.float(), targets_R_W[trained_R_W])
+
+
+def pack_rows(lengths: list[int]) -> list[list[int]]:
+    """Indices of ``lengths`` packed into rows as wide as the longest: first fit, longest first."""
+    width = max(lengths)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, left in enumerate(room) if left >= lengths[i]), None)
+        if r is None:
+            r = len(rows)
+            rows.append([])
+            room.append(width)
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
 
 
 def _masked_nll_full(batch: list[SftExample], model: Any, pad_id: int) -> torch.Tensor:
