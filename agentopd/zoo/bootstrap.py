@@ -113,8 +113,8 @@ RECIPES: dict[str, Recipe] = {
 
 - ``lookup-chain``: 100% held-out greedy success (64 tasks, hops 1-3) after 391 s with one torch
   thread and the other core busy; 168 s on both idle cores.
-- ``sql``: 95% after 1,050 s with three other jobs on the two cores; 334 s on both idle cores
-  before batches were packed (see :func:`masked_nll`). Without the copy drills it reached 81%,
+- ``sql``: 95% after 1,050 s with three other jobs on the two cores; on both idle cores 334 s
+  before batches were packed (see :func:`masked_nll`) and 274 s after (the same 95.3%). Without the copy drills it reached 81%,
   and 83% with 2,000 episodes instead: it answered cities from a prior (see
   :func:`copy_sequence`).
 - ``code-sandbox``: 90.6% (64 tasks; 93.5% on 200) after 298 s on both idle cores: 61 s playing
