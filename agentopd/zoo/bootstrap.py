@@ -112,11 +112,11 @@ RECIPES: dict[str, Recipe] = {
 ``zoo.json`` are those of its build:
 
 - ``lookup-chain``: 100% held-out greedy success (64 tasks, hops 1-3) after 391 s with one torch
-  thread and the other core busy; 168 s on both idle cores.
+  thread and the other core busy; 168 s on both idle cores before batches were packed (see
+  :func:`masked_nll`).
 - ``sql``: 95% after 1,050 s with three other jobs on the two cores; on both idle cores 334 s
-  before batches were packed (see :func:`masked_nll`) and 274 s after (the same 95.3%). Without the copy drills it reached 81%,
-  and 83% with 2,000 episodes instead: it answered cities from a prior (see
-  :func:`copy_sequence`).
+  before packing and 274 s after (the same 95.3%). Without the copy drills it reached 81%, and
+  83% with 2,000 episodes instead: it answered cities from a prior (see :func:`copy_sequence`).
 - ``code-sandbox``: 90.6% (64 tasks; 93.5% on 200) after 298 s on both idle cores: 61 s playing
   1,500 episodes in bwrap sandboxes, 214 s for 350 steps in bfloat16 autocast (``bf16="auto"``:
   only where the CPU runs it natively, float32 elsewhere), 24 s of evaluation. What made the
@@ -385,7 +385,7 @@ def masked_nll(batch: list[SftExample], model: Any, pad_id: int) -> torch.Tensor
     - The rest of each sequence is packed with others into rows as wide as the longest one
       (first fit, longest first), with a block-diagonal causal mask and positions that restart
       after the prefix, so little compute goes to padding (code-sandbox batches of 16 fit in
-      about 12 rows; a step was about 1.3x faster).
+      11-14 rows; a step was 1.27x faster).
     - The output projection and the softmax run only at trained positions.
 
     ``pad_id`` fills the unused ends of rows; those positions are never trained on.
