@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> None:
                     first_loss.setdefault(name, loss.item())
             times[name].append(statistics.median(per_step))
 
-    rows = sum(len(bootstrap.pack_rows(_rest_lengths(b, bootstrap))) for b in batches[1:])
+    rows = sum(
+        len(bootstrap.pack_rows([len(e.tokens) - bootstrap.prefix_to_share(b) for e in b]))
+        for b in batches[1:]
+    )
     print(
         f"{a.env}: {len(examples)} episodes, batch {a.batch_size}, {a.steps} steps x "
         f"{a.repeats} rounds, {torch.get_num_threads()} thread(s); packed rows per batch "
@@ -109,12 +112,6 @@ def main(argv: list[str] | None = None) -> None:
     for name in variants:
         med = statistics.median(times[name])
         print(f"{name:<12} {med:>14.3f} {base / med:>8.2f}x {first_loss[name]:>11.5f}")
-
-
-def _rest_lengths(batch: list[Any], bootstrap: Any) -> list[int]:
-    shared = bootstrap._shared_prefix(batch)
-    shared = shared if shared >= 8 else 0
-    return [len(e.tokens) - shared for e in batch]
 
 
 if __name__ == "__main__":

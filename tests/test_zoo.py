@@ -272,7 +272,7 @@ def test_packed_shared_prefix_loss_equals_full_forward(lookup_examples, keep_pre
     from agentopd.zoo import bootstrap
 
     batch = _short_and_long(lookup_examples, keep_prefix)
-    shared = bootstrap._shared_prefix(batch) if keep_prefix else 0
+    shared = bootstrap.prefix_to_share(batch)
     assert (shared > 8) == keep_prefix
     assert max(map(len, bootstrap.pack_rows([len(e.tokens) - shared for e in batch]))) >= 3
     model = zoo.build_model("tiny", seed=3)

@@ -390,9 +390,7 @@ def masked_nll(batch: list[SftExample], model: Any, pad_id: int) -> torch.Tensor
 
     ``pad_id`` fills the unused ends of rows; those positions are never trained on.
     """
-    shared = _shared_prefix(batch)
-    if shared < 8:
-        shared = 0
+    shared = prefix_to_share(batch)
     rests = [(e.tokens[shared:], e.mask[shared:]) for e in batch]
     width = max(len(t) for t, _ in rests)
     rows = pack_rows([len(t) for t, _ in rests])
@@ -472,6 +470,13 @@ def _nll(
     )
     m = mask_B_T.reshape(-1).float()
     return (nll * m).sum() / m.sum().clamp(min=1)
+
+
+def prefix_to_share(batch: list[SftExample]) -> int:
+    """The prefix :func:`masked_nll` runs once: :func:`_shared_prefix`, or 0 when under 8 tokens
+    (too short to be worth a separate forward pass)."""
+    shared = _shared_prefix(batch)
+    return shared if shared >= 8 else 0
 
 
 def _shared_prefix(batch: list[SftExample]) -> int:
