@@ -18,10 +18,9 @@ and ``steps`` is the difficulty::
     assistant: submit(answer="6")
 
 Keeping ``x`` in the session spares the model from copying intermediate numbers from one cell's
-output into the next cell, which is where a tiny model fails: with that style (``print(17575*
-17575%101)``) the teacher built by the same recipe solved 37% of 3-step tasks (now 89%). When
-something else has run in the session since its last cell (a student's cell, a crash that
-restarted the worker), the expert cannot trust ``x`` and restates it first
+output into the next cell (``print(17575*17575%101)``), which is where a tiny model fails (see
+``docs/zoo.md``). When something else has run in the session since its last cell (a student's
+cell, a crash that restarted the worker), the expert cannot trust ``x`` and restates it first
 (``x=17575\nx=x*x%101\nprint(x)``).
 
 Prompts, code and outputs are kept short and templated so that a tiny model can learn the expert

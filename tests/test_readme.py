@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import textwrap
 from pathlib import Path
 
@@ -10,6 +11,17 @@ from agentopd import registry
 from agentopd.conformance import check_env_conformance
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+TOP_DIRS = {
+    "agentopd",
+    "envs",
+    "curricula",
+    "tools",
+    "configs",
+    "benchmarks",
+    "docs",
+    "tests",
+    ".ci",
+}
 
 
 def test_readme_example_env_passes_conformance():
@@ -35,3 +47,41 @@ def test_readme_opens_with_the_two_commands():
     )
     assert commands[1].strip() == ". .venv/bin/activate && pytest"
     assert ". .venv/bin/activate && pytest" in (README.parent / ".ci" / "run").read_text()
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every ``agentopd ...`` invocation in the README's bash blocks, as argv lists."""
+    calls = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.splitlines():
+            for part in re.split(r"\s*(?:;|&&)\s*", line.split("#", 1)[0]):
+                words = shlex.split(part)
+                if words[:1] == ["agentopd"]:
+                    calls.append(words[1:])
+    return calls
+
+
+def test_readme_commands_exist():
+    """Every `agentopd` command the README shows is a real subcommand with valid flags."""
+    from agentopd.cli import build_parser
+
+    calls = _readme_commands()
+    assert len(calls) >= 10, calls
+    for argv in calls:
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit as e:  # argparse exits on an unknown command or flag
+            raise AssertionError(
+                f"README command `agentopd {' '.join(argv)}` does not parse"
+            ) from e
+
+
+def test_readme_links_and_paths_exist():
+    """Markdown links and backticked repository paths in the README point at real files."""
+    root = README.parent
+    text = README.read_text()
+    links = re.findall(r"\]\(([^)#\s]+)", text)
+    paths = [p for p in re.findall(r"`([\w./-]+)`", text) if p.split("/")[0] in TOP_DIRS]
+    assert links and paths
+    missing = [p for p in links + paths if not (root / p).exists()]
+    assert not missing, f"README names paths that do not exist: {missing}"

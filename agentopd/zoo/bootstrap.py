@@ -108,33 +108,10 @@ RECIPES: dict[str, Recipe] = {
     ),
 }
 """Per-environment defaults; other environments get ``Recipe()``. All start from the shipped
-``tiny-teacher-base`` (which can already copy from its context). The numbers in each shipped
-``zoo.json`` are those of its build:
-
-- ``lookup-chain``: 100% held-out greedy success (64 tasks, hops 1-3) after 391 s with one torch
-  thread and the other core busy; 168 s on both idle cores before batches were packed (see
-  :func:`masked_nll`).
-- ``sql``: 95% after 1,050 s with three other jobs on the two cores; on both idle cores 334 s
-  before packing and 274 s after (the same 95.3%). Without the copy drills it reached 81%, and
-  83% with 2,000 episodes instead: it answered cities from a prior (see :func:`copy_sequence`).
-- ``code-sandbox``: 90.6% (64 tasks; 93.5% on 200) after 298 s on both idle cores: 61 s playing
-  1,500 episodes in bwrap sandboxes, 214 s for 350 steps in bfloat16 autocast (``bf16="auto"``:
-  only where the CPU runs it natively, float32 elsewhere), 24 s of evaluation. What made the
-  short recipe work is the schedule: peak 2e-3 decaying to 10%, where the earlier 1e-3 decaying
-  to 50% reached 85-89% with 400 steps (batch 8 or 16) and needed 600 steps on 2,000 episodes
-  for 92% (923 s). With 1,500 episodes, 400 steps and 128 held-out tasks, the new schedule gave
-  93.0% in bfloat16 (seeds 0 and 1) and 93.0% in float32, against 85.2% for the old schedule in
-  bfloat16. Before the expert kept ``x`` in the Python session it had to copy each printed
-  number into the next cell, and a 1,500/400 recipe reached 72% (3-step tasks 37%); copy drills
-  made that worse (38%), so it uses none. The remaining failures are mostly digits copied wrong
-  from the task into a later step's cell.
-
-From a random init instead (``init="random"``), ``lookup-chain`` needed 1,200 steps and 1,605 s:
-the loss sits on a plateau until copying heads form. Playing the expert episodes in 4 threads
-(``data_workers``, the default; the data are identical) cut code-sandbox's data phase from about
-100 s to 61 s for 1,500 episodes (8 threads: no faster). ``group_by_length`` together with
-bfloat16 made a step 1.7x faster before batches were packed but reached only 58% with the old
-schedule; it stays off."""
+``tiny-teacher-base`` (which can already copy from its context), and each is expected to reach
+at least 90% held-out greedy success on its environment (``tests/test_zoo.py`` holds the shipped
+teachers to it). The shipped ``zoo.json`` of each teacher records its build; the measurements and
+the recipes that did not work are in ``docs/zoo.md``."""
 
 
 @dataclass
@@ -342,9 +319,8 @@ def length_grouped_batches(
     ``pool * batch_size`` of them by length, cuts the pools into batches and shuffles the batches.
 
     Every example is seen once per epoch; a batch holds examples of similar length, so right
-    padding wastes less compute (uniform batches of code-sandbox episodes are about 73% real
-    tokens; grouped, a step was about 1.35x faster), while which examples share a batch still
-    changes from epoch to epoch.
+    padding wastes less compute, while which examples share a batch still changes from epoch to
+    epoch.
     """
     n = len(lengths)
     size = min(batch_size, n)
@@ -384,8 +360,7 @@ def masked_nll(batch: list[SftExample], model: Any, pad_id: int) -> torch.Tensor
       token is trained on, so no trained prediction is lost.
     - The rest of each sequence is packed with others into rows as wide as the longest one
       (first fit, longest first), with a block-diagonal causal mask and positions that restart
-      after the prefix, so little compute goes to padding (code-sandbox batches of 16 fit in
-      11-14 rows; a step was 1.27x faster).
+      after the prefix, so little compute goes to padding (measured in ``docs/zoo.md``).
     - The output projection and the softmax run only at trained positions.
 
     ``pad_id`` fills the unused ends of rows; those positions are never trained on.

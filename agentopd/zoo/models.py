@@ -41,7 +41,7 @@ class Preset:
     num_kv_heads: int | None = None
     """Key/value heads (GQA); default: as many as query heads."""
     description: str = ""
-    """One line shown by ``agentopd models``."""
+    """One line describing the preset (its ``description`` in :func:`agentopd.zoo.list_models`)."""
 
     @property
     def num_heads(self) -> int:
