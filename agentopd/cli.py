@@ -83,18 +83,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from agentopd import zoo
+    from agentopd.build import build_policy, rollout_config
     from agentopd.config import compose
-    from agentopd.engines.hf import HFEngine
     from agentopd.metrics import evaluate
-    from agentopd.renderer import Renderer
-    from agentopd.trainer import resolve_device, rollout_config
 
     cfg = compose("eval", args.overrides)
-    model, tok = zoo.load(cfg.model, progress=True)
-    model.to(resolve_device(cfg.device, cfg.cpu_threads))
-    renderer = Renderer(tok, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch)
-    engine = HFEngine(model, renderer.eot_id, renderer.pad_id)
+    parts = build_policy(cfg, cfg.model)
+    engine, renderer = parts.engine, parts.renderer
     report, episodes = evaluate(
         cfg.env,
         dict(cfg.env_kwargs),
@@ -172,6 +167,16 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------- parser
+def _keys_help(command: str) -> str:
+    from agentopd.config import help_text
+
+    return help_text(command) + (
+        "\n\nGroup files: env=NAME also merges configs/env/NAME.yaml where one ships."
+        if command == "train"
+        else ""
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="agentopd",
@@ -199,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(
             name,
             help=text,
-            description=f"{text}. Options are key=value overrides (see configs/{name}.yaml).",
+            description=f"{text}. Options are key=value overrides of these keys:",
+            epilog=_keys_help(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         s.add_argument("overrides", nargs="*", metavar="key=value")
         s.set_defaults(func=fn)
@@ -220,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register_cli(sub)
+
+    from agentopd.replay.cli import register_cli as register_replay_cli
+
+    register_replay_cli(sub)  # replay, plot, export
     return p
 
 

@@ -14,11 +14,10 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from agentopd import zoo
-from agentopd.engines.hf import HFEngine
+from agentopd.build import build_policy, rollout_config
 from agentopd.renderer import Renderer
 from agentopd.rollout import EpisodeJob, expert_episodes, run_episodes
 from agentopd.runs import atomic_write_text
-from agentopd.trainer import resolve_device, rollout_config
 from agentopd.types import Episode
 
 
@@ -35,12 +34,13 @@ def collect(cfg: DictConfig, console: Console | None = None) -> list[Episode]:
         if cfg.model == "expert":
             episodes = expert_episodes(jobs, Renderer(tok))
         else:
-            model, tok = zoo.load(cfg.model, progress=True)
-            model.to(resolve_device(cfg.device, cfg.cpu_threads))
-            renderer = Renderer(tok, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch)
-            engine = HFEngine(model, renderer.eot_id, renderer.pad_id)
+            parts = build_policy(cfg, cfg.model)
             episodes = run_episodes(
-                jobs, engine, renderer, rollout_config(cfg, cfg.temperature), seed=cfg.seed
+                jobs,
+                parts.engine,
+                parts.renderer,
+                rollout_config(cfg, cfg.temperature),
+                seed=cfg.seed,
             )
     kept = [e for e in episodes if e.success or not cfg.only_successful]
     atomic_write_text(Path(cfg.output), "".join(e.to_json() + "\n" for e in kept))

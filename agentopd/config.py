@@ -1,173 +1,165 @@
-"""Configuration: typed schemas, config groups from ``configs/`` and ``key=value`` overrides.
+"""Configuration: the runtime dataclasses are the schema; groups from ``configs/``; overrides.
 
 Composition order: the schema defaults, then ``configs/<command>.yaml``, then the group files
-named by the overrides (``env=sql`` loads ``configs/env/sql.yaml`` when it exists, ``loss=jsd``
-loads ``configs/loss/jsd.yaml``), then the overrides themselves. Every key is type-checked; a bad
-key names the nearest valid key, a bad value says what was expected, and registry names
-(``env=``, ``curriculum=``, ``loss=``) are checked against what is registered.
+named by the overrides (``env=sql`` loads ``configs/env/sql.yaml`` when it exists), then the
+overrides themselves. The ``loss_cfg`` node takes the schema of the chosen loss's own config
+dataclass (``loss=jsd`` -> :class:`agentopd.losses.JsdConfig`).
+
+Every key is type-checked and every value range-checked (:mod:`agentopd.schema`) before
+anything is created: a bad key names the nearest valid key, a bad value says what was expected
+and the nearest valid value, and registry names (``env``, ``curriculum``, ``loss``, ``engine``,
+``teacher_backend``) are checked against what is registered. :func:`help_text` lists every key
+with its type, default and meaning, from the same schema.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.resources
-from dataclasses import dataclass, field
+import json
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from agentopd.learner import LearnerConfig
+from agentopd.losses import LossConfig
+from agentopd.rollout import RolloutConfig
+from agentopd.schema import ConfigError, check, check_value, describe_range, knob
+from agentopd.teachers import TeacherConfig
+
+__all__ = ["ConfigError", "SCHEMAS", "compose", "help_text", "resolve_model", "to_object"]
+
 GROUPS = ("env", "loss", "curriculum")
-
-
-class ConfigError(ValueError):
-    """A bad key or value in a configuration or override."""
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
-class RolloutCfg:
-    max_new_tokens: int = 96
-    max_episode_tokens: int = 1536
-    temperature: float = 1.0
-    top_p: float = 1.0
-    tool_workers: int = 8
-    mask_parse_errors: bool = False
-    on_prefix_mismatch: str = "error"
+class ColdStartConfig:
+    """Off-policy SFT on successful demonstrations before OPD (``cold_start.*``)."""
+
+    episodes: int = knob(0, "expert demonstrations to collect for the cold start", ge=0)
+    steps: int = knob(0, "SFT steps (0: no cold start)", ge=0)
+    batch_size: int = knob(16, "episodes per SFT step", ge=1)
+    lr: float = knob(1e-3, "AdamW learning rate of the cold start (constant)", gt=0)
+    data: str | None = knob(
+        None, "JSONL of episodes from `agentopd collect` to use instead of the expert"
+    )
 
 
 @dataclass
-class TeacherCfg:
-    topk: int = 16
-    system_prompt: str | None = None
-    privileged: bool = False
-    batch_size: int = 16
+class EvalConfig:
+    """Held-out evaluation during training (``eval.*``)."""
 
-
-@dataclass
-class LossCfg:
-    clip_eps: float = 0.2
-    tail: bool = True
-    beta: float = 0.5
-    agg: str = "token-mean"
-    support: str = "teacher"
-    entropy_top_frac: float = 1.0
-    overlap_only: bool = False
-    chunk_size: int = 1024
-
-
-@dataclass
-class OptimCfg:
-    name: str = "adamw"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    micro_batch: int = 8
-    epochs_per_batch: int = 1
-
-
-@dataclass
-class ColdStartCfg:
-    episodes: int = 0
-    steps: int = 0
-    batch_size: int = 16
-    lr: float = 1e-3
-    data: str | None = None
-
-
-@dataclass
-class EvalCfg:
-    episodes: int = 50
-    every: int = 0
-    temperature: float = 0.0
-    pass_k: int = 1
-    before: bool = True
-    after: bool = True
+    episodes: int = knob(50, "held-out tasks per evaluation (0: none)", ge=0)
+    every: int = knob(0, "also evaluate every N steps (0: only before/after)", ge=0)
+    temperature: float = knob(0.0, "sampling temperature of evaluation (0: greedy)", ge=0)
+    pass_k: int = knob(1, "samples per task (pass@k)", ge=1)
+    before: bool = knob(True, "evaluate before training")
+    after: bool = knob(True, "evaluate after training")
 
 
 @dataclass
 class TrainConfig:
     """Everything ``agentopd train`` needs."""
 
-    env: str = "code-sandbox"
-    env_kwargs: dict[str, Any] = field(default_factory=dict)
-    student: str = "auto"
-    teacher: str = "auto"
-    loss: str = "rkl-sampled"
-    curriculum: str = "uniform"
-    curriculum_kwargs: dict[str, Any] = field(default_factory=dict)
-    run_name: str | None = None
-    runs_dir: str = "runs"
-    resume: bool = False
-    seed: int = 0
-    steps: int = 30
-    episodes_per_step: int = 16
-    gkd_lambda: float = 1.0
-    demo_source: str = "expert"
-    teacher_token_budget: int = 0
-    temperature_end: float | None = None
-    checkpoint_every: int = 5
-    device: str = "auto"
-    cpu_threads: int = 1
-    rollout: RolloutCfg = field(default_factory=RolloutCfg)
-    teacher_cfg: TeacherCfg = field(default_factory=TeacherCfg)
-    loss_cfg: LossCfg = field(default_factory=LossCfg)
-    optim: OptimCfg = field(default_factory=OptimCfg)
-    cold_start: ColdStartCfg = field(default_factory=ColdStartCfg)
-    eval: EvalCfg = field(default_factory=EvalCfg)
+    env: str = knob("code-sandbox", "registered environment (agentopd envs)")
+    env_kwargs: dict[str, Any] = knob(factory=dict, help="env constructor kwargs")
+    student: str = knob("auto", "student model: zoo name, save_pretrained dir or run dir")
+    teacher: str = knob("auto", "teacher model (auto: tiny-teacher-<env>)")
+    engine: str = knob("hf", "student rollout engine (registry kind engines: hf, vllm)")
+    teacher_backend: str = knob("hf", "teacher scoring backend (hf, vllm, server)")
+    loss: str = knob("rkl-sampled", "objective (registry kind losses)")
+    curriculum: str = knob("uniform", "curriculum (registry kind curricula)")
+    curriculum_kwargs: dict[str, Any] = knob(factory=dict, help="curriculum constructor kwargs")
+    run_name: str | None = knob(None, "run directory name (default: <env>-<loss>-s<seed>)")
+    runs_dir: str = knob("runs", "where run directories are created")
+    resume: bool = knob(False, "continue the run named run_name from its last checkpoint")
+    seed: int = knob(0, "seed of everything", ge=0)
+    steps: int = knob(30, "OPD steps", ge=0)
+    episodes_per_step: int = knob(16, "episodes per OPD step", ge=1)
+    gkd_lambda: float = knob(
+        1.0, "probability that a step is on-policy (else SFT on demonstrations)", ge=0, le=1
+    )
+    demo_source: str = knob(
+        "expert", "where demonstrations come from", choices=("expert", "teacher")
+    )
+    teacher_token_budget: int = knob(0, "stop after this many teacher tokens (0: no limit)", ge=0)
+    temperature_end: float | None = knob(
+        None, "anneal rollout.temperature linearly to this by the last step", ge=0
+    )
+    checkpoint_every: int = knob(5, "steps between checkpoints", ge=1)
+    device: str = knob("auto", "torch device (auto: cuda when available)", choices=DEVICES)
+    cpu_threads: int = knob(1, "torch CPU threads (0: torch's default)", ge=0)
+    rollout: RolloutConfig = knob(factory=RolloutConfig, help="rollout loop")
+    teacher_cfg: TeacherConfig = knob(factory=TeacherConfig, help="teacher scoring")
+    loss_cfg: LossConfig = knob(factory=LossConfig, help="the chosen loss's settings")
+    optim: LearnerConfig = knob(factory=LearnerConfig, help="OPD optimizer")
+    cold_start: ColdStartConfig = knob(factory=ColdStartConfig, help="cold start")
+    eval: EvalConfig = knob(factory=EvalConfig, help="held-out evaluation")
 
 
 @dataclass
-class EvalConfig:
-    env: str = "lookup-chain"
-    env_kwargs: dict[str, Any] = field(default_factory=dict)
-    model: str = "tiny"
-    episodes: int = 50
-    samples: int = 1
-    temperature: float = 0.0
-    seed: int = 0
-    device: str = "auto"
-    cpu_threads: int = 1
-    rollout: RolloutCfg = field(default_factory=RolloutCfg)
-    output: str | None = None
+class EvalCommandConfig:
+    """Everything ``agentopd eval`` needs."""
+
+    env: str = knob("lookup-chain", "registered environment")
+    env_kwargs: dict[str, Any] = knob(factory=dict, help="env constructor kwargs")
+    model: str = knob("tiny", "model: zoo name, save_pretrained dir or run dir (latest checkpoint)")
+    engine: str = knob("hf", "rollout engine (hf, vllm)")
+    episodes: int = knob(50, "held-out tasks", ge=1)
+    samples: int = knob(1, "samples per task (pass@k)", ge=1)
+    temperature: float = knob(0.0, "sampling temperature (0: greedy)", ge=0)
+    seed: int = knob(0, "seed; tasks use the held-out seeds 10000 + seed, as training does", ge=0)
+    device: str = knob("auto", "torch device", choices=DEVICES)
+    cpu_threads: int = knob(1, "torch CPU threads (0: torch's default)", ge=0)
+    rollout: RolloutConfig = knob(factory=RolloutConfig, help="rollout loop")
+    output: str | None = knob(None, "also write the episodes as JSONL here")
 
 
 @dataclass
 class DiagnoseConfig:
-    env: str = "lookup-chain"
-    env_kwargs: dict[str, Any] = field(default_factory=dict)
-    student: str = "auto"
-    teacher: str = "auto"
-    episodes: int = 16
-    seed: int = 0
-    device: str = "auto"
-    cpu_threads: int = 1
-    rollout: RolloutCfg = field(default_factory=RolloutCfg)
-    teacher_cfg: TeacherCfg = field(default_factory=TeacherCfg)
+    """Everything ``agentopd diagnose`` needs."""
+
+    env: str = knob("lookup-chain", "registered environment")
+    env_kwargs: dict[str, Any] = knob(factory=dict, help="env constructor kwargs")
+    student: str = knob("auto", "student model (auto: tiny-base)")
+    teacher: str = knob("auto", "teacher model (auto: tiny-teacher-<env>)")
+    engine: str = knob("hf", "student rollout engine")
+    teacher_backend: str = knob("hf", "teacher scoring backend")
+    episodes: int = knob(16, "student episodes to diagnose", ge=1)
+    seed: int = knob(0, "seed", ge=0)
+    device: str = knob("auto", "torch device", choices=DEVICES)
+    cpu_threads: int = knob(1, "torch CPU threads (0: torch's default)", ge=0)
+    rollout: RolloutConfig = knob(factory=RolloutConfig, help="rollout loop")
+    teacher_cfg: TeacherConfig = knob(factory=TeacherConfig, help="teacher scoring")
 
 
 @dataclass
 class CollectConfig:
-    env: str = "lookup-chain"
-    env_kwargs: dict[str, Any] = field(default_factory=dict)
-    model: str = "expert"
-    episodes: int = 100
-    only_successful: bool = True
-    seed: int = 0
-    output: str = "teacher_episodes.jsonl"
-    temperature: float = 1.0
-    device: str = "auto"
-    cpu_threads: int = 1
-    rollout: RolloutCfg = field(default_factory=RolloutCfg)
+    """Everything ``agentopd collect`` needs."""
+
+    env: str = knob("lookup-chain", "registered environment")
+    env_kwargs: dict[str, Any] = knob(factory=dict, help="env constructor kwargs")
+    model: str = knob("expert", "expert (the env's scripted expert) or a model")
+    engine: str = knob("hf", "rollout engine when model is a model")
+    episodes: int = knob(100, "episodes to play", ge=1)
+    only_successful: bool = knob(True, "keep only solved episodes")
+    seed: int = knob(0, "seed", ge=0)
+    output: str = knob("teacher_episodes.jsonl", "JSONL file to write")
+    temperature: float = knob(1.0, "sampling temperature", ge=0)
+    device: str = knob("auto", "torch device", choices=DEVICES)
+    cpu_threads: int = knob(1, "torch CPU threads (0: torch's default)", ge=0)
+    rollout: RolloutConfig = knob(factory=RolloutConfig, help="rollout loop")
 
 
 SCHEMAS: dict[str, type] = {
     "train": TrainConfig,
-    "eval": EvalConfig,
+    "eval": EvalCommandConfig,
     "diagnose": DiagnoseConfig,
     "collect": CollectConfig,
 }
@@ -193,51 +185,86 @@ def _is_free_form(key: str) -> bool:
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
-    """``["a.b=1", ...]`` → ``[("a.b", "1"), ...]`` with a clear error for malformed items."""
+    """``["a.b=1", ...]`` -> ``[("a.b", "1"), ...]`` with a clear error for malformed items."""
     out = []
     for a in args:
         if "=" not in a:
             raise ConfigError(f"expected key=value, got {a!r} (e.g. env=lookup-chain steps=10)")
         k, _, v = a.partition("=")
-        if not k:
+        if not k.strip():
             raise ConfigError(f"empty key in {a!r}")
         out.append((k.strip(), v))
     return out
 
 
+def _loss_config_class(name: str) -> type:
+    from agentopd import registry
+
+    loss = registry.losses.spec(name).load()
+    cls = getattr(loss, "Config", None)
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise ConfigError(
+            f"loss {name!r} has no config dataclass `Config`; see agentopd.losses.Loss"
+        )
+    return cls
+
+
 def compose(command: str, overrides: list[str] | None = None) -> DictConfig:
-    """Build the config of ``command`` from defaults, group files and ``key=value`` overrides."""
+    """Build and validate the config of ``command`` from defaults, group files and overrides.
+
+    Raises:
+        ConfigError: A bad key or value (the message names the key, what was expected and the
+            nearest valid value). Nothing is created on disk.
+    """
     if command not in SCHEMAS:
         raise ConfigError(f"no config for command {command!r}; expected one of {sorted(SCHEMAS)}")
+    pairs = parse_overrides(overrides or [])
     cfg = OmegaConf.structured(SCHEMAS[command])
     base = configs_dir() / f"{command}.yaml"
     if base.exists():
         cfg = _merge(cfg, OmegaConf.load(base), str(base))
-    pairs = parse_overrides(overrides or [])
-    for key, value in pairs:
-        if key in GROUPS and key in cfg:
+    group_values = {k: v for k, v in pairs if k in GROUPS}
+    if "loss" in cfg:
+        from agentopd import registry
+
+        loss_name = group_values.get("loss", cfg.loss)
+        registry.losses.spec(loss_name)  # unknown loss: did-you-mean, before anything else
+        with open_dict(cfg):
+            cfg.loss_cfg = OmegaConf.structured(_loss_config_class(loss_name))
+    for key, value in group_values.items():
+        if key in cfg:
             group_file = configs_dir() / key / f"{value}.yaml"
             if group_file.exists():
                 cfg = _merge(cfg, OmegaConf.load(group_file), str(group_file))
     valid = _all_keys(cfg)
     for key, value in pairs:
         if key not in valid and not _is_free_form(key):
-            near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            top = ", ".join(k for k in valid if "." not in k)
-            raise ConfigError(
-                f"unknown config key {key!r} for `agentopd {command}`.{hint} Valid top-level keys: {top}."
-            )
+            raise ConfigError(_unknown_key(command, key, valid, cfg))
         try:
-            parsed = OmegaConf.from_dotlist([f"{key}={value}"])
-            cfg = OmegaConf.merge(cfg, parsed)
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
         except OmegaConfBaseException as e:
-            expected = _expected_type(command, key)
             raise ConfigError(
-                f"bad value {value!r} for {key!r}: expected {expected}. ({e.msg if hasattr(e, 'msg') else e})"
+                f"bad value {value!r} for {key!r}: expected {_expected_type(cfg, key)}. "
+                f"({getattr(e, 'msg', e)})"
             ) from None
-    validate_names(cfg)
+    validate(cfg)
     return cfg
+
+
+def _unknown_key(command: str, key: str, valid: list[str], cfg: DictConfig) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean {near[0]!r}?" if near else ""
+    if key.startswith("loss_cfg.") and "loss" in cfg:
+        keys = ", ".join(k for k in valid if k.startswith("loss_cfg."))
+        return (
+            f"unknown config key {key!r}: loss {cfg.loss!r} has no such setting.{hint} "
+            f"Its keys: {keys}."
+        )
+    top = ", ".join(k for k in valid if "." not in k)
+    return (
+        f"unknown config key {key!r} for `agentopd {command}`.{hint} Valid top-level keys: {top}. "
+        f"See `agentopd {command} --help`."
+    )
 
 
 def _merge(cfg: DictConfig, other: Any, source: str) -> DictConfig:
@@ -247,46 +274,186 @@ def _merge(cfg: DictConfig, other: Any, source: str) -> DictConfig:
         raise ConfigError(f"invalid config file {source}: {e}") from None
 
 
-def _expected_type(command: str, key: str) -> str:
-    node: Any = SCHEMAS[command]
+def _expected_type(cfg: DictConfig, key: str) -> str:
+    node: Any = OmegaConf.get_type(cfg)
     for part in key.split("."):
-        fields = getattr(node, "__dataclass_fields__", {})
-        if part not in fields:
+        hints = _hints(node)
+        if part not in hints:
             return "a value"
-        node = fields[part].type
-    return str(node)
+        node = hints[part]
+    return _type_name(node)
 
 
-def validate_names(cfg: DictConfig) -> None:
-    """Check registry names (env, curriculum, loss) and enumerated choices."""
+def _hints(cls: Any) -> dict[str, Any]:
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return {}
+    import sys
+
+    module = sys.modules[cls.__module__]
+    return typing.get_type_hints(cls, vars(module))
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return {
+            "int": "an integer",
+            "float": "a number",
+            "bool": "true or false",
+            "str": "a string",
+        }.get(tp.__name__, tp.__name__)
+    return str(tp).replace("typing.", "")
+
+
+def to_object(cfg: DictConfig) -> Any:
+    """The typed dataclass instance of a composed config (nested dataclasses included)."""
+    return OmegaConf.to_object(cfg)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and choice checks of every knob, registry names, and file/model references.
+
+    Cheap checks only (no model is loaded); what needs a loaded model (``teacher_cfg.topk``
+    against the vocabulary) is checked by :mod:`agentopd.build` before a run directory exists.
+    """
     from agentopd import registry
 
-    if "env" in cfg:
-        registry.envs.spec(cfg.env)
-    if "curriculum" in cfg:
-        registry.curricula.spec(cfg.curriculum)
-    if "loss" in cfg:
-        from agentopd.losses import LOSSES
-
-        if cfg.loss not in LOSSES:
-            near = difflib.get_close_matches(cfg.loss, list(LOSSES), n=1)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(
-                f"unknown loss {cfg.loss!r}.{hint} Valid losses: {', '.join(LOSSES)}."
-            )
-    choices = {
-        "rollout.on_prefix_mismatch": ("error", "new-segment"),
-        "loss_cfg.agg": ("token-mean", "seq-mean-token-mean"),
-        "loss_cfg.support": ("teacher", "student"),
-        "optim.schedule": ("constant", "cosine", "linear"),
-        "optim.name": ("adamw", "sgd"),
-        "demo_source": ("expert", "teacher"),
+    obj = to_object(cfg)
+    check(obj)
+    names = {
+        "env": registry.envs,
+        "curriculum": registry.curricula,
+        "loss": registry.losses,
+        "engine": registry.engines,
+        "teacher_backend": registry.teachers,
     }
-    for key, allowed in choices.items():
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value not in allowed:
-            near = difflib.get_close_matches(str(value), allowed, n=1)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
+    for key, reg in names.items():
+        if hasattr(obj, key):
+            try:
+                spec = reg.spec(getattr(obj, key))
+            except KeyError as e:
+                raise ConfigError(f"bad value for {key!r}: {e}") from None
+            why = getattr(spec.load(), "unavailable", None) if key != "env" else None
+            if why:
+                raise ConfigError(f"{key}={getattr(obj, key)} is not available: {why}")
+    if getattr(obj, "device", "auto") == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
             raise ConfigError(
-                f"bad value {value!r} for {key!r}.{hint} Expected one of: {', '.join(allowed)}."
+                "device=cuda, but torch sees no CUDA device here (torch "
+                f"{torch.__version__}, cuda build: {torch.version.cuda}). Use device=cpu or "
+                "device=auto."
             )
+    cold = getattr(obj, "cold_start", None)
+    if cold is not None and cold.data:
+        path = Path(cold.data).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"cold_start.data={cold.data}: no such file; expected a JSONL of episodes "
+                "written by `agentopd collect`"
+            )
+        if path.stat().st_size == 0:
+            raise ConfigError(f"cold_start.data={cold.data} is empty")
+    for key in ("student", "teacher", "model"):
+        value = getattr(obj, key, None)
+        if value is None or value == "auto" or (key == "model" and value == "expert"):
+            continue
+        resolve_model(value, key)
+    if (
+        getattr(obj, "engine", "hf") != "hf"
+        and hasattr(obj, "model")
+        and getattr(obj, "model", None) == "expert"
+    ):
+        raise ConfigError("engine=... needs model=<a model>; the scripted expert needs no engine")
+
+
+def resolve_model(name: str, key: str = "model") -> str:
+    """Check that ``name`` names a model; returns what to load.
+
+    Accepted: a zoo preset, base or ``<preset>-<env>`` artifact (``agentopd zoo list``), a
+    ``save_pretrained`` directory, or a run directory (its latest checkpoint's model).
+
+    Raises:
+        ConfigError: Nothing loadable is there; the message says what was expected.
+    """
+    from agentopd import zoo
+
+    if name in zoo.PRESETS or name in zoo.BASES or zoo.parse_artifact(name) is not None:
+        return name
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path)
+        latest = path / "checkpoints" / "latest.json"
+        if latest.is_file():
+            try:
+                step = json.loads(latest.read_text())["path"]
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"{key}={name}: {latest} is unreadable") from None
+            model = path / "checkpoints" / step / "model"
+            if (model / "config.json").is_file():
+                return str(model)
+            raise ConfigError(f"{key}={name}: its latest checkpoint {step} holds no model")
+        if (path / "config.yaml").is_file():
+            raise ConfigError(
+                f"{key}={name} is a run directory without a checkpoint yet; nothing to load"
+            )
+        raise ConfigError(
+            f"{key}={name}: the directory holds no model (no config.json); expected a "
+            "save_pretrained directory, a run directory or a zoo name (agentopd zoo list)"
+        )
+    try:
+        raise KeyError(zoo._unknown(name))
+    except KeyError as e:
+        raise ConfigError(f"{key}={name}: {e.args[0]}") from None
+
+
+def help_text(command: str) -> str:
+    """Every key of ``command`` with its type, default and meaning, from the schema."""
+    lines: list[str] = []
+    composed = compose(command)  # defaults as the command sees them (configs/<command>.yaml)
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            key = prefix + f.name
+            tp = hints.get(f.name, f.type)
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+                note = (
+                    f" (keys of loss={_default_loss()}'s config; others per loss)"
+                    if f.name == "loss_cfg"
+                    else ""
+                )
+                lines.append(f"  {key}.*  {f.metadata.get('help', '')}{note}")
+                sub = _loss_config_class(_default_loss()) if f.name == "loss_cfg" else tp
+                walk(sub, key + ".")
+                continue
+            default = OmegaConf.select(composed, key)
+            if isinstance(default, DictConfig):
+                default = OmegaConf.to_container(default)
+            rng = describe_range(dict(f.metadata))
+            rng = f"; {rng}" if rng else ""
+            lines.append(
+                f"  {key} ({_type_name(tp)}, default {json.dumps(default)}{rng}): "
+                f"{f.metadata.get('help', '')}"
+            )
+
+    walk(SCHEMAS[command], "")
+    if "loss" in composed:
+        from agentopd import registry
+
+        base = {f.name for f in dataclasses.fields(LossConfig)}
+        lines.append("  Settings of the other losses (loss=NAME loss_cfg.KEY=...):")
+        for name in registry.losses.names():
+            extra = [
+                f.name for f in dataclasses.fields(_loss_config_class(name)) if f.name not in base
+            ]
+            lines.append(f"    {name}: {', '.join(extra) or '(only the shared keys)'}")
+    return "\n".join(lines)
+
+
+def _default_loss() -> str:
+    return "rkl-sampled"
+
+
+__all__ += ["check_value", "ColdStartConfig", "EvalConfig", "TrainConfig"]

@@ -7,39 +7,22 @@ and teacher KL per turn index, with a plain-language verdict.
 
 from __future__ import annotations
 
-from typing import Any
-
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from agentopd import zoo
-from agentopd.engines.hf import HFEngine
-from agentopd.learner import Learner, LearnerConfig
+from agentopd.build import build_policy, make_teacher, rollout_config, student_name, teacher_name
+from agentopd.learner import Learner
 from agentopd.metrics import episode_summary
-from agentopd.renderer import Renderer
 from agentopd.rollout import EpisodeJob, run_episodes
-from agentopd.teacher import Teacher, TeacherConfig, check_tokenizers
-from agentopd.trainer import resolve_device, rollout_config, student_name, teacher_name
-
-
-def _load(name: str, seed: int) -> tuple[Any, Any]:
-    if name in zoo.PRESETS:
-        return zoo.build_model(name, seed=seed), zoo.load_tokenizer()
-    return zoo.load(name, progress=True)
 
 
 def diagnose(cfg: DictConfig, console: Console | None = None) -> dict[str, float]:
     """Run the diagnosis and print it; returns the metrics."""
     console = console or Console()
-    device = resolve_device(cfg.device, cfg.cpu_threads)
-    student, tok = _load(student_name(cfg), cfg.seed)
-    teacher_model, teacher_tok = _load(teacher_name(cfg), cfg.seed)
-    check_tokenizers(tok, teacher_tok)
-    student.to(device)
-    teacher_model.to(device)
-    renderer = Renderer(tok, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch)
-    engine = HFEngine(student, renderer.eot_id, renderer.pad_id)
+    parts = build_policy(cfg, student_name(cfg))
+    teacher = make_teacher(cfg, parts.tokenizer, parts.device)
+    student, renderer, engine = parts.student, parts.renderer, parts.engine
     jobs = [
         EpisodeJob(
             cfg.env, seed=cfg.seed + i, options={"split": "train"}, env_kwargs=dict(cfg.env_kwargs)
@@ -48,20 +31,9 @@ def diagnose(cfg: DictConfig, console: Console | None = None) -> dict[str, float
     ]
     with console.status(f"rolling out {cfg.episodes} student episodes on {cfg.env}"):
         episodes = run_episodes(jobs, engine, renderer, rollout_config(cfg), seed=cfg.seed)
-    t = cfg.teacher_cfg
-    teacher = Teacher(
-        teacher_model,
-        Renderer(teacher_tok),
-        TeacherConfig(
-            topk=t.topk,
-            system_prompt=t.system_prompt,
-            privileged=t.privileged,
-            batch_size=t.batch_size,
-        ),
-    )
     with console.status("scoring with the teacher"):
         teacher.score(episodes)
-    learner = Learner(student, LearnerConfig(topk=t.topk), pad_id=renderer.pad_id)
+    learner = Learner(student, pad_id=renderer.pad_id, topk=cfg.teacher_cfg.topk)
     metrics = {**episode_summary(episodes), **learner.measure(episodes)}
 
     from agentopd.diagnostics import verdict

@@ -11,12 +11,14 @@ learning-rate schedule; CPU by default, CUDA with bf16 autocast when available.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from agentopd import losses
+from agentopd import losses, sft
+from agentopd.schema import knob
 from agentopd.types import Episode
 
 
@@ -77,46 +79,50 @@ def make_batch(
                     f"episode {ep.task_id} segment {s} has no teacher scores; run teacher.score first"
                 )
             sc = ep.teacher[s]
-            if sc["positions"] != [t for t, m in enumerate(seg.mask) if m]:
+            if sc.positions != [t for t, m in enumerate(seg.mask) if m]:
                 raise ValueError(
                     f"teacher scores of episode {ep.task_id} do not match its mask (stale scores?)"
                 )
-            if sc["positions"]:
-                pos = torch.tensor(sc["positions"]) - 1
-                t_lp[b, pos] = torch.tensor(sc["logprobs"])
-                k = min(topk, len(sc["topk_ids"][0]))
-                t_ids[b, pos, :k] = torch.tensor(sc["topk_ids"])[:, :k]
-                t_topk[b, pos, :k] = torch.tensor(sc["topk_logprobs"])[:, :k]
+            if sc.positions:
+                pos = torch.tensor(sc.positions) - 1
+                t_lp[b, pos] = torch.tensor(sc.logprobs)
+                k = min(topk, sc.k)
+                t_ids[b, pos, :k] = torch.tensor(sc.topk_ids)[:, :k]
+                t_topk[b, pos, :k] = torch.tensor(sc.topk_logprobs)[:, :k]
                 if k < topk:
                     t_topk[b, pos, k:] = losses.LOG_FLOOR
-                t_ent[b, pos] = torch.tensor(sc["entropy"])
+                t_ent[b, pos] = torch.tensor(sc.entropy)
     return Batch(ids, attn, ids[:, 1:], mask, turn, t_lp, t_ids, t_topk, t_ent)
+
+
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass
 class LearnerConfig:
-    """Optimisation and objective settings (see ``agentopd.config`` for the user-facing keys)."""
+    """Optimisation settings (the ``optim.*`` keys)."""
 
-    optimizer: str = "adamw"
-    """``adamw`` or ``sgd`` (plain, no momentum). See the README on tiny students and AdamW."""
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    total_steps: int = 100
-    micro_batch: int = 8
-    loss: str = "rkl-sampled"
-    clip_eps: float = 0.2
-    tail: bool = True
-    beta: float = 0.5
-    agg: str = "token-mean"
-    entropy_top_frac: float = 1.0
-    overlap_only: bool = False
-    chunk_size: int = 1024
-    topk: int = 16
+    name: str = knob("adamw", "optimizer (sgd: plain, no momentum)", choices=("adamw", "sgd"))
+    lr: float = knob(1e-4, "peak learning rate", gt=0)
+    weight_decay: float = knob(0.0, "decoupled weight decay", ge=0)
+    beta1: float = knob(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = knob(0.95, "AdamW beta2", ge=0, lt=1)
+    grad_clip: float = knob(1.0, "clip the gradient norm to this (0: no clipping)", ge=0)
+    warmup_steps: int = knob(0, "linear warm-up steps", ge=0)
+    schedule: str = knob("constant", "learning-rate schedule after warm-up", choices=SCHEDULES)
+    min_lr_frac: float = knob(
+        0.1, "final learning rate of the cosine schedule, as a fraction of lr", ge=0, le=1
+    )
+    micro_batch: int = knob(8, "segments per forward/backward pass (gradient accumulation)", ge=1)
+    epochs_per_batch: int = knob(
+        1, "optimizer updates per rollout batch (PPO-style passes; >1 makes the clip act)", ge=1
+    )
+    sft_bf16: str = knob(
+        "cuda",
+        "bfloat16 autocast of SFT steps: cuda (on CUDA only), auto (also on CPUs that run it "
+        "natively), on, off",
+        choices=sft.BF16_MODES,
+    )
 
 
 class Learner:
@@ -124,20 +130,40 @@ class Learner:
 
     Args:
         model: The student causal LM (trained in place).
-        config: Learner settings.
+        config: Optimisation settings.
         pad_id: Padding token id.
+        loss: A registered loss name or a :class:`~agentopd.losses.Loss` object.
+        loss_cfg: The loss's config (default: ``loss.Config()``).
+        topk: Teacher top-k width that batches carry.
+        total_steps: Length of the learning-rate schedule, in :meth:`step` calls.
     """
 
-    def __init__(self, model: Any, config: LearnerConfig, pad_id: int):
+    def __init__(
+        self,
+        model: Any,
+        config: LearnerConfig | None = None,
+        pad_id: int = 0,
+        *,
+        loss: str | losses.Loss = "rkl-sampled",
+        loss_cfg: losses.LossConfig | None = None,
+        topk: int = 16,
+        total_steps: int = 100,
+    ):
+        from agentopd import registry
+
         self.model = model
-        self.config = config
+        self.config = config = config or LearnerConfig()
         self.pad_id = pad_id
+        self.loss = registry.losses.spec(loss).load() if isinstance(loss, str) else loss
+        self.loss_cfg = loss_cfg if loss_cfg is not None else self.loss.Config()
+        self.topk = topk
+        self.total_steps = total_steps
         self.device = next(model.parameters()).device
-        if config.optimizer == "sgd":
+        if config.name == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
                 model.parameters(), lr=config.lr, weight_decay=config.weight_decay
             )
-        elif config.optimizer == "adamw":
+        elif config.name == "adamw":
             self.optimizer = torch.optim.AdamW(
                 model.parameters(),
                 lr=config.lr,
@@ -145,16 +171,17 @@ class Learner:
                 weight_decay=config.weight_decay,
             )
         else:
-            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {config.optimizer!r}")
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {config.name!r}")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     def _lr_factor(self, step: int) -> float:
         c = self.config
         if c.warmup_steps and step < c.warmup_steps:
             return (step + 1) / c.warmup_steps
-        progress = min(1.0, (step - c.warmup_steps) / max(1, c.total_steps - c.warmup_steps))
+        progress = min(1.0, (step - c.warmup_steps) / max(1, self.total_steps - c.warmup_steps))
         if c.schedule == "cosine":
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+            floor = c.min_lr_frac
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         if c.schedule == "linear":
             return max(0.0, 1.0 - progress)
         return 1.0
@@ -178,53 +205,154 @@ class Learner:
             head.weight,
             batch.target_B_S.to(self.device),
             lm_head_bias_V=getattr(head, "bias", None),
-            chunk_size=self.config.chunk_size,
+            chunk_size=self.loss_cfg.chunk_size,
             topk_ids_B_T_K=None if support is None else support.to(self.device),
-            student_topk=self.config.topk if want_topk else 0,
+            student_topk=self.topk if want_topk else 0,
             return_entropy=True,
         )
 
     def step(self, episodes: list[Episode], mode: str = "opd") -> dict[str, float]:
-        """One optimizer update on ``episodes`` (``mode``: ``"opd"`` or ``"sft"``)."""
-        c = self.config
+        """One update on ``episodes`` (``mode``: ``"opd"`` or ``"sft"``).
+
+        OPD: token selection (``entropy_top_frac``, ``overlap_only``) is decided over the whole
+        batch before micro-batching, so the gradient does not depend on ``optim.micro_batch``.
+        With ``optim.epochs_per_batch = E > 1`` the batch gets E optimizer updates; the student
+        log-probs before the first one are ``p_old`` of the ``rkl-sampled`` ratio.
+        """
+        if mode == "sft":
+            return self.step_sft(episodes)
+        return self._step_opd(episodes)
+
+    def _micro_batches(self, episodes: list[Episode], with_teacher: bool) -> list[Batch]:
         items = segments_of(episodes)
-        if not items:
+        mb = self.config.micro_batch
+        batches = [
+            make_batch(items[i : i + mb], self.pad_id, self.topk, with_teacher=with_teacher)
+            for i in range(0, len(items), mb)
+        ]
+        return [b for b in batches if b.tokens > 0]
+
+    @torch.no_grad()
+    def _select(self, batches: list[Batch]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per micro-batch: the loss mask after batch-wide token selection, and ``p_old``."""
+        lc = self.loss_cfg
+        need_pass = lc.entropy_top_frac < 1.0 or lc.overlap_only or self.config.epochs_per_batch > 1
+        masks = [b.mask_B_S.clone() for b in batches]
+        olds: list[torch.Tensor] = []
+        if not need_pass:
+            return masks, olds
+        was_training = self.model.training
+        self.model.eval()
+        entropies = []
+        for b, m in zip(batches, masks, strict=True):
+            st = self._student(b, None, want_topk=lc.overlap_only)
+            olds.append(st.logprobs_B_T.cpu())
+            entropies.append(st.entropy_B_T.cpu())
+            if lc.overlap_only:
+                m &= losses.select_overlap_only(st.topk_ids_B_T_K.cpu(), b.teacher_ids_B_S_K, m)
+        self.model.train(was_training)
+        if lc.entropy_top_frac < 1.0:
+            # One selection over every token of the batch: flatten all micro-batches.
+            flat_ent = torch.cat([e[m] for e, m in zip(entropies, masks, strict=True)])
+            flat_mask = torch.ones_like(flat_ent, dtype=torch.bool)
+            keep = losses.select_entropy_top_frac(flat_ent, flat_mask, lc.entropy_top_frac)
+            offset = 0
+            for m in masks:
+                n = int(m.sum())
+                m[m.clone()] = keep[offset : offset + n]
+                offset += n
+        return masks, olds
+
+    def _step_opd(self, episodes: list[Episode]) -> dict[str, float]:
+        c, lc = self.config, self.loss_cfg
+        batches = self._micro_batches(episodes, with_teacher=True)
+        if not batches:
             return {"learner/tokens": 0.0}
-        opd = mode == "opd"
+        masks, olds = self._select(batches)
+        total_tokens = sum(int(m.sum()) for m in masks)
+        total_seqs = sum(int((m.sum(-1) > 0).sum()) for m in masks)
+        self.model.train()
+        diag_rows: list[dict[str, torch.Tensor]] = []
+        sums: dict[str, float] = {}
+        grad_norm = torch.tensor(0.0)
+        for epoch in range(c.epochs_per_batch):
+            self.optimizer.zero_grad(set_to_none=True)
+            sums = {}
+            for b, batch in enumerate(batches):
+                mask = masks[b].to(self.device)
+                if not mask.any():
+                    continue
+                st = self._student(
+                    batch,
+                    batch.teacher_ids_B_S_K if self.loss.needs_support else None,
+                    want_topk=epoch == 0,
+                )
+                old = olds[b].to(self.device) if olds else st.logprobs_B_T.detach()
+                inputs = losses.LossInputs(
+                    mask_B_T=mask,
+                    old_logprobs_B_T=old,
+                    teacher_logprobs_B_T=batch.teacher_lp_B_S.to(self.device),
+                    teacher_topk_logprobs_B_T_K=batch.teacher_topk_lp_B_S_K.to(self.device),
+                )
+                loss, metrics = self.loss(inputs, st, lc)
+                if epoch == 0:
+                    diag_rows.append(_diag_row(batch, st))
+                weight = (
+                    int(mask.sum()) / max(1, total_tokens)
+                    if lc.agg == "token-mean"
+                    else int((mask.sum(-1) > 0).sum()) / max(1, total_seqs)
+                )
+                (loss * weight).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * (weight if k != "tokens" else 1.0)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf")
+            )
+            self.optimizer.step()
+        self.scheduler.step()
+        out = {f"learner/{k}": v for k, v in sums.items()}
+        out["learner/grad_norm"] = float(grad_norm)
+        out["learner/lr"] = float(self.scheduler.get_last_lr()[0])
+        out["learner/tokens"] = float(total_tokens)
+        out["learner/epochs"] = float(c.epochs_per_batch)
+        if diag_rows:
+            out.update(_diagnostics(diag_rows))
+        return out
+
+    @torch.no_grad()
+    def measure(self, episodes: list[Episode]) -> dict[str, float]:
+        """Diagnostics (overlap, entropy gap, KL per turn index) without updating anything."""
+        rows = []
+        for batch in self._micro_batches(episodes, with_teacher=True):
+            st = self._student(batch, batch.teacher_ids_B_S_K, want_topk=True)
+            rows.append(_diag_row(batch, st))
+        return _diagnostics(rows) if rows else {}
+
+    def step_sft(
+        self, episodes: list[Episode], extra: Sequence[sft.SftGroup] = ()
+    ) -> dict[str, float]:
+        """One SFT update (cold start, demonstration batches): NLL on mask-1 tokens.
+
+        The loss is the ``loss_cfg.agg`` mean over ``episodes``' mask-1 tokens, plus, per group
+        of ``extra``, its weight times its own mean (e.g. the zoo's copy drills). The pass is
+        :func:`agentopd.sft.backward`'s packed one (shared prefix, packed rows, projection at
+        trained positions only): the loss and gradient of a padded forward, faster.
+        """
+        c = self.config
+        groups = [sft.SftGroup(episodes), *extra]
+        if not any(sft.trained_segments(g.episodes) for g in groups):
+            return {"learner/tokens": 0.0}
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total_tokens = sum(sum(ep.segments[s].mask[1:]) for ep, s in items)
-        total_seqs = len(items)
-        sums: dict[str, float] = {}
-        diag_rows: list[dict[str, torch.Tensor]] = []
-        for i in range(0, len(items), c.micro_batch):
-            mb = items[i : i + c.micro_batch]
-            batch = make_batch(mb, self.pad_id, c.topk, with_teacher=opd)
-            if batch.tokens == 0:
-                continue
-            st = self._student(batch, batch.teacher_ids_B_S_K if opd else None, want_topk=opd)
-            mask = batch.mask_B_S.to(self.device)
-            if not opd:
-                loss, metrics = losses.sft_nll(st.logprobs_B_T, mask, c.agg)
-            else:
-                if c.entropy_top_frac < 1.0:
-                    mask = losses.select_entropy_top_frac(
-                        st.entropy_B_T.detach(), mask, c.entropy_top_frac
-                    )
-                if c.overlap_only:
-                    mask = losses.select_overlap_only(
-                        st.topk_ids_B_T_K, batch.teacher_ids_B_S_K.to(self.device), mask
-                    )
-                loss, metrics = self._opd_loss(st, batch, mask)
-                diag_rows.append(_diag_row(batch, st))
-            weight = (
-                batch.tokens / max(1, total_tokens)
-                if c.agg == "token-mean"
-                else batch.sequences / max(1, total_seqs)
-            )
-            (loss * weight).backward()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * (weight if k != "tokens" else 1.0)
+        sums = sft.backward(
+            self.model,
+            groups,
+            pad_id=self.pad_id,
+            agg=self.loss_cfg.agg,
+            micro_batch=c.micro_batch,
+            chunk_size=self.loss_cfg.chunk_size,
+            bf16=sft.bf16_enabled(c.sft_bf16, self.device),
+        )
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf")
         )
@@ -233,48 +361,7 @@ class Learner:
         out = {f"learner/{k}": v for k, v in sums.items()}
         out["learner/grad_norm"] = float(grad_norm)
         out["learner/lr"] = float(self.scheduler.get_last_lr()[0])
-        out["learner/tokens"] = float(total_tokens)
-        if diag_rows:
-            out.update(_diagnostics(diag_rows))
         return out
-
-    @torch.no_grad()
-    def measure(self, episodes: list[Episode]) -> dict[str, float]:
-        """Diagnostics (overlap, entropy gap, KL per turn index) without updating anything."""
-        c = self.config
-        items = segments_of(episodes)
-        rows = []
-        for i in range(0, len(items), c.micro_batch):
-            batch = make_batch(items[i : i + c.micro_batch], self.pad_id, c.topk, with_teacher=True)
-            st = self._student(batch, batch.teacher_ids_B_S_K, want_topk=True)
-            rows.append(_diag_row(batch, st))
-        return _diagnostics(rows) if rows else {}
-
-    def step_sft(self, episodes: list[Episode]) -> dict[str, float]:
-        """One SFT update (cold start, demonstration batches): NLL on mask-1 tokens."""
-        return self.step(episodes, mode="sft")
-
-    def _opd_loss(
-        self, st: losses.TokenLogprobs, batch: Batch, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        c = self.config
-        t_lp = batch.teacher_lp_B_S.to(self.device)
-        if c.loss == "rkl-sampled":
-            # On-policy, one update per batch: the sampling policy equals the current weights, so
-            # p_old is the current log-prob without gradient (ratio 1, gradient of the surrogate).
-            return losses.rkl_sampled(
-                st.logprobs_B_T,
-                st.logprobs_B_T.detach(),
-                t_lp,
-                mask,
-                clip_eps=c.clip_eps,
-                agg=c.agg,
-            )
-        s_sup = st.support_logprobs_B_T_K
-        t_sup = batch.teacher_topk_lp_B_S_K.to(self.device)
-        if c.loss == "jsd":
-            return losses.jsd(s_sup, t_sup, mask, beta=c.beta, tail=c.tail, agg=c.agg)
-        return losses.LOSSES[c.loss](s_sup, t_sup, mask, tail=c.tail, agg=c.agg)
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

@@ -6,9 +6,10 @@ This module owns everything between "per-token numbers" and "a scalar to call ``
   (sampled token, an arbitrary support such as the teacher's top-k, the student's own top-k,
   entropy) without ever materialising the whole ``[tokens x vocab]`` float32 logits, in the
   forward *or* the backward pass (a custom autograd function recomputes one chunk at a time).
-* Objectives (:data:`LOSSES`): ``rkl-sampled``, ``rkl-topk``, ``fkl-topk``, ``jsd``, plus
-  :func:`sft_nll` for the off-policy cold start. Each returns ``(loss, metrics)`` where
-  ``metrics`` is a dict of Python floats.
+* Objectives as pure functions (``rkl_sampled``, ``rkl_topk``, ``fkl_topk``, ``jsd``, plus
+  :func:`sft_nll` for the off-policy cold start), each returning ``(loss, metrics)`` where
+  ``metrics`` is a dict of Python floats, and wrapped as :class:`Loss` objects with their own
+  config dataclasses (registered in ``agentopd.registry.losses``).
 * Token selection: :func:`select_entropy_top_frac`, :func:`select_overlap_only`.
 
 Notation: student p, teacher q, both on the student's own prefix; ``mask_B_T`` is 1 exactly on
@@ -31,10 +32,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
+
+from agentopd.schema import knob
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
 
@@ -602,14 +605,145 @@ def sft_nll(
     return loss, {"loss": float(loss.detach()), "tokens": float(mask.sum())}
 
 
-LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
-    "rkl-sampled": rkl_sampled,
-    "rkl-topk": rkl_topk,
-    "fkl-topk": fkl_topk,
-    "jsd": jsd,
-}
-"""Distillation objectives by config name (``loss=rkl-sampled``). ``rkl-sampled`` takes
-sampled-token log-probs; the others take log-probs on a shared ``[B, T, K]`` support."""
+# --------------------------------------------------------------------------------------------
+# The Loss protocol: one signature for every objective, each with its own config dataclass
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossConfig:
+    """Settings every objective shares (``loss_cfg.*``); a loss's own config extends it."""
+
+    agg: str = knob("token-mean", "how per-token losses are averaged", choices=AGGREGATIONS)
+    entropy_top_frac: float = knob(
+        1.0, "train only on this highest-student-entropy fraction of the batch's tokens", gt=0, le=1
+    )
+    overlap_only: bool = knob(
+        False, "train only on tokens whose student and teacher top-k intersect"
+    )
+    chunk_size: int = knob(1024, "positions per chunk of the student's vocabulary projection", ge=1)
+
+
+@dataclass
+class RklSampledConfig(LossConfig):
+    """``rkl-sampled``: PPO-style clipped surrogate of the sampled-token reverse KL."""
+
+    clip_eps: float = knob(0.2, "PPO clip range of the probability ratio", ge=0)
+
+
+@dataclass
+class TopkConfig(LossConfig):
+    """``rkl-topk`` / ``fkl-topk``: exact KL on the teacher's top-k support."""
+
+    tail: bool = knob(True, "add a tail bucket holding the mass outside the top-k")
+
+
+@dataclass
+class JsdConfig(TopkConfig):
+    """``jsd``: generalised Jensen-Shannon divergence."""
+
+    beta: float = knob(0.5, "JSD mixing weight: 0 = forward KL, 1 = reverse KL", ge=0, le=1)
+
+
+@dataclass
+class LossInputs:
+    """Everything an objective may read, on the shifted ``[B, T]`` grid of one micro-batch.
+
+    Teacher tensors are constants; ``mask_B_T`` is the final loss mask (token selection done).
+    """
+
+    mask_B_T: Tensor
+    """1 on the tokens to train on (sampled by the student, selected)."""
+    old_logprobs_B_T: Tensor
+    """Student log-probs of the sampled tokens before this batch's first update (constants)."""
+    teacher_logprobs_B_T: Tensor
+    """Teacher log-probs of the sampled tokens."""
+    teacher_topk_logprobs_B_T_K: Tensor
+    """Teacher log-probs at its top-k ids (the support)."""
+
+
+class Loss(Protocol):
+    """An objective: ``loss(inputs, student, cfg) -> (scalar loss, metrics)``.
+
+    ``student`` holds the current student's log-probs (with grad): ``logprobs_B_T`` of the
+    sampled tokens and, when ``needs_support`` is true, ``support_logprobs_B_T_K`` at the
+    teacher's top-k ids. ``Config`` is the loss's config dataclass (``loss_cfg.*`` keys).
+    Register an instance in the ``agentopd.losses`` entry-point group (or with
+    ``agentopd.register(name, obj, kind="losses")``).
+
+    Example::
+
+        @dataclass
+        class MyConfig(LossConfig):
+            scale: float = knob(1.0, "multiplier", gt=0)
+
+        class MyLoss:
+            Config = MyConfig
+            needs_support = False
+
+            def __call__(self, inputs, student, cfg):
+                m = inputs.mask_B_T
+                per_token = (inputs.old_logprobs_B_T - inputs.teacher_logprobs_B_T) * student.logprobs_B_T
+                loss = cfg.scale * aggregate(per_token, m, cfg.agg)
+                return loss, {"loss": float(loss)}
+
+        MY_LOSS = MyLoss()   # entry point "my_pkg.losses:MY_LOSS"
+    """
+
+    Config: type[LossConfig]
+    needs_support: bool
+
+    def __call__(
+        self, inputs: LossInputs, student: TokenLogprobs, cfg: Any
+    ) -> tuple[Tensor, dict[str, float]]: ...
+
+
+class _RklSampled:
+    Config = RklSampledConfig
+    needs_support = False
+
+    def __call__(
+        self, inputs: LossInputs, student: TokenLogprobs, cfg: RklSampledConfig
+    ) -> tuple[Tensor, dict[str, float]]:
+        return rkl_sampled(
+            student.logprobs_B_T,
+            inputs.old_logprobs_B_T,
+            inputs.teacher_logprobs_B_T,
+            inputs.mask_B_T,
+            clip_eps=cfg.clip_eps,
+            agg=cfg.agg,
+        )
+
+
+class _Topk:
+    Config: type[LossConfig] = TopkConfig
+    needs_support = True
+
+    def __init__(self, fn: Callable[..., tuple[Tensor, dict[str, float]]]):
+        self.fn = fn
+
+    def __call__(
+        self, inputs: LossInputs, student: TokenLogprobs, cfg: Any
+    ) -> tuple[Tensor, dict[str, float]]:
+        kwargs = {"beta": cfg.beta} if isinstance(cfg, JsdConfig) else {}
+        return self.fn(
+            student.support_logprobs_B_T_K,
+            inputs.teacher_topk_logprobs_B_T_K,
+            inputs.mask_B_T,
+            tail=cfg.tail,
+            agg=cfg.agg,
+            **kwargs,
+        )
+
+
+class _Jsd(_Topk):
+    Config = JsdConfig
+
+
+RKL_SAMPLED: Loss = _RklSampled()
+RKL_TOPK: Loss = _Topk(rkl_topk)
+FKL_TOPK: Loss = _Topk(fkl_topk)
+JSD: Loss = _Jsd(jsd)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,14 +1,30 @@
-"""One registry for environments, tools, curricula and models.
+"""One registry door for every pluggable kind.
 
-Built-ins and third-party packages use the same door: Python entry points in the groups
-``agentopd.envs``, ``agentopd.tools``, ``agentopd.curricula`` and ``agentopd.models``, whose
-values are ``"pkg.module:Attr"`` strings. :func:`register` adds an entry at run time.
+Kinds: ``envs``, ``curricula``, ``losses``, ``engines``, ``teachers``, ``sandboxes`` and
+``models``. Built-ins and third-party packages use the same door: Python entry points in the
+groups ``agentopd.<kind>`` (``agentopd.envs``, ``agentopd.losses``, ...), whose values are
+``"pkg.module:Attr"`` strings. :func:`register` adds an entry at run time, :func:`unregister`
+removes one. Every unknown name is answered with "did you mean" and the valid names.
+
+A kind may also resolve *prefixed* names (``openenv:echo``): :meth:`Registry.register_prefix`
+maps ``"<prefix>:"`` to a factory that receives the rest of the name.
+
+What each kind's entry point must be:
+
+- ``envs``: an :class:`agentopd.Env` subclass (or a callable returning one).
+- ``curricula``: a class taking ``env``, ``env_kwargs``, ``seed`` and its own kwargs.
+- ``losses``: an object following :class:`agentopd.losses.Loss`.
+- ``engines``: a factory following :class:`agentopd.engines.EngineFactory`.
+- ``teachers``: a factory following :class:`agentopd.teachers.TeacherFactory`.
+- ``sandboxes``: a :class:`agentopd.tools.sandbox.base.Sandbox` subclass.
+- ``models``: a callable returning ``(model, tokenizer)``.
 
 Example::
 
     import agentopd
     agentopd.register("my-env", entry_point="my_pkg.envs:MyEnv", max_turns=8)
     env = agentopd.make("my-env", hops=3)
+    agentopd.register("my-loss", entry_point="my_pkg.losses:MY_LOSS", kind="losses")
 """
 
 from __future__ import annotations
@@ -21,7 +37,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = ("envs", "tools", "curricula", "models")
+KINDS = ("envs", "curricula", "losses", "engines", "teachers", "sandboxes", "models")
+_SINGULAR = {
+    "envs": "env",
+    "curricula": "curriculum",
+    "losses": "loss",
+    "engines": "engine",
+    "teachers": "teacher backend",
+    "sandboxes": "sandbox backend",
+    "models": "model",
+}
 # The entry-point value syntax of the packaging spec: "pkg.module:Attr.sub [extra1, extra2]".
 _ENTRY_POINT = re.compile(r"^\s*(?P<module>[\w.]+)\s*:\s*(?P<attr>[\w.]+)\s*(\[.*\])?\s*$")
 
@@ -40,7 +65,7 @@ class Spec:
     name: str
     """Kebab-case registry name."""
     kind: str
-    """One of ``envs``, ``tools``, ``curricula``, ``models``."""
+    """One of :data:`KINDS`."""
     entry_point: str | Callable[..., Any]
     """``"pkg.module:Attr"`` or a callable."""
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -77,6 +102,7 @@ class Registry:
         self._specs: dict[str, Spec] = {}
         self._from_entry_points: set[str] = set()
         self._loaded_entry_points = False
+        self._prefixes: dict[str, tuple[Callable[..., Any], str]] = {}
 
     def _load_entry_points(self) -> None:
         if self._loaded_entry_points:
@@ -116,6 +142,22 @@ class Registry:
         self._from_entry_points.discard(name)
         return spec
 
+    def register_prefix(
+        self, prefix: str, factory: Callable[..., Any], *, package: str = "(runtime)"
+    ) -> None:
+        """Resolve every name ``"<prefix>:<rest>"`` to ``factory(rest, **kwargs)``.
+
+        Used by adapters to foreign frameworks (``openenv:echo``, ``gem:game:GuessTheNumber``).
+        """
+        if not prefix or ":" in prefix:
+            raise ValueError(f"a prefix is a non-empty name without ':', got {prefix!r}")
+        self._prefixes[prefix] = (factory, package)
+
+    def prefixes(self) -> list[str]:
+        """Registered name prefixes (without the colon)."""
+        self._load_entry_points()
+        return sorted(self._prefixes)
+
     def unregister(self, name: str) -> Spec:
         """Remove ``name`` (until the next :meth:`refresh` if it came from an entry point)."""
         spec = self.spec(name)
@@ -127,12 +169,21 @@ class Registry:
         self._load_entry_points()
         if name in self._specs:
             return self._specs[name]
+        prefix, sep, rest = name.partition(":")
+        if sep and prefix in self._prefixes:
+            factory, package = self._prefixes[prefix]
+
+            def make(**kwargs: Any) -> Any:
+                return factory(rest, **kwargs)
+
+            return Spec(name, self.kind, make, {}, package)
         valid = sorted(self._specs)
         near = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
         hint = f" Did you mean {near[0]!r}?" if near else ""
+        extra = "".join(f", {p}:<name>" for p in sorted(self._prefixes))
         raise UnknownNameError(
-            f"unknown {self.kind[:-1] if self.kind != 'curricula' else 'curriculum'} {name!r}.{hint} "
-            f"Valid names: {', '.join(valid) or '(none registered)'}."
+            f"unknown {_SINGULAR[self.kind]} {name!r}.{hint} "
+            f"Valid names: {', '.join(valid) or '(none registered)'}{extra}."
         )
 
     def make(self, name: str, /, **kwargs: Any) -> Any:
@@ -148,10 +199,13 @@ class Registry:
 
 
 envs = Registry("envs")
-tools = Registry("tools")
 curricula = Registry("curricula")
+losses = Registry("losses")
+engines = Registry("engines")
+teachers = Registry("teachers")
+sandboxes = Registry("sandboxes")
 models = Registry("models")
-_BY_KIND = {"envs": envs, "tools": tools, "curricula": curricula, "models": models}
+_BY_KIND = {r.kind: r for r in (envs, curricula, losses, engines, teachers, sandboxes, models)}
 
 
 def registry(kind: str) -> Registry:
@@ -165,8 +219,13 @@ def registry(kind: str) -> Registry:
 def register(
     name: str, entry_point: str | Callable[..., Any], *, kind: str = "envs", **defaults: Any
 ) -> Spec:
-    """Register an environment (or, with ``kind=``, a tool, curriculum or model)."""
+    """Register an environment (or, with ``kind=``, any other pluggable kind)."""
     return registry(kind).register(name, entry_point, **defaults)
+
+
+def unregister(name: str, kind: str = "envs") -> Spec:
+    """Remove a registered name of one kind."""
+    return registry(kind).unregister(name)
 
 
 def make(name: str, /, **kwargs: Any) -> Any:

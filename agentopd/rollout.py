@@ -21,26 +21,30 @@ from typing import Any
 from agentopd.engines import Engine, Sample, SamplingParams
 from agentopd.env import Env
 from agentopd.registry import make
-from agentopd.renderer import Renderer
+from agentopd.renderer import PrefixMismatchError, Renderer
+from agentopd.schema import knob
 from agentopd.types import Episode, Segment, StopReason, Turn
 
 
 @dataclass
 class RolloutConfig:
-    """Knobs of the rollout loop."""
+    """Knobs of the rollout loop (the ``rollout.*`` keys)."""
 
-    max_new_tokens: int = 128
-    """Generation limit per turn."""
-    max_episode_tokens: int = 2048
-    """Token budget per segment (prompt + all turns + bridges)."""
-    temperature: float = 1.0
-    """Sampling temperature (0: greedy)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass."""
-    tool_workers: int = 8
-    """Threads that run ``env.step`` (tool calls) concurrently."""
-    mask_parse_errors: bool = False
-    """Give mask 0 to turns whose tool calls could not be parsed."""
+    max_new_tokens: int = knob(96, "generation limit per turn", ge=1)
+    max_episode_tokens: int = knob(
+        1536, "token budget per segment (prompt + all turns + bridges)", ge=2
+    )
+    temperature: float = knob(1.0, "sampling temperature (0: greedy)", ge=0)
+    top_p: float = knob(1.0, "nucleus sampling mass", gt=0, le=1)
+    tool_workers: int = knob(8, "threads that run env.step (tool calls) concurrently", ge=1)
+    mask_parse_errors: bool = knob(
+        False, "give mask 0 to turns whose tool calls could not be parsed"
+    )
+    on_prefix_mismatch: str = knob(
+        "error",
+        "when the chat template rewrites history: fail, or start a new segment",
+        choices=("error", "new-segment"),
+    )
 
 
 @dataclass
@@ -97,12 +101,16 @@ def expert_episodes(
     def policy(lives: list[_Live]) -> list[Sample]:
         out = []
         for lv in lives:
-            text = lv.env.expert_action(list(lv.env.messages))
-            toks = renderer.encode(text) + [renderer.eot_id]
+            toks = _guarded(lv, lambda lv=lv: renderer.encode(_expert_text(lv)) + [renderer.eot_id])
+            toks = toks or []  # a failed expert ended its episode (env_error)
             out.append(Sample(tokens=toks, logprobs=[0.0] * len(toks), finished=True))
         return out
 
     return _play(jobs, policy, renderer, cfg)
+
+
+def _expert_text(lv: _Live) -> str:
+    return lv.env.expert_action(list(lv.env.messages))
 
 
 def expert_episode(
@@ -140,10 +148,10 @@ def _start_with(env: Env, job: EpisodeJob, renderer: Renderer) -> _Live:
             "max_turns": info.get("max_turns"),
             "options": {k: v for k, v in job.options.items() if k != "replay"},
             "tool_errors": {},
-            "n_prompt_messages": len(messages),
-            "tools": tools,
-            "privileged_context": env.privileged_context(),
         },
+        n_prompt_messages=len(messages),
+        tools=tools,
+        privileged_context=env.privileged_context(),
     )
     return _Live(env=env, episode=ep, tools=tools, stream_text=text)
 
@@ -155,12 +163,47 @@ def _play(
     try:
         for job in jobs:
             env = make(job.env, **job.env_kwargs)
-            lives.append(_start_with(env, job, renderer))
+            lives.append(_start_or_fail(env, job, renderer))
         _loop(lives, policy, renderer, cfg, close=True)
     finally:
         for lv in lives:
             _close(lv)
     return [lv.episode for lv in lives]
+
+
+def _start_or_fail(env: Env, job: EpisodeJob, renderer: Renderer) -> _Live:
+    """:func:`_start_with`, or an already finished ``env_error`` episode if reset or render fails."""
+    try:
+        return _start_with(env, job, renderer)
+    except Exception as e:  # noqa: BLE001 - one broken episode must not lose the batch
+        ep = Episode(env=job.env, task_id="", seed=job.seed, segments=[Segment()])
+        lv = _Live(env=env, episode=ep, tools=[], stream_text="")
+        _fail(lv, e)
+        return lv
+
+
+def _fail(lv: _Live, error: BaseException) -> None:
+    """End the episode with ``env_error``, keeping the traceback in ``info["error"]``."""
+    text = getattr(error, "__traceback_text__", None) or "".join(
+        traceback.format_exception(type(error), error, error.__traceback__)
+    )
+    lv.episode.info["error"] = text
+    _finish(lv, StopReason.ENV_ERROR)
+
+
+def _guarded(lv: _Live, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``; an exception ends this episode with ``env_error`` (returns ``False``).
+
+    A :class:`PrefixMismatchError` still propagates: a template that rewrites history is a
+    configuration error of the whole run (invariant 3: fail loudly), not one episode's.
+    """
+    try:
+        return fn(*args)
+    except PrefixMismatchError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an env, tool or rendering bug ends this episode only
+        _fail(lv, e)
+        return False
 
 
 def _close(lv: _Live) -> None:
@@ -185,12 +228,12 @@ def _loop(
             samples = policy(active)
             stepping = []
             for lv, sample in zip(active, samples, strict=True):
-                if _record_turn(lv, sample, renderer, cfg):
+                if not lv.done and _guarded(lv, _record_turn, lv, sample, renderer, cfg):
                     stepping.append(lv)
             futures = [(lv, pool.submit(_step, lv)) for lv in stepping]
             for lv, fut in futures:
                 result = fut.result()
-                _after_step(lv, result, renderer, cfg)
+                _guarded(lv, _after_step, lv, result, renderer, cfg)
     for lv in lives:
         lv.episode.messages = list(lv.env.messages)
         if close:
@@ -237,8 +280,7 @@ def _after_step(lv: _Live, result: Any, renderer: Renderer, cfg: RolloutConfig) 
     ep = lv.episode
     turn = ep.turns[-1]
     if isinstance(result, BaseException):
-        ep.info["error"] = getattr(result, "__traceback_text__", repr(result))
-        _finish(lv, StopReason.ERROR)
+        _fail(lv, result)
         return
     new_messages, reward, terminated, truncated, info = result
     assistant = lv.env.messages[-1 - len(new_messages)]

@@ -28,45 +28,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agentopd import registry, zoo
-from agentopd.engines.hf import HFEngine
-from agentopd.learner import Learner, LearnerConfig
+from agentopd.build import build_train, load_model, make_engine, rollout_config, teacher_name
+from agentopd.learner import Learner
 from agentopd.metrics import episode_summary, evaluate
-from agentopd.renderer import Renderer
-from agentopd.rollout import EpisodeJob, RolloutConfig, expert_episodes, run_episodes
-from agentopd.runs import RunDir
-from agentopd.teacher import Teacher, TeacherConfig, check_tokenizers
+from agentopd.rollout import EpisodeJob, expert_episodes, run_episodes
+from agentopd.runs import RunDir, atomic_write_text
 from agentopd.types import Episode
-
-
-def resolve_device(name: str, cpu_threads: int = 0) -> torch.device:
-    """``auto`` → CUDA when available, else CPU. ``cpu_threads > 0`` sets torch's CPU threads
-    (tiny models run fastest on one thread: more threads mostly add synchronisation)."""
-    if cpu_threads > 0:
-        torch.set_num_threads(cpu_threads)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def student_name(cfg: DictConfig) -> str:
-    return "tiny-base" if cfg.student == "auto" else cfg.student
-
-
-def teacher_name(cfg: DictConfig) -> str:
-    return f"tiny-teacher-{cfg.env}" if cfg.teacher == "auto" else cfg.teacher
-
-
-def rollout_config(cfg: DictConfig, temperature: float | None = None) -> RolloutConfig:
-    r = cfg.rollout
-    return RolloutConfig(
-        max_new_tokens=r.max_new_tokens,
-        max_episode_tokens=r.max_episode_tokens,
-        temperature=r.temperature if temperature is None else temperature,
-        top_p=r.top_p,
-        tool_workers=r.tool_workers,
-        mask_parse_errors=r.mask_parse_errors,
-    )
 
 
 def _seed_everything(seed: int) -> None:
@@ -106,6 +73,8 @@ class Trainer:
 
     cfg: DictConfig
     console: Console = field(default_factory=Console)
+    _teacher_engine: Any = None
+    _demos: list[Episode] | None = None
 
     def setup(self) -> None:
         from transformers.utils import logging as hf_logging
@@ -113,73 +82,24 @@ class Trainer:
         hf_logging.disable_progress_bar()  # our own progress bars; no per-save shard bars
         cfg = self.cfg
         _seed_everything(cfg.seed)
-        self.device = resolve_device(cfg.device, cfg.cpu_threads)
+        # Build (and so validate) everything before the run directory exists.
+        parts = build_train(cfg)
+        self.device = parts.device
+        self.student, self.tokenizer = parts.student, parts.tokenizer
+        self.renderer, self.engine = parts.renderer, parts.engine
+        self.teacher, self.learner, self.curriculum = parts.teacher, parts.learner, parts.curriculum
+        self._demos = parts.demos
         self.run_dir = RunDir(cfg.runs_dir, _new_run_name(cfg))
         self.run_dir.write_config(OmegaConf.to_yaml(cfg))
+        atomic_write_text(
+            self.run_dir.path / "choices.json", json.dumps(parts.choices, indent=2) + "\n"
+        )
         self.console.print(
             f"[bold]run[/] {self.run_dir.path}  env={cfg.env} loss={cfg.loss} device={self.device}"
         )
-
-        # ------------------------------------------------------------------ models
-        name = student_name(cfg)
-        if name in zoo.PRESETS:
-            self.student, self.tokenizer = (
-                zoo.build_model(name, seed=cfg.seed),
-                zoo.load_tokenizer(),
-            )
-        else:
-            self.student, self.tokenizer = zoo.load(name, progress=True)
-        self.teacher_model, teacher_tok = zoo.load(teacher_name(cfg), progress=True)
-        check_tokenizers(self.tokenizer, teacher_tok)
-        self.student.to(self.device)
-        self.teacher_model.to(self.device).eval()
-        for p in self.teacher_model.parameters():
-            p.requires_grad_(False)
-        self.renderer = Renderer(self.tokenizer, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch)
-        self.engine = HFEngine(self.student, self.renderer.eot_id, self.renderer.pad_id)
-        t = cfg.teacher_cfg
-        self.teacher = Teacher(
-            self.teacher_model,
-            Renderer(teacher_tok, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch),
-            TeacherConfig(
-                topk=t.topk,
-                system_prompt=t.system_prompt,
-                privileged=t.privileged,
-                batch_size=t.batch_size,
-            ),
-        )
-        o, lc = cfg.optim, cfg.loss_cfg
-        self.learner = Learner(
-            self.student,
-            LearnerConfig(
-                optimizer=o.name,
-                lr=o.lr,
-                weight_decay=o.weight_decay,
-                beta1=o.beta1,
-                beta2=o.beta2,
-                grad_clip=o.grad_clip,
-                warmup_steps=o.warmup_steps,
-                schedule=o.schedule,
-                total_steps=cfg.steps,
-                micro_batch=o.micro_batch,
-                loss=cfg.loss,
-                clip_eps=lc.clip_eps,
-                tail=lc.tail,
-                beta=lc.beta,
-                agg=lc.agg,
-                entropy_top_frac=lc.entropy_top_frac,
-                overlap_only=lc.overlap_only,
-                chunk_size=lc.chunk_size,
-                topk=t.topk,
-            ),
-            pad_id=self.renderer.pad_id,
-        )
-        self.curriculum = registry.curricula.make(
-            cfg.curriculum,
-            env=cfg.env,
-            env_kwargs=dict(cfg.env_kwargs),
-            seed=cfg.seed,
-            **dict(cfg.curriculum_kwargs),
+        self.console.print(
+            "choices: "
+            + "  ".join(f"{k}={v}" for k, v in parts.choices.items() if v is not None)
         )
         self.start_step = 0
         self.cold_start_done = False
@@ -268,7 +188,13 @@ class Trainer:
             for i in range(n)
         ]
         if self.cfg.demo_source == "teacher":
-            engine = HFEngine(self.teacher_model, self.renderer.eot_id, self.renderer.pad_id)
+            if self._teacher_engine is None:
+                model, _ = load_model(teacher_name(self.cfg), "teacher")
+                model.to(self.device).eval()
+                self._teacher_engine = make_engine(
+                    self.cfg.engine, model, self.renderer, self.run_dir.path / "teacher_engine"
+                )
+            engine = self._teacher_engine
             episodes = run_episodes(
                 jobs, engine, self.renderer, rollout_config(self.cfg, 1.0), seed=seed
             )
@@ -281,12 +207,8 @@ class Trainer:
         cs = self.cfg.cold_start
         if cs.steps <= 0 or self.cold_start_done:
             return
-        if cs.data:
-            # Teacher episodes collected with `agentopd collect` (successful ones only).
-            lines = Path(cs.data).read_text(encoding="utf-8").splitlines()
-            demos = [ep for ep in (Episode.from_json(x) for x in lines if x.strip()) if ep.success]
-            if not demos:
-                raise ValueError(f"cold_start.data={cs.data} holds no successful episodes")
+        if self._demos is not None:
+            demos = self._demos  # cold_start.data, checked by the builder
         else:
             demos = self.demonstrations(cs.episodes, seed=7_000_000 + self.cfg.seed)
         # Its own optimizer at cold_start.lr, constant: the OPD learner's schedule and AdamW
@@ -294,15 +216,12 @@ class Trainer:
         # OPD scheduler reset it to optim.lr after the first step.)
         sft = Learner(
             self.student,
-            replace(
-                self.learner.config,
-                optimizer="adamw",
-                lr=cs.lr,
-                schedule="constant",
-                warmup_steps=0,
-                total_steps=cs.steps,
-            ),
+            replace(self.learner.config, name="adamw", lr=cs.lr, schedule="constant", warmup_steps=0),
             self.learner.pad_id,
+            loss=self.learner.loss,
+            loss_cfg=self.learner.loss_cfg,
+            topk=self.learner.topk,
+            total_steps=cs.steps,
         )
         rng = random.Random(self.cfg.seed)
         with self._progress() as progress:
@@ -369,10 +288,7 @@ class Trainer:
                 "teacher_tokens": self.teacher_tokens,
             }
         )
-        self.run_dir.append_jsonl(
-            "episodes.jsonl",
-            [json.dumps({"step": step, **json.loads(e.to_json())}) for e in episodes],
-        )
+        self.run_dir.append_episodes(step, episodes)
         return row
 
     def _progress(self) -> Progress:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -25,10 +25,17 @@ class StopReason(StrEnum):
     """The turn limit (possibly set by a curriculum) was reached."""
     TOKEN_BUDGET = "token_budget"
     """The episode's token budget ran out (context or generation length)."""
-    ERROR = "error"
-    """The environment itself failed; the episode is kept for inspection, never for training."""
+    ENV_ERROR = "env_error"
+    """An exception in this episode's env step, tool, rendering or serialization ended it (the
+    message is in ``Episode.info["error"]``); the rest of the batch went on. Kept for inspection,
+    never for training."""
     PREFIX_MISMATCH = "prefix_mismatch"
     """The chat template rewrote history and the renderer was configured to stop."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> StopReason | None:
+        # Episodes written before ``env_error`` existed said ``error``.
+        return cls.ENV_ERROR if value == "error" else None
 
 
 @dataclass
@@ -126,7 +133,8 @@ class Turn:
     """Reward returned by ``env.step`` for this turn."""
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        # Not dataclasses.asdict: it deep-copies tool-call arguments recursively.
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["tool_calls"] = [c.to_dict() for c in self.tool_calls]
         d["tool_results"] = [m.to_dict() for m in self.tool_results]
         return d
@@ -180,6 +188,48 @@ class Segment:
 
 
 @dataclass
+class TeacherScores:
+    """What the teacher hands the learner for one segment: its view of every sampled token.
+
+    All lists are aligned: entry ``i`` belongs to token ``positions[i]`` of the segment, and
+    ``positions`` are exactly the segment's mask-1 positions, in order.
+
+    Example::
+
+        scores = TeacherScores(positions=[5, 6], logprobs=[-0.1, -2.3],
+                               topk_ids=[[7, 9], [4, 7]], topk_logprobs=[[-0.1, -2.5], [-0.4, -1.2]],
+                               entropy=[0.3, 1.1])
+        assert scores.k == 2 and len(scores) == 2
+    """
+
+    positions: list[int] = field(default_factory=list)
+    """Indices into ``Segment.tokens`` of the scored (mask-1) tokens."""
+    logprobs: list[float] = field(default_factory=list)
+    """Teacher log-probability of the token the student sampled, per position."""
+    topk_ids: list[list[int]] = field(default_factory=list)
+    """Teacher's top-k token ids per position, most likely first."""
+    topk_logprobs: list[list[float]] = field(default_factory=list)
+    """Teacher log-probabilities at ``topk_ids``."""
+    entropy: list[float] = field(default_factory=list)
+    """Entropy (nats) of the teacher's full next-token distribution per position."""
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @property
+    def k(self) -> int:
+        """Number of top-k entries per position (0 when nothing was scored)."""
+        return len(self.topk_ids[0]) if self.topk_ids else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TeacherScores:
+        return cls(**{k: d.get(k, []) for k in cls.__dataclass_fields__})
+
+
+@dataclass
 class Episode:
     """A full multi-turn episode, token-exact."""
 
@@ -201,10 +251,18 @@ class Episode:
     """Whether the task was solved (as judged by the env, outside the agent's reach)."""
     stop_reason: StopReason = StopReason.ANSWER
     """Why the episode ended."""
+    n_prompt_messages: int = 0
+    """How many of ``messages`` form the opening prompt (system, user) that ``reset`` returned."""
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    """The tool schemas the student was shown (OpenAI function format)."""
+    privileged_context: str = ""
+    """Context only a privileged teacher may see (``Env.privileged_context``); never rendered
+    for the student."""
     info: dict[str, Any] = field(default_factory=dict)
-    """Free-form extras (task metadata, counts of tool errors, curriculum knobs, ...)."""
-    teacher: list[dict[str, Any]] | None = None
-    """Per segment: teacher scores of the sampled tokens (``logprobs``, ``topk_ids``, ``topk_logprobs``)."""
+    """Free-form extras for people and metrics (task metadata, tool-error counts, curriculum
+    knobs); nothing in the training path depends on them."""
+    teacher: list[TeacherScores | None] | None = None
+    """Per segment: the teacher's scores of its sampled tokens (None until scored)."""
 
     @property
     def num_turns(self) -> int:
@@ -225,12 +283,19 @@ class Episode:
             "reward": self.reward,
             "success": self.success,
             "stop_reason": self.stop_reason.value,
+            "n_prompt_messages": self.n_prompt_messages,
+            "tools": self.tools,
+            "privileged_context": self.privileged_context,
             "info": self.info,
-            "teacher": self.teacher,
+            "teacher": None
+            if self.teacher is None
+            else [None if t is None else t.to_dict() for t in self.teacher],
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Episode:
+        info = dict(d.get("info", {}))
+        teacher = d.get("teacher")
         return cls(
             env=d["env"],
             task_id=d["task_id"],
@@ -241,56 +306,162 @@ class Episode:
             reward=d.get("reward", 0.0),
             success=d.get("success", False),
             stop_reason=StopReason(d.get("stop_reason", "answer")),
-            info=d.get("info", {}),
-            teacher=d.get("teacher"),
+            # Run directories written before these fields existed kept them in ``info``.
+            n_prompt_messages=int(d.get("n_prompt_messages", info.pop("n_prompt_messages", 0))),
+            tools=d.get("tools", info.pop("tools", [])),
+            privileged_context=d.get(
+                "privileged_context", info.pop("privileged_context", "")
+            ),
+            info=info,
+            teacher=None
+            if teacher is None
+            else [None if t is None else TeacherScores.from_dict(t) for t in teacher],
         )
 
     def to_json(self) -> str:
         """One JSON line, valid JSON and UTF-8 encodable, with no line break under any convention.
 
-        Non-finite floats are written as ``{"__float__": "NaN" | "Infinity" | "-Infinity"}``; a
-        user dict that could be mistaken for such a marker is wrapped as ``{"__dict__": {...}}``.
-        Line and paragraph separators and lone surrogates are written as ``\\uXXXX`` escapes.
-        Limit: a high surrogate directly followed by a low one is read back as the combined
-        character (JSON cannot tell the two apart).
+        Never raises, whatever the episode holds, and nothing in it can reach a recursion limit:
+
+        * non-finite floats are written as ``{"__float__": "NaN" | "Infinity" | "-Infinity"}``,
+          integers too long for ``json`` (over 4,000 digits) as ``{"__int__": "<hex>"}``;
+        * containers nested deeper than ``MAX_NESTING`` (model-written tool-call arguments can be
+          nested about a thousand deep) are written as ``{"__deep__": [...]}``, a flat pre-order
+          listing that :meth:`from_json` rebuilds exactly, without recursion;
+        * a user dict that could be mistaken for such a marker is wrapped as ``{"__dict__": {...}}``;
+        * values JSON has no type for are written as their ``repr`` (tuples as lists, non-string
+          keys as strings): these do not round-trip;
+        * line and paragraph separators and lone surrogates are written as ``\\uXXXX`` escapes.
+          Limit: a high surrogate directly followed by a low one is read back as the combined
+          character (JSON cannot tell the two apart).
         """
-        line = json.dumps(_encode_floats(self.to_dict()), ensure_ascii=False, allow_nan=False)
+        line = json.dumps(_encode(self.to_dict(), 0), ensure_ascii=False, allow_nan=False)
         return _UNSAFE_IN_LINE.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
 
     @classmethod
     def from_json(cls, line: str) -> Episode:
-        return cls.from_dict(_decode_floats(json.loads(line)))
+        """Read one line written by :meth:`to_json` (markers decoded, deep values rebuilt)."""
+        return cls.from_dict(_decode(json.loads(line)))
 
 
+MAX_NESTING = 64
+"""Containers deeper than this inside an episode are serialized flat (see :meth:`Episode.to_json`)."""
 _NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-_FLOAT_KEY, _DICT_KEY = "__float__", "__dict__"
+_FLOAT_KEY, _DICT_KEY, _DEEP_KEY, _INT_KEY = "__float__", "__dict__", "__deep__", "__int__"
+_MARKERS = frozenset((_FLOAT_KEY, _DICT_KEY, _DEEP_KEY, _INT_KEY))
+_MAX_INT_BITS = 13_000
+"""About 3,900 decimal digits: below Python's 4,300-digit limit on int/str conversion."""
 # Characters json.dumps(ensure_ascii=False) leaves raw although str.splitlines() breaks on them
 # (NEL, LINE SEPARATOR, PARAGRAPH SEPARATOR) or UTF-8 cannot encode them (lone surrogates).
 _UNSAFE_IN_LINE = re.compile("[\x85\u2028\u2029\ud800-\udfff]")
 
 
 def _is_marker(x: dict[str, Any]) -> bool:
-    return len(x) == 1 and next(iter(x)) in (_FLOAT_KEY, _DICT_KEY)
+    return len(x) == 1 and next(iter(x)) in _MARKERS
 
 
-def _encode_floats(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
+def _scalar(x: Any) -> Any:
+    """A JSON scalar (or a one-key marker dict) for a non-container value."""
+    if x is None or isinstance(x, bool | str):
+        return x
+    if isinstance(x, int):
+        return {_INT_KEY: format(x, "x")} if x.bit_length() > _MAX_INT_BITS else int(x)
+    if isinstance(x, float):
+        if math.isfinite(x):
+            return float(x)
         return {_FLOAT_KEY: "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")}
+    item = getattr(x, "item", None)  # numpy scalars
+    if callable(item):
+        try:
+            value = item()
+        except Exception:  # noqa: BLE001 - falls back to repr below
+            value = None
+        if isinstance(value, bool | int | float | str):
+            return _scalar(value)
+    try:
+        return repr(x)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not lose the episode
+        return f"<unprintable {type(x).__name__}>"
+
+
+def _key(k: Any) -> str:
+    return k if isinstance(k, str) else str(_scalar(k))
+
+
+def _encode(x: Any, depth: int) -> Any:
     if isinstance(x, dict):
-        encoded = {k: _encode_floats(v) for k, v in x.items()}
-        return {_DICT_KEY: encoded} if _is_marker(x) else encoded
+        if depth >= MAX_NESTING:
+            return {_DEEP_KEY: _flatten(x)}
+        encoded = {_key(k): _encode(v, depth + 1) for k, v in x.items()}
+        return {_DICT_KEY: encoded} if _is_marker(encoded) else encoded
     if isinstance(x, list | tuple):
-        return [_encode_floats(v) for v in x]
-    return x
+        if all(type(v) is int for v in x):  # token ids: the common case, kept fast
+            return x if isinstance(x, list) else list(x)
+        if depth >= MAX_NESTING:
+            return {_DEEP_KEY: _flatten(x)}
+        return [_encode(v, depth + 1) for v in x]
+    return _scalar(x)
 
 
-def _decode_floats(x: Any) -> Any:
+def _flatten(root: Any) -> list[Any]:
+    """Pre-order listing: ``["[", n]`` a list of n items, ``["{", keys]`` a dict, ``["=", v]`` a
+    scalar (itself encoded by :func:`_scalar`). Iterative: any depth."""
+    out: list[Any] = []
+    todo = [root]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, dict):
+            out.append(["{", [_key(k) for k in x]])
+            todo.extend(reversed(list(x.values())))
+        elif isinstance(x, list | tuple):
+            out.append(["[", len(x)])
+            todo.extend(reversed(x))
+        else:
+            out.append(["=", _scalar(x)])
+    return out
+
+
+def _unflatten(flat: list[Any]) -> Any:
+    """Inverse of :func:`_flatten`, iterative."""
+    root: list[Any] = []
+    # Each open container: (container, keys or None, how many children are still missing).
+    stack: list[tuple[Any, list[str] | None, list[int]]] = [(root, None, [1])]
+    for kind, arg in flat:
+        if kind == "{":
+            value: Any = {}
+        elif kind == "[":
+            value = []
+        else:
+            value = _decode(arg)
+        parent, keys, missing = stack[-1]
+        if keys is None:
+            parent.append(value)
+        else:
+            parent[keys[len(keys) - missing[0]]] = value
+        missing[0] -= 1
+        while stack and stack[-1][2][0] == 0:
+            stack.pop()
+        if kind == "{" and arg:
+            stack.append((value, list(arg), [len(arg)]))
+        elif kind == "[" and arg:
+            stack.append((value, None, [int(arg)]))
+    return root[0]
+
+
+def _decode(x: Any) -> Any:
     if isinstance(x, dict):
         if _is_marker(x):
-            if _FLOAT_KEY in x:
-                return _NONFINITE[x[_FLOAT_KEY]]
-            return {k: _decode_floats(v) for k, v in x[_DICT_KEY].items()}
-        return {k: _decode_floats(v) for k, v in x.items()}
+            key, value = next(iter(x.items()))
+            if key == _FLOAT_KEY:
+                return _NONFINITE[value]
+            if key == _INT_KEY:
+                return int(value, 16)
+            if key == _DEEP_KEY:
+                return _unflatten(value)
+            return {k: _decode(v) for k, v in value.items()}
+        return {k: _decode(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_decode_floats(v) for v in x]
+        if all(type(v) is int for v in x):
+            return x
+        return [_decode(v) for v in x]
     return x

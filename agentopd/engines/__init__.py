@@ -1,4 +1,8 @@
-"""Generation backends: the :class:`Engine` protocol, ``hf`` (transformers) and ``vllm`` (optional)."""
+"""Generation backends: the :class:`Engine` protocol, ``hf`` (transformers) and ``vllm`` (optional).
+
+Backends are registered in ``agentopd.registry.engines`` (entry-point group ``agentopd.engines``)
+and chosen with ``engine=<name>``; each entry point is an :class:`EngineFactory`.
+"""
 
 from __future__ import annotations
 
@@ -49,3 +53,22 @@ class Engine(Protocol):
     def load_weights(self, state_dict: dict[str, Any]) -> None:
         """Make the engine sample from new weights."""
         ...
+
+
+class EngineFactory(Protocol):
+    """Builds a rollout engine around the student being trained.
+
+    ``model`` is the learner's model (an in-process engine may share its parameters),
+    ``renderer`` gives the end-of-turn and padding ids, and ``workdir`` is a directory the
+    engine may use (e.g. to save weights for an out-of-process server). Raise
+    :class:`ImportError` with the ``pip install`` line when a needed package is missing.
+
+    Example::
+
+        def build(model, *, renderer, workdir):
+            return MyEngine(model, eot_id=renderer.eot_id)
+
+        # pyproject.toml: [project.entry-points."agentopd.engines"] my-engine = "my_pkg:build"
+    """
+
+    def __call__(self, model: Any, *, renderer: Any, workdir: Any) -> Engine: ...

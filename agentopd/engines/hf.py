@@ -101,3 +101,8 @@ class HFEngine:
                 )
             )
         return samples
+
+
+def build(model: Any, *, renderer: Any, workdir: Any = None) -> HFEngine:
+    """The ``hf`` :class:`~agentopd.engines.EngineFactory`: shares the learner's parameters."""
+    return HFEngine(model, renderer.eot_id, renderer.pad_id)

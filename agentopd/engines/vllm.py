@@ -168,3 +168,27 @@ class VLLMEngine:
         if self.eot_id in tokens[:-1]:
             raise RuntimeError(f"end-of-turn token {self.eot_id} sampled before the end of a turn")
         return Sample(tokens=tokens, logprobs=logprobs, finished=stopped)
+
+
+def available() -> str | None:
+    """None when vLLM can be imported here, else why not (with the install line)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return INSTALL_HINT
+    return None
+
+
+def build(model: Any, *, renderer: Any, workdir: Any) -> VLLMEngine:
+    """The ``vllm`` :class:`~agentopd.engines.EngineFactory`.
+
+    Saves the student once into ``workdir / "vllm-model"`` to start the engine, then receives
+    every update in place through :meth:`VLLMEngine.load_weights`.
+    """
+    why = available()
+    if why is not None:
+        raise ImportError(why)
+    path = Path(workdir) / "vllm-model"
+    model.save_pretrained(path)
+    renderer.tokenizer.save_pretrained(path)
+    return VLLMEngine(path, renderer.eot_id)

@@ -1,62 +1,37 @@
-"""The teacher scores the student's exact token ids.
+"""In-process transformers teacher (``teacher_backend=hf``).
 
-For every token the student sampled (mask 1), the teacher returns its logprob of that token, its
-top-k ids and logprobs at that position (k = 16 by default) and its entropy. One batched forward
-pass per group of segments. The teacher may see its own system prompt or privileged context (the
-task's answer, for self-distillation): the opening prompt is then re-rendered for the teacher and
-positions are realigned so each student token gets the teacher's distribution at that token.
-
-Teacher and student must share a tokenizer; :func:`check_tokenizers` refuses a mismatch at
-start-up.
+One batched forward pass per group of segments; at each scored position only the rows that are
+needed are turned into log-probabilities. The teacher may see its own system prompt or
+privileged context: the opening prompt is then re-rendered for the teacher and positions are
+realigned so each student token gets the teacher's distribution at that token.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from agentopd.renderer import Renderer
-from agentopd.types import Episode, Message
+from agentopd.teachers import TeacherConfig, check_tokenizers
+from agentopd.types import Episode, Message, TeacherScores
 
 
-class TokenizerMismatchError(ValueError):
-    """Teacher and student tokenizers differ, so the teacher cannot score the student's ids."""
+def build(name: str, *, tokenizer: Any, config: TeacherConfig, device: Any) -> HFTeacher:
+    """The ``hf`` :class:`~agentopd.teachers.TeacherFactory`: load ``name`` (a zoo name or a
+    ``save_pretrained`` directory), check its tokenizer against the student's, freeze it."""
+    from agentopd import zoo
+
+    model, teacher_tok = zoo.load(name, progress=True)
+    check_tokenizers(tokenizer, teacher_tok)
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return HFTeacher(model, Renderer(teacher_tok), config)
 
 
-def check_tokenizers(student: Any, teacher: Any) -> None:
-    """Raise :class:`TokenizerMismatchError` unless both tokenizers map text to the same ids."""
-    sv, tv = student.get_vocab(), teacher.get_vocab()
-    if sv == tv and student.eos_token == teacher.eos_token:
-        return
-    only_s = sorted(set(sv) - set(tv))[:5]
-    only_t = sorted(set(tv) - set(sv))[:5]
-    moved = sorted(k for k in set(sv) & set(tv) if sv[k] != tv[k])[:5]
-    raise TokenizerMismatchError(
-        "teacher and student tokenizers differ, so the teacher cannot score the student's token ids: "
-        f"student vocab {len(sv)}, teacher vocab {len(tv)}; only in student {only_s}, only in teacher "
-        f"{only_t}, different ids for {moved}; eos {student.eos_token!r} vs {teacher.eos_token!r}. "
-        "Pick a teacher from the same model family (same tokenizer)."
-    )
-
-
-@dataclass
-class TeacherConfig:
-    """How the teacher scores."""
-
-    topk: int = 16
-    """Number of top teacher tokens kept per student token."""
-    system_prompt: str | None = None
-    """Replace the system prompt the teacher sees (None: same as the student)."""
-    privileged: bool = False
-    """Append the env's privileged context (e.g. the answer) to the teacher's system prompt."""
-    batch_size: int = 16
-    """Segments per forward pass."""
-
-
-class Teacher:
-    """Scores episodes with a causal LM.
+class HFTeacher:
+    """Scores episodes with an in-process causal LM.
 
     Args:
         model: The teacher causal LM.
@@ -78,10 +53,10 @@ class Teacher:
         cfg = self.config
         if cfg.system_prompt is None and not cfg.privileged:
             return None
-        n = int(episode.info.get("n_prompt_messages", 0))
+        n = episode.n_prompt_messages
         if n <= 0:
             raise ValueError(
-                "episode lacks info['n_prompt_messages']; it was not produced by agentopd.rollout"
+                "episode has no n_prompt_messages; it was not produced by agentopd.rollout"
             )
         msgs = [Message(**vars(m)) for m in episode.messages[:n]]
         system = cfg.system_prompt
@@ -91,9 +66,9 @@ class Teacher:
         else:
             base = system or ""
         if cfg.privileged:
-            base = (base + "\n" + episode.info.get("privileged_context", "")).strip()
+            base = (base + "\n" + episode.privileged_context).strip()
         msgs = [Message(role="system", content=base), *msgs]
-        tokens, _ = self.renderer.initial_prompt(msgs, episode.info.get("tools"))
+        tokens, _ = self.renderer.initial_prompt(msgs, episode.tools)
         return tokens
 
     @torch.no_grad()
@@ -106,13 +81,8 @@ class Teacher:
         return torch.log_softmax(self.model(input_ids=ids).logits[0].float(), dim=-1)
 
     @torch.no_grad()
-    def score(self, episodes: list[Episode]) -> None:
-        """Fill ``episode.teacher`` for each episode (one dict per segment).
-
-        Each dict holds, for the segment's mask-1 positions in order: ``positions``,
-        ``logprobs`` (teacher logprob of the sampled token), ``topk_ids``, ``topk_logprobs`` and
-        ``entropy`` (of the full teacher distribution).
-        """
+    def score(self, episodes: list[Episode]) -> list[list[TeacherScores]]:
+        """Score every segment; sets ``episode.teacher`` and returns the scores per episode."""
         items = []
         for ep in episodes:
             ep.teacher = [None] * len(ep.segments)  # type: ignore[list-item]
@@ -128,6 +98,7 @@ class Teacher:
         bs = max(1, self.config.batch_size)
         for i in range(0, len(items), bs):
             self._score_batch(items[i : i + bs])
+        return [list(ep.teacher) for ep in episodes]  # type: ignore[arg-type]
 
     def _score_batch(self, items: list[tuple[Episode, int, list[int], list[int], int]]) -> None:
         width = max(len(t) for _, _, t, _, _ in items)
@@ -147,13 +118,7 @@ class Teacher:
         k = self.config.topk
         for b, (ep, s, toks, positions, shift) in enumerate(items):
             if not positions:
-                ep.teacher[s] = {
-                    "positions": [],
-                    "logprobs": [],
-                    "topk_ids": [],
-                    "topk_logprobs": [],
-                    "entropy": [],
-                }
+                ep.teacher[s] = TeacherScores()
                 continue
             # The distribution over token t lives at position t - 1 (next-token prediction).
             pos = torch.tensor([p + shift - 1 for p in positions], device=logits_B_T_V.device)
@@ -162,10 +127,10 @@ class Teacher:
             chosen_N = logp_N_V.gather(-1, target[:, None]).squeeze(-1)
             top_N_K = logp_N_V.topk(min(k, logp_N_V.shape[-1]), dim=-1)
             entropy_N = -(logp_N_V.exp() * logp_N_V).sum(-1)
-            ep.teacher[s] = {
-                "positions": positions,
-                "logprobs": chosen_N.cpu().tolist(),
-                "topk_ids": top_N_K.indices.cpu().tolist(),
-                "topk_logprobs": top_N_K.values.cpu().tolist(),
-                "entropy": entropy_N.cpu().tolist(),
-            }
+            ep.teacher[s] = TeacherScores(
+                positions=positions,
+                logprobs=chosen_N.cpu().tolist(),
+                topk_ids=top_N_K.indices.cpu().tolist(),
+                topk_logprobs=top_N_K.values.cpu().tolist(),
+                entropy=entropy_N.cpu().tolist(),
+            )

@@ -1,0 +1,267 @@
+"""The builder: one typed config -> student, tokenizer, renderer, engine, teacher, learner,
+curriculum. ``train``, ``eval``, ``diagnose``, ``collect`` and the zoo all build through here.
+
+Everything that can fail because of a bad value (a model that does not load, a tokenizer
+mismatch, ``teacher_cfg.topk`` above the vocabulary, env kwargs the env rejects) fails here,
+before the caller creates a run directory. :func:`choices` says what was actually picked (the
+sandbox backend, engine, teacher backend, package versions, git commit) for the run to record.
+
+Example::
+
+    cfg = compose("train", ["env=lookup-chain", "steps=2"])
+    parts = build_train(cfg)
+    episodes = run_episodes(jobs, parts.engine, parts.renderer, rollout_config(cfg))
+    parts.teacher.score(episodes)
+    parts.learner.step(episodes)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from agentopd import registry, zoo
+from agentopd.config import ConfigError, resolve_model
+from agentopd.engines import Engine
+from agentopd.learner import Learner
+from agentopd.renderer import Renderer
+from agentopd.rollout import RolloutConfig
+from agentopd.teachers import Teacher, TokenizerMismatchError
+
+
+@dataclass
+class Parts:
+    """What a command runs with."""
+
+    device: torch.device
+    student: Any
+    tokenizer: Any
+    renderer: Renderer
+    engine: Engine
+    teacher: Teacher | None = None
+    learner: Learner | None = None
+    curriculum: Any = None
+    choices: dict[str, Any] = field(default_factory=dict)
+    workdir: Path | None = None
+    demos: list[Any] | None = None
+    """Successful episodes of ``cold_start.data``, when that is set."""
+
+
+def resolve_device(name: str, cpu_threads: int = 0) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU. ``cpu_threads > 0`` sets torch's CPU threads
+    (tiny models run fastest on one thread: more threads mostly add synchronisation)."""
+    if cpu_threads > 0:
+        torch.set_num_threads(cpu_threads)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def student_name(cfg: Any) -> str:
+    return "tiny-base" if cfg.student == "auto" else cfg.student
+
+
+def teacher_name(cfg: Any) -> str:
+    return f"tiny-teacher-{cfg.env}" if cfg.teacher == "auto" else cfg.teacher
+
+
+def rollout_config(cfg: Any, temperature: float | None = None) -> RolloutConfig:
+    """The ``rollout`` node as a :class:`RolloutConfig` (optionally at another temperature)."""
+    r = cfg.rollout
+    r = OmegaConf.to_object(r) if isinstance(r, DictConfig) else r
+    return r if temperature is None else dataclasses.replace(r, temperature=temperature)
+
+
+def load_model(name: str, key: str, seed: int = 0) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)``: a zoo preset is freshly initialised with ``seed``."""
+    if name in zoo.PRESETS:
+        return zoo.build_model(name, seed=seed), zoo.load_tokenizer()
+    try:
+        return zoo.load(resolve_model(name, key), progress=True)
+    except (OSError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{key}={name} could not be loaded: {type(e).__name__}: {e}") from None
+
+
+def check_env(cfg: Any) -> None:
+    """Build the env once with its kwargs, so a bad kwarg fails now with the env's message."""
+    try:
+        env = registry.make(cfg.env, **dict(cfg.env_kwargs))
+    except TypeError as e:
+        raise ConfigError(f"env_kwargs for env={cfg.env} rejected: {e}") from None
+    try:
+        env.close()
+    except Exception:  # noqa: BLE001 - closing a probe env must not fail the build
+        pass
+
+
+def make_engine(name: str, model: Any, renderer: Renderer, workdir: Path) -> Engine:
+    """Build the registered engine ``name`` around ``model``."""
+    factory = registry.engines.spec(name).load()
+    try:
+        return factory(model, renderer=renderer, workdir=workdir)
+    except ImportError as e:
+        raise ConfigError(f"engine={name} is not available: {e}") from None
+
+
+def make_teacher(cfg: Any, tokenizer: Any, device: torch.device) -> Teacher:
+    """Build the teacher backend ``cfg.teacher_backend`` for ``teacher_name(cfg)``."""
+    from agentopd.teachers import BackendUnavailableError
+
+    name = teacher_name(cfg)
+    if name not in zoo.PRESETS:
+        resolve_model(name, "teacher")
+    factory = registry.teachers.spec(cfg.teacher_backend).load()
+    t_cfg = OmegaConf.to_object(cfg.teacher_cfg)
+    try:
+        teacher = factory(name, tokenizer=tokenizer, config=t_cfg, device=device)
+    except TokenizerMismatchError as e:
+        raise ConfigError(f"teacher={name}: {e}") from None
+    except BackendUnavailableError as e:
+        raise ConfigError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"teacher={name} could not be loaded: {type(e).__name__}: {e}") from None
+    vocab = len(tokenizer)
+    if t_cfg.topk > vocab:
+        raise ConfigError(
+            f"bad value {t_cfg.topk} for 'teacher_cfg.topk': expected at most the vocabulary "
+            f"size {vocab} (nearest valid: {vocab})"
+        )
+    return teacher
+
+
+def build_train(cfg: DictConfig, workdir: Path | None = None) -> Parts:
+    """Everything ``agentopd train`` runs with; raises :class:`ConfigError` on bad values."""
+    device = resolve_device(cfg.device, cfg.cpu_threads)
+    check_env(cfg)
+    student, tokenizer = load_model(student_name(cfg), "student", cfg.seed)
+    student.to(device)
+    renderer = Renderer(tokenizer, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch)
+    teacher = make_teacher(cfg, tokenizer, device)
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="agentopd-engine-"))
+    engine = make_engine(cfg.engine, student, renderer, workdir)
+    learner = Learner(
+        student,
+        OmegaConf.to_object(cfg.optim),
+        renderer.pad_id,
+        loss=cfg.loss,
+        loss_cfg=OmegaConf.to_object(cfg.loss_cfg),
+        topk=cfg.teacher_cfg.topk,
+        total_steps=cfg.steps,
+    )
+    curriculum = registry.curricula.make(
+        cfg.curriculum,
+        env=cfg.env,
+        env_kwargs=dict(cfg.env_kwargs),
+        seed=cfg.seed,
+        **dict(cfg.curriculum_kwargs),
+    )
+    parts = Parts(device, student, tokenizer, renderer, engine, teacher, learner, curriculum)
+    parts.workdir = workdir
+    if cfg.cold_start.data and cfg.cold_start.steps > 0:
+        parts.demos = load_demos(cfg.cold_start.data)
+    parts.choices = choices(cfg)
+    return parts
+
+
+def load_demos(path: str) -> list[Any]:
+    """The successful episodes of a JSONL file written by ``agentopd collect``."""
+    from agentopd.types import Episode
+
+    demos = []
+    for n, line in enumerate(Path(path).expanduser().read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            ep = Episode.from_json(line)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f"cold_start.data={path}: line {n} is not an episode ({type(e).__name__}: {e})"
+            ) from None
+        if ep.success:
+            demos.append(ep)
+    if not demos:
+        raise ConfigError(f"cold_start.data={path} holds no successful episodes")
+    return demos
+
+
+def build_policy(cfg: Any, model_name: str) -> Parts:
+    """A model and its rollout engine (``eval``, ``collect``, ``diagnose``'s student)."""
+    device = resolve_device(cfg.device, cfg.cpu_threads)
+    check_env(cfg)
+    model, tokenizer = load_model(
+        model_name, "model" if hasattr(cfg, "model") else "student", getattr(cfg, "seed", 0)
+    )
+    model.to(device)
+    renderer = Renderer(tokenizer, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch)
+    workdir = Path(tempfile.mkdtemp(prefix="agentopd-engine-"))
+    engine = make_engine(cfg.engine, model, renderer, workdir)
+    parts = Parts(device, model, tokenizer, renderer, engine, workdir=workdir)
+    parts.choices = choices(cfg)
+    return parts
+
+
+def choices(cfg: Any) -> dict[str, Any]:
+    """The choices a run records: sandbox backend actually used, engine, teacher backend,
+    package versions and the project's git commit (when it is a git checkout)."""
+    import transformers
+
+    out: dict[str, Any] = {
+        "env": cfg.env,
+        "engine": getattr(cfg, "engine", None),
+        "teacher_backend": getattr(cfg, "teacher_backend", None),
+        "sandbox_backend": _sandbox_backend(cfg),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "vllm": _version("vllm"),
+        "agentopd": _version("agentopd"),
+        "git_commit": _git_commit(),
+        "device": str(resolve_device(cfg.device)),
+    }
+    return out
+
+
+def _sandbox_backend(cfg: Any) -> str | None:
+    kwargs = dict(cfg.env_kwargs)
+    if cfg.env != "code-sandbox" and "backend" not in kwargs:
+        return None
+    from agentopd.tools.sandbox import resolve_backend
+
+    try:
+        return resolve_backend(str(kwargs.get("backend", "auto")))
+    except Exception as e:  # noqa: BLE001 - recorded, and the env itself will raise
+        return f"unavailable: {e}"
+
+
+def _version(package: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

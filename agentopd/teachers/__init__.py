@@ -1,0 +1,124 @@
+"""Teachers: what scores the student's sampled tokens, behind one protocol.
+
+A teacher takes token-exact episodes and, for every token the student sampled (mask 1), returns
+its log-probability of that token, its top-k ids and log-probs there and its entropy, as one
+:class:`~agentopd.types.TeacherScores` per segment. It scores the *same token ids* the student
+produced (never re-tokenized text); it may see its own system prompt or privileged context, in
+which case positions are realigned so each student token gets the teacher's distribution at
+that token.
+
+Backends are registered in ``agentopd.registry.teachers`` (entry-point group
+``agentopd.teachers``) and chosen with ``teacher_backend=<name>``:
+
+- ``hf``: in-process transformers (:mod:`agentopd.teachers.hf`).
+- ``vllm``, ``server``: not available yet in this version; they say so at compose time.
+
+A backend entry point is a :class:`TeacherFactory`.
+
+Example::
+
+    from agentopd import registry
+    from agentopd.teachers import TeacherConfig
+
+    factory = registry.teachers.spec("hf").load()
+    teacher = factory("tiny-teacher-lookup-chain", tokenizer=tok, config=TeacherConfig(), device="cpu")
+    scores = teacher.score(episodes)          # also stored on each episode's ``teacher`` field
+    assert scores[0][0].positions == [t for t, m in enumerate(episodes[0].segments[0].mask) if m]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from agentopd.schema import knob
+from agentopd.types import Episode, TeacherScores
+
+__all__ = [
+    "BackendUnavailableError",
+    "Teacher",
+    "TeacherConfig",
+    "TeacherFactory",
+    "TeacherScores",
+    "TokenizerMismatchError",
+    "check_tokenizers",
+]
+
+
+class TokenizerMismatchError(ValueError):
+    """Teacher and student tokenizers differ, so the teacher cannot score the student's ids."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """A registered backend that cannot run here (missing package, not implemented yet)."""
+
+
+@dataclass
+class TeacherConfig:
+    """How the teacher scores (``teacher_cfg.*``)."""
+
+    topk: int = knob(16, "teacher top-k ids and log-probs kept per student token", ge=1)
+    system_prompt: str | None = knob(
+        None, "system prompt the teacher sees instead of the student's (null: the same)"
+    )
+    privileged: bool = knob(
+        False, "append the env's privileged context (e.g. the answer) to the teacher's prompt"
+    )
+    batch_size: int = knob(16, "segments per teacher forward pass", ge=1)
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """Scores episodes; see the module docstring."""
+
+    config: TeacherConfig
+
+    def score(self, episodes: list[Episode]) -> list[list[TeacherScores]]:
+        """Score every segment of every episode; sets and returns ``episode.teacher``."""
+        ...
+
+
+class TeacherFactory(Protocol):
+    """Builds a teacher backend from a model name or path (the ``teacher=`` key)."""
+
+    def __call__(
+        self, name: str, *, tokenizer: Any, config: TeacherConfig, device: Any
+    ) -> Teacher: ...
+
+
+def check_tokenizers(student: Any, teacher: Any) -> None:
+    """Raise :class:`TokenizerMismatchError` unless both tokenizers map text to the same ids."""
+    sv, tv = student.get_vocab(), teacher.get_vocab()
+    if sv == tv and student.eos_token == teacher.eos_token:
+        return
+    only_s = sorted(set(sv) - set(tv))[:5]
+    only_t = sorted(set(tv) - set(sv))[:5]
+    moved = sorted(k for k in set(sv) & set(tv) if sv[k] != tv[k])[:5]
+    raise TokenizerMismatchError(
+        "teacher and student tokenizers differ, so the teacher cannot score the student's token ids: "
+        f"student vocab {len(sv)}, teacher vocab {len(tv)}; only in student {only_s}, only in teacher "
+        f"{only_t}, different ids for {moved}; eos {student.eos_token!r} vs {teacher.eos_token!r}. "
+        "Pick a teacher from the same model family (same tokenizer)."
+    )
+
+
+def unavailable(backend: str, why: str) -> TeacherFactory:
+    """A registered factory that refuses with ``why`` (backends not delivered in this build)."""
+
+    def factory(name: str, **_: Any) -> Teacher:
+        raise BackendUnavailableError(f"teacher backend {backend!r} is not available: {why}")
+
+    factory.unavailable = why  # type: ignore[attr-defined]
+    return factory
+
+
+vllm_factory = unavailable(
+    "vllm",
+    "in-process vLLM prompt_logprobs scoring is not implemented in this version; "
+    "use teacher_backend=hf",
+)
+server_factory = unavailable(
+    "server",
+    "HTTP prefill scoring against a vLLM/OpenAI-compatible server is not implemented in this "
+    "version; use teacher_backend=hf",
+)
