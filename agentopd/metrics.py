@@ -10,7 +10,7 @@ from collections import Counter, defaultdict
 from math import comb
 from typing import Any
 
-from agentopd.types import Episode
+from agentopd.types import Episode, StopReason
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -42,6 +42,8 @@ def episode_summary(episodes: list[Episode], prefix: str = "rollout/") -> dict[s
     stops = Counter(e.stop_reason.value for e in episodes)
     for reason, count in sorted(stops.items()):
         out[f"stop/{reason}"] = count / n
+    # Episodes an env, tool or rendering exception ended (the batch went on): a count, not a rate.
+    out[f"{prefix}env_errors"] = float(stops.get(StopReason.ENV_ERROR.value, 0))
     return out
 
 
