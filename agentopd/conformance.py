@@ -10,7 +10,8 @@
 * ``tool schemas``: every tool has a name and a description, and its parameters are a valid
   JSON Schema (Draft 2020-12) object schema;
 * ``seeded reset``: the same seed gives the same opening messages and task;
-* ``expert (train)`` / ``expert (eval)``: the scripted expert solves every seeded episode;
+* ``expert (train)`` / ``expert (eval)``: the scripted expert solves every seeded episode
+  (skipped, with the reason, for an env whose ``expert_unavailable`` says it has none);
 * ``random actions``: ``env.action_space.sample()`` never raises and always gets an answer;
 * ``malformed actions``: garbage, broken tags, wrong argument types, unknown tools, huge
   arguments, empty and non-UTF-8-ish text never raise; broken tool calls get a message and
@@ -45,6 +46,10 @@ from agentopd.types import Message
 MAX_DETAIL_CHARS = 400
 RESULT_SLACK_CHARS = 1000
 """A single tool result may exceed ``env.max_output_chars`` by at most this (error preamble)."""
+
+
+class Skipped(Exception):
+    """Raised by a check that does not apply to this env; the message says why."""
 
 
 @dataclass
@@ -144,6 +149,8 @@ def check_env_conformance(name: str, n_episodes: int = 5, **kwargs: Any) -> Conf
             at = len(report.rows)
             try:
                 row = CheckResult(check_name, True, _clip(check(env, report)))
+            except Skipped as e:
+                row = CheckResult(check_name, True, _clip(f"skipped: {e}"), warning=True)
             except Exception as e:  # noqa: BLE001 - each check reports its own failure
                 row = CheckResult(check_name, False, _clip(_describe(e)))
             report.rows.insert(at, row)
@@ -173,6 +180,8 @@ def _check_gymnasium(env: Any, report: ConformanceReport) -> str:
 def _check_schemas(env: Any, report: ConformanceReport) -> str:
     _, info = env.reset(seed=0)
     tools = info.get("tools")
+    if tools == [] and getattr(env, "answer_tool", None) is None:
+        return "no tools: actions and answers are plain text"
     _require(
         isinstance(tools, list) and tools, f"info['tools'] must be a non-empty list, got {tools!r}"
     )
@@ -220,6 +229,9 @@ def _check_determinism(env: Any, report: ConformanceReport) -> str:
 
 
 def _check_expert(env: Any, n_episodes: int, split: str) -> str:
+    reason = getattr(env, "expert_unavailable", None)
+    if reason:
+        raise Skipped(f"the env has no scripted expert ({reason})")
     turns: list[int] = []
     for seed in range(n_episodes):
         obs, info = env.reset(seed=seed, options={"split": split})

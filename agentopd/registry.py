@@ -7,7 +7,8 @@ groups ``agentopd.<kind>`` (``agentopd.envs``, ``agentopd.losses``, ...), whose 
 removes one. Every unknown name is answered with "did you mean" and the valid names.
 
 A kind may also resolve *prefixed* names (``openenv:echo``): :meth:`Registry.register_prefix`
-maps ``"<prefix>:"`` to a factory that receives the rest of the name.
+maps ``"<prefix>:"`` to a factory that receives the rest of the name; a package declares one
+with an entry point in the group ``agentopd.<kind>.prefixes`` (``gem = "pkg.mod:make_gem"``).
 
 What each kind's entry point must be:
 
@@ -92,6 +93,15 @@ class Spec:
         return self.load()(**{**self.defaults, **kwargs})
 
 
+def _lazy_factory(name: str, value: str) -> Callable[..., Any]:
+    """A prefix factory that imports the entry point ``value`` on first call."""
+
+    def factory(rest: str, **kwargs: Any) -> Any:
+        return Spec(name, "prefix", value).load()(rest, **kwargs)
+
+    return factory
+
+
 class Registry:
     """Name → :class:`Spec` for one kind, filled lazily from entry points."""
 
@@ -114,6 +124,12 @@ class Registry:
             package = ep.dist.name if ep.dist is not None else "?"
             self._specs[ep.name] = Spec(ep.name, self.kind, ep.value, {}, package)
             self._from_entry_points.add(ep.name)
+        # Name prefixes from group "agentopd.<kind>.prefixes" (value: a factory taking the rest
+        # of the name); imported only when a prefixed name is built.
+        for ep in importlib.metadata.entry_points(group=f"agentopd.{self.kind}.prefixes"):
+            if ep.name not in self._prefixes:
+                package = ep.dist.name if ep.dist is not None else "?"
+                self._prefixes[ep.name] = (_lazy_factory(ep.name, ep.value), package)
 
     def refresh(self) -> None:
         """Re-read entry points (after installing or removing a plugin package in this process).
