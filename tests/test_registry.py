@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -145,7 +147,29 @@ def test_unregister_unknown_name() -> None:
 
 
 def test_kinds_are_fixed() -> None:
-    assert KINDS == ("envs", "tools", "curricula", "models")
+    assert KINDS == ("envs", "curricula", "losses", "engines", "teachers", "sandboxes", "models")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_answers_did_you_mean(kind: str) -> None:
+    reg = registry(kind)
+    names = reg.names()
+    if not names:  # models register on zoo import
+        import agentopd.zoo  # noqa: F401
+
+        names = reg.names()
+    assert names, f"no built-in {kind}"
+    typo = names[0] + "q"
+    with pytest.raises(UnknownNameError, match="Did you mean"):
+        reg.spec(typo)
+
+
+def test_prefix_names_resolve_to_the_factory() -> None:
+    envs = registry("envs")
+    envs.register_prefix("testpfx", lambda rest, **kw: ("built", rest, kw))
+    assert envs.spec("testpfx:abc:def").make(x=1) == ("built", "abc:def", {"x": 1})
+    with pytest.raises(UnknownNameError, match="testpfx:<name>"):
+        envs.spec("nope-prefix:abc")
 
 
 # ---------------------------------------------------------------- a third-party plugin package
@@ -180,6 +204,45 @@ class PluginEnv(Env):
 
     def expert_action(self, messages):
         return self.submit_call(self.greeting)
+
+
+# A loss and an engine, used by name from `agentopd train`.
+import os
+from dataclasses import dataclass
+
+from agentopd.engines.hf import HFEngine
+from agentopd.losses import LossConfig, aggregate
+from agentopd.schema import knob
+
+
+@dataclass
+class ScaledConfig(LossConfig):
+    scale: float = knob(1.0, "multiplier", gt=0)
+
+
+class ScaledSampledKL:
+    Config = ScaledConfig
+    needs_support = False
+
+    def __call__(self, inputs, student, cfg):
+        advantage = (inputs.teacher_logprobs_B_T - inputs.old_logprobs_B_T).detach()
+        per_token = -(advantage * student.logprobs_B_T)
+        loss = cfg.scale * aggregate(per_token, inputs.mask_B_T, cfg.agg)
+        return loss, {"loss": float(loss.detach()), "plugin_scale": cfg.scale}
+
+
+SCALED = ScaledSampledKL()
+
+
+class CountingEngine(HFEngine):
+    def generate(self, prompts, params):
+        with open(os.environ["PLUGIN_ENGINE_LOG"], "a") as f:
+            f.write(f"{len(prompts)}\\n")
+        return super().generate(prompts, params)
+
+
+def build_engine(model, *, renderer, workdir):
+    return CountingEngine(model, renderer.eot_id, renderer.pad_id)
 '''
 
 
@@ -221,6 +284,12 @@ def plugin(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
             [project.entry-points."agentopd.envs"]
             {env_name} = "{module}:PluginEnv"
+
+            [project.entry-points."agentopd.losses"]
+            {env_name}-loss = "{module}:SCALED"
+
+            [project.entry-points."agentopd.engines"]
+            {env_name}-engine = "{module}:build_engine"
 
             [tool.setuptools]
             py-modules = ["{module}"]
@@ -274,3 +343,44 @@ def test_refresh_forgets_uninstalled_plugins(fresh_name: str) -> None:
     assert "lookup-chain" not in envs.names()
     envs.refresh()
     assert envs.names() == sorted({*before, fresh_name})
+
+
+@pytest.mark.slow
+def test_plugin_loss_and_engine_are_used_by_name_from_train(
+    plugin: dict[str, Any], tmp_path: Path
+) -> None:
+    """A pip-installed package adds a loss (with its own config key) and an engine."""
+    log = tmp_path / "engine.log"
+    name = plugin["env_name"]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agentopd.cli",
+            "train",
+            "env=lookup-chain",
+            f"loss={name}-loss",
+            "loss_cfg.scale=2.5",
+            f"engine={name}-engine",
+            "steps=1",
+            "episodes_per_step=2",
+            "cold_start.steps=0",
+            "eval.episodes=0",
+            f"runs_dir={tmp_path / 'runs'}",
+            "run_name=plugin",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PLUGIN_ENGINE_LOG": str(log)},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert log.is_file() and sum(int(x) for x in log.read_text().split()) >= 2
+    rows = [
+        json.loads(x)
+        for x in (tmp_path / "runs" / "plugin" / "metrics.jsonl").read_text().splitlines()
+    ]
+    train = [r for r in rows if r.get("phase") == "train"]
+    assert train and train[0]["learner/plugin_scale"] == 2.5
+    choices = json.loads((tmp_path / "runs" / "plugin" / "choices.json").read_text())
+    assert choices["engine"] == f"{name}-engine"

@@ -13,7 +13,9 @@ from agentopd.engines.hf import HFEngine
 from agentopd.learner import Learner, LearnerConfig, make_batch, segments_of
 from agentopd.renderer import Renderer
 from agentopd.rollout import EpisodeJob, RolloutConfig, expert_episodes, run_episodes
-from agentopd.teacher import Teacher, TeacherConfig, TokenizerMismatchError, check_tokenizers
+from agentopd import losses
+from agentopd.teachers import TeacherConfig, TokenizerMismatchError, check_tokenizers
+from agentopd.teachers.hf import HFTeacher as Teacher
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +65,14 @@ def test_teacher_scores_the_students_exact_ids(episodes, renderer, teacher_model
     teacher.score(episodes)
     for ep in episodes:
         for seg, sc in zip(ep.segments, ep.teacher, strict=True):
-            assert sc["positions"] == [t for t, m in enumerate(seg.mask) if m]
+            assert sc.positions == [t for t, m in enumerate(seg.mask) if m]
             with torch.no_grad():
                 logp = torch.log_softmax(
                     teacher_model(input_ids=torch.tensor([seg.tokens])).logits[0].float(), -1
                 )
-            for i, p in enumerate(sc["positions"]):
-                assert sc["logprobs"][i] == pytest.approx(
-                    float(logp[p - 1, seg.tokens[p]]), abs=1e-4
-                )
-                assert sc["topk_ids"][i] == logp[p - 1].topk(5).indices.tolist()
+            for i, p in enumerate(sc.positions):
+                assert sc.logprobs[i] == pytest.approx(float(logp[p - 1, seg.tokens[p]]), abs=1e-4)
+                assert sc.topk_ids[i] == logp[p - 1].topk(5).indices.tolist()
 
 
 def test_teacher_privileged_context_realigns_positions(episodes, renderer, teacher_model):
@@ -86,9 +86,7 @@ def test_teacher_privileged_context_realigns_positions(episodes, renderer, teach
     seg = ep.segments[0]
     assert len(prompt) != seg.prompt_len
     assert "You are the teacher." in renderer.decode(prompt)
-    assert ep.info["privileged_context"] and ep.info["privileged_context"] in renderer.decode(
-        prompt
-    )
+    assert ep.privileged_context and ep.privileged_context in renderer.decode(prompt)
     teacher.score([ep])
     full = prompt + seg.tokens[seg.prompt_len :]
     shift = len(prompt) - seg.prompt_len
@@ -97,17 +95,21 @@ def test_teacher_privileged_context_realigns_positions(episodes, renderer, teach
             teacher_model(input_ids=torch.tensor([full])).logits[0].float(), -1
         )
     sc = ep.teacher[0]
-    for i, p in enumerate(sc["positions"]):
+    for i, p in enumerate(sc.positions):
         assert full[p + shift] == seg.tokens[p]
-        assert sc["logprobs"][i] == pytest.approx(
-            float(logp[p + shift - 1, seg.tokens[p]]), abs=1e-4
-        )
+        assert sc.logprobs[i] == pytest.approx(float(logp[p + shift - 1, seg.tokens[p]]), abs=1e-4)
 
 
 def _loss_and_grads(learner: Learner, batch) -> tuple[float, list[torch.Tensor]]:
     learner.model.zero_grad(set_to_none=True)
     st = learner._student(batch, batch.teacher_ids_B_S_K, want_topk=True)
-    loss, _ = learner._opd_loss(st, batch, batch.mask_B_S)
+    inputs = losses.LossInputs(
+        mask_B_T=batch.mask_B_S,
+        old_logprobs_B_T=st.logprobs_B_T.detach(),
+        teacher_logprobs_B_T=batch.teacher_lp_B_S,
+        teacher_topk_logprobs_B_T_K=batch.teacher_topk_lp_B_S_K,
+    )
+    loss, _ = learner.loss(inputs, st, learner.loss_cfg)
     loss.backward()
     return float(loss.detach()), [
         p.grad.clone() for p in learner.model.parameters() if p.grad is not None
@@ -118,9 +120,8 @@ def _loss_and_grads(learner: Learner, batch) -> tuple[float, list[torch.Tensor]]
 def test_masked_positions_contribute_nothing(loss, episodes, renderer, teacher_model):
     Teacher(teacher_model, renderer, TeacherConfig(topk=4)).score(episodes)
     model = zoo.build_model("tiny", seed=3)
-    learner = Learner(
-        model, LearnerConfig(loss=loss, topk=4, chunk_size=37), pad_id=renderer.pad_id
-    )
+    learner = Learner(model, pad_id=renderer.pad_id, loss=loss, topk=4)
+    learner.loss_cfg.chunk_size = 37
     batch = make_batch(segments_of(episodes), renderer.pad_id, 4, with_teacher=True)
     assert 0 < batch.tokens < batch.mask_B_S.numel()
     base_loss, base_grads = _loss_and_grads(learner, batch)
@@ -147,8 +148,8 @@ def test_teacher_at_masked_positions_does_not_matter_end_to_end(episodes, render
     Teacher(zoo.build_model("tiny-teacher", seed=1), renderer, TeacherConfig(topk=4)).score(eps)
     model_a = zoo.build_model("tiny", seed=4)
     model_b = copy.deepcopy(model_a)
-    la = Learner(model_a, LearnerConfig(loss="rkl-topk", topk=4), pad_id=renderer.pad_id)
-    lb = Learner(model_b, LearnerConfig(loss="rkl-topk", topk=4), pad_id=renderer.pad_id)
+    la = Learner(model_a, pad_id=renderer.pad_id, loss="rkl-topk", topk=4)
+    lb = Learner(model_b, pad_id=renderer.pad_id, loss="rkl-topk", topk=4)
     ma = la.step(eps)
     mb = lb.step(copy.deepcopy(eps))
     assert ma["learner/loss"] == mb["learner/loss"]
@@ -174,7 +175,7 @@ def test_opd_step_reduces_teacher_kl(episodes, renderer, teacher_model):
     Teacher(teacher_model, renderer, TeacherConfig(topk=8)).score(eps)
     model = zoo.build_model("tiny", seed=5)
     learner = Learner(
-        model, LearnerConfig(loss="rkl-topk", lr=3e-3, topk=8), pad_id=renderer.pad_id
+        model, LearnerConfig(lr=3e-3), pad_id=renderer.pad_id, loss="rkl-topk", topk=8
     )
     first = learner.step(eps)["learner/loss"]
     for _ in range(10):
@@ -189,11 +190,73 @@ def test_sgd_opd_steps_reduce_teacher_kl(episodes, renderer, teacher_model):
     model = zoo.build_model("tiny", seed=5)
     learner = Learner(
         model,
-        LearnerConfig(optimizer="sgd", loss="rkl-topk", lr=0.5, topk=8),
+        LearnerConfig(name="sgd", lr=0.5),
         pad_id=renderer.pad_id,
+        loss="rkl-topk",
+        topk=8,
     )
     assert type(learner.optimizer) is torch.optim.SGD
     first = learner.step(eps)["learner/loss"]
     for _ in range(10):
         last = learner.step(eps)["learner/loss"]
     assert last < 0.9 * first
+
+
+def _grads_after_step(episodes, renderer, micro_batch: int, **loss_cfg) -> list[torch.Tensor]:
+    model = zoo.build_model("tiny", seed=6)
+    learner = Learner(
+        model,
+        LearnerConfig(name="sgd", lr=1e-12, micro_batch=micro_batch, grad_clip=0.0),
+        pad_id=renderer.pad_id,
+        loss="rkl-topk",
+        topk=4,
+    )
+    for k, v in loss_cfg.items():
+        setattr(learner.loss_cfg, k, v)
+    metrics = learner.step(copy.deepcopy(episodes))
+    assert metrics["learner/tokens"] > 0
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize(
+    "selection",
+    [
+        {"entropy_top_frac": 0.4},
+        {"overlap_only": True},
+        {"entropy_top_frac": 0.5, "overlap_only": True},
+    ],
+)
+def test_token_selection_is_global_so_micro_batch_does_not_change_the_gradient(
+    selection, episodes, renderer, teacher_model
+):
+    eps = copy.deepcopy(episodes)
+    Teacher(teacher_model, renderer, TeacherConfig(topk=4)).score(eps)
+    assert len(segments_of(eps)) >= 4
+    ref = _grads_after_step(eps, renderer, 64, **selection)
+    for mb in (1, 3):
+        got = _grads_after_step(eps, renderer, mb, **selection)
+        num = sum(float((g - r).norm() ** 2) for g, r in zip(got, ref, strict=True)) ** 0.5
+        den = sum(float(r.norm() ** 2) for r in ref) ** 0.5
+        assert den > 0 and num / den < 1e-4, (mb, num / den)
+
+
+def test_epochs_per_batch_makes_the_ppo_clip_act(episodes, renderer, teacher_model):
+    eps = copy.deepcopy(episodes)
+    Teacher(teacher_model, renderer, TeacherConfig(topk=4)).score(eps)
+
+    def run(epochs: int) -> dict[str, float]:
+        learner = Learner(
+            zoo.build_model("tiny", seed=7),
+            LearnerConfig(name="sgd", lr=2.0, epochs_per_batch=epochs, grad_clip=0.0),
+            pad_id=renderer.pad_id,
+            loss="rkl-sampled",
+            topk=4,
+        )
+        return learner.step(copy.deepcopy(eps))
+
+    one = run(1)
+    assert one["learner/ratio_mean"] == pytest.approx(1.0) and one["learner/clip_frac"] == 0.0
+    three = run(3)
+    assert three["learner/epochs"] == 3.0
+    assert three["learner/ratio_mean"] != pytest.approx(1.0, abs=1e-4)
+    assert three["learner/clip_frac"] > 0.0

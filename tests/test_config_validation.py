@@ -1,0 +1,101 @@
+"""Every bad value fails at compose/build time with a clear message, before a run dir exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from agentopd.cli import main
+
+BASE = [
+    "env=lookup-chain",
+    "steps=1",
+    "episodes_per_step=2",
+    "cold_start.steps=0",
+    "eval.episodes=0",
+]
+
+CASES = [
+    (["loss=jsd", "loss_cfg.beta=2"], "loss_cfg.beta"),
+    (["teacher_cfg.topk=0"], "teacher_cfg.topk"),
+    (["teacher_cfg.topk=-1"], "teacher_cfg.topk"),
+    (["teacher_cfg.topk=100000"], "vocabulary size"),
+    (["cold_start.steps=2", "cold_start.data=/nonexistent.jsonl"], "cold_start.data"),
+    (["student=no-such-model"], "student=no-such-model"),
+    (["optim.lr=-0.05"], "optim.lr"),
+    (["rollout.max_new_tokens=0"], "rollout.max_new_tokens"),
+    (["steps=-3"], "'steps'"),
+    (["episodes_per_step=0"], "episodes_per_step"),
+    (["loss_cfg.entropy_top_frac=1.5"], "entropy_top_frac"),
+    (["loss_cfg.clip_eps=-1"], "clip_eps"),
+    (["gkd_lambda=2"], "gkd_lambda"),
+    (["rollout.temperature=-1"], "rollout.temperature"),
+    (["cold_start.batch_size=0"], "cold_start.batch_size"),
+    (["loss_cfg.beta=0.5"], "has no such setting"),
+    (["loss=rkl-topks"], "Did you mean 'rkl-topk'"),
+    (["engine=hff"], "Did you mean 'hf'"),
+    (["teacher_backend=server"], "not available"),
+    (["optim.name=adam"], "Did you mean 'adamw'"),
+    (["env_kwargs.no_such_kwarg=1"], "env_kwargs"),
+    (["stpes=3"], "Did you mean 'steps'"),
+]
+
+
+def _run(args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    runs = tmp_path / "runs"
+    rc = main(["train", *BASE, *args, f"runs_dir={runs}"])
+    err = capsys.readouterr().err
+    assert rc == 2, f"expected a config error (exit 2) for {args}, got {rc}: {err}"
+    assert not runs.exists() or not any(runs.iterdir()), "a run directory was left behind"
+    return " ".join(err.split())
+
+
+@pytest.mark.parametrize("args,expected", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_bad_value_fails_before_a_run_dir_exists(args, expected, tmp_path, capsys):
+    assert expected in _run(args, tmp_path, capsys)
+
+
+def test_empty_teacher_directory(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    msg = _run([f"teacher={empty}"], tmp_path, capsys)
+    assert "holds no model" in msg
+
+
+def test_cold_start_data_without_successes(tmp_path, capsys):
+    data = tmp_path / "demos.jsonl"
+    data.write_text("not json\n")
+    msg = _run(["cold_start.steps=2", f"cold_start.data={data}"], tmp_path, capsys)
+    assert "line 1 is not an episode" in msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_cuda_without_gpu(tmp_path, capsys):
+    msg = _run(["device=cuda"], tmp_path, capsys)
+    assert "no CUDA device" in msg and "device=cpu" in msg
+
+
+def test_eval_on_a_run_directory(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    empty_run = runs / "not-yet"
+    empty_run.mkdir(parents=True)
+    (empty_run / "config.yaml").write_text("env: lookup-chain\n")
+    assert main(["eval", f"model={empty_run}", "episodes=1"]) == 2
+    assert "without a checkpoint" in " ".join(capsys.readouterr().err.split())
+    assert main(["train", *BASE, f"runs_dir={runs}", "run_name=done"]) == 0
+    capsys.readouterr()
+    assert main(["eval", f"model={runs / 'done'}", "episodes=2", "env=lookup-chain"]) == 0
+    assert "success" in capsys.readouterr().out
+
+
+def test_help_lists_every_key(capsys):
+    from agentopd.config import _all_keys, compose
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for key in _all_keys(compose("train")):
+        if not key.startswith(("env_kwargs.", "curriculum_kwargs.")):
+            assert f"  {key} " in text or f"  {key}.*" in text, key
