@@ -54,7 +54,7 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from agentopd.parsing import format_tool_call, parse_assistant
+from agentopd.parsing import NEAR_MISS_POLICIES, format_tool_call, parse_assistant
 from agentopd.tooling import Tool, Toolset, tool
 from agentopd.types import Message
 
@@ -179,6 +179,10 @@ class Env(gymnasium.Env):
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     answer_tool: str | None = "submit"
     """Name of the auto-added answer tool; ``None`` to use only plain-text answers."""
+    near_miss: str = "error"
+    """A turn with a near-miss tool-call tag (``<TOOL_CALL>``, fullwidth brackets, ...):
+    ``"error"`` answers with a parse error and a hint; ``"answer"`` takes it as a final answer
+    (see :func:`agentopd.parsing.parse_assistant`). Also a constructor argument."""
 
     def __init__(
         self,
@@ -186,10 +190,17 @@ class Env(gymnasium.Env):
         tool_timeout_s: float = 10.0,
         max_output_chars: int = 2000,
         render_mode: str | None = None,
+        near_miss: str | None = None,
     ):
         super().__init__()
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+        if near_miss is not None:
+            if near_miss not in NEAR_MISS_POLICIES:
+                raise ValueError(
+                    f"near_miss must be one of {', '.join(NEAR_MISS_POLICIES)}, got {near_miss!r}"
+                )
+            self.near_miss = near_miss
         self.max_turns = max_turns
         self.tool_timeout_s = tool_timeout_s
         self.max_output_chars = max_output_chars
@@ -324,7 +335,7 @@ class Env(gymnasium.Env):
     # ---------------------------------------------------------------- internals
     def _apply(self, action: str | Message) -> tuple[list[Message], list[str], str | None]:
         text = action.content if isinstance(action, Message) else str(action)
-        parsed = parse_assistant(text)
+        parsed = parse_assistant(text, near_miss=self.near_miss)  # type: ignore[arg-type]
         self.messages.append(Message(role="assistant", content=text, tool_calls=parsed.tool_calls))
         self.turn += 1
         new: list[Message] = []

@@ -4,18 +4,40 @@ The model writes zero or more ``<tool_call>{"name": ..., "arguments": {...}}</to
 optionally around free text. No tool call means a plain final answer. :func:`parse_assistant`
 never raises: anything malformed is reported in :attr:`Parsed.error` so the environment can tell
 the model what went wrong.
+
+Near misses (``<TOOL_CALL>``, fullwidth ``＜tool_call＞``, an invisible character or a space inside
+the tag, ``<tool-call>``) are not calls, but with ``near_miss="error"`` (the default) they are not
+taken as a final answer either: the turn gets a parse error whose hint shows the exact markup.
+``near_miss="answer"`` keeps the literal reading (such text is a plain answer).
+
+Time is linear in the length of the turn: parsing stops after :data:`MAX_CALLS_PER_TURN` calls or
+as many malformed blocks (each costs at most one pass over the turn), and only the first error is
+reported.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from agentopd.types import ToolCall
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 MAX_CALLS_PER_TURN = 16
+NearMiss = Literal["error", "answer"]
+NEAR_MISS_POLICIES = ("error", "answer")
+# After NFKC (fullwidth -> ASCII), dropping invisible format characters and casefolding: a tag
+# that reads as a tool-call tag. Bounded repetitions keep the search linear.
+_NEAR_MISS = re.compile(r"<\s{0,3}/?\s{0,3}tool[\s_\-.]{0,3}calls?\s{0,3}>")
+_FORMAT_CHARS = re.compile(
+    "[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064"
+    "\u2066-\u206f\ufeff\ufff9-\ufffb\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    "\U000e0001\U000e0020-\U000e007f]"
+)
+"""Invisible format characters (Unicode category Cf) that can hide inside a tag."""
 
 
 @dataclass
@@ -40,14 +62,53 @@ def format_tool_call(name: str, arguments: dict, *, json_kwargs: dict | None = N
     return f"{OPEN}{payload}{CLOSE}"
 
 
-def parse_assistant(text: str) -> Parsed:
-    """Split assistant text into free text and tool calls. Never raises."""
+def parse_assistant(text: str, *, near_miss: NearMiss = "error") -> Parsed:
+    """Split assistant text into free text and tool calls. Never raises.
+
+    Args:
+        text: The assistant turn as sampled.
+        near_miss: ``"error"``: text with no exact tag but a near-miss tag (see the module
+            docstring) gets a parse error with a hint; ``"answer"``: it is a plain answer.
+    """
+    if near_miss not in NEAR_MISS_POLICIES:
+        raise ValueError(f"near_miss must be one of {NEAR_MISS_POLICIES}, got {near_miss!r}")
     try:
-        return _parse(text)
+        parsed = _parse(text)
+        if near_miss == "error" and parsed.is_final_answer:
+            tag = near_miss_tag(parsed.content)
+            if tag is not None:
+                what = (
+                    f"a tag that reads as {tag!r} but holds fullwidth, invisible or other "
+                    "look-alike characters"
+                    if tag in (OPEN, CLOSE)
+                    else f"{tag!r}"
+                )
+                parsed.error = (
+                    f"{what} looks like a tool-call tag but is not one, so nothing was run; "
+                    f'write exactly {OPEN}{{"name": ..., "arguments": {{...}}}}{CLOSE} '
+                    "(lowercase ASCII, no spaces or invisible characters in the tags)"
+                )
+        return parsed
     except Exception as e:  # noqa: BLE001 - the parser must never crash an episode
         return Parsed(
             content=str(text), error=f"could not parse the turn ({type(e).__name__}: {e})"
         )
+
+
+def near_miss_tag(text: str) -> str | None:
+    """The first near-miss tool-call tag in ``text``, or ``None``.
+
+    A near miss reads as a tool-call tag after NFKC normalization (fullwidth brackets and
+    letters), removal of invisible format characters (zero-width space, joiners, ...) and
+    casefolding. It is returned as written when ``text`` is ASCII, else as normalized. Call it on
+    text that holds no exact tag (an exact tag matches too). Linear time, C speed.
+    """
+    if text.isascii():
+        m = _NEAR_MISS.search(text.lower())
+        return text[m.start() : m.end()] if m else None
+    folded = _FORMAT_CHARS.sub("", unicodedata.normalize("NFKC", text)).casefold()
+    m = _NEAR_MISS.search(folded)
+    return m.group() if m else None
 
 
 def _parse(text: str) -> Parsed:
@@ -70,6 +131,9 @@ def _parse(text: str) -> Parsed:
             unbalanced = True
             break
         obj, body, pos = block
+        if len(errors) >= MAX_CALLS_PER_TURN:  # bounded work per turn: linear time
+            outside.append(text[start:])
+            break
         if len(calls) >= MAX_CALLS_PER_TURN:
             errors.append(f"too many tool calls in one turn (at most {MAX_CALLS_PER_TURN})")
             outside.append(text[pos:])

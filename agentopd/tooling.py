@@ -39,9 +39,15 @@ import jsonschema
 import jsonschema.exceptions
 import jsonschema.validators
 
+from agentopd.renderer import valid_utf8
 from agentopd.types import Message, ToolCall
 
 TRUNCATION_MARKER = "\n[... output truncated: {dropped} more characters not shown ...]"
+"""The note appended to clipped text. Sandboxes use it too, so that clipping text that already
+holds a note reports the total: the note's count plus the characters cut around it."""
+_TRUNCATION_NOTE = re.compile(
+    r"\n\[\.\.\. output truncated: (\d{1,15}) more (?:characters|bytes) not shown \.\.\.\]"
+)
 
 _PY_TO_JSON = {str: "string", int: "integer", float: "number", bool: "boolean"}
 
@@ -333,9 +339,12 @@ class Toolset:
             return fail(
                 "schema", f"arguments must be a JSON object, got {type(call.arguments).__name__}."
             )
-        error = jsonschema.exceptions.best_match(
-            self._validators[tool_.name].iter_errors(call.arguments)
-        )
+        try:
+            error = jsonschema.exceptions.best_match(
+                self._validators[tool_.name].iter_errors(call.arguments)
+            )
+        except RecursionError:
+            return fail("schema", f"arguments for {tool_.name!r} are nested too deeply.")
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "arguments"
             return fail(
@@ -363,10 +372,22 @@ class Toolset:
         )
 
     def _clip(self, text: str) -> tuple[str, bool]:
+        """At most ``max_output_chars`` of ``text`` plus a note with the true dropped count.
+
+        Truncation notes inside the dropped part (a sandbox already clipped its output) are not
+        counted as dropped text; their own counts are added instead.
+        """
         if len(text) <= self.max_output_chars:
             return text, False
-        dropped = len(text) - self.max_output_chars
-        return text[: self.max_output_chars] + TRUNCATION_MARKER.format(dropped=dropped), True
+        cut, inner, note_chars = self.max_output_chars, 0, 0
+        for m in _TRUNCATION_NOTE.finditer(text, max(0, cut - 80)):
+            if m.end() <= cut:
+                continue
+            cut = min(cut, m.start())
+            inner += int(m.group(1))
+            note_chars += len(m.group())
+        dropped = len(text) - cut - note_chars + inner
+        return text[:cut] + TRUNCATION_MARKER.format(dropped=dropped), True
 
     def _run(self, tool_: Tool, arguments: dict[str, Any]) -> Any:
         if self.timeout_s is None:
@@ -393,4 +414,10 @@ class Toolset:
 
     @staticmethod
     def _message(call: ToolCall, text: str) -> Message:
-        return Message(role="tool", content=text, name=str(call.name), tool_call_id=call.id)
+        """The tool message, valid UTF-8 (lone surrogates become U+FFFD, visibly)."""
+        return Message(
+            role="tool",
+            content=valid_utf8(text),
+            name=valid_utf8(_safe_str(call.name)),
+            tool_call_id=call.id,
+        )
