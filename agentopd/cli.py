@@ -88,6 +88,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from agentopd.metrics import evaluate
 
     cfg = compose("eval", args.overrides)
+    _warn_identical_samples(cfg)
     parts = build_policy(cfg, cfg.model)
     engine, renderer = parts.engine, parts.renderer
     report, episodes = evaluate(
@@ -99,7 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samples=cfg.samples,
         temperature=cfg.temperature,
         rollout_config=rollout_config(cfg),
-        seed=cfg.seed,
+        seed=HELD_OUT_SEED + cfg.seed,
     )
     table = Table(
         title=f"eval {cfg.model} on {cfg.env} ({report['tasks']} held-out tasks × {cfg.samples})"
@@ -115,10 +116,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for r, n in report["stop_reasons"].items():
         table.add_row(f"stop/{r}", str(n))
     console.print(table)
+    run_dir = _write_eval_run(cfg, report, episodes)
+    console.print(f"episodes → {run_dir.path} (agentopd replay {run_dir.path})")
     if cfg.output:
         Path(cfg.output).write_text("".join(e.to_json() + "\n" for e in episodes))
         console.print(f"episodes written to {cfg.output}")
     return 0
+
+
+HELD_OUT_SEED = 10_000
+"""Held-out tasks use seeds from ``HELD_OUT_SEED + seed``, as training's evaluation does
+(``Trainer.evaluate``), so ``agentopd eval`` on a run's checkpoint reproduces its number."""
+
+
+def _warn_identical_samples(cfg: Any) -> None:
+    if cfg.samples > 1 and cfg.temperature == 0:
+        err_console.print(
+            f"[yellow]warning:[/] samples={cfg.samples} at temperature=0: greedy decoding draws "
+            f"the same sample {cfg.samples} times, so pass@k equals pass@1. Set temperature "
+            "(e.g. temperature=1.0) for a meaningful pass@k."
+        )
+
+
+def _write_eval_run(cfg: Any, report: dict[str, Any], episodes: list[Any]) -> Any:
+    """An eval run directory of its own: config, the report as a metrics row, the episodes."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    from agentopd.runs import RunDir
+
+    root = Path(cfg.get("runs_dir", None) or "runs")
+    name = cfg.get("run_name", None)
+    if not name:
+        model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(cfg.model)).name) or "model"
+        base = f"eval-{cfg.env}-{model}-s{cfg.seed}"
+        name, i = base, 2
+        while (root / name).exists() and any((root / name).iterdir()):
+            name, i = f"{base}-{i}", i + 1
+    run_dir = RunDir(root, name)
+    run_dir.write_config(OmegaConf.to_yaml(cfg))
+    row = {"phase": "eval", "tag": "eval", "step": 0, "teacher_tokens": 0}
+    row.update({f"eval/{k}": v for k, v in report.items()})
+    run_dir.append_jsonl("metrics.jsonl", [json.dumps(row)])
+    run_dir.append_episodes(0, episodes)
+    return run_dir
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:

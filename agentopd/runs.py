@@ -4,7 +4,9 @@ Layout of ``runs/<name>/``::
 
     config.yaml          resolved configuration
     metrics.jsonl        one line per step (and per evaluation)
-    episodes.jsonl       every training episode: tokens, mask, teacher top-k, reward, stop reason
+    episodes/            every training episode: tokens, mask, teacher top-k, reward, stop reason
+        index.jsonl      one line per episode (agentopd.replay.store)
+        step_000010.npz  the step's token arrays and messages
     checkpoints/step_000010/
         model/           save_pretrained format (weights, config, tokenizer)
         trainer.pt       optimizer, scheduler and RNG state
@@ -25,7 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-LOGS = ("metrics.jsonl", "episodes.jsonl")
+LOGS = ("metrics.jsonl", "episodes.jsonl", "episodes/index.jsonl")
+"""Append-only logs a checkpoint records the sizes of (``episodes.jsonl``: older runs)."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -81,6 +84,13 @@ class RunDir:
             f.write("".join(line.rstrip("\n") + "\n" for line in lines))
             f.flush()
             os.fsync(f.fileno())
+
+    def append_episodes(self, step: int, episodes: list[Any]) -> None:
+        """Store one step's episodes: the step's shard, then its index lines (see
+        :mod:`agentopd.replay.store`; a kill leaves the step complete or absent)."""
+        from agentopd.replay.store import write_step
+
+        write_step(self.path, step, episodes)
 
     def log_sizes(self) -> dict[str, int]:
         return {n: (self.file(n).stat().st_size if self.file(n).exists() else 0) for n in LOGS}
