@@ -261,7 +261,7 @@ class Trainer:
         row["batch"] = "on-policy"
         t0 = time.perf_counter()
         episodes = run_episodes(
-            [EpisodeJob(cfg.env, j.seed, j.options, dict(cfg.env_kwargs)) for j in jobs],
+            jobs,
             self.engine,
             self.renderer,
             rollout_config(cfg, temp),

@@ -42,7 +42,8 @@ from agentopd.config import compose
 from agentopd.engines.hf import HFEngine
 from agentopd.metrics import evaluate
 from agentopd.renderer import Renderer
-from agentopd.trainer import Trainer, rollout_config
+from agentopd.build import rollout_config
+from agentopd.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = ("sft-only", "opd-rkl-sampled", "opd-rkl-topk")

@@ -19,14 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentopd.registry import make
-
-
-@dataclass
-class Job:
-    """One episode to play."""
-
-    seed: int
-    options: dict[str, Any]
+from agentopd.rollout import EpisodeJob
 
 
 class Curriculum:
@@ -44,14 +37,18 @@ class Curriculum:
         self.seed = seed
         self.step = 0
 
-    def jobs(self, step: int, n: int) -> list[Job]:
-        """Episode jobs for training step ``step`` (deterministic in ``step``)."""
+    def jobs(self, step: int, n: int) -> list[EpisodeJob]:
+        """The rollout's jobs for training step ``step`` (deterministic in ``step``)."""
         self.step = step
         out = []
         for i in range(n):
             seed = self.seed * 1_000_000 + step * n + i
-            out.append(Job(seed=seed, options=self.options_for(step, seed)))
+            out.append(self.job(seed, self.options_for(step, seed)))
         return out
+
+    def job(self, seed: int, options: dict[str, Any]) -> EpisodeJob:
+        """One rollout job on this curriculum's env."""
+        return EpisodeJob(self.env, seed, options, dict(self.env_kwargs))
 
     def options_for(self, step: int, seed: int) -> dict[str, Any]:
         return {"split": "train"}
@@ -97,10 +94,10 @@ class HorizonSorted(Curriculum):
             probe.close()
         self.pool = [s for _, s in sorted(scored)]
 
-    def jobs(self, step: int, n: int) -> list[Job]:
+    def jobs(self, step: int, n: int) -> list[EpisodeJob]:
         self.step = step
         return [
-            Job(seed=self.pool[(step * n + i) % len(self.pool)], options={"split": "train"})
+            self.job(self.pool[(step * n + i) % len(self.pool)], {"split": "train"})
             for i in range(n)
         ]
 
@@ -169,22 +166,37 @@ class TcodB2F(_Temporal):
         eta: int = 5,
     ):
         super().__init__(env, env_kwargs, seed, k_start, eta)
+        self._expert_cache: dict[int, list[str]] = {}
 
     def expert_actions(self, seed: int) -> list[str]:
-        """The expert's actions on task ``seed`` (a successful teacher episode)."""
+        """The expert's actions on task ``seed``, from one successful episode cached per seed.
+
+        Raises:
+            RuntimeError: The expert did not solve the task, so there is no teacher episode to
+                replay from.
+        """
+        if seed in self._expert_cache:
+            return self._expert_cache[seed]
         env = make(self.env, **self.env_kwargs)
         try:
-            messages, _ = env.reset(seed=seed, options={"split": "train"})
-            actions = []
+            env.reset(seed=seed, options={"split": "train"})
+            actions, solved = [], False
             for _ in range(env.max_turns):
                 action = env.expert_action(list(env.messages))
                 actions.append(action)
-                _, _, terminated, truncated, _ = env.step(action)
+                _, reward, terminated, truncated, info = env.step(action)
                 if terminated or truncated:
+                    solved = bool(info.get("success", reward > 0)) and terminated
                     break
-            return actions
         finally:
             env.close()
+        if not solved:
+            raise RuntimeError(
+                f"tcod-b2f: the expert of {self.env} did not solve task seed {seed}; "
+                "b2f needs a successful teacher episode to replay"
+            )
+        self._expert_cache[seed] = actions
+        return actions
 
     def options_for(self, step: int, seed: int) -> dict[str, Any]:
         actions = self.expert_actions(seed)

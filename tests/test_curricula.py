@@ -60,3 +60,20 @@ def test_state_roundtrip_and_determinism(name):
 def test_bad_schedule_is_refused():
     with pytest.raises(ValueError, match="eta"):
         make("tcod-f2b", eta=0)
+
+
+def test_curricula_return_rollout_jobs_and_b2f_caches_one_expert_episode_per_seed(monkeypatch):
+    from agentopd import registry
+    from agentopd.curricula import schedules
+
+    for name in registry.curricula.names():
+        c = registry.curricula.make(name, env="lookup-chain", env_kwargs={"hops": 2}, seed=0)
+        jobs = c.jobs(step=0, n=2)
+        assert all(isinstance(j, EpisodeJob) and j.env == "lookup-chain" for j in jobs), name
+        assert all(j.env_kwargs == {"hops": 2} for j in jobs)
+    b2f = registry.curricula.make("tcod-b2f", env="lookup-chain", env_kwargs={"hops": 2}, seed=0)
+    made = []
+    real_make = schedules.make
+    monkeypatch.setattr(schedules, "make", lambda *a, **k: made.append(1) or real_make(*a, **k))
+    first = b2f.expert_actions(5)
+    assert b2f.expert_actions(5) == first and len(made) == 1

@@ -87,13 +87,16 @@ def make_sandbox(
         **kwargs: Backend options (``image=`` for docker, ``python=`` for bwrap / local).
     """
     name = resolve_backend(backend)
-    return BACKENDS[name](limits=limits, timeout_s=timeout_s, **kwargs)
+    return _backend_class(name)(limits=limits, timeout_s=timeout_s, **kwargs)
 
 
 def _backend_class(backend: str) -> type[Sandbox]:
-    try:
+    """A built-in backend, or one registered in ``agentopd.registry.sandboxes`` (plugins)."""
+    if backend in BACKENDS:
         return BACKENDS[backend]
-    except KeyError:
-        raise SandboxError(
-            f"unknown sandbox backend {backend!r}; expected one of {', '.join(BACKEND_NAMES)}"
-        ) from None
+    from agentopd import registry
+
+    try:
+        return registry.sandboxes.spec(backend).load()
+    except KeyError as e:
+        raise SandboxError(f"{e}; or 'auto'") from None
