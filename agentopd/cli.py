@@ -61,6 +61,9 @@ def cmd_envs(args: argparse.Namespace) -> int:
             tools, desc = "?", f"[red]failed to load: {type(e).__name__}: {e}[/]"
         table.add_row(spec.name, tools, desc, spec.package)
     console.print(table)
+    from agentopd.envs.adapters import adapter_table
+
+    console.print(adapter_table(registry.envs.prefixes()))
     return 0
 
 

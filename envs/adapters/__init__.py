@@ -115,3 +115,20 @@ def make_openenv(rest: str, **kwargs: Any) -> Any:
     from agentopd.envs.adapters.openenv import make
 
     return make(rest, **kwargs)
+
+
+def adapter_table(prefixes: list[str]) -> Any:
+    """The ``agentopd envs`` table of name prefixes: syntax, example, what it wraps, install state."""
+    from rich.table import Table
+
+    table = Table(title="env adapters: name a foreign env as env=<prefix>:<id> (docs/envs.md)")
+    for col in ("prefix", "name syntax", "example", "wraps", "installed"):
+        table.add_column(col)
+    for prefix in prefixes:
+        info = ADAPTERS.get(prefix)
+        if info is None:
+            table.add_row(prefix, f"{prefix}:<name>", "", "(a prefix registered by a plugin)", "")
+            continue
+        state = "yes" if installed(info) else f"no: {info.install}"
+        table.add_row(prefix, info.syntax, info.example, info.wraps, state)
+    return table

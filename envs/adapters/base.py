@@ -165,7 +165,9 @@ class ForeignEnv(Env):
         self._last_tool_step: ForeignStep | None = None
 
     # ---------------------------------------------------------------- subclass hooks
-    def foreign_reset(self, seed: int, index: int | None, split: str, max_turns: int) -> ForeignStart:
+    def foreign_reset(
+        self, seed: int, index: int | None, split: str, max_turns: int
+    ) -> ForeignStart:
         """Start a foreign episode.
 
         Args:
@@ -244,7 +246,9 @@ class ForeignEnv(Env):
         if self._horizon < 1:
             raise ValueError(f"max_turns must be >= 1, got {self._horizon}")
         self.toolset = Toolset(
-            self.foreign_tools(), timeout_s=self.tool_timeout_s, max_output_chars=self.max_output_chars
+            self.foreign_tools(),
+            timeout_s=self.tool_timeout_s,
+            max_output_chars=self.max_output_chars,
         )
         self.action_space = AssistantTextSpace(self.toolset.names or ["act"])
         self.action_space.seed(seed)
@@ -330,7 +334,9 @@ class ForeignEnv(Env):
         self._over = terminated or truncated
         flag = foreign_info.get("success") if isinstance(foreign_info, dict) else None
         success = (
-            bool(flag) if isinstance(flag, bool | np.bool_) else terminated and reward >= self.success_reward
+            bool(flag)
+            if isinstance(flag, bool | np.bool_)
+            else terminated and reward >= self.success_reward
         )
         self.messages.extend(new)
         info = {
@@ -350,7 +356,11 @@ class ForeignEnv(Env):
         :meth:`step` carries the reward and termination over and appends the other messages.
         """
         self._last_tool_step = ForeignStep(
-            outcome.messages[1:], outcome.reward, outcome.terminated, outcome.truncated, outcome.info
+            outcome.messages[1:],
+            outcome.reward,
+            outcome.terminated,
+            outcome.truncated,
+            outcome.info,
         )
         return outcome.messages[0].content if outcome.messages else ""
 
@@ -362,7 +372,9 @@ def _task(task_id: str, prompt: str) -> Any:
 
 
 def _digest(messages: list[Message]) -> str:
-    h = hashlib.sha1("\x00".join(f"{m.role}:{m.content}" for m in messages).encode("utf-8", "replace"))
+    h = hashlib.sha1(
+        "\x00".join(f"{m.role}:{m.content}" for m in messages).encode("utf-8", "replace")
+    )
     return h.hexdigest()[:12]
 
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from agentopd.types import Message
 from agentopd.envs.adapters.base import ForeignEnv, ForeignStart, ForeignStep, unknown_id
+
+from agentopd.types import Message
 
 SYNTAX = "gym:<id> or gym:<module>:<id>"
 _INT = re.compile(r"-?\d+")
@@ -68,7 +69,10 @@ class GymTextEnv(ForeignEnv):
             probe = gymnasium.make(bare, **kwargs_for_make)
         except TypeError as e:
             raise TypeError(f"gymnasium.make({bare!r}) rejected env_kwargs: {e}") from None
-        if "ansi" in probe.metadata.get("render_modes", []) and "render_mode" not in kwargs_for_make:
+        if (
+            "ansi" in probe.metadata.get("render_modes", [])
+            and "render_mode" not in kwargs_for_make
+        ):
             probe.close()
             kwargs_for_make["render_mode"] = "ansi"
             probe = gymnasium.make(bare, **kwargs_for_make)
@@ -100,7 +104,9 @@ class GymTextEnv(ForeignEnv):
     def foreign_max_turns(self) -> int | None:
         return self._limit
 
-    def foreign_reset(self, seed: int, index: int | None, split: str, max_turns: int) -> ForeignStart:
+    def foreign_reset(
+        self, seed: int, index: int | None, split: str, max_turns: int
+    ) -> ForeignStart:
         obs, info = self._gym.reset(seed=seed)
         text = self._observation_text(obs)
         intro = self.instructions or f"You are acting in the Gymnasium environment {self.env_id}."
@@ -134,7 +140,9 @@ class GymTextEnv(ForeignEnv):
             return "Reply with your action as text."
         last = self._start + self._n - 1
         names = (
-            " (" + ", ".join(f"{self._start + i} = {n}" for i, n in enumerate(self.action_names)) + ")"
+            " ("
+            + ", ".join(f"{self._start + i} = {n}" for i, n in enumerate(self.action_names))
+            + ")"
             if self.action_names
             else ""
         )
