@@ -29,7 +29,6 @@ episode with an error stop reason and the batch goes on.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib
 import warnings
 from collections import Counter
@@ -97,7 +96,7 @@ class ForeignStart:
     messages: list[Message]
     """Opening messages (system and user), as the student sees them."""
     task_id: str | None = None
-    """Stable task identity; ``None``: a hash of the opening messages."""
+    """Stable task identity; ``None``: ``seed-<foreign seed>`` (the seed is the task)."""
     info: dict[str, Any] = field(default_factory=dict)
     """The foreign reset's info (kept in ``info["foreign"]``)."""
 
@@ -260,7 +259,7 @@ class ForeignEnv(Env):
         if self.system_prompt:
             self.messages.append(Message(role="system", content=self.system_prompt))
         self.messages.extend(start.messages)
-        task_id = start.task_id or _digest(self.messages)
+        task_id = start.task_id or f"seed-{foreign_seed}"
         prompt = next((m.content for m in reversed(self.messages) if m.role == "user"), "")
         self.task = _task(task_id, prompt)
         for action in list(options.get("replay") or []):
@@ -369,13 +368,6 @@ def _task(task_id: str, prompt: str) -> Any:
     from agentopd.env import Task
 
     return Task(id=task_id, prompt=prompt)
-
-
-def _digest(messages: list[Message]) -> str:
-    h = hashlib.sha1(
-        "\x00".join(f"{m.role}:{m.content}" for m in messages).encode("utf-8", "replace")
-    )
-    return h.hexdigest()[:12]
 
 
 def _jsonable(x: Any, depth: int = 0) -> Any:
