@@ -27,7 +27,7 @@ from rich.console import Console
 from agentopd.replay.store import FILTER_HELP, EpisodeStore, Filter, RunDirError, parse_filter
 
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _filter(args: argparse.Namespace) -> Filter:

@@ -397,7 +397,13 @@ def decode_shard(arrays: Any) -> tuple[int, list[dict[str, Any]]]:
             entries.append(chunk.tolist())
         cols[name] = entries
         i += 1
-    dicts = [_put(m, cols) for m in header["episodes"]]
+    dicts = []
+    for meta in header["episodes"]:
+        d = dict(meta)
+        for key in _ARRAY_TREES:
+            if key in d:
+                d[key] = _put(d[key], cols)
+        dicts.append(d)
     return int(header["step"]), dicts
 
 
