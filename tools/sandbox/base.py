@@ -37,11 +37,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from agentopd.tooling import TRUNCATION_MARKER
+
 WORKER_SOURCE = (Path(__file__).with_name("worker.py")).read_text()
 HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20
-HARD_GRACE_S = 0.5
-"""The host kills the sandbox this long after the soft (in-worker) timeout."""
+HARD_GRACE_S = 0.7
+"""The host kills the sandbox this long after the soft timeout (the worker's supervisor kills and
+restarts its executor 0.2 s after it, so this is the backstop for a supervisor that hangs)."""
 PR_SET_PDEATHSIG = 1
 NOBODY = 65534
 
@@ -57,7 +60,8 @@ class Limits:
     memory_mb: int = 512
     """Address space of the worker (rlimit) and, for docker, the container memory limit."""
     cpus: float = 1.0
-    """CPU share (docker only; the others have no cgroups)."""
+    """CPU cores the sandbox may use (docker: CPU quota; bwrap and local: the worker's supervisor
+    throttles the sandbox's processes with SIGSTOP / SIGCONT during a call; 0 turns that off)."""
     pids: int = 64
     """Maximum number of processes (docker pids cgroup; rlimit NPROC per user namespace else)."""
     work_dir_mb: int = 64
@@ -99,13 +103,19 @@ class ExecResult:
     timed_out: bool = False
     """The code ran past its timeout and was stopped."""
     crashed: bool = False
-    """The worker died during the call (killed, out of memory, ``os._exit``, ...)."""
+    """The code's process died during the call (killed, out of memory, ``os._exit``, ...)."""
     restarted: bool = False
-    """The worker had to be killed and will be restarted: variables from earlier calls are lost."""
+    """The Python executor (or the whole sandbox) was restarted: variables from earlier calls
+    are lost. ``detail`` says why (a crash, a timeout the code ignored, threads still running
+    after the call, tampering with the executor's private pipes)."""
     stdout_dropped: int = 0
     """Bytes of stdout not kept (over the limit)."""
     stderr_dropped: int = 0
     """Bytes of stderr not kept."""
+    stdout_dropped_chars: int = 0
+    """Characters of stdout not kept (UTF-8 code points; what the truncation note reports)."""
+    stderr_dropped_chars: int = 0
+    """Characters of stderr not kept."""
     killed_processes: int = 0
     """Leftover processes the worker killed after the call."""
     duration_s: float = 0.0
@@ -121,15 +131,15 @@ class ExecResult:
         """The tool result shown to the model: stdout, then stderr, errors and truncation notes."""
         parts: list[str] = []
         if self.stdout:
-            parts.append(self.stdout + _dropped_note(self.stdout_dropped))
+            parts.append(self.stdout + _dropped_note(self.stdout_dropped_chars))
         if self.stderr:
-            parts.append("[stderr]\n" + self.stderr + _dropped_note(self.stderr_dropped))
+            parts.append("[stderr]\n" + self.stderr + _dropped_note(self.stderr_dropped_chars))
         if self.exception:
             parts.append(self.exception.rstrip("\n"))
         if self.timed_out or self.crashed:
             parts.append(f"Error: {self.detail}")
-        elif self.restarted and self.detail:
-            parts.insert(0, self.detail)
+        elif self.detail:
+            parts.append(f"[{self.detail}]")
         if self.killed_processes:
             parts.append(
                 f"[{self.killed_processes} leftover process(es) were killed after the call]"
@@ -141,7 +151,7 @@ class ExecResult:
 
 
 def _dropped_note(n: int) -> str:
-    return f"\n[... output truncated: {n} more bytes not shown ...]" if n else ""
+    return TRUNCATION_MARKER.format(dropped=n) if n else ""
 
 
 # ---------------------------------------------------------------------------- channels
@@ -241,6 +251,57 @@ class FrameReader:
             self.buf += chunk
 
 
+_RESULT_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (int,),
+    "stdout": (str,),
+    "stderr": (str,),
+    "stdout_dropped": (int,),
+    "stderr_dropped": (int,),
+    "stdout_dropped_chars": (int,),
+    "stderr_dropped_chars": (int,),
+    "exception": (str, type(None)),
+    "timed_out": (bool,),
+    "crashed": (bool,),
+    "restarted": (bool,),
+    "killed_processes": (int,),
+    "duration_s": (int, float),
+    "note": (str,),
+}
+
+
+def result_from_frame(frame: dict[str, Any], call_id: int) -> ExecResult:
+    """The :class:`ExecResult` of a worker's result frame, checked field by field.
+
+    Raises:
+        SandboxError: A field is missing or has the wrong type, or the frame answers another
+            call. The caller then restarts the sandbox: a stream that went out of step is never
+            read on.
+    """
+    for key, types in _RESULT_FIELDS.items():
+        value = frame.get(key)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise SandboxError(
+                f"protocol error: result field {key!r} should be "
+                f"{' or '.join(t.__name__ for t in types)}, got {type(value).__name__}"
+            )
+    if frame["id"] != call_id:
+        raise SandboxError(f"protocol error: result for call {frame['id']}, expected {call_id}")
+    return ExecResult(
+        stdout=frame["stdout"],
+        stderr=frame["stderr"],
+        exception=frame["exception"],
+        timed_out=frame["timed_out"],
+        crashed=frame["crashed"],
+        restarted=frame["restarted"],
+        stdout_dropped=frame["stdout_dropped"],
+        stderr_dropped=frame["stderr_dropped"],
+        stdout_dropped_chars=frame["stdout_dropped_chars"],
+        stderr_dropped_chars=frame["stderr_dropped_chars"],
+        killed_processes=frame["killed_processes"],
+        detail=frame["note"],
+    )
+
+
 def encode_frame(obj: dict[str, Any]) -> bytes:
     data = json.dumps(obj).encode("utf-8")
     return HEADER.pack(len(data)) + data
@@ -279,6 +340,7 @@ class Sandbox(ABC):
         self._lock = threading.RLock()
         self.worker_info: dict[str, Any] = {}
         self.restarts = 0
+        self._calls = 0
 
     # ------------------------------------------------------------ backend hooks
     @classmethod
@@ -343,30 +405,26 @@ class Sandbox(ABC):
             self.start()
             assert self._channel is not None
             t0 = time.monotonic()
+            self._calls += 1
             try:
-                self._channel.send(encode_frame({"code": code, "timeout": timeout}))
+                self._channel.send(
+                    encode_frame({"id": self._calls, "code": str(code), "timeout": timeout})
+                )
                 frame = self._reader.read(self._channel, t0 + timeout + HARD_GRACE_S)
+                if frame is not None:
+                    r = result_from_frame(frame, self._calls)
             except (EOFError, OSError, SandboxError) as e:
                 return self._fail(t0, crashed=True, why=e)
             if frame is None:
                 return self._fail(t0, timed_out=True, timeout=timeout)
-            r = ExecResult(
-                stdout=str(frame.get("stdout", "")),
-                stderr=str(frame.get("stderr", "")),
-                exception=frame.get("exception"),
-                timed_out=bool(frame.get("timed_out")),
-                stdout_dropped=int(frame.get("stdout_dropped", 0)),
-                stderr_dropped=int(frame.get("stderr_dropped", 0)),
-                killed_processes=int(frame.get("killed_processes", 0)),
-                duration_s=time.monotonic() - t0,
-            )
-            if notice:
-                r.restarted, r.detail = True, notice
-            if r.timed_out:
+            r.duration_s = time.monotonic() - t0
+            if r.timed_out and not r.restarted:
                 r.detail = (
                     f"the code ran past the {timeout:g} s time limit and was interrupted; "
                     "variables from earlier calls are kept."
                 )
+            if notice:
+                r.restarted, r.detail = True, (notice + " " + r.detail).strip()
             return r
 
     def stop(self) -> None:

@@ -1,14 +1,16 @@
 """``bwrap`` backend: the worker inside bubblewrap with every namespace unshared.
 
 Layout inside: ``/usr`` (and the ``/bin``, ``/lib``, ... links or binds) read-only from the host,
-fresh ``/proc`` and ``/dev``, size-limited tmpfs at ``/work`` (cwd, HOME) and ``/tmp``, and a
-read-only root; nothing else of the host (no ``/home``, ``/root``, ``/etc`` beyond the loader
+fresh ``/proc`` and ``/dev``, size-limited tmpfs at ``/work`` (cwd, HOME), ``/tmp`` and
+``/dev/shm``, and a read-only root; nothing else of the host (no ``/home``, ``/root``, ``/etc`` beyond the loader
 cache, no trainer files). Namespaces: user, mount, PID, network (no interfaces but loopback),
 IPC, UTS, cgroup; no further user namespaces; all capabilities dropped; a new session; the
 environment cleared. bwrap's ``--die-with-parent`` plus ``PR_SET_PDEATHSIG`` end it with the
-trainer. When the trainer runs as root, bwrap itself is started as ``nobody`` so the sandbox maps
+trainer. The worker's supervisor is the sandbox's PID 1 (``--as-pid-1``: no bwrap init that code
+could ptrace), and is not dumpable. When the trainer runs as root, bwrap itself is started as ``nobody`` so the sandbox maps
 to an unprivileged host uid (the kernel does not enforce the process limit on root). Limits are
-the worker's rlimits (address space, processes per user namespace, file size, open files, CPU).
+the worker's rlimits (address space, processes per user namespace, file size, open files, CPU
+time) and ``Limits.cpus``, enforced by the supervisor's throttle (no cgroups here).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from agentopd.tools.sandbox.base import (
 )
 
 _AVAILABLE: tuple[bool, str] | None = None
+SHM_MB = 16
+"""Size of the private ``/dev/shm`` tmpfs (bwrap's ``--dev`` leaves it unlimited)."""
 
 
 def _drop_privileges() -> None:
@@ -47,6 +51,7 @@ def bwrap_argv(limits_work_mb: int, python_prefix: str | None = None) -> list[st
         "--unshare-user",
         "--disable-userns",
         "--die-with-parent",
+        "--as-pid-1",
         "--new-session",
         "--cap-drop",
         "ALL",
@@ -71,6 +76,7 @@ def bwrap_argv(limits_work_mb: int, python_prefix: str | None = None) -> list[st
     if python_prefix and not python_prefix.startswith("/usr/"):
         argv += ["--ro-bind", python_prefix, python_prefix]
     argv += ["--proc", "/proc", "--dev", "/dev"]
+    argv += ["--size", str(SHM_MB << 20), "--perms", "1777", "--tmpfs", "/dev/shm"]
     argv += ["--size", str(limits_work_mb << 20), "--perms", "1777", "--tmpfs", "/work"]
     argv += ["--size", str(16 << 20), "--perms", "1777", "--tmpfs", "/tmp"]
     argv += ["--remount-ro", "/", "--chdir", "/work", "--clearenv"]
@@ -133,7 +139,7 @@ class BwrapSandbox(Sandbox):
         return True, f"{version}; user/mount/pid/net/ipc/uts/cgroup namespaces"
 
     def worker_config(self) -> dict[str, Any]:
-        return super().worker_config() | {"private_pidns": True}
+        return super().worker_config() | {"cpus": self.limits.cpus}
 
     def _launch(self, config: dict[str, Any]) -> Channel:
         prefix = os.path.dirname(os.path.dirname(os.path.realpath(self.python)))

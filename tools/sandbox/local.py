@@ -21,6 +21,7 @@ unavailable, and says so in the log.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import subprocess
@@ -39,11 +40,129 @@ from agentopd.tools.sandbox.base import (
     spawn,
 )
 
+CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWPID = 0x20000000
+PR_SET_DUMPABLE = 4
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+"""Replaced by fresh tmpfs mounts in the sandbox's own mount namespace (where the kernel allows)."""
+WORK_DIR = "/tmp/work"
+"""The work dir (cwd, HOME) inside the private ``/tmp``."""
+SYSTEM_DIRS = ("/", "/usr", "/bin", "/lib", "/lib64", "/sbin", "/etc", "/proc", "/dev", "/tmp")
 
 _NS_PROBE: tuple[int, str] | None = None
+_PRIVATE_PROBE: tuple[bool, str] | None = None
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    _check(
+        libc.mount(
+            source.encode() if source else None,
+            target.encode(),
+            fstype.encode() if fstype else None,
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {target}",
+    )
+
+
+def hidden_paths(extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Host directories covered by an empty read-only tmpfs inside a private local sandbox.
+
+    The trainer's working directory (where ``runs/`` and task files usually are), its home,
+    ``/root`` and ``/home``, plus ``extra``; never a system directory or one holding the
+    sandbox's interpreter.
+    """
+    python_dir = os.path.dirname(os.path.realpath(default_python()))
+    out = []
+    for d in (os.getcwd(), os.path.expanduser("~"), "/root", "/home", *extra):
+        d = os.path.realpath(d)
+        if d in SYSTEM_DIRS or python_dir.startswith(d.rstrip("/") + "/") or not os.path.isdir(d):
+            continue
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def isolate(flags: int, private: bool, work_mb: int, hide: list[str]) -> None:
+    """In the sandbox's child process, before exec: enter new namespaces (``flags``) and, with
+    ``private``, give it its own ``/tmp`` (holding the work dir), ``/var/tmp``, ``/dev/shm``,
+    hide ``hide`` and, with a PID namespace, mount a ``/proc`` that shows only the sandbox.
+
+    The child then is PID 1 of the new PID namespace (this forks once; the parent waits and
+    exits with the child's status). Raises ``OSError`` if a step fails.
+    """
+    uid, gid = os.getuid(), os.getgid()
+    libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # a uid change cleared it: /proc/self/*_map needs it
+    _check(libc.unshare(flags | (CLONE_NEWNS if private else 0)), "unshare")
+    if not private:
+        return
+    for path, text in (
+        ("/proc/self/setgroups", "deny"),
+        ("/proc/self/uid_map", f"{uid} {uid} 1"),
+        ("/proc/self/gid_map", f"{gid} {gid} 1"),
+    ):
+        with open(path, "w") as f:
+            f.write(text)
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    for d in PRIVATE_DIRS:
+        if os.path.isdir(d):
+            size = work_mb + 16 if d == "/tmp" else 16
+            _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size}m,mode=1777")
+    for d in hide:
+        _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, "size=4k,mode=0555")
+    os.mkdir(WORK_DIR, 0o700)
+    os.chdir(WORK_DIR)
+    if flags & CLONE_NEWPID:
+        pid = os.fork()
+        if pid:
+            os.closerange(0, os.sysconf("SC_OPEN_MAX"))  # subprocess's error pipe included
+            _, status = os.waitpid(pid, 0)
+            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+        set_pdeathsig()
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def probe_private() -> tuple[bool, str]:
+    """Whether :func:`isolate` with private mounts works here (cached)."""
+    global _PRIVATE_PROBE
+    if _PRIVATE_PROBE is not None:
+        return _PRIVATE_PROBE
+    flags, _ = probe_namespaces()
+    if not flags & CLONE_NEWUSER:
+        _PRIVATE_PROBE = (False, "no user namespaces")
+        return _PRIVATE_PROBE
+    drop = os.geteuid() == 0
+
+    def preexec() -> None:
+        if drop:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+        isolate(flags, True, 1, [])
+
+    script = "import os; print(os.getcwd(), os.listdir('/tmp'), os.getpid())"
+    try:
+        r = subprocess.run(
+            [default_python(), "-I", "-S", "-c", script],
+            capture_output=True, text=True, timeout=10, cwd="/", preexec_fn=preexec,
+        )  # fmt: skip
+        ok = r.returncode == 0 and r.stdout.split()[0] == WORK_DIR
+        why = "" if ok else (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError) as e:
+        ok, why = False, str(e)
+    _PRIVATE_PROBE = (ok, "private /tmp, /var/tmp, /dev/shm, /proc" if ok else why)
+    return _PRIVATE_PROBE
 
 
 def default_python() -> str:
@@ -106,33 +225,44 @@ class LocalSandbox(Sandbox):
     strength = 1
     secure = False
 
-    def __init__(self, *args: Any, python: str | None = None, **kwargs: Any):
+    def __init__(
+        self, *args: Any, python: str | None = None, hide: list[str] | None = None, **kwargs: Any
+    ):
         super().__init__(*args, **kwargs)
         self.python = python or default_python()
+        self.hide = list(hide or [])
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         _, ns = probe_namespaces()
+        private, how = probe_private()
         who = f"uid {NOBODY}" if os.geteuid() == 0 else "the trainer's uid"
-        return True, f"rlimits + {ns}, runs as {who}; NOT a security boundary"
+        mounts = how if private else f"shared /tmp ({how})"
+        return True, f"rlimits + {ns}, {mounts}, runs as {who}; NOT a security boundary"
 
     def worker_config(self) -> dict[str, Any]:
         config = super().worker_config()
         config["pidns"] = bool(probe_namespaces()[0] & CLONE_NEWPID)
+        config["cpus"] = self.limits.cpus
         return config
 
     def _launch(self, config: dict[str, Any]) -> Channel:
         flags, _ = probe_namespaces()
+        private = probe_private()[0]
         drop = os.geteuid() == 0
-        self._dir = tempfile.mkdtemp(prefix="agentopd-local-")
-        if drop:
-            os.chown(self._dir, NOBODY, NOBODY)
+        hide = hidden_paths(self.hide) if private else []
+        if private:
+            work = WORK_DIR
+        else:
+            work = self._dir = tempfile.mkdtemp(prefix="agentopd-local-")
+            if drop:
+                os.chown(self._dir, NOBODY, NOBODY)
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": self._dir,
-            "TMPDIR": self._dir,
+            "HOME": work,
+            "TMPDIR": "/tmp" if private else work,
             "LANG": "C.UTF-8",
             "PYTHONDONTWRITEBYTECODE": "1",
             "MALLOC_ARENA_MAX": "2",
@@ -145,7 +275,7 @@ class LocalSandbox(Sandbox):
                 os.setgid(NOBODY)
                 os.setuid(NOBODY)
             if flags:
-                libc.unshare(flags)
+                isolate(flags, private, self.limits.work_dir_mb, hide)
 
         self._proc = spawn(
             lambda: subprocess.Popen(
@@ -153,7 +283,7 @@ class LocalSandbox(Sandbox):
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                cwd=self._dir,
+                cwd="/" if private else work,
                 env=env,
                 start_new_session=True,
                 preexec_fn=preexec,
