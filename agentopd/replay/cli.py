@@ -88,7 +88,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.episode:
         row = store.find(args.episode)
         view = build_view(store.episode_dict(row), row, decoder)
-        console.print(render_episode(view))
+        console.print(render_episode(view, side_by_side=sys.stdout.isatty()))
         if args.tokens:
             console.print(render_token_table(view))
         return 0

@@ -80,10 +80,21 @@ def render_header(view: EpisodeView) -> Text:
     )
 
 
-def render_calls(turn: TurnView) -> RenderableType | None:
-    """Each tool call beside its full result, one row per call."""
+def render_calls(turn: TurnView, side_by_side: bool = True) -> RenderableType | None:
+    """Each tool call beside its full result, one row per call (or, for printing to a file or
+    a pipe, each call followed by its result)."""
     if not turn.calls and not turn.parse_error:
         return None
+    if not side_by_side:
+        lines: list[RenderableType] = []
+        for c in turn.calls:
+            call = "(no call)" if c.name is None else f"{c.name}({c.arguments})"
+            lines.append(Text.assemble(("call → ", "bold"), call))
+            result = "(no result)" if c.result is None else c.result
+            lines.append(Text.assemble(("result ← ", "bold"), (result, "red" if c.error else "")))
+        if turn.parse_error and not any(c.error for c in turn.calls):
+            lines.append(Text.assemble(("parse error: ", "bold red"), turn.parse_error))
+        return Group(*lines)
     table = Table(show_header=True, header_style="bold", expand=True, show_lines=True)
     table.add_column("tool call", ratio=1, overflow="fold")
     table.add_column("result", ratio=1, overflow="fold")
@@ -101,7 +112,9 @@ def render_calls(turn: TurnView) -> RenderableType | None:
     return table
 
 
-def render_episode(view: EpisodeView, selected: int | None = None) -> Group:
+def render_episode(
+    view: EpisodeView, selected: int | None = None, side_by_side: bool = True
+) -> Group:
     """The whole episode: header, prompts, each turn's shaded tokens and its calls and results."""
     parts: list[RenderableType] = [render_header(view), Text(LEGEND, style="italic dim")]
     if not view.has_teacher:
@@ -117,7 +130,7 @@ def render_episode(view: EpisodeView, selected: int | None = None) -> Group:
         parts.append(Rule(" ".join([title, *tags]), align="left", style="cyan"))
         parts.append(token_text(turn, selected, offset))
         offset += sum(1 for t in turn.tokens if t.mask)
-        calls = render_calls(turn)
+        calls = render_calls(turn, side_by_side)
         if calls is not None:
             parts.append(Padding(calls, (0, 0, 0, 2)))
     return Group(*parts)
