@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare every sandbox backend on a fresh Debian bookworm machine (run as root; idempotent).
 #
-#   1. apt-get install docker.io bubblewrap debootstrap (skipped when already installed)
+#   1. apt-get install docker.io bubblewrap debootstrap chromium (skipped when already installed)
 #   2. start dockerd in the background if `docker info` fails; log to $DOCKERD_LOG; wait for it
 #   3. build the sandbox image with the project's own command (skips when it exists)
 #   4. print `agentopd sandbox check`
@@ -28,7 +28,7 @@ fi
 
 # ---------------------------------------------------------------- packages
 missing=()
-for pkg in docker.io bubblewrap debootstrap; do
+for pkg in docker.io bubblewrap debootstrap chromium; do  # chromium: the HTML viewer tests
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -36,7 +36,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else
-    echo "== docker.io bubblewrap debootstrap already installed"
+    echo "== docker.io bubblewrap debootstrap chromium already installed"
 fi
 
 # ---------------------------------------------------------------- dockerd
