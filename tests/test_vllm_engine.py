@@ -28,8 +28,9 @@ from agentopd import make, zoo
 from agentopd.engines import SamplingParams
 from agentopd.engines.hf import HFEngine
 from agentopd.renderer import Renderer
+from agentopd.rollout import expert_episode
 from agentopd.types import Episode
-from agentopd.zoo.bootstrap import Recipe, SftExample, expert_sequence, sft
+from agentopd.zoo.bootstrap import Recipe, train, with_overrides
 
 
 def needs_vllm(fn):
@@ -109,9 +110,11 @@ def models(tok, renderer, tmp_path_factory):
     """Model ``a`` (briefly SFT'd on expert turns) and ``b`` (random), saved for vLLM."""
     torch.manual_seed(0)
     env = make("lookup-chain", hops=2)
-    examples = [SftExample(*expert_sequence(env, renderer, seed)[:2]) for seed in range(32)]
+    examples = [expert_episode(env, renderer, seed, {"split": "train"}) for seed in range(32)]
     a = zoo.build_model("tiny", seed=0)
-    sft(a, examples, Recipe(preset="tiny", steps=40, batch_size=8, lr=3e-3, warmup_steps=5), 0)
+    short = {"steps": 40, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5}
+    recipe = with_overrides(Recipe(preset="tiny"), short)
+    train(a, examples, recipe, 0)
     b = zoo.build_model("tiny", seed=1)
     root = tmp_path_factory.mktemp("vllm-models")
     for name, model in (("a", a), ("b", b)):
@@ -132,7 +135,8 @@ def prompts(renderer):
         out.append(tokens)
     for seed in range(6, 10):
         env = make("lookup-chain", hops=3)
-        tokens, mask, _ = expert_sequence(env, renderer, seed)
+        segment = expert_episode(env, renderer, seed, {"split": "train"}).segments[0]
+        tokens, mask = segment.tokens, segment.mask
         second_turn = mask.index(0, mask.index(1))  # end of the first expert turn
         second_turn = mask.index(1, second_turn)  # start of the second one
         out.append(tokens[:second_turn])

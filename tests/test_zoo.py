@@ -230,75 +230,58 @@ def test_shipped_tokenizer_matches_rebuild(tmp_path):
 
 # ---------------------------------------------------------------------------- teacher bootstrap
 @pytest.fixture(scope="module")
-def lookup_examples(tok):
-    import agentopd
-    from agentopd.renderer import Renderer
+def lookup_episodes():
     from agentopd.zoo import bootstrap
 
-    renderer = Renderer(tok)
-    env = agentopd.make("lookup-chain", min_hops=1, max_hops=3)
-    out = [bootstrap.expert_sequence(env, renderer, seed) for seed in range(6)]
-    env.close()
-    return out
+    return bootstrap.play_experts("lookup-chain", {"min_hops": 1, "max_hops": 3}, list(range(6)))
 
 
-def test_expert_sequences_mask_only_the_expert_turns(tok, lookup_examples):
-    for tokens, mask, success in lookup_examples:
-        assert success and len(tokens) == len(mask)
-        trained = tok.decode([t for t, m in zip(tokens, mask) if m])
+def test_expert_episodes_mask_only_the_expert_turns(tok, lookup_episodes):
+    for ep in lookup_episodes:
+        (seg,) = ep.segments
+        assert ep.success and len(seg.tokens) == len(seg.mask)
+        trained = tok.decode([t for t, m in zip(seg.tokens, seg.mask) if m])
         assert trained.count("<tool_call>") == trained.count(IM_END) >= 2
         assert "<|im_start|>" not in trained and "Tools:" not in trained
-        assert mask[-1] == 1 and tokens[-1] == tok.eos_token_id
+        assert seg.mask[-1] == 1 and seg.tokens[-1] == tok.eos_token_id
 
 
-def _short_and_long(lookup_examples, keep_prefix: bool):
-    """Full episodes plus early cuts of them, so that several cuts share a packed row."""
-    from agentopd.zoo import bootstrap
-
-    batch = [bootstrap.SftExample(t, m) for t, m, _ in lookup_examples]
-    for t, m, _ in lookup_examples[:4]:
-        first = m.index(1)
-        start = 0 if keep_prefix else first - 10
-        batch.append(bootstrap.SftExample(t[start : first + 12], m[start : first + 12]))
-    if not keep_prefix:  # different first tokens: nothing shared, no prefix cache
-        batch = [bootstrap.SftExample([5 + i] + e.tokens[1:], e.mask) for i, e in enumerate(batch)]
-    return batch
-
-
-@pytest.mark.parametrize("keep_prefix", [True, False])
-def test_packed_shared_prefix_loss_equals_full_forward(lookup_examples, keep_prefix):
-    """``masked_nll`` (prefix cache, packed rows, logits at trained positions only) gives the
-    loss and gradients of a plain padded forward pass."""
-    from agentopd.zoo import bootstrap
-
-    batch = _short_and_long(lookup_examples, keep_prefix)
-    shared = bootstrap.prefix_to_share(batch)
-    assert (shared > 8) == keep_prefix
-    assert max(map(len, bootstrap.pack_rows([len(e.tokens) - shared for e in batch]))) >= 3
-    model = zoo.build_model("tiny", seed=3)
-    grads = []
-    for fn in (bootstrap.masked_nll, bootstrap._masked_nll_full):
-        model.zero_grad()
-        loss = fn(batch, model, 0)
-        loss.backward()
-        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
-    (l1, g1), (l2, g2) = grads
-    assert l1 == pytest.approx(l2, rel=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g1, g2))
-
-
-def test_expert_examples_do_not_depend_on_the_worker_count():
+def test_expert_episodes_do_not_depend_on_the_worker_count():
     from agentopd.zoo import bootstrap
 
     kwargs = {"min_hops": 1, "max_hops": 3}
-    one = bootstrap.expert_examples("lookup-chain", kwargs, list(range(7)), workers=1)
+    one = bootstrap.play_experts("lookup-chain", kwargs, list(range(7)), workers=1)
     calls = []
-    three = bootstrap.expert_examples(
-        "lookup-chain", kwargs, list(range(7)), workers=3, on_episode=lambda: calls.append(1)
-    )
+    three = bootstrap.play_experts(
+        "lookup-chain", kwargs, list(range(7)), workers=3, on_episode=lambda: calls.append(1),
+        chunk=2,
+    )  # fmt: skip
     assert len(calls) == 7
-    assert [(e.tokens, e.mask, ok) for e, ok in one] == [(e.tokens, e.mask, ok) for e, ok in three]
-    assert len({tuple(e.tokens) for e, _ in one}) == 7  # seeds in order, not one task repeated
+    assert [ep.to_dict() for ep in one] == [ep.to_dict() for ep in three]
+    assert [ep.seed for ep in one] == list(range(7))
+    assert len({tuple(ep.segments[0].tokens) for ep in one}) == 7  # not one task repeated
+
+
+def test_recipe_overrides_reach_the_optimizer_and_typos_are_named():
+    from agentopd.zoo import bootstrap
+
+    recipe = bootstrap.with_overrides(bootstrap.RECIPES["sql"], {"steps": 7, "lr": 0.5})
+    assert recipe.steps == 7 and recipe.optim.lr == 0.5 and recipe.copy_batch == 8
+    assert recipe.optim.schedule == "cosine" and recipe.optim.min_lr_frac == 0.5
+    assert bootstrap.RECIPES["sql"].optim.lr == 1e-3  # the shared default is left alone
+    with pytest.raises(TypeError, match="did you mean 'min_lr_frac'"):
+        bootstrap.with_overrides(bootstrap.Recipe(), {"min_lr_fraction": 0.1})
+
+
+def test_bootstrap_cli_lists_recipe_and_optimizer_flags(capsys):
+    from agentopd.zoo import bootstrap
+
+    with pytest.raises(SystemExit):
+        bootstrap.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--steps", "--copy-batch", "--group-by-length", "--lr", "--min-lr-frac",
+                 "--sft-bf16", "--init"):  # fmt: skip
+        assert flag in text, flag
 
 
 def test_length_grouped_batches_cover_each_example_once_per_epoch():
@@ -316,15 +299,6 @@ def test_length_grouped_batches_cover_each_example_once_per_epoch():
     spread = sorted(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epoch)
     assert spread[len(spread) // 2] < 40
     assert next(batches) != epoch[0] or next(batches) != epoch[1]  # the next epoch reshuffles
-
-
-def test_bf16_mode_is_checked():
-    from agentopd.zoo import bootstrap
-
-    assert bootstrap._bf16_wanted("off", torch.device("cpu")) is False
-    assert bootstrap._bf16_wanted("on", torch.device("cpu")) is True
-    with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
-        bootstrap._bf16_wanted("yes", torch.device("cpu"))
 
 
 def test_teacher_build_saves_atomically_and_loads(monkeypatch, tmp_path):
@@ -360,11 +334,11 @@ def test_teacher_build_saves_atomically_and_loads(monkeypatch, tmp_path):
 def test_shipped_teacher_solves_held_out_tasks(env, env_kwargs):
     """The shipped float16 teachers, loaded as float32, reach the issue's 90% bar (64 held-out
     tasks)."""
-    from agentopd.zoo.bootstrap import greedy_success
+    from agentopd.zoo.bootstrap import held_out_success
 
     model, tok = zoo.load(f"tiny-teacher-{env}", build_missing=False)
     assert next(model.parameters()).dtype == torch.float32
-    result = greedy_success(model, tok, env, 64, env_kwargs)
+    result = held_out_success(model, tok, env, 64, env_kwargs)
     assert result["success"] >= 0.9, result
 
 
@@ -390,7 +364,7 @@ def test_copy_drills_repeat_their_items_including_whole_word_tokens(tok):
     rng = random.Random(0)
     trained: set[str] = set()
     for _ in range(300):
-        ex = copy_sequence(tok, rng)
+        (ex,) = copy_sequence(tok, rng).segments
         start = ex.mask.index(1)
         assert set(ex.mask[start:]) == {1} and set(ex.mask[:start]) == {0}
         text = tok.decode(ex.tokens)
@@ -401,13 +375,3 @@ def test_copy_drills_repeat_their_items_including_whole_word_tokens(tok):
         trained |= {tok.decode([t]) for t in ex.tokens[start:]}
     assert len(trained & words) > 50
     assert any(t.isdigit() for t in trained)
-
-
-def test_pack_rows_fills_rows_no_wider_than_the_longest():
-    from agentopd.zoo.bootstrap import pack_rows
-
-    lengths = [10, 3, 7, 4, 6, 1, 9]
-    rows = pack_rows(lengths)
-    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in r) <= 10 for r in rows)
-    assert rows == [[0], [6, 5], [2, 1], [4, 3]]

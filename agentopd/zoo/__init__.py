@@ -160,7 +160,8 @@ def build(name: str, *, progress: bool = True, force: bool = False, **overrides:
         name: ``<preset>-<env>``, e.g. ``tiny-teacher-lookup-chain``.
         progress: Show a progress bar and a summary.
         force: Rebuild even when the cache holds it.
-        **overrides: Fields of :class:`agentopd.zoo.bootstrap.Recipe` (``steps``, ``lr``, ...).
+        **overrides: Fields of the recipe (:class:`agentopd.zoo.bootstrap.Recipe`, or
+            ``PretrainRecipe`` for a base) or of its ``optim`` (``steps``, ``lr``, ...).
     """
     found = None if force else resolve(name)
     if found is not None:

@@ -20,13 +20,20 @@ import argparse
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from agentopd.zoo.bootstrap import SftExample, _batch, _masked_nll_full, warmup_cosine_lr
+from agentopd.learner import Learner, LearnerConfig
+from agentopd.sft import pad_segments
+from agentopd.zoo.bootstrap import (
+    add_recipe_flags,
+    as_episode,
+    sft_optim,
+    with_overrides,
+)
 from agentopd.zoo.models import build_model
 from agentopd.zoo.tokenizer import load_tokenizer
 
@@ -38,17 +45,14 @@ class PretrainRecipe:
     """How to pretrain one base model."""
 
     steps: int = 1500
-    """Optimizer steps."""
+    """Optimizer steps (also the length of the learning-rate schedule)."""
     batch_size: int = 32
     """Drill sequences per step."""
-    lr: float = 1e-3
-    """Peak learning rate (linear warm-up, cosine decay to ``min_lr_frac``)."""
-    warmup_steps: int = 50
-    """Linear warm-up steps."""
-    min_lr_frac: float = 0.1
-    """Final learning rate as a fraction of ``lr``."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
+    optim: LearnerConfig = field(
+        default_factory=lambda: sft_optim(lr=1e-3, warmup_steps=50, min_lr_frac=0.1)
+    )
+    """The learner's optimizer and schedule (the zoo's :func:`sft_optim`, peak lr 1e-3 after 50
+    warm-up steps, cosine decay to 10%)."""
     eval_every: int = 250
     """Steps between held-out copy-accuracy evaluations."""
     eval_drills: int = 64
@@ -118,7 +122,8 @@ def copy_accuracy(model: Any, tokenizer: Any, n: int, seed: int, skip: int = 4) 
     rng = random.Random(10_000_000 + seed)
     model.eval()
     seqs = [drill(tokenizer, rng) for _ in range(n)]
-    tokens, mask, attn = _batch([SftExample(t, m) for t, m in seqs], tokenizer.pad_token_id)
+    episodes = [as_episode(t, m, "drill") for t, m in seqs]
+    tokens, mask, attn = pad_segments([ep.segments[0] for ep in episodes], tokenizer.pad_token_id)
     for b, (_, m) in enumerate(seqs):
         start = m.index(1)
         mask[b, start : start + skip] = 0
@@ -136,9 +141,7 @@ def pretrain(
 
     tokenizer = load_tokenizer()
     model = build_model(preset, seed=recipe.seed)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay
-    )
+    learner = Learner(model, recipe.optim, tokenizer.pad_token_id, total_steps=recipe.steps)
     rng = random.Random(recipe.seed)
     t0 = time.perf_counter()
     losses: list[float] = []
@@ -153,17 +156,8 @@ def pretrain(
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("pretrain", total=recipe.steps, info="")
         for step in range(recipe.steps):
-            seqs = [drill(tokenizer, rng) for _ in range(recipe.batch_size)]
-            loss = _masked_nll_full(
-                [SftExample(t, m) for t, m in seqs], model, tokenizer.pad_token_id
-            )
-            for g in opt.param_groups:
-                g["lr"] = warmup_cosine_lr(step, recipe)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
+            drills = [as_episode(*drill(tokenizer, rng), "drill") for _ in range(recipe.batch_size)]
+            losses.append(learner.step_sft(drills)["learner/loss"])
             info = f"loss {sum(losses[-20:]) / len(losses[-20:]):.4f}"
             if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps:
                 rate = copy_accuracy(model, tokenizer, recipe.eval_drills, recipe.seed)
@@ -198,7 +192,7 @@ def build_base(
     """Pretrain ``preset`` and save it (with ``zoo.json``) atomically to ``path``."""
     from agentopd.zoo.bootstrap import _save_atomically
 
-    model, report = pretrain(preset, PretrainRecipe(**overrides), progress=progress)
+    model, report = pretrain(preset, with_overrides(PretrainRecipe(), overrides), progress=progress)
     if half:
         model = model.half()
     _save_atomically(model, load_tokenizer(), report, Path(path))
@@ -212,17 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--half", action="store_true", help="save float16 weights (shipped form)")
-    for f in ("steps", "batch_size", "warmup_steps", "eval_every", "eval_drills", "seed"):
-        p.add_argument("--" + f.replace("_", "-"), dest=f, type=int, default=None)
-    for f in ("lr", "min_lr_frac", "weight_decay"):
-        p.add_argument("--" + f.replace("_", "-"), dest=f, type=float, default=None)
+    add_recipe_flags(p, PretrainRecipe, skip={"optim", "name", "epochs_per_batch"})
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    fields = {k: v for k, v in vars(args).items() if k in PretrainRecipe.__dataclass_fields__}
-    recipe = PretrainRecipe(**{k: v for k, v in fields.items() if v is not None})
-    fields = {k: v for k, v in asdict(recipe).items()}
-    report = build_base(args.preset, args.out, half=args.half, **fields)
+    skip = ("preset", "out", "threads", "half")
+    overrides = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    report = build_base(args.preset, args.out, half=args.half, **overrides)
     print(json.dumps({k: report[k] for k in ("name", "evals", "seconds", "final_loss")}, indent=2))
 
 

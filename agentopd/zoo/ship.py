@@ -28,11 +28,11 @@ def ship(src: Path, name: str, env: str | None = None, episodes: int = 64) -> Pa
     report = json.loads((Path(src) / "zoo.json").read_text())
     report["name"] = name
     if env is not None:
-        from agentopd.zoo.bootstrap import greedy_success
+        from agentopd.zoo.bootstrap import held_out_success
 
         back, _ = _from_pretrained(tmp)
         kwargs = report.get("recipe", {}).get("env_kwargs", {})
-        report["shipped_eval"] = greedy_success(back, tokenizer, env, episodes, kwargs)
+        report["shipped_eval"] = held_out_success(back, tokenizer, env, episodes, kwargs)
     (tmp / "zoo.json").write_text(json.dumps(report, indent=2))
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
