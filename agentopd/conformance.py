@@ -16,6 +16,11 @@
 * ``malformed actions``: garbage, broken tags, wrong argument types, unknown tools, huge
   arguments, empty and non-UTF-8-ish text never raise; broken tool calls get a message and
   leave the episode running;
+* ``rollout path``: the expert's episode and every malformed action (up to
+  ``ROLLOUT_MAX_CHARS``), played through the real
+  rollout loop (:func:`agentopd.rollout.scripted_episode`) with the zoo tokenizer, end without
+  ``env_error`` (no exception in step, tools, rendering) and survive the JSON round trip. This
+  fails, not warns: such results would end episodes of a training run as ``env_error``;
 * ``close``: ``env.close()`` does not raise.
 
 Generic by design: nothing here knows about a particular environment.
@@ -44,6 +49,8 @@ from agentopd.registry import UnknownNameError, make
 from agentopd.types import Message
 
 MAX_DETAIL_CHARS = 400
+ROLLOUT_MAX_CHARS = 20_000
+"""Malformed actions longer than this are left out of the (slower) rollout-path check."""
 RESULT_SLACK_CHARS = 1000
 """A single tool result may exceed ``env.max_output_chars`` by at most this (error preamble)."""
 
@@ -143,6 +150,7 @@ def check_env_conformance(name: str, n_episodes: int = 5, **kwargs: Any) -> Conf
         ("expert (eval)", lambda env, _: _check_expert(env, n_episodes, "eval")),
         ("random actions", lambda env, _: _check_random(env, max(n_episodes, 3))),
         ("malformed actions", _check_malformed),
+        ("rollout path", _check_rollout),
     ]
     try:
         for check_name, check in checks:
@@ -310,6 +318,39 @@ def _check_malformed(env: Any, report: ConformanceReport) -> str:
             warning=True,
         )
     return f"{len(cases)} malformed actions handled"
+
+
+def _check_rollout(env: Any, report: ConformanceReport) -> str:
+    from agentopd.renderer import Renderer
+    from agentopd.rollout import expert_episode, scripted_episode
+    from agentopd.types import Episode, StopReason
+    from agentopd.zoo.tokenizer import load_tokenizer
+
+    renderer = Renderer(load_tokenizer())
+    _, info = env.reset(seed=0)
+    cases: list[tuple[str, Callable[[], Episode]]] = [
+        ("expert episode", lambda: expert_episode(env, renderer, seed=0))
+    ]
+    for label, action, _ in _malformed_actions(info.get("tools") or []):
+        text = action.content if isinstance(action, Message) else str(action)
+        if len(text) > ROLLOUT_MAX_CHARS:
+            continue  # the huge cases only cost time here; "malformed actions" covers them
+        cases.append((label, lambda text=text: scripted_episode(env, renderer, 0, [text])))
+    for label, play in cases:
+        try:
+            ep = play()
+        except Exception as e:  # noqa: BLE001
+            raise AssertionError(f"{label}: the rollout raised {_describe(e)}") from None
+        if ep.stop_reason == StopReason.ENV_ERROR:
+            last = str(ep.info.get("error", "")).strip().splitlines()[-1:]
+            raise AssertionError(
+                f"{label}: the episode ended as env_error, a rollout would lose it: "
+                f"{last[0] if last else '?'}"
+            )
+        line = ep.to_json()
+        if Episode.from_json(line).to_json() != line:
+            raise AssertionError(f"{label}: the episode does not survive the JSON round trip")
+    return f"{len(cases)} episodes through the rollout loop, renderer and JSON round trip"
 
 
 def _malformed_actions(tools: list[dict[str, Any]]) -> Iterator[tuple[str, Any, bool]]:

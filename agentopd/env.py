@@ -55,6 +55,7 @@ import gymnasium
 import numpy as np
 
 from agentopd.parsing import NEAR_MISS_POLICIES, format_tool_call, parse_assistant
+from agentopd.renderer import valid_utf8
 from agentopd.tooling import Tool, Toolset, tool
 from agentopd.types import Message
 
@@ -346,7 +347,9 @@ class Env(gymnasium.Env):
                 Message(
                     role="tool",
                     name="error",
-                    content=f"Error (parse): {parsed.error.rstrip('.')}. The turn's tool calls were not run.",
+                    content=valid_utf8(
+                        f"Error (parse): {parsed.error.rstrip('.')}. The turn's tool calls were not run."
+                    ),
                 )
             )
         elif not parsed.tool_calls:

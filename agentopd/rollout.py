@@ -130,6 +130,31 @@ def expert_episode(
     return lv.episode
 
 
+def scripted_episode(
+    env: Env,
+    renderer: Renderer,
+    seed: int,
+    turns: list[str],
+    options: dict[str, Any] | None = None,
+) -> Episode:
+    """Play the assistant texts ``turns`` in order on an already-built env, through the same
+    loop as :func:`run_episodes` (an exception ends the episode as ``env_error``). Past the last
+    text the policy answers ``""``. For conformance checks, tests and fuzzing.
+    """
+    name = getattr(env, "spec_name", type(env).__name__)
+    lv = _start_or_fail(env, EpisodeJob(name, seed, dict(options or {})), renderer)
+    cfg = RolloutConfig(max_new_tokens=1_000_000, max_episode_tokens=10_000_000)
+    todo = list(turns)
+
+    def policy(lives: list[_Live]) -> list[Sample]:
+        text = todo.pop(0) if todo else ""
+        toks = _guarded(lives[0], lambda: renderer.encode(text) + [renderer.eot_id]) or []
+        return [Sample(tokens=toks, logprobs=[0.0] * len(toks), finished=True)]
+
+    _loop([lv], policy, renderer, cfg, close=False)
+    return lv.episode
+
+
 # ------------------------------------------------------------------------------------------
 def _start_with(env: Env, job: EpisodeJob, renderer: Renderer) -> _Live:
     messages, info = env.reset(seed=job.seed, options=job.options)

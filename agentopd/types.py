@@ -164,6 +164,15 @@ class Segment:
     prompt_len: int = 0
     """Length of the initial prompt of this segment."""
 
+    def to_dict(self) -> dict[str, Any]:
+        # Shallow list copies: dataclasses.asdict deep-copies every token id (slow).
+        return {
+            "tokens": list(self.tokens),
+            "logprobs": list(self.logprobs),
+            "mask": list(self.mask),
+            "prompt_len": self.prompt_len,
+        }
+
     def append(self, tokens: list[int], logprobs: list[float] | None, sampled: bool) -> None:
         """Append tokens; ``sampled`` sets their mask.
 
@@ -278,7 +287,7 @@ class Episode:
             "task_id": self.task_id,
             "seed": self.seed,
             "messages": [m.to_dict() for m in self.messages],
-            "segments": [asdict(s) for s in self.segments],
+            "segments": [s.to_dict() for s in self.segments],
             "turns": [t.to_dict() for t in self.turns],
             "reward": self.reward,
             "success": self.success,
