@@ -54,6 +54,25 @@ class BackendUnavailableError(RuntimeError):
 
 
 @dataclass
+class ServerConfig:
+    """The HTTP scoring endpoint of ``teacher_backend=server`` (``teacher_cfg.server.*``)."""
+
+    url: str | None = knob(
+        None, "base URL of a vLLM OpenAI-compatible server, e.g. http://127.0.0.1:8000"
+    )
+    model: str | None = knob(
+        None, "served model name (null: the teacher name if served, else the only one served)"
+    )
+    api_key_env: str = knob(
+        "AGENTOPD_TEACHER_API_KEY", "environment variable with the API key (unset: no key sent)"
+    )
+    timeout_s: float = knob(120.0, "seconds before one HTTP request is abandoned", gt=0)
+    retries: int = knob(3, "retries of a failed request (connection error, 429, 5xx)", ge=0)
+    backoff_s: float = knob(1.0, "delay before the first retry; doubles every retry", ge=0)
+    concurrency: int = knob(8, "scoring requests in flight at once", ge=1)
+
+
+@dataclass
 class TeacherConfig:
     """How the teacher scores (``teacher_cfg.*``)."""
 
@@ -65,6 +84,10 @@ class TeacherConfig:
         False, "append the env's privileged context (e.g. the answer) to the teacher's prompt"
     )
     batch_size: int = knob(16, "segments per teacher forward pass", ge=1)
+    chunk_size: int = knob(
+        1024, "scored positions per vocabulary projection (hf: bounds memory to chunk x V)", ge=1
+    )
+    server: ServerConfig = knob(factory=ServerConfig, help="teacher_backend=server endpoint")
 
 
 @runtime_checkable

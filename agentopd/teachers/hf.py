@@ -1,7 +1,10 @@
 """In-process transformers teacher (``teacher_backend=hf``).
 
-One batched forward pass per group of segments; at each scored position only the rows that are
-needed are turned into log-probabilities. The teacher may see its own system prompt or
+One batched forward pass to the final hidden states per group of segments; the projection onto
+the vocabulary, the top-k, the sampled token's log-prob and the entropy are then computed one
+chunk of scored positions at a time (``teacher_cfg.chunk_size``), so the ``[B, T, V]`` logits
+are never materialised (at a 151,936-token vocabulary they would be ~20 GB in bf16 for 16 x
+4,096 tokens). The teacher may see its own system prompt or
 privileged context: the opening prompt is then re-rendered for the teacher and positions are
 realigned so each student token gets the teacher's distribution at that token.
 """
@@ -12,9 +15,10 @@ from typing import Any
 
 import torch
 
+from agentopd.losses import chunked_token_logprobs
 from agentopd.renderer import Renderer
-from agentopd.teachers import TeacherConfig, check_tokenizers
-from agentopd.types import Episode, Message, TeacherScores
+from agentopd.teachers import TeacherConfig, check_tokenizers, prefill
+from agentopd.types import Episode, TeacherScores
 
 
 def build(name: str, *, tokenizer: Any, config: TeacherConfig, device: Any) -> HFTeacher:
@@ -50,26 +54,7 @@ class HFTeacher:
 
     def teacher_prompt(self, episode: Episode) -> list[int] | None:
         """Re-rendered opening prompt for the teacher, or None to use the student's tokens."""
-        cfg = self.config
-        if cfg.system_prompt is None and not cfg.privileged:
-            return None
-        n = episode.n_prompt_messages
-        if n <= 0:
-            raise ValueError(
-                "episode has no n_prompt_messages; it was not produced by agentopd.rollout"
-            )
-        msgs = [Message(**vars(m)) for m in episode.messages[:n]]
-        system = cfg.system_prompt
-        if msgs and msgs[0].role == "system":
-            base = msgs[0].content if system is None else system
-            msgs = msgs[1:]
-        else:
-            base = system or ""
-        if cfg.privileged:
-            base = (base + "\n" + episode.privileged_context).strip()
-        msgs = [Message(role="system", content=base), *msgs]
-        tokens, _ = self.renderer.initial_prompt(msgs, episode.tools)
-        return tokens
+        return prefill.teacher_prompt(self.renderer, self.config, episode)
 
     @torch.no_grad()
     def full_logprobs(self, tokens: list[int]) -> torch.Tensor:
@@ -83,54 +68,72 @@ class HFTeacher:
     @torch.no_grad()
     def score(self, episodes: list[Episode]) -> list[list[TeacherScores]]:
         """Score every segment; sets ``episode.teacher`` and returns the scores per episode."""
-        items = []
         for ep in episodes:
             ep.teacher = [None] * len(ep.segments)  # type: ignore[list-item]
-            prompt = self.teacher_prompt(ep)
-            for s, seg in enumerate(ep.segments):
-                positions = [t for t, m in enumerate(seg.mask) if m]
-                if s == 0 and prompt is not None:
-                    tokens = prompt + seg.tokens[seg.prompt_len :]
-                    shift = len(prompt) - seg.prompt_len
-                else:
-                    tokens, shift = seg.tokens, 0
-                items.append((ep, s, tokens, positions, shift))
+        reqs = prefill.requests(episodes, self.renderer, self.config)
         bs = max(1, self.config.batch_size)
-        for i in range(0, len(items), bs):
-            self._score_batch(items[i : i + bs])
-        return [list(ep.teacher) for ep in episodes]  # type: ignore[arg-type]
-
-    def _score_batch(self, items: list[tuple[Episode, int, list[int], list[int], int]]) -> None:
-        width = max(len(t) for _, _, t, _, _ in items)
-        pad = self.renderer.pad_id
-        ids = torch.full((len(items), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(items), width), dtype=torch.long)
-        for b, (_, _, toks, _, _) in enumerate(items):
-            ids[b, : len(toks)] = torch.tensor(toks)
-            attn[b, : len(toks)] = 1
         was_training = self.model.training
         self.model.eval()
-        logits_B_T_V = self.model(
+        try:
+            for i in range(0, len(reqs), bs):
+                batch = reqs[i : i + bs]
+                for req, sc in zip(batch, self._score_batch(batch), strict=True):
+                    episodes[req.episode].teacher[req.segment] = sc
+        finally:
+            if was_training:
+                self.model.train()
+        return [list(ep.teacher) for ep in episodes]  # type: ignore[arg-type]
+
+    def _score_batch(self, reqs: list[prefill.Request]) -> list[TeacherScores]:
+        """One forward pass to final hidden states; the vocabulary projection, top-k and
+        entropy then run ``config.chunk_size`` scored positions at a time
+        (:func:`agentopd.losses.chunked_token_logprobs`), so ``[B, T, V]`` logits never exist."""
+        width = max(len(r.tokens) for r in reqs)
+        ids = torch.full((len(reqs), width), self.renderer.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(reqs), width), dtype=torch.long)
+        for b, r in enumerate(reqs):
+            ids[b, : len(r.tokens)] = torch.tensor(r.tokens)
+            attn[b, : len(r.tokens)] = 1
+        hidden_B_T_H = self.model.base_model(
             input_ids=ids.to(self.device), attention_mask=attn.to(self.device)
-        ).logits
-        if was_training:
-            self.model.train()
-        k = self.config.topk
-        for b, (ep, s, toks, positions, shift) in enumerate(items):
-            if not positions:
-                ep.teacher[s] = TeacherScores()
-                continue
-            # The distribution over token t lives at position t - 1 (next-token prediction).
-            pos = torch.tensor([p + shift - 1 for p in positions], device=logits_B_T_V.device)
-            logp_N_V = torch.log_softmax(logits_B_T_V[b, pos].float(), dim=-1)
-            target = torch.tensor([toks[p + shift] for p in positions], device=logp_N_V.device)
-            chosen_N = logp_N_V.gather(-1, target[:, None]).squeeze(-1)
-            top_N_K = logp_N_V.topk(min(k, logp_N_V.shape[-1]), dim=-1)
-            entropy_N = -(logp_N_V.exp() * logp_N_V).sum(-1)
-            ep.teacher[s] = TeacherScores(
-                positions=positions,
-                logprobs=chosen_N.cpu().tolist(),
-                topk_ids=top_N_K.indices.cpu().tolist(),
-                topk_logprobs=top_N_K.values.cpu().tolist(),
-                entropy=entropy_N.cpu().tolist(),
+        ).last_hidden_state
+        # The distribution over token t lives at position t - 1 (next-token prediction).
+        rows = [(b, p + r.shift - 1) for b, r in enumerate(reqs) for p in r.positions]
+        if not rows:
+            return [TeacherScores() for _ in reqs]
+        b_idx = torch.tensor([b for b, _ in rows], device=hidden_B_T_H.device)
+        t_idx = torch.tensor([t for _, t in rows], device=hidden_B_T_H.device)
+        target_1_N = torch.tensor(
+            [t for r in reqs for t in r.targets()], device=hidden_B_T_H.device
+        )[None]
+        head = self.model.get_output_embeddings()
+        k = min(self.config.topk, head.weight.shape[0])
+        out = chunked_token_logprobs(
+            hidden_B_T_H[b_idx, t_idx][None],
+            head.weight,
+            target_1_N,
+            lm_head_bias_V=getattr(head, "bias", None),
+            chunk_size=self.config.chunk_size,
+            student_topk=k,
+            return_entropy=True,
+        )
+        chosen = out.logprobs_B_T[0].float().cpu().tolist()
+        top_ids = out.topk_ids_B_T_K[0].cpu().tolist()
+        top_lps = out.topk_logprobs_B_T_K[0].float().cpu().tolist()
+        entropy = out.entropy_B_T[0].float().cpu().tolist()
+        scores, n = [], 0
+        for r in reqs:
+            m = len(r.positions)
+            scores.append(
+                TeacherScores(
+                    positions=r.positions,
+                    logprobs=chosen[n : n + m],
+                    topk_ids=top_ids[n : n + m],
+                    topk_logprobs=top_lps[n : n + m],
+                    entropy=entropy[n : n + m],
+                )
+                if m
+                else TeacherScores()
             )
+            n += m
+        return scores

@@ -1,0 +1,130 @@
+"""What every teacher backend shares: which token sequence to score per segment, and how
+per-position prompt log-probs (vLLM's ``prompt_logprobs`` format) become
+:class:`~agentopd.types.TeacherScores`.
+
+A :class:`Request` is one segment as the teacher sees it: the student's token ids, with the
+opening prompt re-rendered when the teacher has its own system prompt or privileged context
+(``shift`` = how many tokens longer the teacher's prompt is). Student position ``p`` is teacher
+position ``p + shift``, and the teacher's distribution over it is the one after
+``tokens[: p + shift]``.
+
+Backends that cannot return the full distribution (``vllm``, ``server``) report entropy from the
+top-k plus one tail bucket holding the remaining mass (:func:`topk_entropy`): a lower bound of
+the full entropy, exact when the top-k hold all the mass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from agentopd.renderer import Renderer
+from agentopd.types import Episode, Message, TeacherScores
+
+
+@dataclass
+class Request:
+    """One segment to score."""
+
+    episode: int
+    """Index of the episode in the scored batch."""
+    segment: int
+    """Index of the segment in that episode."""
+    tokens: list[int]
+    """Token ids the teacher sees (the student's, with the teacher's own opening prompt)."""
+    positions: list[int]
+    """The segment's mask-1 positions (student indexing)."""
+    shift: int
+    """Teacher index minus student index of every scored token."""
+
+    def targets(self) -> list[int]:
+        """The sampled token at each scored position."""
+        return [self.tokens[p + self.shift] for p in self.positions]
+
+
+def teacher_prompt(renderer: Renderer, config: Any, episode: Episode) -> list[int] | None:
+    """The opening prompt re-rendered for the teacher, or None to use the student's tokens.
+
+    ``config`` is a :class:`~agentopd.teachers.TeacherConfig` (``system_prompt``,
+    ``privileged``).
+    """
+    if config.system_prompt is None and not config.privileged:
+        return None
+    n = episode.n_prompt_messages
+    if n <= 0:
+        raise ValueError("episode has no n_prompt_messages; it was not produced by agentopd.rollout")
+    msgs = [Message(**vars(m)) for m in episode.messages[:n]]
+    system = config.system_prompt
+    if msgs and msgs[0].role == "system":
+        base = msgs[0].content if system is None else system
+        msgs = msgs[1:]
+    else:
+        base = system or ""
+    if config.privileged:
+        base = (base + "\n" + episode.privileged_context).strip()
+    msgs = [Message(role="system", content=base), *msgs]
+    tokens, _ = renderer.initial_prompt(msgs, episode.tools)
+    return tokens
+
+
+def requests(episodes: list[Episode], renderer: Renderer, config: Any) -> list[Request]:
+    """One :class:`Request` per segment of every episode, in order."""
+    out = []
+    for e, ep in enumerate(episodes):
+        prompt = teacher_prompt(renderer, config, ep)
+        for s, seg in enumerate(ep.segments):
+            positions = [t for t, m in enumerate(seg.mask) if m]
+            if s == 0 and prompt is not None:
+                tokens = prompt + seg.tokens[seg.prompt_len :]
+                shift = len(prompt) - seg.prompt_len
+            else:
+                tokens, shift = list(seg.tokens), 0
+            out.append(Request(e, s, tokens, positions, shift))
+    return out
+
+
+def topk_entropy(topk_logprobs: list[float]) -> float:
+    """Entropy (nats) of the top-k plus one tail bucket with the remaining mass."""
+    h, mass = 0.0, 0.0
+    for lp in topk_logprobs:
+        p = math.exp(lp)
+        h -= p * lp
+        mass += p
+    tail = 1.0 - mass
+    if tail > 1e-12:
+        h -= tail * math.log(tail)
+    return h
+
+
+def from_prompt_logprobs(
+    req: Request, rows: list[dict[int, tuple[float, int]] | None], k: int
+) -> TeacherScores:
+    """Scores of one request from per-position prompt log-probs.
+
+    Args:
+        req: The request that was scored.
+        rows: One entry per token of ``req.tokens``: ``{token_id: (logprob, rank)}`` holding the
+            top-``k`` ids and the actual token (vLLM's ``prompt_logprobs=k``); entry 0 is None.
+        k: Top-k to report.
+
+    Raises:
+        ValueError: A row is missing its actual token or holds fewer than ``k`` ranked ids.
+    """
+    if not req.positions:
+        return TeacherScores()
+    if len(rows) != len(req.tokens):
+        raise ValueError(f"got {len(rows)} prompt-logprob rows for {len(req.tokens)} tokens")
+    logprobs, ids, lps, ent = [], [], [], []
+    for p, target in zip(req.positions, req.targets(), strict=True):
+        row = rows[p + req.shift]
+        if row is None or target not in row:
+            raise ValueError(f"no log-prob for the sampled token {target} at position {p}")
+        logprobs.append(float(row[target][0]))
+        ranked = sorted(((r, t, lp) for t, (lp, r) in row.items() if r is not None and r <= k))
+        if len(ranked) < k:
+            raise ValueError(f"position {p}: {len(ranked)} ranked ids, expected top-{k}")
+        ids.append([t for _, t, _ in ranked[:k]])
+        lps.append([float(lp) for _, _, lp in ranked[:k]])
+        ent.append(topk_entropy(lps[-1]))
+    return TeacherScores(req.positions, logprobs, ids, lps, ent)
