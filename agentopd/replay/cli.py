@@ -94,7 +94,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 0
     if not sys.stdout.isatty() or args.list:
         page = store.page(args.page - 1, args.page_size, flt)
-        console.print(render_page(page, str(store.path)))
+        out = console if sys.stdout.isatty() else Console(width=max(console.width, 160))
+        out.print(render_page(page, str(store.path)))
         return 0
     from agentopd.replay.tui import run_tui
 

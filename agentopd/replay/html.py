@@ -40,11 +40,11 @@ def episode_payload(view: EpisodeView, vocab: dict[int, str], decode: Decoder) -
         toks = []
         for k in t.tokens:
             vocab.setdefault(k.id, k.text)
-            top: list[float] = []
-            for tid, text, p in k.topk:
-                vocab.setdefault(tid, text)
-                top += [tid, round(p, 4)]
+            top = [x for tid, _, p in k.topk for x in (tid, p)]
             toks.append([k.id, k.mask, _r(k.logp), _r(k.logq), _r(k.entropy, 3), top])
+            for tid, text, _ in k.topk:
+                if tid not in vocab:
+                    vocab[tid] = text
         turns.append(
             {
                 "index": t.index,

@@ -431,18 +431,33 @@ class Filter:
 
     def matches_row(self, r: IndexRow) -> bool:
         """Whether the index line passes (everything but :attr:`text`)."""
-        if self.steps is not None and not (self.steps[0] <= r.step <= self.steps[1]):
+        return self._match(r.step, r.env, r.success, r.stop_reason, r.tool_errors)
+
+    def matches_dict(self, d: dict[str, Any]) -> bool:
+        """:meth:`matches_row` on an index line still in its JSON form (no row object built)."""
+        return self._match(
+            d.get("step", 0),
+            d.get("env", ""),
+            d.get("success", False),
+            d.get("stop_reason", ""),
+            d.get("tool_errors") or {},
+        )
+
+    def _match(
+        self, step: int, env: str, success: bool, stop: str, tool_errors: dict[str, int]
+    ) -> bool:
+        if self.steps is not None and not (self.steps[0] <= step <= self.steps[1]):
             return False
-        if self.env is not None and r.env != self.env:
+        if self.env is not None and env != self.env:
             return False
-        if self.solved is not None and r.success != self.solved:
+        if self.solved is not None and bool(success) != self.solved:
             return False
-        if self.stop_reason is not None and r.stop_reason != self.stop_reason:
+        if self.stop_reason is not None and stop != self.stop_reason:
             return False
         if self.tool_error is not None:
             if self.tool_error == "any":
-                return any(v > 0 for v in r.tool_errors.values())
-            return r.tool_errors.get(self.tool_error, 0) > 0
+                return any(v > 0 for v in tool_errors.values())
+            return tool_errors.get(self.tool_error, 0) > 0
         return True
 
     @property
@@ -569,6 +584,7 @@ class EpisodeStore:
         self._offsets = self._line_starts()
         self._legacy_rows: list[IndexRow] | None = None
         self._shards: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
+        self._metas: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
         self._filtered: tuple[Filter, np.ndarray] | None = None
         self._by_id: dict[str, int] | None = None
 
@@ -578,7 +594,7 @@ class EpisodeStore:
         starts = [np.zeros(1, dtype=np.int64)]
         size = 0
         with open(self._file, "rb") as f:
-            while chunk := f.read(1 << 22):
+            while chunk := f.read(1 << 20):
                 nl = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10)
                 starts.append(nl.astype(np.int64) + size + 1)
                 size += len(chunk)
@@ -648,10 +664,17 @@ class EpisodeStore:
             return np.arange(len(self), dtype=np.int64)
         if self._filtered is not None and self._filtered[0] == flt:
             return self._filtered[1]
-        keep = [i for i, r in enumerate(self.rows()) if flt.matches_row(r)]
+        if self.format == "jsonl":
+            keep = [i for i, r in enumerate(self._legacy()) if flt.matches_row(r)]
+        else:
+            keep = []
+            block = 4096
+            for start in range(0, len(self), block):
+                lines = self._read_lines(start, min(start + block, len(self)))
+                keep += [start + j for j, x in enumerate(lines) if flt.matches_dict(json.loads(x))]
         if flt.text:
             needle = flt.text.lower()
-            keep = [i for i in keep if needle in episode_text(self._dict_at(i)).lower()]
+            keep = [i for i in keep if needle in episode_text(self._text_dict(i)).lower()]
         out = np.asarray(keep, dtype=np.int64)
         self._filtered = (flt, out)
         return out
@@ -706,8 +729,17 @@ class EpisodeStore:
             self._shards.popitem(last=False)
         return dicts
 
-    def _dict_at(self, i: int) -> dict[str, Any]:
-        return self.episode_dict(self.row_at(i))
+    def _text_dict(self, i: int) -> dict[str, Any]:
+        """Episode ``i`` with its messages and turns; from a shard only the JSON part is read."""
+        row = self.row_at(i)
+        if row.shard == LEGACY:
+            return self.episode_dict(row)
+        if row.shard not in self._metas:
+            with np.load(self.path / row.shard, allow_pickle=False) as z:
+                self._metas[row.shard] = json.loads(bytes(z["meta"]).decode())["episodes"]
+            while len(self._metas) > self.CACHE_SHARDS:
+                self._metas.popitem(last=False)
+        return self._metas[row.shard][row.row]
 
     def episode_dict(self, row: IndexRow) -> dict[str, Any]:
         """The ``to_json`` dict of the episode behind ``row``."""

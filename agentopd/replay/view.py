@@ -13,9 +13,12 @@ import glob
 import importlib.util
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from agentopd.replay.store import IndexRow, teacher_segments
 
@@ -194,6 +197,7 @@ def build_view(d: dict[str, Any], row: IndexRow, decode: Decoder, topk: int = 16
     scored: list[dict[int, int]] = [
         {int(p): i for i, p in enumerate((t or {}).get("positions", []))} for t in teachers
     ]
+    tops = [_topk_rows(t, topk) for t in teachers]
     turns = []
     for t in d.get("turns", []):
         s = int(t.get("segment", 0))
@@ -209,13 +213,8 @@ def build_view(d: dict[str, Any], row: IndexRow, decode: Decoder, topk: int = 16
             if tea is not None and j is not None:
                 logq = _num(_at(tea.get("logprobs"), j))
                 ent = _num(_at(tea.get("entropy"), j))
-                ids, lqs = _at(tea.get("topk_ids"), j), _at(tea.get("topk_logprobs"), j)
-                if isinstance(ids, list) and isinstance(lqs, list):
-                    top = [
-                        (int(a), decode(int(a)), math.exp(b))
-                        for a, b in list(zip(ids, lqs))[:topk]
-                        if _num(b) is not None
-                    ]
+                ids, probs = tops[s](j)
+                top = list(zip(ids, map(decode, ids), probs))
             tv.append(
                 TokenView(
                     id=int(toks[pos]),
@@ -257,6 +256,38 @@ def build_view(d: dict[str, Any], row: IndexRow, decode: Decoder, topk: int = 16
         turns=turns,
         has_teacher=any(t is not None for t in teachers),
     )
+
+
+def _topk_rows(
+    tea: dict[str, Any] | None, topk: int
+) -> Callable[[int], tuple[list[int], list[float]]]:
+    """Row ``j`` of a segment's teacher top-k as (ids, probabilities rounded to 1e-4), computed
+    for the whole segment at once; entries that are not finite numbers are left out."""
+    if tea is None:
+        return lambda j: ([], [])
+    ids, lqs = tea.get("topk_ids"), tea.get("topk_logprobs")
+    try:
+        ids_a = np.asarray(ids, dtype=np.int64)[:, :topk]
+        p = np.round(np.exp(np.asarray(lqs, dtype=np.float64)[:, :topk]), 4)
+        fast = ids_a.shape == p.shape and bool(np.isfinite(p).all())
+    except (ValueError, TypeError, IndexError):
+        fast = False
+    if fast:
+        rows_ids, rows_p = ids_a.tolist(), p.tolist()
+        return lambda j: (rows_ids[j], rows_p[j]) if j < len(rows_ids) else ([], [])
+
+    def slow(j: int) -> tuple[list[int], list[float]]:
+        a, b = _at(ids, j), _at(lqs, j)
+        if not isinstance(a, list) or not isinstance(b, list):
+            return [], []
+        pairs = [
+            (int(x), round(math.exp(y), 4))
+            for x, y in list(zip(a, b))[:topk]
+            if isinstance(x, int) and _num(y) is not None and math.isfinite(y)
+        ]
+        return [x for x, _ in pairs], [y for _, y in pairs]
+
+    return slow
 
 
 def _at(xs: Any, i: int) -> Any:
