@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -50,6 +50,8 @@ from agentopd.sft import SftGroup
 from agentopd.types import Episode, Segment
 from agentopd.zoo.models import build_model, cache_dir
 from agentopd.zoo.tokenizer import load_tokenizer
+
+R = TypeVar("R")
 
 
 def sft_optim(**changes: Any) -> LearnerConfig:
@@ -122,7 +124,7 @@ teachers to it). The shipped ``zoo.json`` of each teacher records its build; the
 the recipes that did not work are in ``docs/zoo.md``."""
 
 
-def with_overrides(recipe: Any, overrides: dict[str, Any]) -> Any:
+def with_overrides(recipe: R, overrides: dict[str, Any]) -> R:
     """``recipe`` (a dataclass with an ``optim`` :class:`LearnerConfig`) with ``overrides``
     applied: a recipe field by its name, an optimizer field (``lr``, ``min_lr_frac``, ...)
     by its own.
@@ -183,9 +185,9 @@ def play_experts(
 
     ``workers`` threads each play a contiguous share of the seeds, ``chunk`` episodes at a
     time, through :func:`agentopd.rollout.expert_episodes` with their own tokenizer and
-    renderer; the result does not depend on ``workers``. Threads pay off where the environment
-    waits on a tool process (a sandboxed Python worker); ``on_episode`` is called after each
-    episode (from any thread).
+    renderer; the result does not depend on ``workers`` or ``chunk``. Threads pay off where the
+    environment waits on a tool process (a sandboxed Python worker); ``on_episode`` is called
+    once per episode when its chunk is done (from any thread).
     """
     from concurrent.futures import ThreadPoolExecutor
 
