@@ -235,9 +235,11 @@ def main() -> int:
             f"{row['first_page']['peak_rss_mb']:.0f} / {row['tui']['peak_rss_mb']:.0f} / {row['html']['peak_rss_mb']:.0f}",
         )
     console.print(table)
+    first = next(iter(results.values()))
     console.print(
-        "(import time of agentopd.replay, not included above: "
-        f"{next(iter(results.values()))['first_page']['import_s']:.2f} s)"
+        "import time, not included above: agentopd.replay.store "
+        f"{first['first_page']['import_s']:.2f} s, with textual {first['tui']['import_s']:.2f} s; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
