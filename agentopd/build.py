@@ -123,6 +123,8 @@ def make_teacher(cfg: Any, tokenizer: Any, device: torch.device) -> Teacher:
     t_cfg = OmegaConf.to_object(cfg.teacher_cfg)
     try:
         teacher = factory(name, tokenizer=tokenizer, config=t_cfg, device=device)
+    except ConfigError:
+        raise
     except TokenizerMismatchError as e:
         raise ConfigError(f"teacher={name}: {e}") from None
     except BackendUnavailableError as e:

@@ -138,6 +138,39 @@ class VLLMEngine:
         )
         self.llm.reset_prefix_cache()
 
+    def prompt_logprobs(
+        self, sequences: list[list[int]], k: int = 0
+    ) -> list[list[dict[int, tuple[float, int]] | None]]:
+        """Prefill scoring of fixed token ids (no sampling that matters: one token, greedy).
+
+        Returns, per sequence, one entry per token: None for token 0, else
+        ``{token_id: (logprob, rank)}`` with the top-``k`` ids and the actual token, under the
+        model's own (temperature 1) distribution after the preceding tokens.
+        """
+        from vllm.inputs import TokensPrompt
+
+        for seq in sequences:
+            if len(seq) + 1 > self.max_model_len:
+                raise ValueError(
+                    f"a sequence of {len(seq)} tokens does not fit max_model_len="
+                    f"{self.max_model_len} (plus the one generated token)"
+                )
+        params = self._vllm.SamplingParams(
+            max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False
+        )
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False
+        )
+        return [
+            [
+                None
+                if row is None
+                else {int(t): (float(v.logprob), int(v.rank)) for t, v in row.items()}
+                for row in out.prompt_logprobs
+            ]
+            for out in outputs
+        ]
+
     # ------------------------------------------------------------------------------------------
     def _sampling_params(self, params: SamplingParams, max_tokens: int, index: int) -> Any:
         greedy = params.temperature <= 0
@@ -179,16 +212,25 @@ def available() -> str | None:
     return None
 
 
+MAX_BATCH = 256
+"""Sequences vLLM runs at once under ``engine=vllm``: at least every active episode of a step."""
+
+
 def build(model: Any, *, renderer: Any, workdir: Any) -> VLLMEngine:
     """The ``vllm`` :class:`~agentopd.engines.EngineFactory`.
 
-    Saves the student once into ``workdir / "vllm-model"`` to start the engine, then receives
-    every update in place through :meth:`VLLMEngine.load_weights`.
+    Saves the student once into ``workdir / "vllm-model"`` (float32, so its logprobs match the
+    learner's) to start the engine, then receives every update in place through
+    :meth:`VLLMEngine.load_weights`. ``max_model_len`` is the model's own context length;
+    prefix caching is on and up to :data:`MAX_BATCH` episodes decode in one batch. vLLM's INFO
+    logging is turned down to warnings unless ``VLLM_LOGGING_LEVEL`` is set.
     """
     why = available()
     if why is not None:
         raise ImportError(why)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     path = Path(workdir) / "vllm-model"
     model.save_pretrained(path)
     renderer.tokenizer.save_pretrained(path)
-    return VLLMEngine(path, renderer.eot_id)
+    max_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    return VLLMEngine(path, renderer.eot_id, max_model_len=max_len, max_batch_size=MAX_BATCH)

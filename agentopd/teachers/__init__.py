@@ -11,7 +11,9 @@ Backends are registered in ``agentopd.registry.teachers`` (entry-point group
 ``agentopd.teachers``) and chosen with ``teacher_backend=<name>``:
 
 - ``hf``: in-process transformers (:mod:`agentopd.teachers.hf`).
-- ``vllm``, ``server``: not available yet in this version; they say so at compose time.
+- ``vllm``: in-process vLLM ``prompt_logprobs`` (:mod:`agentopd.teachers.vllm`).
+- ``server``: HTTP prefill scoring on a vLLM OpenAI-compatible server
+  (:mod:`agentopd.teachers.server`; ``teacher_cfg.server.*``).
 
 A backend entry point is a :class:`TeacherFactory`.
 
@@ -36,6 +38,7 @@ from agentopd.types import Episode, TeacherScores
 
 __all__ = [
     "BackendUnavailableError",
+    "ServerConfig",
     "Teacher",
     "TeacherConfig",
     "TeacherFactory",
@@ -123,25 +126,3 @@ def check_tokenizers(student: Any, teacher: Any) -> None:
         f"{only_t}, different ids for {moved}; eos {student.eos_token!r} vs {teacher.eos_token!r}. "
         "Pick a teacher from the same model family (same tokenizer)."
     )
-
-
-def unavailable(backend: str, why: str) -> TeacherFactory:
-    """A registered factory that refuses with ``why`` (backends not delivered in this build)."""
-
-    def factory(name: str, **_: Any) -> Teacher:
-        raise BackendUnavailableError(f"teacher backend {backend!r} is not available: {why}")
-
-    factory.unavailable = why  # type: ignore[attr-defined]
-    return factory
-
-
-vllm_factory = unavailable(
-    "vllm",
-    "in-process vLLM prompt_logprobs scoring is not implemented in this version; "
-    "use teacher_backend=hf",
-)
-server_factory = unavailable(
-    "server",
-    "HTTP prefill scoring against a vLLM/OpenAI-compatible server is not implemented in this "
-    "version; use teacher_backend=hf",
-)
