@@ -295,6 +295,34 @@ def test_diff_of_two_runs_in_chromium(
     assert (snapshot(runs.a), snapshot(runs.b)) == before
 
 
+@pytest.mark.chromium
+def test_served_viewer_in_chromium(runs: Runs):
+    require_chromium()
+    from replay_chromium import Chromium
+
+    from agentopd.replay.html import make_server
+
+    store = EpisodeStore(runs.b)
+    server = make_server(store, Decoder(find_tokenizer(runs.b)), port=0, page_size=3)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with Chromium() as c:
+            c.call("Page.navigate", url=f"http://127.0.0.1:{server.server_address[1]}/")
+            c.js(
+                "new Promise(r => { const t = setInterval(() => { if (document.querySelector('#view .turn')) { clearInterval(t); r(1); } }, 50); })"
+            )
+            assert c.js("document.querySelectorAll('#list tr.row').length") == 3
+            assert "page 1/3" in c.js("document.getElementById('count').innerText")
+            c.js("document.getElementById('next').click()")
+            c.js("new Promise(r => setTimeout(r, 500))")
+            keys = c.js("[...document.querySelectorAll('#list tr.row')].map(r => r.dataset.key)")
+            assert keys == ["0-3", "1-0", "1-1"]
+            assert c.js("document.querySelectorAll('#view .tok.m1').length") > 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_serve_pages_and_episodes(runs: Runs):
     from agentopd.replay.html import make_server
 

@@ -12,6 +12,7 @@
   let episodes = DATA.episodes || {}; // id -> episode (static mode: all of this page)
   let rows = DATA.rows || []; // list rows (single run) or pairs (diff)
   let selected = null;
+  let served = { page: 0, pages: 1, matching: 0, total: 0 }; // the current page, when served
 
   function shade(d) {
     if (d === null || d === undefined) return "";
@@ -36,8 +37,9 @@
     out.innerHTML = DATA.diff
       ? '<option value="">outcome: all</option><option value="both">solved by both</option><option value="a">solved by A only</option><option value="b">solved by B only</option><option value="neither">solved by neither</option>'
       : '<option value="">outcome: all</option><option value="solved">solved</option><option value="failed">failed</option>';
-    for (const id of ["#f-step", "#f-env", "#f-stop", "#f-err", "#f-out"]) $(id).addEventListener("change", refresh);
-    $("#f-text").addEventListener("input", refresh);
+    const again = () => { served.page = 0; refresh(); };
+    for (const id of ["#f-step", "#f-env", "#f-stop", "#f-err", "#f-out"]) $(id).addEventListener("change", again);
+    $("#f-text").addEventListener("input", again);
   }
   function query() {
     return { step: $("#f-step").value, env: $("#f-env").value, stop: $("#f-stop").value, err: $("#f-err").value, out: $("#f-out").value, text: $("#f-text").value.trim().toLowerCase() };
@@ -85,7 +87,6 @@
   }
 
   // ------------------------------------------------------------------ list
-  let served = { page: 0, pages: 1, matching: 0, total: 0 };
   async function refresh() {
     const q = query();
     let shown;
