@@ -80,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from agentopd.trainer import train
 
     cfg = compose("train", args.overrides)
-    result = train(cfg, console)
+    result = train(cfg, console, overrides=args.overrides)
     console.print_json(json.dumps(result))
     return 0
 

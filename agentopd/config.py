@@ -78,7 +78,12 @@ class TrainConfig:
     curriculum_kwargs: dict[str, Any] = knob(factory=dict, help="curriculum constructor kwargs")
     run_name: str | None = knob(None, "run directory name (default: <env>-<loss>-s<seed>)")
     runs_dir: str = knob("runs", "where run directories are created")
-    resume: bool = knob(False, "continue the run named run_name from its last checkpoint")
+    resume: bool = knob(
+        False, "continue run_name (or the newest <env>-<loss>-s<seed> run) from its checkpoint"
+    )
+    resume_override: bool = knob(
+        False, "with resume: accept options that differ from the saved config (recorded)"
+    )
     seed: int = knob(0, "seed of everything", ge=0)
     steps: int = knob(30, "OPD steps", ge=0)
     episodes_per_step: int = knob(16, "episodes per OPD step", ge=1)

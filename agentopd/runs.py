@@ -92,6 +92,15 @@ class RunDir:
 
         write_step(self.path, step, episodes)
 
+    def remove_partial_checkpoints(self) -> list[Path]:
+        """Remove ``.step_*`` temporary directories a kill left mid-save; returns them."""
+        removed = []
+        if self.checkpoints.is_dir():
+            for tmp in self.checkpoints.glob(".step_*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+        return removed
+
     def log_sizes(self) -> dict[str, int]:
         return {n: (self.file(n).stat().st_size if self.file(n).exists() else 0) for n in LOGS}
 

@@ -15,8 +15,12 @@ demonstrations instead (GKD-style mixing). ``resume=true`` continues from the la
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 import random
+import re
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,6 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agentopd.build import build_train, load_model, make_engine, rollout_config, teacher_name
+from agentopd.config import ConfigError
 from agentopd.learner import Learner
 from agentopd.metrics import episode_summary, evaluate
 from agentopd.rollout import EpisodeJob, expert_episodes, run_episodes
@@ -58,13 +63,64 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _new_run_name(cfg: DictConfig) -> str:
     base = cfg.run_name or f"{cfg.env}-{cfg.loss}-s{cfg.seed}"
-    if cfg.resume:
-        return base
     root = Path(cfg.runs_dir)
     name, i = base, 2
     while (root / name).exists() and any((root / name).iterdir()):
         name, i = f"{base}-{i}", i + 1
     return name
+
+
+def _resume_target(cfg: DictConfig, console: Console) -> str:
+    """The run ``resume=true`` continues: ``run_name``, or the newest ``<env>-<loss>-s<seed>[-N]``.
+
+    Raises:
+        ConfigError: No such run (the message names the runs that exist).
+    """
+    root = Path(cfg.runs_dir)
+    existing = sorted(p.name for p in root.glob("*") if (p / "config.yaml").is_file())
+    if cfg.run_name:
+        if cfg.run_name in existing:
+            return cfg.run_name
+        near = difflib.get_close_matches(cfg.run_name, existing, n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(
+            f"resume=true: no run {cfg.run_name!r} in {root}.{hint} "
+            f"Runs there: {', '.join(existing) or '(none)'}."
+        )
+    base = f"{cfg.env}-{cfg.loss}-s{cfg.seed}"
+    pattern = re.compile(re.escape(base) + r"(-\d+)?")
+    matching = [n for n in existing if pattern.fullmatch(n)]
+    if not matching:
+        raise ConfigError(
+            f"resume=true without run_name: no run named {base}[-N] in {root}. "
+            f"Runs there: {', '.join(existing) or '(none)'}. Pass run_name=..."
+        )
+    newest = max(matching, key=lambda n: (root / n / "config.yaml").stat().st_mtime)
+    console.print(f"[yellow]resume[/]: continuing the most recent matching run {newest!r}")
+    return newest
+
+
+_NOT_COMPARED = ("resume", "resume_override", "run_name")
+
+
+def _config_diff(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(new)):
+        if not prefix and key in _NOT_COMPARED:
+            continue
+        a, b = saved.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_config_diff(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _kill_point(where: str) -> None:
+    """Crash-test hook: ``AGENTOPD_KILL_AT=<where>`` SIGKILLs the process at that point
+    (``cold_start:3``, ``train:2``, ``eval:after cold start``, ``checkpoint:1``)."""
+    if os.environ.get("AGENTOPD_KILL_AT") == where:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -73,13 +129,20 @@ class Trainer:
 
     cfg: DictConfig
     console: Console = field(default_factory=Console)
+    overrides: list[str] | None = None
+    """The command line's ``key=value`` items; with ``resume=true`` only these may change the
+    saved config (None: compare the whole config)."""
     _teacher_engine: Any = None
+    _config_changes: list[str] = field(default_factory=list)
     _demos: list[Episode] | None = None
 
     def setup(self) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own progress bars; no per-save shard bars
+        name = _resume_target(self.cfg, self.console) if self.cfg.resume else None
+        if name is not None:
+            self.cfg = self._resumed_config(Path(self.cfg.runs_dir) / name)
         cfg = self.cfg
         _seed_everything(cfg.seed)
         # Build (and so validate) everything before the run directory exists.
@@ -89,7 +152,13 @@ class Trainer:
         self.renderer, self.engine = parts.renderer, parts.engine
         self.teacher, self.learner, self.curriculum = parts.teacher, parts.learner, parts.curriculum
         self._demos = parts.demos
-        self.run_dir = RunDir(cfg.runs_dir, _new_run_name(cfg))
+        self.run_dir = RunDir(cfg.runs_dir, name or _new_run_name(cfg))
+        if self._config_changes:
+            self.run_dir.append_jsonl(
+                "config_changes.jsonl",
+                [json.dumps({"time": time.time(), "changes": self._config_changes})],
+            )
+        self.run_dir.remove_partial_checkpoints()
         self.run_dir.write_config(OmegaConf.to_yaml(cfg))
         atomic_write_text(
             self.run_dir.path / "choices.json", json.dumps(parts.choices, indent=2) + "\n"
@@ -107,6 +176,41 @@ class Trainer:
         resumed = self.run_dir.latest_checkpoint() if cfg.resume else None
         if resumed is not None:
             self._load(*resumed)
+        elif cfg.resume:
+            # Killed before the first checkpoint (cold start included): start over, cleanly.
+            self.run_dir.truncate_logs({})
+            self.console.print("[yellow]resume[/]: no checkpoint yet; starting the run over")
+
+    def _resumed_config(self, path: Path) -> DictConfig:
+        """The saved config of the run at ``path`` with this command's overrides applied.
+
+        Raises:
+            ConfigError: The overrides change the saved config and ``resume_override`` is off.
+        """
+        from agentopd.config import compose, validate
+
+        saved = OmegaConf.load(path / "config.yaml")
+        if self.overrides is None:
+            effective = self.cfg
+        else:
+            base = compose("train", [f"env={saved.env}", f"loss={saved.loss}"])
+            effective = OmegaConf.merge(base, saved)
+            if self.overrides:
+                effective = OmegaConf.merge(effective, OmegaConf.from_dotlist(self.overrides))
+            effective.run_name = path.name
+            validate(effective)
+        diff = _config_diff(OmegaConf.to_container(saved), OmegaConf.to_container(effective))  # type: ignore[arg-type]
+        if diff and not effective.resume_override:
+            raise ConfigError(
+                f"resume=true with options that differ from {path / 'config.yaml'}:\n  "
+                + "\n  ".join(diff)
+                + "\nDrop them, or pass resume_override=true to continue with the new ones "
+                "(the change is recorded in config_changes.jsonl)."
+            )
+        if diff:
+            self.console.print("[yellow]resume_override[/]: " + "; ".join(diff))
+        self._config_changes = diff
+        return effective
 
     # ---------------------------------------------------------------------- checkpoints
     def _save(self, step: int) -> None:
@@ -167,6 +271,7 @@ class Trainer:
                 **{f"eval/{k}": v for k, v in report.items()},
             }
         )
+        _kill_point(f"eval:{tag}")
         self.console.print(
             f"[bold]{tag}[/]: held-out success {report['success']:.1%} ({report['tasks']} tasks, mean turns {report['mean_turns']:.2f})"
         )
@@ -230,6 +335,7 @@ class Trainer:
                 batch = rng.sample(demos, min(cs.batch_size, len(demos)))
                 m = sft.step_sft(batch)
                 self.log({"phase": "cold_start", "step": i, **m})
+                _kill_point(f"cold_start:{i}")
                 progress.update(task, advance=1, info=f"nll {m.get('learner/loss', 0):.3f}")
         del sft
         self.cold_start_done = True
@@ -333,12 +439,14 @@ class Trainer:
                     break
                 row = self.train_step(step)
                 self.log(row)
+                _kill_point(f"train:{step}")
                 info = f"success {row.get('rollout/success', float('nan')):.2f}  kl {row.get('diag/sampled_kl', float('nan')):.3f}"
                 progress.update(task, advance=1, info=info)
                 if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < cfg.steps:
                     self.evaluate(f"step {step + 1}", step)
                 if (step + 1) % max(1, cfg.checkpoint_every) == 0 or step + 1 == cfg.steps:
                     self._save(step)
+                    _kill_point(f"checkpoint:{step}")
         if cfg.eval.after and cfg.eval.episodes > 0:
             result["success_after"] = self.evaluate("after training", step=cfg.steps)
         if "success_before" in result and "success_after" in result:
@@ -348,6 +456,9 @@ class Trainer:
         return result
 
 
-def train(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
-    """Run ``agentopd train`` with a composed config."""
-    return Trainer(cfg, console or Console()).run()
+def train(
+    cfg: DictConfig, console: Console | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Run ``agentopd train`` with a composed config (``overrides``: the command line's items,
+    which with ``resume=true`` are the only changes allowed to the saved config)."""
+    return Trainer(cfg, console or Console(), overrides).run()
