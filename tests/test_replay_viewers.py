@@ -361,6 +361,7 @@ def test_plot_two_runs(runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture
 def test_export_jsonl_roundtrip(runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     from agentopd.types import Episode
 
+    before = snapshot(runs.b)
     out = tmp_path / "b.jsonl"
     rc, _, err = cli(capsys, "export", str(runs.b), "--jsonl", str(out))
     assert rc == 0, err
@@ -378,11 +379,13 @@ def test_export_jsonl_roundtrip(runs: Runs, tmp_path: Path, capsys: pytest.Captu
     old = EpisodeStore(legacy)
     assert [r.id for r in old.rows()] == [r.id for r in store.rows()]
     assert old.episode("1-1").to_json() == store.episode("1-1").to_json()
+    assert snapshot(runs.b) == before
 
 
 def test_export_inspect_read_back(runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     from inspect_ai.log import read_eval_log
 
+    before = snapshot(runs.b)
     out = tmp_path / "b.eval"
     rc, _, err = cli(capsys, "export", str(runs.b), "--inspect", str(out))
     assert rc == 0, err
@@ -404,6 +407,7 @@ def test_export_inspect_read_back(runs: Runs, tmp_path: Path, capsys: pytest.Cap
         assert [m.text for m in tools] == [r.content for t in ep.turns for r in t.tool_results]
         ids = {c.id for m in assistant for c in (m.tool_calls or [])}
         assert all(m.tool_call_id in ids for m in tools if m.function != "error")
+    assert snapshot(runs.b) == before
 
 
 # ----------------------------------------------------------------------------------- eval

@@ -14,6 +14,7 @@ import importlib.resources
 import json
 import threading
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -73,12 +74,22 @@ def episode_payload(view: EpisodeView, vocab: dict[int, str], decode: Decoder) -
     }
 
 
-def _facets(rows: list[IndexRow]) -> dict[str, list[Any]]:
-    errors = sorted({k for r in rows for k, v in r.tool_errors.items() if v})
+def _facets(rows: Iterable[IndexRow]) -> dict[str, list[Any]]:
+    """The values each filter drop-down offers."""
+    steps: set[int] = set()
+    envs: set[str] = set()
+    stops: set[str] = set()
+    kinds: set[str] = set()
+    for r in rows:
+        steps.add(r.step)
+        envs.add(r.env)
+        stops.add(r.stop_reason)
+        kinds.update(k for k, v in r.tool_errors.items() if v)
+    errors = sorted(kinds)
     return {
-        "steps": sorted({r.step for r in rows}),
-        "envs": sorted({r.env for r in rows}),
-        "stops": sorted({r.stop_reason for r in rows}),
+        "steps": sorted(steps),
+        "envs": sorted(envs),
+        "stops": sorted(stops),
         "errors": (["any"] if errors else []) + errors,
     }
 
@@ -261,8 +272,7 @@ def make_server(
     first = store.page(0, page_size, flt)
     shell = page_data(store, first, decode, with_episodes=False)
     shell.update(served=True, rows=[], pageNote="served: pages load on demand")
-    facets_rows = list(store.rows(0, 5000))
-    shell["facets"] = _facets(facets_rows)
+    shell["facets"] = _facets(store.rows())  # one streaming pass over the index
     index_html = _document(f"agentopd replay · {store.path.name}", shell).encode()
 
     class Handler(BaseHTTPRequestHandler):
