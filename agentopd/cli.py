@@ -141,6 +141,15 @@ def _warn_identical_samples(cfg: Any) -> None:
         )
 
 
+def _runs_root_of(model: str) -> Path:
+    """Where an eval run goes: beside the run directory ``model`` lies in, else ``runs/``."""
+    path = Path(model).expanduser()
+    for d in [path, *list(path.parents)[:3]]:
+        if d.is_dir() and (d / "config.yaml").is_file():
+            return d.parent
+    return Path("runs")
+
+
 def _write_eval_run(cfg: Any, report: dict[str, Any], episodes: list[Any]) -> Any:
     """An eval run directory of its own: config, the report as a metrics row, the episodes."""
     import re
@@ -149,7 +158,7 @@ def _write_eval_run(cfg: Any, report: dict[str, Any], episodes: list[Any]) -> An
 
     from agentopd.runs import RunDir
 
-    root = Path(cfg.get("runs_dir", None) or "runs")
+    root = Path(cfg.get("runs_dir", None) or _runs_root_of(str(cfg.model)))
     name = cfg.get("run_name", None)
     if not name:
         model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(cfg.model)).name) or "model"

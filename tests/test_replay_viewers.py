@@ -417,7 +417,7 @@ def test_eval_writes_its_own_run_and_reproduces_training(
     monkeypatch.chdir(tmp_path)
     rc, out, err = cli(capsys, "eval", "env=lookup-chain", f"model={runs.a}", "episodes=4")
     assert rc == 0, err
-    eval_dir = tmp_path / "runs" / "eval-lookup-chain-a-s0"
+    eval_dir = runs.a.parent / "eval-lookup-chain-a-s0"  # beside the run it evaluated
     store = EpisodeStore(eval_dir)
     assert len(store) == 4 and [r.seed for r in store.rows()] == [10_000 + i for i in range(4)]
     mine = [json.loads(x) for x in (eval_dir / "metrics.jsonl").read_text().splitlines()]
@@ -436,7 +436,12 @@ def test_eval_writes_its_own_run_and_reproduces_training(
         capsys, "eval", "env=lookup-chain", f"model={runs.a}", "episodes=1", "samples=2"
     )
     assert rc == 0 and "pass@k equals pass@1" in err
-    assert (tmp_path / "runs" / "eval-lookup-chain-a-s0-2" / "episodes" / "index.jsonl").is_file()
+    assert (runs.a.parent / "eval-lookup-chain-a-s0-2" / "episodes" / "index.jsonl").is_file()
+    # a zoo model has no run directory: the eval run goes to runs/ under the working directory
+    from agentopd.cli import _runs_root_of
+
+    assert _runs_root_of("tiny-teacher-lookup-chain") == Path("runs")
+    assert _runs_root_of(str(runs.a / "checkpoints" / "step_000001" / "model")) == runs.a.parent
 
 
 def test_filters_match_the_index(runs: Runs):
