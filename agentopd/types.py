@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
@@ -393,6 +394,22 @@ def _scalar(x: Any) -> Any:
         return f"<unprintable {type(x).__name__}>"
 
 
+_MAX_PLAIN_INT = 1 << _MAX_INT_BITS
+_MAX_FLOAT = sys.float_info.max
+
+
+def _plain_numbers(x: list[Any] | tuple[Any, ...]) -> bool:
+    """Whether every item is an ``int`` JSON can write or a finite ``float`` (no copy needed)."""
+    for v in x:
+        t = type(v)
+        if t is int:
+            if not -_MAX_PLAIN_INT < v < _MAX_PLAIN_INT:
+                return False
+        elif t is not float or not -_MAX_FLOAT <= v <= _MAX_FLOAT:
+            return False
+    return True
+
+
 def _key(k: Any) -> str:
     return k if isinstance(k, str) else str(_scalar(k))
 
@@ -404,7 +421,7 @@ def _encode(x: Any, depth: int) -> Any:
         encoded = {_key(k): _encode(v, depth + 1) for k, v in x.items()}
         return {_DICT_KEY: encoded} if _is_marker(encoded) else encoded
     if isinstance(x, list | tuple):
-        if all(type(v) is int for v in x):  # token ids: the common case, kept fast
+        if _plain_numbers(x):  # token ids, logprobs, masks: the common case, kept fast
             return x if isinstance(x, list) else list(x)
         if depth >= MAX_NESTING:
             return {_DEEP_KEY: _flatten(x)}
@@ -470,7 +487,7 @@ def _decode(x: Any) -> Any:
             return {k: _decode(v) for k, v in value.items()}
         return {k: _decode(v) for k, v in x.items()}
     if isinstance(x, list):
-        if all(type(v) is int for v in x):
+        if _plain_numbers(x):
             return x
         return [_decode(v) for v in x]
     return x
