@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from agentopd import registry, zoo
+from agentopd import lora, registry, zoo
 from agentopd.config import ConfigError, resolve_model
 from agentopd.engines import Engine
 from agentopd.learner import Learner
@@ -145,6 +145,10 @@ def build_train(cfg: DictConfig, workdir: Path | None = None) -> Parts:
     device = resolve_device(cfg.device, cfg.cpu_threads)
     check_env(cfg)
     student, tokenizer = load_model(student_name(cfg), "student", cfg.seed)
+    try:
+        lora.apply(student, OmegaConf.to_object(cfg.lora))
+    except ImportError as e:
+        raise ConfigError(str(e)) from None
     student.to(device)
     renderer = Renderer(tokenizer, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch)
     teacher = make_teacher(cfg, tokenizer, device)

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from agentopd.learner import LearnerConfig
+from agentopd.lora import LoraConfig
 from agentopd.losses import LossConfig
 from agentopd.rollout import RolloutConfig
 from agentopd.schema import ConfigError, check, check_value, describe_range, knob
@@ -104,6 +105,7 @@ class TrainConfig:
     teacher_cfg: TeacherConfig = knob(factory=TeacherConfig, help="teacher scoring")
     loss_cfg: LossConfig = knob(factory=LossConfig, help="the chosen loss's settings")
     optim: LearnerConfig = knob(factory=LearnerConfig, help="OPD optimizer")
+    lora: LoraConfig = knob(factory=LoraConfig, help="LoRA adapters (peft); r=0: full model")
     cold_start: ColdStartConfig = knob(factory=ColdStartConfig, help="cold start")
     eval: EvalConfig = knob(factory=EvalConfig, help="held-out evaluation")
 
@@ -434,7 +436,7 @@ def help_text(command: str) -> str:
                 walk(sub, key + ".")
                 continue
             default = OmegaConf.select(composed, key)
-            if isinstance(default, DictConfig):
+            if isinstance(default, DictConfig | ListConfig):
                 default = OmegaConf.to_container(default)
             rng = describe_range(dict(f.metadata))
             rng = f"; {rng}" if rng else ""

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from agentopd import lora
 from agentopd.build import build_train, load_model, make_engine, rollout_config, teacher_name
 from agentopd.config import ConfigError
 from agentopd.learner import Learner
@@ -215,8 +216,7 @@ class Trainer:
     # ---------------------------------------------------------------------- checkpoints
     def _save(self, step: int) -> None:
         def payload(d: Path) -> None:
-            self.student.save_pretrained(d / "model")
-            self.tokenizer.save_pretrained(d / "model")
+            lora.save_pretrained(self.student, self.tokenizer, d / "model")
             torch.save(
                 {"learner": self.learner.state_dict(), "rng": _rng_state()}, d / "trainer.pt"
             )
@@ -231,8 +231,11 @@ class Trainer:
     def _load(self, path: Path, state: dict[str, Any]) -> None:
         from transformers import AutoModelForCausalLM
 
-        loaded = AutoModelForCausalLM.from_pretrained(path / "model")
-        self.student.load_state_dict(loaded.state_dict())
+        if lora.is_lora(self.student):
+            lora.load_adapter(self.student, path / "adapter")
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(path / "model")
+            self.student.load_state_dict(loaded.state_dict())
         blob = torch.load(path / "trainer.pt", weights_only=False)
         self.learner.load_state_dict(blob["learner"])
         _set_rng_state(blob["rng"])
@@ -377,7 +380,7 @@ class Trainer:
         self.teacher.score(episodes)
         t2 = time.perf_counter()
         row.update(self.learner.step(episodes))
-        self.engine.load_weights(self.student.state_dict())
+        self.engine.load_weights(lora.engine_weights(self.student))
         t3 = time.perf_counter()
         sampled = sum(e.num_sampled_tokens for e in episodes)
         scored = sum(len(s.tokens) for e in episodes for s in e.segments)
@@ -419,8 +422,7 @@ class Trainer:
         if not self.cold_start_done and cfg.cold_start.steps > 0:
             self.cold_start()
             # Keep the cold-started student: baselines (SFT-only, other losses) start from it.
-            self.student.save_pretrained(self.run_dir.path / "cold_start_model")
-            self.tokenizer.save_pretrained(self.run_dir.path / "cold_start_model")
+            lora.save_pretrained(self.student, self.tokenizer, self.run_dir.path / "cold_start_model")
             if cfg.eval.episodes > 0:
                 result["success_after_cold_start"] = self.evaluate("after cold start", step=-1)
         with self._progress() as progress:

@@ -53,7 +53,9 @@ def teacher_prompt(renderer: Renderer, config: Any, episode: Episode) -> list[in
         return None
     n = episode.n_prompt_messages
     if n <= 0:
-        raise ValueError("episode has no n_prompt_messages; it was not produced by agentopd.rollout")
+        raise ValueError(
+            "episode has no n_prompt_messages; it was not produced by agentopd.rollout"
+        )
     msgs = [Message(**vars(m)) for m in episode.messages[:n]]
     system = config.system_prompt
     if msgs and msgs[0].role == "system":
