@@ -221,6 +221,17 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose key list (``keys_for``) is generated only when help is shown."""
+
+    keys_for: str | None = None
+
+    def format_help(self) -> str:
+        if self.keys_for is not None:
+            self.epilog = _keys_help(self.keys_for)
+        return super().format_help()
+
+
 def _keys_help(command: str) -> str:
     from agentopd.config import help_text
 
@@ -237,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="On-policy distillation of LLM agents in multi-turn tool-use environments.",
         epilog="Examples: agentopd train env=lookup-chain steps=20 | agentopd check-env sql | agentopd envs",
     )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     s = sub.add_parser("envs", help="list registered environments")
@@ -259,9 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=text,
             description=f"{text}. Options are key=value overrides of these keys:",
-            epilog=_keys_help(name),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
+        s.keys_for = name
         s.add_argument("overrides", nargs="*", metavar="key=value")
         s.set_defaults(func=fn)
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import agentopd
 
+from agentopd.replay.store import EpisodeStore
+
 FAST = [
     "env=lookup-chain",
     "env_kwargs.hops=1",
@@ -45,7 +47,7 @@ def test_check_env_ok_and_typo():
     ("override", "expected"),
     [
         ("stpes=3", "Did you mean 'steps'?"),
-        ("steps=abc", "expected int"),
+        ("steps=abc", "expected an integer"),
         ("env=lookup-chian", "Did you mean 'lookup-chain'?"),
         ("loss=rkl-topc", "Did you mean 'rkl-topk'?"),
         ("optim.schedule=cosin", "Did you mean 'cosine'?"),
@@ -84,12 +86,10 @@ def test_train_two_steps_writes_run_dir(tmp_path):
         "throughput/rollout_tok_s",
     ):
         assert key in rows[0], key
-    episodes = [json.loads(x) for x in (run / "episodes.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in episodes] == [0, 0, 1, 1]
+    stored = list(EpisodeStore(run).iter_episodes())
+    assert [row.step for row, _ in stored] == [0, 0, 1, 1]
     assert all(
-        e["teacher"] and len(e["teacher"][0]["topk_ids"][0]) == 16
-        for e in episodes
-        if e["segments"][0]["mask"].count(1)
+        e.teacher and e.teacher[0].k == 16 for _, e in stored if e.segments[0].mask.count(1)
     )
     latest = json.loads((run / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == 1
@@ -140,7 +140,7 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed" in r.stdout
     assert [row["step"] for row in _train_rows(run)] == [0, 1, 2, 3, 4]
-    steps = [json.loads(x)["step"] for x in (run / "episodes.jsonl").read_text().splitlines()]
+    steps = [row.step for row, _ in EpisodeStore(run).iter_episodes()]
     assert steps == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
 
 
@@ -210,4 +210,4 @@ def test_gkd_lambda_zero_uses_demonstrations_and_temperature_schedule(tmp_path):
     assert rows[1]["teacher_tokens"] > rows[0]["teacher_tokens"] > 0
     assert rows[0]["demo/success"] == 1.0 and rows[0]["learner/loss"] > 0
     # Demonstration steps write no on-policy episodes.
-    assert not (tmp_path / "gkd" / "episodes.jsonl").exists()
+    assert not (tmp_path / "gkd" / "episodes").exists()
