@@ -241,3 +241,222 @@ def _host_cmdlines() -> list[str]:
             except OSError:
                 pass
     return out
+
+
+# ------------------------------------------------------------------ worker protocol (issue 14)
+FORGE_ALL_FDS = (
+    "import os, json, struct\n"
+    "frame = json.dumps({'exception': None, 'timed_out': False, 'stdout': '111', 'id': 99}).encode()\n"
+    "for fd in range(3, 256):\n"
+    "    try:\n"
+    "        os.write(fd, struct.pack('>I', len(frame)) + frame)\n"
+    "    except OSError:\n"
+    "        pass\n"
+    "print(111)\n"
+)
+FORGE_THROUGH_FRAMES = (
+    "import sys, os, json, struct\n"
+    "f, found = sys._getframe(), 0\n"
+    "while f is not None:\n"
+    "    for name, v in list(f.f_locals.items()):\n"
+    "        if isinstance(v, int) and not isinstance(v, bool) and 2 < v < 256 and 'fd' in name:\n"
+    "            for obj in ({'exception': None, 'timed_out': False}, {'exception': 5, 'timed_out': 'x'}):\n"
+    "                frame = json.dumps(obj).encode()\n"
+    "                try:\n"
+    "                    os.write(v, struct.pack('>I', len(frame)) + frame); found += 1\n"
+    "                except OSError:\n"
+    "                    pass\n"
+    "    f = f.f_back\n"
+    "import time; time.sleep(0.2)\n"
+    "print('forged', found)\n"
+)
+GARBAGE_ALL_FDS = (
+    "import os\n"
+    "for fd in range(0, 256):\n"
+    "    try:\n"
+    "        os.write(fd, os.urandom(64) + b'\\x00\\x00\\x00\\x02{}')\n"
+    "    except OSError:\n"
+    "        pass\n"
+)
+CLOSE_ALL_FDS = "import os\nos.closerange(0, 1024)\n"
+REPLACE_FDS = (
+    "import os\n"
+    "r, w = os.pipe()\n"
+    "for fd in range(0, 64):\n"
+    "    try:\n"
+    "        os.dup2(r if fd % 2 else w, fd)\n"
+    "    except OSError:\n"
+    "        pass\n"
+)
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [FORGE_ALL_FDS, FORGE_THROUGH_FRAMES, GARBAGE_ALL_FDS, CLOSE_ALL_FDS, REPLACE_FDS],
+    ids=["forged-frames-all-fds", "forged-frames-via-getframe", "garbage-fds", "closed-fds",
+         "replaced-fds"],
+)  # fmt: skip
+def test_protocol_attacks_never_shift_a_later_result(box: Sandbox, attack: str) -> None:
+    box.run("x = 7")
+    r = timed(box, attack)  # what this call returns is the attack's own business
+    for i in (222, 333, 444):
+        assert box.run(f"print({i})").stdout == f"{i}\n"
+    assert "protocol error" not in r.to_text()
+    if r.restarted:  # the executor could not be trusted: said so, variables gone
+        assert "lost" in r.to_text()
+        assert "NameError" in (box.run("print(x)").exception or "")
+
+
+def test_threads_alive_after_a_call_are_stopped(box: Sandbox) -> None:
+    code = (
+        "import threading\n"
+        "def spin():\n"
+        "    while True:\n"
+        "        pass\n"
+        "for _ in range(20):\n"
+        "    threading.Thread(target=spin, daemon=True).start()\n"
+        "print('started')\n"
+    )
+    r = box.run(code, timeout_s=30)  # threads fighting for the GIL take a while to start
+    assert "started" in r.stdout and "20 thread(s)" in r.to_text() and "lost" in r.to_text()
+    assert box.run("import threading\nprint(threading.active_count())").stdout == "1\n"
+    t0 = time.monotonic()
+    outs = [box.run(f"print({i})").stdout for i in range(10)]
+    assert outs == [f"{i}\n" for i in range(10)]
+    assert time.monotonic() - t0 < 2.0, "later calls are slow: something is still spinning"
+
+
+def test_cpu_is_limited(box: Sandbox) -> None:
+    box.limits = Limits(memory_mb=256, pids=32, cpus=0.5)  # read at the next start
+    box.stop()
+    box.start()
+    code = (
+        "import time, threading\n"
+        "def spin():\n"
+        "    t0 = time.time()\n"
+        "    while time.time() - t0 < 0.8:\n"
+        "        pass\n"
+        "ts = [threading.Thread(target=spin) for _ in range(2)]\n"
+        "c0 = time.process_time()\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "print(round(time.process_time() - c0, 2))\n"
+    )
+    r = timed(box, code)
+    assert r.ok, r.to_text()
+    assert float(r.stdout) < 0.9, f"{r.stdout.strip()} CPU seconds in 0.8 s with cpus=0.5"
+
+
+def test_dev_shm_is_size_capped(box: Sandbox) -> None:
+    code = (
+        "import os\n"
+        "n = 0\n"
+        "try:\n"
+        "    for i in range(32):\n"
+        "        with open(f'/dev/shm/f{i}', 'wb') as f:\n"
+        "            f.write(b'x' * (8 << 20))\n"
+        "        n += 8\n"
+        "except OSError as e:\n"
+        "    print('stopped', type(e).__name__)\n"
+        "print('MB', n)\n"
+    )
+    r = timed(box, code)
+    mb = int(r.stdout.split("MB")[-1])
+    assert mb < 128, f"/dev/shm took {mb} MB: {r.to_text()}"
+
+
+def test_init_cannot_be_ptraced_and_no_spurious_notes(box: Sandbox) -> None:
+    code = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "for pid in {1, os.getppid()}:\n"
+        "    rc = libc.ptrace(16, pid, 0, 0)\n"  # PTRACE_ATTACH
+        "    print('attach', pid, rc, ctypes.get_errno())\n"
+        "    try:\n"
+        "        open(f'/proc/{pid}/mem', 'rb').read(1)\n"
+        "        print('MEM', pid)\n"
+        "    except OSError:\n"
+        "        pass\n"
+    )
+    r = timed(box, code)
+    attached = [
+        line for line in r.stdout.splitlines() if line.startswith("attach") and " 0 " in line
+    ]
+    assert not attached and "MEM" not in r.stdout, r.to_text()
+    for _ in range(3):
+        after = box.run("print(1)")
+        assert after.stdout == "1\n" and after.killed_processes == 0 and not after.detail
+
+
+def test_run_and_task_files_are_not_readable(
+    box: Sandbox, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = tmp_path / "runs" / "r1"
+    runs.mkdir(parents=True)
+    (runs / "episodes.jsonl").write_text(SECRET)
+    (tmp_path / "tasks.jsonl").write_text(SECRET)
+    for p in (tmp_path, tmp_path / "runs", runs, runs / "episodes.jsonl", tmp_path / "tasks.jsonl"):
+        p.chmod(0o755 if p.is_dir() else 0o644)  # readable by anyone, as a run directory is
+    monkeypatch.chdir(tmp_path)  # the trainer runs here (local hides its working directory)
+    box.stop()
+    box.start()
+    code = (
+        "import os\n"
+        f"for p in ({str(runs / 'episodes.jsonl')!r}, {str(tmp_path / 'tasks.jsonl')!r}):\n"
+        "    try:\n"
+        "        print('READ', open(p).read())\n"
+        "    except OSError as e:\n"
+        "        print('denied', type(e).__name__)\n"
+    )
+    r = timed(box, code)
+    if box.name == "local" and not availability("local").details.count("private"):
+        pytest.skip("local without a mount namespace shares the host filesystem (documented)")
+    if box.name == "local" and os.geteuid() != 0:
+        pytest.skip("local as a non-root trainer shares the trainer's uid (documented)")
+    assert SECRET not in r.stdout and r.stdout.count("denied") == 2, r.to_text()
+
+
+def test_tmp_and_work_dir_are_private_to_each_sandbox(box: Sandbox) -> None:
+    if box.name == "local" and "private" not in availability("local").details:
+        pytest.skip("local without a mount namespace shares /tmp (documented)")
+    other = make_sandbox(box.name, limits=Limits(memory_mb=256, pids=32), timeout_s=TIMEOUT_S)
+    try:
+        box.run(
+            "import os\nfor d in ('/tmp', '/dev/shm', os.getcwd()):\n"
+            "    open(os.path.join(d, 'mine-7f3a'), 'w').write('x')\n"
+        )
+        code = (
+            "import os\n"
+            "print([d for d in ('/tmp', '/var/tmp', '/dev/shm', os.getcwd())"
+            " if os.path.isdir(d) and 'mine-7f3a' in os.listdir(d)])\n"
+        )
+        assert other.run(code).stdout == "[]\n"
+        box.stop()  # and nothing persists to the next sandbox
+        assert box.run(code).stdout == "[]\n"
+    finally:
+        other.stop()
+
+
+def test_trainer_argv_is_not_visible(box: Sandbox) -> None:
+    if box.name == "local" and "private" not in availability("local").details:
+        pytest.skip("local without a PID namespace and its own /proc shows host processes")
+    code = (
+        "import os\n"
+        "seen = []\n"
+        "for pid in os.listdir('/proc'):\n"
+        "    if pid.isdigit():\n"
+        "        try:\n"
+        "            seen.append(open(f'/proc/{pid}/cmdline', 'rb').read())\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "print(any(b'pytest' in c for c in seen), len(seen))\n"
+    )
+    r = timed(box, code)
+    assert r.stdout.startswith("False"), r.to_text()
+
+
+def test_truncation_reports_dropped_characters(box: Sandbox) -> None:
+    r = timed(box, "print('é' * 100000)")
+    kept = len(r.stdout.encode())
+    assert r.stdout_dropped == 200_001 - kept
+    assert r.stdout_dropped_chars == 100_001 - len(r.stdout)
+    assert f"{r.stdout_dropped_chars} more characters not shown" in r.to_text()

@@ -42,7 +42,7 @@ from agentopd.tooling import TRUNCATION_MARKER
 WORKER_SOURCE = (Path(__file__).with_name("worker.py")).read_text()
 HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20
-HARD_GRACE_S = 0.7
+HARD_GRACE_S = 0.5
 """The host kills the sandbox this long after the soft timeout (the worker's supervisor kills and
 restarts its executor 0.2 s after it, so this is the backstop for a supervisor that hangs)."""
 PR_SET_PDEATHSIG = 1

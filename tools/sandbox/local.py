@@ -89,6 +89,8 @@ def hidden_paths(extra: list[str] | tuple[str, ...] = ()) -> list[str]:
         d = os.path.realpath(d)
         if d in SYSTEM_DIRS or python_dir.startswith(d.rstrip("/") + "/") or not os.path.isdir(d):
             continue
+        if any(d.startswith(p + "/") for p in PRIVATE_DIRS):
+            continue  # the sandbox gets a fresh, empty one of these anyway
         if d not in out:
             out.append(d)
     return out
