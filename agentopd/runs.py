@@ -46,7 +46,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -133,7 +134,7 @@ class RunDir:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.checkpoints)
+            fsync_dir(self.checkpoints)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

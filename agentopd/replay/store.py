@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from agentopd.runs import fsync_dir
 from agentopd.types import Episode
 
 EPISODES_DIR = "episodes"
@@ -299,17 +300,6 @@ def encode_shard(step: int, dicts: list[dict[str, Any]]) -> dict[str, np.ndarray
     return arrays
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -318,7 +308,7 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
