@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from agentopd import losses, sft
+from agentopd import distributed, losses, sft
 from agentopd.schema import knob
 from agentopd.types import Episode
 
@@ -269,8 +269,9 @@ class Learner:
         if not batches:
             return {"learner/tokens": 0.0}
         masks, olds = self._select(batches)
-        total_tokens = sum(int(m.sum()) for m in masks)
-        total_seqs = sum(int((m.sum(-1) > 0).sum()) for m in masks)
+        # Under torchrun the normalisers are global: each rank holds a shard of the batch.
+        total_tokens = distributed.all_sum(sum(int(m.sum()) for m in masks))
+        total_seqs = distributed.all_sum(sum(int((m.sum(-1) > 0).sum()) for m in masks))
         self.model.train()
         diag_rows: list[dict[str, torch.Tensor]] = []
         sums: dict[str, float] = {}
@@ -305,6 +306,7 @@ class Learner:
                 (loss * weight).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * (weight if k != "tokens" else 1.0)
+            distributed.sum_gradients(self.model)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf")
             )
