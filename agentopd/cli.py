@@ -300,13 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agentopd.config import ConfigError
     from agentopd.registry import UnknownNameError
+    from agentopd.schema import ConfigError
 
     args = build_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
+    if args.command in ("train", "eval", "diagnose", "collect", "zoo"):
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # agentopd draws its own progress bars
+        hf_logging.disable_progress_bar()  # agentopd draws its own progress bars
     try:
         return int(args.func(args) or 0)
     except (ConfigError, UnknownNameError) as e:
