@@ -7,6 +7,10 @@ Qwen-sized vocabulary (151,936) and 4,096 tokens with a small hidden size, for:
 * ``naive``: ``log_softmax(hidden @ W.T)`` over all tokens at once, then gather;
 * ``chunked``: :func:`agentopd.losses.chunked_token_logprobs` at each ``--chunk-sizes`` value.
 
+With ``--teacher`` it also measures teacher scoring as the ``hf`` teacher does it (no grad: the
+sampled token's log-prob, top-16 and entropy per token), full logits against chunks; for that
+row ``grad rel`` compares a check sum of the top-k log-probs and entropies instead.
+
 Every measurement runs in a fresh subprocess so peaks do not leak between variants. On CPU the
 peak is the process's resident high-water mark (``VmHWM``, reset through
 ``/proc/self/clear_refs`` after the inputs are built) minus the resident size at that moment;
@@ -21,10 +25,16 @@ Run::
     python benchmarks/loss_memory.py            # full size (about 3 minutes on 2 CPU cores)
     python benchmarks/loss_memory.py --quick    # 1,024 tokens, 32,768 vocab
     python benchmarks/loss_memory.py --chunk-sizes 256,512,1024 --topk
+    python benchmarks/loss_memory.py --teacher   # adds the teacher-scoring rows
+    python benchmarks/loss_memory.py --teacher-only --chunk-sizes 256,512,1024
 
 Measured on a shared 2-core CPU (load ~8), 4,096 tokens, vocab 151,936, hidden 128, medians of 3:
 naive 7,132 MB / 65.5 s; chunk 1024: 1,197 MB / 29.4 s (6.0x less memory, 0.45x time);
 chunk 512: 604 MB (11.8x, 0.56x); chunk 256: 307 MB (23.2x, 0.61x); |dloss| = 0.
+Teacher scoring (``--teacher-only --chunk-sizes 256,512,1024 --repeats 1``, same machine, load
+~7-12): full logits 7,133 MB / 114-126 s; chunk 1024: 1,796 MB (3.97x less, 0.87x time);
+chunk 512 (the ``teacher_cfg.chunk_size`` default): 906 MB (7.9x, 0.68x); chunk 256: 460 MB
+(15.5x, 1.21x); identical scores.
 
 Limits: CPU timings on a shared machine are noisy; the ratios matter, not the seconds.
 """
@@ -78,8 +88,34 @@ def _inputs(tokens: int, vocab: int, hidden: int, device: str) -> dict[str, torc
     }
 
 
+@torch.no_grad()
+def _teacher_score(x: dict[str, torch.Tensor], variant: str, chunk_size: int) -> tuple[float, float]:
+    """Teacher scoring (no grad): the sampled token's log-prob, top-16 and entropy per token,
+    as the ``hf`` teacher hands them to the learner. Returns two check sums."""
+    if variant == "naive":
+        logp_T_V = torch.log_softmax((x["hidden"][0] @ x["weight"].T).float(), -1)
+        chosen = logp_T_V.gather(-1, x["targets"][0][:, None]).squeeze(-1)
+        top = logp_T_V.topk(TEACHER_TOPK, dim=-1).values
+        entropy = -(logp_T_V.exp() * logp_T_V).sum(-1)
+        del logp_T_V
+    else:
+        out = chunked_token_logprobs(
+            x["hidden"],
+            x["weight"],
+            x["targets"],
+            chunk_size=chunk_size,
+            student_topk=TEACHER_TOPK,
+            return_entropy=True,
+        )
+        chosen, top, entropy = out.logprobs_B_T, out.topk_logprobs_B_T_K, out.entropy_B_T
+    return float(chosen.sum()), float(top.sum() + entropy.sum())
+
+
 def _step(x: dict[str, torch.Tensor], variant: str, loss_name: str, chunk_size: int) -> float:
     """One forward + backward; returns the loss value."""
+    if loss_name == "teacher-score":
+        value, x["check"] = _teacher_score(x, variant, chunk_size)
+        return value
     topk = loss_name == "rkl-topk"
     if variant == "naive":
         logprobs_B_T_V = torch.log_softmax((x["hidden"] @ x["weight"].T).float(), -1)
@@ -127,7 +163,10 @@ def worker(args: argparse.Namespace) -> None:
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
         peak_mb = (_status_kb("VmHWM") - base) / 1024
-    grad_norm = float(x["hidden"].grad.norm()) + float(x["weight"].grad.norm())
+    if args.loss == "teacher-score":
+        grad_norm = x["check"]  # no backward: a check sum of top-k log-probs and entropies
+    else:
+        grad_norm = float(x["hidden"].grad.norm()) + float(x["weight"].grad.norm())
     print(json.dumps({"peak_mb": peak_mb, "seconds": seconds, "loss": loss, "grad": grad_norm}))
 
 
@@ -151,6 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk-sizes", default="1024", help="comma-separated, e.g. 256,512,1024")
     p.add_argument("--repeats", type=int, help="runs per variant (default 2, 3 with --quick)")
     p.add_argument("--topk", action="store_true", help="also benchmark rkl-topk (k=16, tail)")
+    p.add_argument(
+        "--teacher", action="store_true", help="also benchmark hf teacher scoring (top-16, entropy)"
+    )
+    p.add_argument("--teacher-only", action="store_true", help="only the teacher-scoring rows")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--loss", default="rkl-sampled", help=argparse.SUPPRESS)
@@ -166,12 +209,14 @@ def main(argv: list[str] | None = None) -> None:
         args.repeats = 3 if args.quick else 2
     chunks = [int(c) for c in args.chunk_sizes.split(",")]
     losses = ["rkl-sampled"] + (["rkl-topk"] if args.topk else [])
+    losses += ["teacher-score"] if args.teacher else []
+    losses = ["teacher-score"] if args.teacher_only else losses
     print(
         f"device={args.device} tokens={args.tokens} vocab={args.vocab} hidden={args.hidden} "
         f"repeats={args.repeats} threads={torch.get_num_threads()}"
     )
     header = (
-        f"{'loss':<12}{'variant':<16}{'peak MB':>10}{'time s':>9}"
+        f"{'loss':<14}{'variant':<16}{'peak MB':>10}{'time s':>9}"
         f"{'mem naive/x':>13}{'time x/naive':>14}{'|dloss|':>10}{'grad rel':>10}"
     )
     print(header)
@@ -187,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
             ref = rows["naive"]
             r = rows[name]
             print(
-                f"{loss:<12}{name:<16}{r['peak_mb']:>10.0f}{r['seconds']:>9.2f}"
+                f"{loss:<14}{name:<16}{r['peak_mb']:>10.0f}{r['seconds']:>9.2f}"
                 f"{ref['peak_mb'] / max(r['peak_mb'], 1e-9):>13.2f}"
                 f"{r['seconds'] / ref['seconds']:>14.2f}"
                 f"{abs(r['loss'] - ref['loss']):>10.1e}"

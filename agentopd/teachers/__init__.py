@@ -88,7 +88,7 @@ class TeacherConfig:
     )
     batch_size: int = knob(16, "segments per teacher forward pass", ge=1)
     chunk_size: int = knob(
-        1024, "scored positions per vocabulary projection (hf: bounds memory to chunk x V)", ge=1
+        512, "scored positions per vocabulary projection (hf: bounds memory to chunk x V)", ge=1
     )
     server: ServerConfig = knob(factory=ServerConfig, help="teacher_backend=server endpoint")
 

@@ -1,0 +1,276 @@
+"""``teacher_backend=server`` against a real vLLM server, and its HTTP client against a stub.
+
+The module starts one ``vllm`` OpenAI-compatible server (from the vLLM venv, ``.venv-vllm``) on
+127.0.0.1 serving the zoo's ``tiny-teacher-code-sandbox`` with ``--max-logprobs 16``, and:
+
+- compares its scores with the in-process ``hf`` teacher of the same weights (plain and with
+  the teacher's own system prompt, i.e. realigned positions);
+- trains two steps of ``agentopd train env=lookup-chain`` against it;
+- checks that ``teacher_cfg.topk=32`` fails at start-up naming ``--max-logprobs``;
+- runs ``agentopd train env=code-sandbox engine=vllm teacher_backend=server`` end to end in the
+  vLLM venv.
+
+Without the vLLM venv the server tests skip, unless ``AGENTOPD_REQUIRE_VLLM=1`` (CI), where they
+fail. The client tests (retries, backoff, API key, errors) use a stub server and always run.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agentopd import cli, zoo
+from agentopd.renderer import Renderer
+from agentopd.rollout import EpisodeJob, expert_episodes
+from agentopd.schema import ConfigError
+from agentopd.teachers import ServerConfig, TeacherConfig
+from agentopd.teachers import hf as hf_teacher
+from agentopd.teachers import server as server_teacher
+from agentopd.teachers.vllm import model_dir
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER = "tiny-teacher-code-sandbox"
+MAX_LOGPROBS = 16
+LOGPROB_ATOL = 1e-3
+"""|server - hf| teacher log-prob allowed (same fp32 weights, different kernels; seen ~1e-5)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _vllm_python() -> str:
+    path = os.environ.get("AGENTOPD_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
+    if Path(path).is_file():
+        return path
+    reason = "no vLLM venv (run .ci/setup-vllm.sh or set AGENTOPD_VLLM_PYTHON)"
+    if os.environ.get("AGENTOPD_REQUIRE_VLLM") == "1":
+        pytest.fail(f"AGENTOPD_REQUIRE_VLLM=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    """The teacher saved with its tokenizer, in float32 (what both sides load)."""
+    return model_dir(TEACHER)
+
+
+@pytest.fixture(scope="module")
+def server(teacher_dir, tmp_path_factory):
+    """Base URL of a running vLLM server; stopped (its process group) at the end."""
+    python = _vllm_python()
+    port = _free_port()
+    log = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
+    env.pop("PYTHONPATH", None)
+    cmd = [
+        python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(teacher_dir),
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
+        "--max-logprobs", str(MAX_LOGPROBS), "--max-model-len", "2048",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    start = time.perf_counter()
+    client = server_teacher.Client(ServerConfig(url=url, retries=0, timeout_s=5))
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+            if time.perf_counter() - start > 600:
+                pytest.fail(f"vllm server not up after 600 s:\n{log.read_text()[-4000:]}")
+            try:
+                client.request("/v1/models")
+                break
+            except server_teacher.TeacherServerError:
+                time.sleep(2)
+        print(f"vllm server up in {time.perf_counter() - start:.1f}s")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def episodes():
+    renderer = Renderer(zoo.load_tokenizer())
+    jobs = [EpisodeJob("lookup-chain", seed, {"split": "train"}, {"hops": 2}) for seed in range(3)]
+    return expert_episodes(jobs, renderer)
+
+
+def _compare(a, b) -> tuple[float, int]:
+    """Worst |logprob| difference over sampled and top-k log-probs; number of positions."""
+    worst, n = 0.0, 0
+    for ea, eb in zip(a, b, strict=True):
+        for sa, sb in zip(ea, eb, strict=True):
+            assert sa.positions == sb.positions and sa.k == sb.k
+            n += len(sa)
+            for x, y in zip(sa.logprobs, sb.logprobs, strict=True):
+                worst = max(worst, abs(x - y))
+            for ia, ib, la, lb in zip(sa.topk_ids, sb.topk_ids, sa.topk_logprobs, sb.topk_logprobs):
+                assert ia[0] == ib[0], "top-1 id differs"
+                worst = max(worst, max(abs(x - y) for x, y in zip(la, lb, strict=True)))
+            # The server's entropy is the top-k + tail estimate: a lower bound of the full one.
+            for ha, hb in zip(sa.entropy, sb.entropy, strict=True):
+                assert ha <= hb + 1e-3
+    return worst, n
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("system_prompt", [None, "You are the teacher. Check every lookup."])
+def test_server_scores_equal_in_process_teacher(server, teacher_dir, episodes, system_prompt):
+    tok = zoo.load_tokenizer()
+    cfg = TeacherConfig(topk=8, system_prompt=system_prompt, server=ServerConfig(url=server))
+    remote = server_teacher.build(str(teacher_dir), tokenizer=tok, config=cfg, device="cpu")
+    local = hf_teacher.build(str(teacher_dir), tokenizer=tok, config=cfg, device="cpu")
+    worst, n = _compare(remote.score(episodes), local.score(episodes))
+    print(f"system_prompt={system_prompt!r}: {n} positions, max |server - hf| = {worst:.2e}")
+    assert n > 20 and worst < LOGPROB_ATOL
+
+
+def _train(args: list[str], runs: Path, capsys) -> tuple[int, str]:
+    rc = cli.main(["train", "env=lookup-chain", "cold_start.steps=0", "eval.episodes=0",
+                   "device=cpu", f"runs_dir={runs}", *args])  # fmt: skip
+    return rc, " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_train_two_steps_against_the_server(server, teacher_dir, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    rc, err = _train(
+        ["teacher_backend=server", f"teacher={teacher_dir}", f"teacher_cfg.server.url={server}",
+         "teacher_cfg.topk=16", "steps=2", "episodes_per_step=4", "rollout.max_new_tokens=32",
+         "run_name=s"],  # fmt: skip
+        runs,
+        capsys,
+    )
+    assert rc == 0, err
+    rows = [json.loads(x) for x in (runs / "s" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("phase") == "train"]
+    assert len(train) == 2 and all(r["throughput/teacher_tok_s"] > 0 for r in train)
+    assert json.loads((runs / "s" / "choices.json").read_text())["teacher_backend"] == "server"
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_topk_above_max_logprobs_fails_at_start_up(server, teacher_dir, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    rc, err = _train(
+        ["teacher_backend=server", f"teacher={teacher_dir}", f"teacher_cfg.server.url={server}",
+         "teacher_cfg.topk=32"],  # fmt: skip
+        runs,
+        capsys,
+    )
+    assert rc == 2 and "--max-logprobs 32" in err, err
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+CODE_SANDBOX_DRIVER = r"""
+import sys
+from agentopd import cli
+sys.exit(cli.main(["train", "env=code-sandbox", "engine=vllm", "teacher_backend=server",
+    f"teacher={sys.argv[1]}", f"teacher_cfg.server.url={sys.argv[2]}", f"runs_dir={sys.argv[3]}",
+    "run_name=cs", "steps=2", "episodes_per_step=2", "cold_start.steps=0", "eval.episodes=0",
+    "rollout.max_new_tokens=48", "device=cpu"]))
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_code_sandbox_with_vllm_engine_and_server_teacher(server, teacher_dir, tmp_path):
+    runs = tmp_path / "runs"
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(
+        [_vllm_python(), "-c", CODE_SANDBOX_DRIVER, str(teacher_dir), server, str(runs)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    choices = json.loads((runs / "cs" / "choices.json").read_text())
+    assert (choices["engine"], choices["teacher_backend"]) == ("vllm", "server")
+    rows = [json.loads(x) for x in (runs / "cs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("phase") == "train"] == [0, 1]
+
+
+# ----------------------------------------------------------------------------- the client, stubbed
+class _Stub(http.server.BaseHTTPRequestHandler):
+    """Fails with 503 ``fail`` times, then answers; records the headers it saw."""
+
+    fail = 0
+    seen: list[dict[str, str]] = []
+
+    def do_POST(self):  # noqa: N802 - http.server's naming
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).seen.append(dict(self.headers))
+        if type(self).fail > 0:
+            type(self).fail -= 1
+            self.send_response(503)
+            self.end_headers()
+            return
+        body = json.dumps({"ok": True}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    _Stub.seen = []
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_client_retries_with_backoff_and_sends_the_key(stub, monkeypatch):
+    monkeypatch.setenv("MY_TEACHER_KEY", "sekrit")
+    _Stub.fail = 2
+    client = server_teacher.Client(
+        ServerConfig(url=stub + "/v1", api_key_env="MY_TEACHER_KEY", retries=2, backoff_s=0.2)
+    )
+    start = time.perf_counter()
+    assert client.request("/x", {"a": 1}) == {"ok": True}
+    assert time.perf_counter() - start >= 0.2 + 0.4 - 0.05, "backoff doubles: 0.2 s, then 0.4 s"
+    assert len(_Stub.seen) == 3
+    assert all(h.get("Authorization") == "Bearer sekrit" for h in _Stub.seen)
+
+
+def test_client_gives_up_with_a_clear_message(stub):
+    _Stub.fail = 5
+    client = server_teacher.Client(ServerConfig(url=stub, retries=1, backoff_s=0.0))
+    with pytest.raises(server_teacher.TeacherServerError, match="failed 2 times.*resume=true"):
+        client.request("/x", {})
+    dead = server_teacher.Client(ServerConfig(url=f"http://127.0.0.1:{_free_port()}", retries=0))
+    with pytest.raises(server_teacher.TeacherServerError, match="ConnectionRefused|refused"):
+        dead.request("/x", {})
+
+
+def test_unreachable_server_is_a_config_error():
+    tok = zoo.load_tokenizer()
+    cfg = TeacherConfig(server=ServerConfig(url=f"http://127.0.0.1:{_free_port()}", retries=0))
+    with pytest.raises(ConfigError, match="not reachable"):
+        server_teacher.build(TEACHER, tokenizer=tok, config=cfg, device="cpu")
