@@ -7,11 +7,19 @@ an answer, the turn limit, the token budget, or an environment error, and record
 
 The same loop plays scripted experts (:func:`expert_episodes`): their text is encoded once and
 treated as "sampled" (mask 1), which is what cold-start SFT trains on.
+
+Guided episodes (the ``guided-opd`` curriculum) mix policies within one episode: a job whose
+``options["guide"]`` is a guide spec (``{"p": 0.4, "seed": 7, "source": "teacher"}``) hands each
+turn, with probability ``p`` (drawn per episode and turn index from ``seed``), to the teacher
+engine passed as ``run_episodes(..., guide=...)`` or to the env's scripted expert
+(``"source": "expert"``). Guide turns get mask 0 and their turn indices are listed in
+``episode.info["guided_turns"]``; only the student's own turns are distilled.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import random
 import traceback
 from collections import Counter
 from collections.abc import Callable
@@ -69,6 +77,8 @@ class _Live:
     stream_text: str
     done: bool = False
     pending: Sample | None = None
+    guided: bool = False
+    """The current turn is played by the guide (teacher or expert): it gets mask 0."""
 
 
 Policy = Callable[[list["_Live"]], list[Sample]]
@@ -81,15 +91,92 @@ def run_episodes(
     config: RolloutConfig | None = None,
     *,
     seed: int | None = None,
+    guide: Engine | None = None,
 ) -> list[Episode]:
-    """Play ``jobs`` with the engine's policy; returns one token-exact episode per job."""
+    """Play ``jobs`` with the engine's policy; returns one token-exact episode per job.
+
+    Jobs with ``options["guide"]`` (see the module docstring) are guided: each of their turns is
+    played, with the spec's probability, by ``guide`` (``"source": "teacher"``, sampling with the
+    spec's ``temperature``, default the rollout's) or by the env's scripted expert
+    (``"source": "expert"``), and gets mask 0.
+
+    Raises:
+        ValueError: A job asks for a teacher guide and ``guide`` is None, or its spec is malformed.
+    """
     cfg = config or RolloutConfig()
+    for job in jobs:
+        _check_guide_spec(job, guide)
 
     def policy(lives: list[_Live]) -> list[Sample]:
         params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed)
-        return engine.generate([lv.episode.segments[-1].tokens for lv in lives], params)
+        out: list[Sample | None] = [None] * len(lives)
+        by_source: dict[str, list[int]] = {"student": [], "teacher": [], "expert": []}
+        temperature = cfg.temperature
+        for i, lv in enumerate(lives):
+            lv.guided = _guide_turn(lv)
+            spec = lv.episode.info.get("options", {}).get("guide") or {}
+            by_source[spec.get("source", "teacher") if lv.guided else "student"].append(i)
+            if lv.guided and spec.get("temperature") is not None:
+                temperature = float(spec["temperature"])
+        groups: list[tuple[str, Any, SamplingParams]] = [("student", engine, params)]
+        if by_source["teacher"]:
+            t_params = SamplingParams(cfg.max_new_tokens, temperature, cfg.top_p, seed)
+            groups.append(("teacher", guide, t_params))
+        for source, eng, p in groups:
+            idx = by_source[source]
+            if idx:
+                samples = eng.generate([lives[i].episode.segments[-1].tokens for i in idx], p)
+                for i, sample in zip(idx, samples, strict=True):
+                    out[i] = sample
+        for i in by_source["expert"]:
+            lv = lives[i]
+            toks = _guarded(lv, lambda lv=lv: renderer.encode(_expert_text(lv)) + [renderer.eot_id])
+            toks = toks or []
+            out[i] = Sample(tokens=toks, logprobs=[0.0] * len(toks), finished=True)
+        for i in by_source["teacher"]:
+            info = lives[i].episode.info
+            info["guide_tokens"] = info.get("guide_tokens", 0) + len(out[i].tokens)  # type: ignore[union-attr]
+        return out  # type: ignore[return-value]
 
     return _play(jobs, policy, renderer, cfg)
+
+
+GUIDE_SOURCES = ("teacher", "expert")
+
+
+def _check_guide_spec(job: EpisodeJob, guide: Engine | None) -> None:
+    spec = job.options.get("guide")
+    if spec is None:
+        return
+    if not isinstance(spec, dict) or "p" not in spec or "seed" not in spec:
+        raise ValueError(
+            f"options['guide'] of job seed {job.seed}: expected a dict with 'p' and 'seed' "
+            f"(e.g. {{'p': 0.4, 'seed': 7, 'source': 'teacher'}}), got {spec!r}"
+        )
+    if not 0.0 <= float(spec["p"]) <= 1.0:
+        raise ValueError(f"options['guide']['p'] must be in [0, 1], got {spec['p']!r}")
+    source = spec.get("source", "teacher")
+    if source not in GUIDE_SOURCES:
+        raise ValueError(
+            f"options['guide']['source'] must be one of {GUIDE_SOURCES}, got {source!r}"
+        )
+    if source == "teacher" and guide is None and float(spec["p"]) > 0:
+        raise ValueError(
+            "a job asks for teacher-guided turns (options['guide']['source'] = 'teacher') but "
+            "run_episodes got no guide engine; pass guide=<teacher engine> or use source 'expert'"
+        )
+
+
+def _guide_turn(lv: _Live) -> bool:
+    """Whether the guide plays this episode's next turn (deterministic in seed and turn index)."""
+    spec = lv.episode.info.get("options", {}).get("guide")
+    if not spec or float(spec["p"]) <= 0:
+        return False
+    index = lv.episode.info.get("replayed_turns", 0) + len(lv.episode.turns)
+    if random.Random(f"guide:{int(spec['seed'])}:{index}").random() >= float(spec["p"]):
+        return False
+    lv.episode.info.setdefault("guided_turns", []).append(index)
+    return True
 
 
 def expert_episodes(
@@ -274,7 +361,7 @@ def _record_turn(lv: _Live, sample: Sample, renderer: Renderer, cfg: RolloutConf
     if len(tokens) < len(sample.tokens):
         finished = False
     start = len(seg.tokens)
-    seg.append(tokens, logprobs, sampled=True)
+    seg.append(tokens, logprobs, sampled=not lv.guided)  # guide turns are not the student's
     content, ended = renderer.strip_eot(tokens)
     text = renderer.decode(content)
     lv.stream_text += renderer.decode(tokens)

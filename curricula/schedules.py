@@ -15,7 +15,6 @@ Evaluation never goes through a curriculum: it always uses the full horizon.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from agentopd.registry import make
