@@ -378,7 +378,8 @@ def resolve_model(name: str, key: str = "model") -> str:
     """Check that ``name`` names a model; returns what to load.
 
     Accepted: a zoo preset, base or ``<preset>-<env>`` artifact (``agentopd zoo list``), a
-    ``save_pretrained`` directory, or a run directory (its latest checkpoint's model).
+    ``save_pretrained`` directory, a run directory (its latest checkpoint's model), or a
+    Hugging Face hub id (``Qwen/Qwen3-1.7B``), which loads through the same code path.
 
     Raises:
         ConfigError: Nothing loadable is there; the message says what was expected.
@@ -409,6 +410,8 @@ def resolve_model(name: str, key: str = "model") -> str:
             f"{key}={name}: the directory holds no model (no config.json); expected a "
             "save_pretrained directory, a run directory or a zoo name (agentopd zoo list)"
         )
+    if zoo.is_hub_id(name):
+        return name  # loaded (or refused, e.g. offline) by the builder, before any run dir
     try:
         raise KeyError(zoo._unknown(name))
     except KeyError as e:

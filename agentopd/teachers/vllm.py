@@ -18,15 +18,17 @@ from agentopd.teachers import TeacherConfig, check_tokenizers, prefill
 from agentopd.types import Episode, TeacherScores
 
 
-def model_dir(name: str) -> Path:
-    """A ``save_pretrained`` directory (weights and tokenizer) that vLLM can load for ``name``:
-    a path as it is, or a zoo name (preset, base, artifact) saved once to a temporary directory
-    in float32 with the zoo tokenizer (shipped zoo weights come without a tokenizer)."""
+def model_dir(name: str) -> Path | str:
+    """What vLLM loads for ``name``: a path or a hub id as it is, or a zoo name (preset, base,
+    artifact) saved once to a temporary directory in float32 with the zoo tokenizer (shipped
+    zoo weights come without a tokenizer)."""
     from agentopd import zoo
 
     path = Path(name).expanduser()
     if path.is_dir():
         return path
+    if zoo.is_hub_id(name):
+        return name
     model, tok = zoo.load(name)
     out = Path(tempfile.mkdtemp(prefix="agentopd-teacher-")) / name
     model.save_pretrained(out)

@@ -207,16 +207,33 @@ def load(
     path = Path(name).expanduser()
     if path.is_dir():
         return _from_pretrained(path)
+    if is_hub_id(name):
+        return _from_pretrained(name)
     raise UnknownNameError(_unknown(name))
 
 
-def _from_pretrained(path: Path) -> tuple[Any, Any]:
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hugging Face hub id (``org/model``) rather than a local path."""
+    parts = name.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not name.startswith((".", "~"))
+        and all(c.isalnum() or c in "-_." for c in name.replace("/", ""))
+        and not Path(name).expanduser().exists()
+    )
+
+
+def _from_pretrained(where: Path | str) -> tuple[Any, Any]:
+    """The one loading path of every model that is not a fresh preset: a ``save_pretrained``
+    directory or a hub id (``Qwen/Qwen3-1.7B``), through ``AutoModelForCausalLM`` and
+    ``AutoTokenizer``. A local directory without tokenizer files gets the zoo tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # Shipped weights are float16; every consumer here trains or scores in float32.
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    if (path / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32)
+    if is_hub_id(str(where)) or (Path(where) / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(where))
     else:
         tokenizer = load_tokenizer()
     return model, tokenizer
