@@ -39,7 +39,7 @@ from agentopd.learner import Learner
 from agentopd.metrics import episode_summary, evaluate
 from agentopd.rollout import EpisodeJob, expert_episodes, run_episodes
 from agentopd.runs import RunDir, atomic_write_text
-from agentopd.types import Episode
+from agentopd.types import Episode, StopReason
 
 
 def _seed_everything(seed: int) -> None:
@@ -386,9 +386,11 @@ class Trainer:
             else None,
         )
         t1 = time.perf_counter()
-        self.teacher.score(episodes)
+        # An episode an env/tool/serialization error ended is kept for inspection, never trained.
+        trainable = [e for e in episodes if e.stop_reason != StopReason.ENV_ERROR]
+        self.teacher.score(trainable)
         t2 = time.perf_counter()
-        row.update(self.learner.step(episodes))
+        row.update(self.learner.step(trainable))
         self.engine.load_weights(lora.engine_weights(self.student))
         t3 = time.perf_counter()
         sampled = sum(e.num_sampled_tokens for e in episodes)

@@ -38,11 +38,11 @@ from typing import Any
 import torch
 
 from agentopd import zoo
+from agentopd.build import rollout_config
 from agentopd.config import compose
 from agentopd.engines.hf import HFEngine
 from agentopd.metrics import evaluate
 from agentopd.renderer import Renderer
-from agentopd.build import rollout_config
 from agentopd.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -283,6 +283,6 @@ def test_tasks_file_errors_name_the_line(tmp_path: Path, lines: list[str], expec
 def test_unknown_backend_is_a_clear_error() -> None:
     with pytest.raises(
         Exception,
-        match="unknown sandbox backend 'dokcer'; expected one of auto, docker, bwrap, local",
+        match="unknown sandbox backend 'dokcer'; expected one of auto, docker, bwrap, local.* Did you mean 'docker'",
     ):
         CodeSandboxEnv(backend="dokcer")

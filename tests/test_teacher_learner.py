@@ -8,12 +8,11 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from agentopd import zoo
+from agentopd import losses, zoo
 from agentopd.engines.hf import HFEngine
 from agentopd.learner import Learner, LearnerConfig, make_batch, segments_of
 from agentopd.renderer import Renderer
 from agentopd.rollout import EpisodeJob, RolloutConfig, expert_episodes, run_episodes
-from agentopd import losses
 from agentopd.teachers import TeacherConfig, TokenizerMismatchError, check_tokenizers
 from agentopd.teachers.hf import HFTeacher as Teacher
 

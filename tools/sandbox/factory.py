@@ -8,6 +8,7 @@ available raises :class:`~agentopd.tools.sandbox.base.SandboxError` with the rea
 
 from __future__ import annotations
 
+import difflib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -98,5 +99,12 @@ def _backend_class(backend: str) -> type[Sandbox]:
 
     try:
         return registry.sandboxes.spec(backend).load()
-    except KeyError as e:
-        raise SandboxError(f"{e}; or 'auto'") from None
+    except KeyError:
+        names = ", ".join(
+            ["auto", *BACKENDS, *(n for n in registry.sandboxes.names() if n not in BACKENDS)]
+        )
+        near = difflib.get_close_matches(backend, names.split(", "), n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise SandboxError(
+            f"unknown sandbox backend {backend!r}; expected one of {names}.{hint}"
+        ) from None
