@@ -1,4 +1,5 @@
-"""``engine=vllm`` end to end: ``agentopd train``, ``eval`` and ``collect`` sample from vLLM.
+"""``engine=vllm`` end to end (``agentopd train``, ``eval`` and ``collect`` sample from vLLM),
+and ``teacher_backend=vllm`` (in-process prefill scoring) against the hf teacher.
 
 One driver process under the vLLM venv (``.venv-vllm``, see ``tests/test_vllm_engine.py``) runs
 the real commands through :func:`agentopd.cli.main`, with ``VLLMEngine.load_weights`` wrapped so
@@ -80,6 +81,32 @@ run = f"{runs}/v"
 res["eval_rc"] = cli.main(["eval", *common, f"model={run}", "episodes=4", f"output={runs}/eval.jsonl"])
 res["collect_rc"] = cli.main(["collect", *common, f"model={run}", "episodes=4",
     "only_successful=false", f"output={runs}/collect.jsonl"])
+
+# teacher_backend=vllm: in-process prompt_logprobs scores against the hf teacher, then a step.
+from agentopd import zoo
+from agentopd.renderer import Renderer
+from agentopd.rollout import EpisodeJob, expert_episodes
+from agentopd.teachers import TeacherConfig
+from agentopd.teachers import hf as HT, vllm as VT
+tok = zoo.load_tokenizer()
+jobs = [EpisodeJob("lookup-chain", s, {"split": "train"}, {"hops": 2}) for s in range(3)]
+eps = expert_episodes(jobs, Renderer(tok))
+tcfg = TeacherConfig(topk=8, system_prompt="You are the teacher.")
+got = VT.build("tiny-teacher-lookup-chain", tokenizer=tok, config=tcfg, device="cpu").score(eps)
+ref = HT.build("tiny-teacher-lookup-chain", tokenizer=tok, config=tcfg, device="cpu").score(eps)
+worst, n, top1 = 0.0, 0, True
+for ea, eb in zip(got, ref):
+    for a, b in zip(ea, eb):
+        assert a.positions == b.positions
+        n += len(a)
+        worst = max([worst] + [abs(x - y) for x, y in zip(a.logprobs, b.logprobs)]
+                    + [abs(x - y) for la, lb in zip(a.topk_logprobs, b.topk_logprobs)
+                       for x, y in zip(la, lb)])
+        top1 &= all(ia[0] == ib[0] for ia, ib in zip(a.topk_ids, b.topk_ids))
+res["vllm_teacher"] = {"worst": worst, "positions": n, "top1_equal": top1}
+res["teacher_train_rc"] = cli.main(["train", "env=lookup-chain", "teacher_backend=vllm",
+    "device=cpu", "steps=1", "episodes_per_step=2", "cold_start.steps=0", "eval.episodes=0",
+    "rollout.max_new_tokens=16", f"runs_dir={runs}", "run_name=t"])
 json.dump(res, open(out_path, "w"))
 """.replace("STEPS", str(STEPS))
 
@@ -145,6 +172,18 @@ def test_train_run_dir_records_vllm_and_token_exact_episodes(driven):
     assert [r["step"] for r in train] == list(range(STEPS))
     assert all(r["throughput/rollout_tok_s"] > 0 for r in train)
     assert (run / "checkpoints" / "latest.json").is_file()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_teacher_equals_hf_teacher_and_trains(driven):
+    res, runs, _ = driven
+    t = res["vllm_teacher"]
+    print("teacher_backend=vllm vs hf:", t)
+    assert t["positions"] > 20 and t["top1_equal"] and t["worst"] < 1e-3
+    assert res["teacher_train_rc"] == 0
+    choices = json.loads((runs / "t" / "choices.json").read_text())
+    assert choices["teacher_backend"] == "vllm"
 
 
 @pytest.mark.vllm
