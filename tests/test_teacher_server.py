@@ -80,7 +80,9 @@ def server(teacher_dir, tmp_path_factory):
         "--max-logprobs", str(MAX_LOGPROBS), "--max-model-len", "2048",
     ]  # fmt: skip
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     start = time.perf_counter()
     client = server_teacher.Client(ServerConfig(url=url, retries=0, timeout_s=5))
@@ -155,9 +157,16 @@ def _train(args: list[str], runs: Path, capsys) -> tuple[int, str]:
 def test_train_two_steps_against_the_server(server, teacher_dir, tmp_path, capsys):
     runs = tmp_path / "runs"
     rc, err = _train(
-        ["teacher_backend=server", f"teacher={teacher_dir}", f"teacher_cfg.server.url={server}",
-         "teacher_cfg.topk=16", "steps=2", "episodes_per_step=4", "rollout.max_new_tokens=32",
-         "run_name=s"],  # fmt: skip
+        [
+            "teacher_backend=server",
+            f"teacher={teacher_dir}",
+            f"teacher_cfg.server.url={server}",
+            "teacher_cfg.topk=16",
+            "steps=2",
+            "episodes_per_step=4",
+            "rollout.max_new_tokens=32",
+            "run_name=s",
+        ],  # fmt: skip
         runs,
         capsys,
     )
@@ -173,8 +182,12 @@ def test_train_two_steps_against_the_server(server, teacher_dir, tmp_path, capsy
 def test_topk_above_max_logprobs_fails_at_start_up(server, teacher_dir, tmp_path, capsys):
     runs = tmp_path / "runs"
     rc, err = _train(
-        ["teacher_backend=server", f"teacher={teacher_dir}", f"teacher_cfg.server.url={server}",
-         "teacher_cfg.topk=32"],  # fmt: skip
+        [
+            "teacher_backend=server",
+            f"teacher={teacher_dir}",
+            f"teacher_cfg.server.url={server}",
+            "teacher_cfg.topk=32",
+        ],  # fmt: skip
         runs,
         capsys,
     )
@@ -274,3 +287,97 @@ def test_unreachable_server_is_a_config_error():
     cfg = TeacherConfig(server=ServerConfig(url=f"http://127.0.0.1:{_free_port()}", retries=0))
     with pytest.raises(ConfigError, match="not reachable"):
         server_teacher.build(TEACHER, tokenizer=tok, config=cfg, device="cpu")
+
+
+# ------------------------------------------------------- the server dies mid-run, then resume
+class _FakeVLLM(http.server.BaseHTTPRequestHandler):
+    """The three endpoints the server teacher uses, answered from an in-process hf teacher in
+    vLLM's format. After ``die_after`` scoring requests the server shuts itself down."""
+
+    teacher = None
+    tokenizer = None
+    name = "fake-teacher"
+    count = 0
+    die_after = 10**9
+    httpd = None
+
+    def _reply(self, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # noqa: N802
+        self._reply({"data": [{"id": type(self).name}]})
+
+    def do_POST(self):  # noqa: N802
+        cls = type(self)
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/tokenize":
+            self._reply({"tokens": cls.tokenizer.encode(req["prompt"], add_special_tokens=False)})
+            return
+        cls.count += 1
+        if cls.count > cls.die_after:
+            threading.Thread(
+                target=lambda: (cls.httpd.shutdown(), cls.httpd.server_close())
+            ).start()
+            self.close_connection = True
+            return
+        tokens, k = req["prompt"], req["prompt_logprobs"]
+        logp = cls.teacher.full_logprobs(tokens)
+        rows = [None]
+        for t in range(1, len(tokens)):
+            lp = logp[t - 1]
+            top = lp.topk(k)
+            row = {str(int(i)): {"logprob": float(v), "rank": r + 1}
+                   for r, (v, i) in enumerate(zip(top.values, top.indices))}  # fmt: skip
+            target = tokens[t]
+            if str(target) not in row:
+                rank = int((lp > lp[target]).sum()) + 1
+                row[str(target)] = {"logprob": float(lp[target]), "rank": rank}
+            rows.append(row)
+        self._reply({"choices": [{"prompt_logprobs": rows}]})
+
+    def log_message(self, *args):
+        pass
+
+
+def _start_fake(port: int = 0) -> tuple[http.server.ThreadingHTTPServer, int]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), _FakeVLLM)
+    _FakeVLLM.httpd, _FakeVLLM.count = httpd, 0
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, httpd.server_address[1]
+
+
+@pytest.mark.slow
+def test_server_dies_mid_run_then_resume_loses_and_repeats_nothing(tmp_path, capsys):
+    tok = zoo.load_tokenizer()
+    cfg = TeacherConfig(topk=4)
+    _FakeVLLM.teacher = hf_teacher.build(
+        "tiny-teacher-lookup-chain", tokenizer=tok, config=cfg, device="cpu"
+    )
+    _FakeVLLM.tokenizer = tok
+    # 1 start-up request, then one per segment: 2 lookup-chain episodes (1 segment each) a step.
+    _FakeVLLM.die_after = 1 + 2 * 2
+    httpd, port = _start_fake()
+    runs = tmp_path / "runs"
+    args = ["teacher_backend=server", f"teacher_cfg.server.url=http://127.0.0.1:{port}",
+            "teacher_cfg.topk=4", "teacher_cfg.server.retries=2", "teacher_cfg.server.backoff_s=0.1",
+            "steps=4", "episodes_per_step=2", "checkpoint_every=1", "rollout.max_new_tokens=16",
+            "run_name=d"]  # fmt: skip
+    with pytest.raises(server_teacher.TeacherServerError, match="failed 3 times.*resume=true"):
+        _train(args, runs, capsys)
+    metrics = runs / "d" / "metrics.jsonl"
+    steps = [json.loads(x).get("step") for x in metrics.read_text().splitlines()]
+    assert steps == [0, 1], "steps 0 and 1 completed before the server died"
+    _FakeVLLM.die_after = 10**9
+    httpd, _ = _start_fake(port)  # the server is back on the same address
+    try:
+        rc, err = _train([*args, "resume=true"], runs, capsys)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert rc == 0, err
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("phase") == "train"] == [0, 1, 2, 3]
