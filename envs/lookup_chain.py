@@ -8,6 +8,11 @@ difficulty and a curriculum can grade it with ``min_hops``/``max_hops`` or ``opt
 
 Episodes are a few hundred characters, small enough for a tiny model to learn by SFT on a CPU.
 
+Long horizons (``docs/long_horizon.md``): ``min_hops=8 max_hops=16`` with ``distractors=2``
+adds, next to every key of the chain, near-miss keys (one digit changed, or the digits
+swapped) that do exist in the store, so a slightly wrong copy no longer gets the telling
+``no key`` answer: it silently leads the chain astray, and the error shows only at the end.
+
 Example::
 
     env = agentopd.make("lookup-chain", hops=3)
@@ -48,6 +53,8 @@ class LookupChainEnv(Env):
             for a per-reset ``options["hops"]``).
         max_turns: Turn limit. ``None`` (default) gives each episode ``hops + 2`` turns: the
             expert's ``hops + 1`` and one to spare. An explicit value applies to every episode.
+        distractors: Near-miss keys added to the store per key of the chain (0, the default,
+            leaves the store, and so every task, exactly as without it).
         **kwargs: Passed to :class:`agentopd.Env` (``tool_timeout_s``, ``max_output_chars``,
             ``render_mode``).
 
@@ -65,8 +72,12 @@ class LookupChainEnv(Env):
         max_hops: int | None = None,
         store_size: int = 24,
         max_turns: int | None = None,
+        distractors: int = 0,
         **kwargs: Any,
     ):
+        if not 0 <= distractors <= 8:
+            raise ValueError(f"distractors must be in 0..8, got {distractors}")
+        self.distractors = int(distractors)
         self.min_hops = int(hops if min_hops is None else min_hops)
         self.max_hops = int(max(hops, self.min_hops) if max_hops is None else max_hops)
         if not 1 <= self.min_hops <= self.max_hops:
@@ -97,6 +108,8 @@ class LookupChainEnv(Env):
         want_eval = options.get("split") == "eval"
         while True:
             store, chain = _draw_store(rng, size, hops)
+            if self.distractors:
+                _add_distractors(rng, store, chain, self.distractors)
             digest = _digest(store, chain)
             if (int(digest, 16) % EVAL_SHARE == 0) == want_eval:
                 break
@@ -171,6 +184,24 @@ def _draw_store(rng: np.random.Generator, size: int, hops: int) -> tuple[dict[st
     for a, b in zip(chain, chain[1:]):
         store[a] = b
     return store, chain
+
+
+def _add_distractors(
+    rng: np.random.Generator, store: dict[str, str], chain: list[str], per_key: int
+) -> None:
+    """Add up to ``per_key`` near-miss keys of each chain key (never a chain key itself), each
+    pointing at a random key of the store, so a miscopied key returns a plausible value."""
+    keys = list(store)
+    for key in chain[1:]:
+        letter, digits = key[0], key[1:]
+        near = {f"{letter}{digits[::-1]}"}
+        for pos in (0, 1):
+            for d in "0123456789":
+                near.add(letter + digits[:pos] + d + digits[pos + 1 :])
+        candidates = sorted(k for k in near if k not in store)
+        picked = rng.choice(len(candidates), size=min(per_key, len(candidates)), replace=False)
+        for i in sorted(picked.tolist()):
+            store[candidates[i]] = keys[int(rng.integers(len(keys)))]
 
 
 def _digest(store: dict[str, str], chain: list[str]) -> str:

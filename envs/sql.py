@@ -2,9 +2,10 @@
 
 Each episode generates a real database from its seed (``customers``, ``products``, ``orders``),
 writes it to a temporary file and opens it read-only (``file:...?mode=ro``, ``query_only``, and
-an authorizer that allows reading only). Questions come from templates; difficulty 1..3 is the
+an authorizer that allows reading only). Questions come from templates; difficulty 1..5 is the
 number of dependent queries the expert needs (e.g. look up a customer id, then count that
-customer's orders). The reference answer is computed in Python when the task is generated, and
+customer's orders). Difficulties 4 and 5 are long chains through the orders table, each query
+needing the previous one's value (see ``docs/long_horizon.md``); the default draws 1..3. The reference answer is computed in Python when the task is generated, and
 the reward depends only on the submitted answer.
 
 Query limits: a wall-clock timeout enforced by SQLite's progress handler, a row limit on
@@ -52,6 +53,7 @@ PRODUCTS = ["pen", "cup", "hat", "mug", "box", "bag", "map", "fan"]
 EVAL_SHARE = 5
 """One task in ``EVAL_SHARE`` belongs to the eval split; the rest to train (disjoint by content)."""
 MAX_CELL_CHARS = 40
+MAX_DIFFICULTY = 5
 MAX_QUERY_CHARS = 2000
 _ALLOWED_PRAGMAS = {"table_info", "table_xinfo", "table_list", "index_list", "foreign_key_list"}
 
@@ -77,14 +79,14 @@ class SqlEnv(Env):
     """Answer a question about a small shop database with ``sql(query)`` calls.
 
     Args:
-        min_difficulty: Smallest difficulty (number of dependent queries) drawn, 1..3.
-        max_difficulty: Largest difficulty drawn, 1..3.
+        min_difficulty: Smallest difficulty (number of dependent queries) drawn, 1..5.
+        max_difficulty: Largest difficulty drawn, 1..5 (default 3; 4 and 5 are the long chains).
         n_customers: Rows in ``customers`` (at most 12).
         n_products: Rows in ``products`` (at most 8).
         n_orders: Rows in ``orders``.
         max_rows: Result rows shown per query; the rest are cut with a note.
         query_timeout_s: Wall-clock limit per query; longer queries are aborted and reported.
-        max_turns: Turn limit (the expert needs difficulty + 1 turns).
+        max_turns: Turn limit (the expert needs difficulty + 1 turns; use 8 for difficulty 5).
         **kwargs: Passed to :class:`agentopd.Env` (``tool_timeout_s``, ``max_output_chars``,
             ``render_mode``).
 
@@ -107,9 +109,9 @@ class SqlEnv(Env):
         max_turns: int = 6,
         **kwargs: Any,
     ):
-        if not 1 <= min_difficulty <= max_difficulty <= 3:
+        if not 1 <= min_difficulty <= max_difficulty <= MAX_DIFFICULTY:
             raise ValueError(
-                f"need 1 <= min_difficulty <= max_difficulty <= 3, got {min_difficulty}, "
+                f"need 1 <= min_difficulty <= max_difficulty <= {MAX_DIFFICULTY}, got {min_difficulty}, "
                 f"{max_difficulty}"
             )
         if not 2 <= n_customers <= len(NAMES):
@@ -135,8 +137,10 @@ class SqlEnv(Env):
     def new_task(self, rng: np.random.Generator, options: dict[str, Any]) -> Task:
         if "difficulty" in options:
             difficulty = int(options["difficulty"])
-            if not 1 <= difficulty <= 3:
-                raise ValueError(f"options['difficulty'] must be in 1..3, got {difficulty}")
+            if not 1 <= difficulty <= MAX_DIFFICULTY:
+                raise ValueError(
+                    f"options['difficulty'] must be in 1..{MAX_DIFFICULTY}, got {difficulty}"
+                )
         else:
             difficulty = int(rng.integers(self.min_difficulty, self.max_difficulty + 1))
         want_eval = options.get("split") == "eval"
@@ -310,6 +314,8 @@ def _draw_question(
     """
     cust = {c[0]: c for c in shop.customers}
     prod = {p[0]: p for p in shop.products}
+    if difficulty >= 4:
+        return _draw_long_question(rng, shop, difficulty)
     kind = int(rng.integers(0, 3))
     if difficulty == 1:
         if kind == 0:
@@ -388,6 +394,44 @@ def _draw_question(
             Step("SELECT price FROM products WHERE id = {pid}", "a"),
         ],
         prod[first[2]][2],
+    )
+
+
+def _draw_long_question(
+    rng: np.random.Generator, shop: Shop, difficulty: int
+) -> tuple[str, list[Step], int | str]:
+    """Difficulty 4 or 5: customer -> first order's product -> that product's last buyer ->
+    (4) their city, or (5) the price of the product of their first order."""
+    cust = {c[0]: c for c in shop.customers}
+    prod = {p[0]: p for p in shop.products}
+    for _ in range(20):  # prefer a chain that moves to another customer (else a query repeats)
+        cid = shop.orders[int(rng.integers(len(shop.orders)))][1]
+        pid = min(o for o in shop.orders if o[1] == cid)[2]
+        cid2 = max(o for o in shop.orders if o[2] == pid)[1]
+        if cid2 != cid:
+            break
+    name = cust[cid][1]
+    plan = [
+        Step(f"SELECT id FROM customers WHERE name = '{name}'", "cid"),
+        Step("SELECT product_id FROM orders WHERE customer_id = {cid} ORDER BY id LIMIT 1", "pid"),
+        Step(
+            "SELECT customer_id FROM orders WHERE product_id = {pid} ORDER BY id DESC LIMIT 1",
+            "cid2",
+        ),
+    ]
+    lead = f"Take the product of the first order of '{name}', and the customer of the last order of that product"
+    if difficulty == 4:
+        plan.append(Step("SELECT city FROM customers WHERE id = {cid2}", "a"))
+        return f"{lead}. Which city is that customer from?", plan, cust[cid2][2]
+    pid2 = min(o for o in shop.orders if o[1] == cid2)[2]
+    plan += [
+        Step("SELECT product_id FROM orders WHERE customer_id = {cid2} ORDER BY id LIMIT 1", "pid2"),
+        Step("SELECT price FROM products WHERE id = {pid2}", "a"),
+    ]
+    return (
+        f"{lead}. What is the price of the product in that customer's first order?",
+        plan,
+        prod[pid2][2],
     )
 
 
