@@ -25,7 +25,14 @@ pip_() {
 ready() {
     [ -x "$PY" ] || return 1
     local where
+    # Also: the installed entry points are this checkout's (an editable install keeps the ones
+    # of the pyproject.toml it was installed from).
     where="$("$PY" -c "import vllm, gymnasium, jsonschema, rich, omegaconf, agentopd
+import importlib.metadata as md, tomllib
+want = tomllib.load(open('pyproject.toml', 'rb'))['project']['entry-points']
+for group, eps in want.items():
+    have = {e.name: e.value for e in md.entry_points(group=group)}
+    assert all(have.get(k) == v for k, v in eps.items()), group
 print(agentopd.__file__)" 2>/dev/null)" || return 1
     [ "$where" = "$PWD/agentopd/__init__.py" ]
 }
