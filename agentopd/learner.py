@@ -306,15 +306,8 @@ class Learner:
                 (loss * weight).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * (weight if k != "tokens" else 1.0)
-            distributed.sum_gradients(self.model)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf")
-            )
-            self.optimizer.step()
-        self.scheduler.step()
-        out = {f"learner/{k}": v for k, v in sums.items()}
-        out["learner/grad_norm"] = float(grad_norm)
-        out["learner/lr"] = float(self.scheduler.get_last_lr()[0])
+            grad_norm = self._apply_gradients()
+        out = self._finish(sums, grad_norm)
         out["learner/tokens"] = float(total_tokens)
         out["learner/epochs"] = float(c.epochs_per_batch)
         if diag_rows:
@@ -355,10 +348,22 @@ class Learner:
             chunk_size=self.loss_cfg.chunk_size,
             bf16=sft.bf16_enabled(c.sft_bf16, self.device),
         )
+        return self._finish(sums, self._apply_gradients(all_reduce=False))
+
+    def _apply_gradients(self, all_reduce: bool = True) -> torch.Tensor:
+        """Clip and apply the accumulated gradient (summed over torchrun ranks first when
+        ``all_reduce``: the OPD step normalises by batch-wide counts); returns its norm."""
+        c = self.config
+        if all_reduce:
+            distributed.sum_gradients(self.model)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf")
         )
         self.optimizer.step()
+        return grad_norm
+
+    def _finish(self, sums: dict[str, float], grad_norm: torch.Tensor) -> dict[str, float]:
+        """Advance the schedule once per step; the step's ``learner/*`` metrics."""
         self.scheduler.step()
         out = {f"learner/{k}": v for k, v in sums.items()}
         out["learner/grad_norm"] = float(grad_norm)
