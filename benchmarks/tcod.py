@@ -136,7 +136,19 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
         common += ["rollout.max_new_tokens=16", "rollout.max_episode_tokens=512"]
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=a.jobs)
 
+    for s in a.seeds:
+        for n in a.arms:
+            if (runs / f"{n}-s{s}").exists():
+                raise SystemExit(f"{runs / f'{n}-s{s}'} exists: pick a new --runs-dir")
+        if (runs / f"cold-s{s}").exists() and not a.reuse_cold_starts:
+            raise SystemExit(
+                f"{runs / f'cold-s{s}'} exists: pick a new --runs-dir, or pass "
+                "--reuse-cold-starts to start the arms from it"
+            )
+
     def cold(seed: int) -> float:
+        if a.reuse_cold_starts and (runs / f"cold-s{seed}" / "cold_start_model").is_dir():
+            return 0.0
         args = ["train", *common, f"seed={seed}", f"run_name=cold-s{seed}", "steps=0"]
         args += [f"cold_start.episodes={a.cold_episodes}", f"cold_start.steps={a.cold_steps}"]
         return _agentopd(args, runs / "logs" / f"cold-s{seed}.log")
@@ -165,15 +177,18 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
         return sum(bool(e.get("success")) for e in eps) / max(1, len(eps))
 
     t0 = time.perf_counter()
-    teacher_f = pool.submit(teacher)
+    teacher_f = None if a.only_cold_starts else pool.submit(teacher)
     cold_f = {s: pool.submit(cold, s) for s in a.seeds}
     cold_success = {}
     for s, f in cold_f.items():
         f.result()
         cold_success[s] = _eval_success(runs / f"cold-s{s}", "after cold start")
+    if a.only_cold_starts:
+        pool.shutdown()
+        raise SystemExit(f"cold starts done in {runs}: {cold_success}")
     arm_f = {(s, n): pool.submit(arm, s, n) for s in a.seeds for n in a.arms}
     results = {f"{n}/{s}": f.result() for (s, n), f in arm_f.items()}
-    teacher_success = teacher_f.result()
+    teacher_success = teacher_f.result() if teacher_f is not None else float("nan")
     pool.shutdown()
     return {
         "env": a.env,
@@ -249,6 +264,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--teacher", default="auto", help="the train config's teacher")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "tcod"))
     p.add_argument("--report", default=str(ROOT / "docs" / "long_horizon.md"))
+    p.add_argument(
+        "--reuse-cold-starts",
+        action="store_true",
+        help="start the arms from RUNS_DIR/cold-s<seed> where it exists (same settings!)",
+    )
+    p.add_argument("--only-cold-starts", action="store_true", help="stop after the cold starts")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 step, tiny budgets")
     p.add_argument("extra", nargs="*", help="more agentopd train overrides (key=value)")
     a = p.parse_args(argv)
