@@ -16,8 +16,12 @@ log-prob pass calls the model's decoder and output projection directly rather th
 module's ``forward``, which torch's ``DistributedDataParallel`` wrapper needs to arm its hooks.
 One bucketed all-reduce per step (:func:`sum_gradients` flattens all gradients) keeps it cheap.
 
-Limits: batch-wide token selection (``loss_cfg.entropy_top_frac``, ``overlap_only``) is decided
-per rank over that rank's shard; logged learner metrics are the rank's own. FSDP2 is not wired.
+Limits: only the OPD step (``Learner.step``) reduces across ranks; the SFT step (cold start,
+demonstration batches) does not yet. Batch-wide token selection (``loss_cfg.entropy_top_frac``,
+``overlap_only``) is decided per rank over that rank's shard; logged learner metrics are the
+rank's own; a rank whose shard is empty must still call the step (it would otherwise leave the
+others waiting in the all-reduce). ``agentopd train`` does not run under torchrun yet (rollout
+sharding and a rank-0 run directory are not wired), and FSDP2 is not wired.
 """
 
 from __future__ import annotations

