@@ -11,7 +11,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agentopd.types import Episode, Message, Segment, StopReason, ToolCall, Turn
+from agentopd.types import (
+    Episode,
+    Message,
+    Segment,
+    StopReason,
+    TeacherScores,
+    ToolCall,
+    Turn,
+)
 
 # ---------------------------------------------------------------- comparison that sees NaN and -0.0
 
@@ -82,12 +90,14 @@ turns = st.builds(
     reward=any_float,
 )
 teacher = st.none() | st.lists(
-    st.fixed_dictionaries(
-        {
-            "logprobs": st.lists(any_float, max_size=6),
-            "topk_ids": st.lists(st.lists(st.integers(0, 1000), max_size=3), max_size=3),
-            "topk_logprobs": st.lists(st.lists(any_float, max_size=3), max_size=3),
-        }
+    st.none()
+    | st.builds(
+        TeacherScores,
+        positions=st.lists(st.integers(0, 1000), max_size=3),
+        logprobs=st.lists(any_float, max_size=6),
+        topk_ids=st.lists(st.lists(st.integers(0, 1000), max_size=3), max_size=3),
+        topk_logprobs=st.lists(st.lists(any_float, max_size=3), max_size=3),
+        entropy=st.lists(any_float, max_size=3),
     ),
     max_size=3,
 )
@@ -161,7 +171,7 @@ def test_non_finite_logprobs_and_teacher_survive() -> None:
         env="e",
         task_id="t",
         segments=[seg],
-        teacher=[{"logprobs": [math.nan, -0.0, -math.inf], "topk_ids": [[1, 2]]}],
+        teacher=[TeacherScores(logprobs=[math.nan, -0.0, -math.inf], topk_ids=[[1, 2]])],
     )
     line = ep.to_json()
     assert "NaN" in line and "Infinity" in line
