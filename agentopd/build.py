@@ -95,7 +95,9 @@ def check_env(cfg: Any) -> None:
     """Build the env once with its kwargs, so a bad kwarg fails now with the env's message."""
     try:
         env = registry.make(cfg.env, **dict(cfg.env_kwargs))
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(f"env_kwargs for env={cfg.env} rejected: {e}") from None
     try:
         env.close()
