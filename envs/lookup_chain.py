@@ -45,8 +45,8 @@ class LookupChainEnv(Env):
     """Follow a chain of keys through a key-value store and submit the final value.
 
     Args:
-        hops: Number of lookups needed (the difficulty; default 2). Giving it together with
-            ``min_hops``/``max_hops`` is an error (which one should win would be a guess).
+        hops: Number of lookups needed (the difficulty), used when ``min_hops``/``max_hops``
+            are not given.
         min_hops: Smallest number of hops drawn per episode (default ``hops``).
         max_hops: Largest number of hops drawn per episode (default ``hops``).
         store_size: Number of keys in the store (at least ``max_hops + 1``; raised if needed
@@ -67,7 +67,7 @@ class LookupChainEnv(Env):
 
     def __init__(
         self,
-        hops: int | None = None,
+        hops: int = 2,
         min_hops: int | None = None,
         max_hops: int | None = None,
         store_size: int = 24,
@@ -78,14 +78,6 @@ class LookupChainEnv(Env):
         if not 0 <= distractors <= 8:
             raise ValueError(f"distractors must be in 0..8, got {distractors}")
         self.distractors = int(distractors)
-        if hops is not None and (min_hops is not None or max_hops is not None):
-            raise ValueError(
-                f"pass either hops or min_hops/max_hops, not both: got hops={hops} with "
-                f"min_hops={min_hops}, max_hops={max_hops} (configs/env/lookup-chain.yaml sets "
-                f"min_hops/max_hops for `agentopd train`: override those instead, e.g. "
-                f"env_kwargs.min_hops={hops} env_kwargs.max_hops={hops})"
-            )
-        hops = 2 if hops is None else hops
         self.min_hops = int(hops if min_hops is None else min_hops)
         self.max_hops = int(max(hops, self.min_hops) if max_hops is None else max_hops)
         if not 1 <= self.min_hops <= self.max_hops:

@@ -39,7 +39,7 @@ CASES = [
     (["teacher_backend=server"], "needs teacher_cfg.server.url"),
     (["optim.name=adam"], "Did you mean 'adamw'"),
     (["env_kwargs.no_such_kwarg=1"], "env_kwargs"),
-    (["env_kwargs.hops=6"], "env_kwargs.min_hops=6 env_kwargs.max_hops=6"),
+    (["env_kwargs.distractors=99"], "distractors must be in 0..8"),
     (["stpes=3"], "Did you mean 'steps'"),
 ]
 
