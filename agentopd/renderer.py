@@ -207,7 +207,8 @@ class Renderer:
         )
         if self.on_prefix_mismatch == "error":
             raise PrefixMismatchError(
-                detail + " Set renderer.on_prefix_mismatch=new-segment to re-render instead."
+                detail + " Set rollout.on_prefix_mismatch=new-segment to start a new segment from a fresh "
+                "rendering instead."
             )
         return Bridge(self._tokenize_rendered(rendered), new_segment=True, text=full)
 

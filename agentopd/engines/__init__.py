@@ -9,6 +9,39 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agentopd.schema import knob
+
+ENGINE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class EngineConfig:
+    """Rollout-engine settings (the ``engine_cfg.*`` keys). ``hf`` shares the learner's model and
+    reads none of them; ``vllm`` reads all of them."""
+
+    dtype: str = knob(
+        "auto",
+        "vllm weights and activations: auto (float32 on CPU, so logprobs match the learner's; "
+        "bfloat16 on CUDA), float32, bfloat16",
+        choices=ENGINE_DTYPES,
+    )
+    gpu_memory_utilization: float = knob(
+        0.3,
+        "vllm on CUDA: share of the GPU for its weights and KV cache (the learner and an "
+        "in-process teacher need the rest)",
+        gt=0,
+        le=1,
+    )
+    max_model_len: int = knob(
+        0,
+        "vllm: longest prompt plus turn, in tokens (0: the model's context length, at most "
+        "32768); bounds the KV cache",
+        ge=0,
+    )
+    kv_cache_gib: int = knob(
+        1, "vllm on CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE, unless already set)", ge=1
+    )
+
 
 @dataclass
 class SamplingParams:
@@ -59,16 +92,19 @@ class EngineFactory(Protocol):
     """Builds a rollout engine around the student being trained.
 
     ``model`` is the learner's model (an in-process engine may share its parameters),
-    ``renderer`` gives the end-of-turn and padding ids, and ``workdir`` is a directory the
-    engine may use (e.g. to save weights for an out-of-process server). Raise
-    :class:`ImportError` with the ``pip install`` line when a needed package is missing.
+    ``renderer`` gives the end-of-turn and padding ids, ``workdir`` is a directory the
+    engine may use (e.g. to save weights for an out-of-process server), and ``config`` holds
+    the ``engine_cfg.*`` settings. Raise :class:`ImportError` with the ``pip install`` line when
+    a needed package is missing.
 
     Example::
 
-        def build(model, *, renderer, workdir):
+        def build(model, *, renderer, workdir, config):
             return MyEngine(model, eot_id=renderer.eot_id)
 
         # pyproject.toml: [project.entry-points."agentopd.engines"] my-engine = "my_pkg:build"
     """
 
-    def __call__(self, model: Any, *, renderer: Any, workdir: Any) -> Engine: ...
+    def __call__(
+        self, model: Any, *, renderer: Any, workdir: Any, config: EngineConfig
+    ) -> Engine: ...

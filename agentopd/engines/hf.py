@@ -103,6 +103,7 @@ class HFEngine:
         return samples
 
 
-def build(model: Any, *, renderer: Any, workdir: Any = None) -> HFEngine:
-    """The ``hf`` :class:`~agentopd.engines.EngineFactory`: shares the learner's parameters."""
+def build(model: Any, *, renderer: Any, workdir: Any = None, config: Any = None) -> HFEngine:
+    """The ``hf`` :class:`~agentopd.engines.EngineFactory`: shares the learner's parameters
+    (so it needs no weight push and reads no ``engine_cfg`` setting)."""
     return HFEngine(model, renderer.eot_id, renderer.pad_id)

@@ -219,22 +219,45 @@ def available() -> str | None:
 MAX_BATCH = 256
 """Sequences vLLM runs at once under ``engine=vllm``: at least every active episode of a step."""
 
+MAX_LEN = 32768
+"""Default cap of ``max_model_len``: Qwen3 declares 40,960 positions, whose KV cache alone would
+fill most of a GPU at ``MAX_BATCH`` sequences."""
 
-def build(model: Any, *, renderer: Any, workdir: Any) -> VLLMEngine:
+
+def build(model: Any, *, renderer: Any, workdir: Any, config: Any = None) -> VLLMEngine:
     """The ``vllm`` :class:`~agentopd.engines.EngineFactory`.
 
     Saves the student once into ``workdir / "vllm-model"`` (float32, so its logprobs match the
     learner's) to start the engine, then receives every update in place through
-    :meth:`VLLMEngine.load_weights`. ``max_model_len`` is the model's own context length;
-    prefix caching is on and up to :data:`MAX_BATCH` episodes decode in one batch. vLLM's INFO
-    logging is turned down to warnings unless ``VLLM_LOGGING_LEVEL`` is set.
+    :meth:`VLLMEngine.load_weights`. ``config`` (:class:`~agentopd.engines.EngineConfig`) sets
+    the dtype, ``max_model_len`` (default: the model's own context length, at most
+    :data:`MAX_LEN`), the KV cache on CPU and the GPU share on CUDA. Prefix caching is on and up
+    to :data:`MAX_BATCH` episodes decode in one batch. vLLM's INFO logging is turned down to
+    warnings unless ``VLLM_LOGGING_LEVEL`` is set.
     """
+    import torch
+
+    from agentopd.engines import EngineConfig
+
     why = available()
     if why is not None:
         raise ImportError(why)
+    config = config or EngineConfig()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     path = Path(workdir) / "vllm-model"
     model.save_pretrained(path)
     renderer.tokenizer.save_pretrained(path)
-    max_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-    return VLLMEngine(path, renderer.eot_id, max_model_len=max_len, max_batch_size=MAX_BATCH)
+    context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    max_len = min(context, config.max_model_len or MAX_LEN)
+    cuda = torch.cuda.is_available()
+    dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    extra: dict[str, Any] = {"gpu_memory_utilization": config.gpu_memory_utilization} if cuda else {}
+    return VLLMEngine(
+        path,
+        renderer.eot_id,
+        dtype=dtype,
+        max_model_len=max_len,
+        max_batch_size=MAX_BATCH,
+        kv_cache_gib=config.kv_cache_gib,
+        **extra,
+    )

@@ -90,7 +90,23 @@ class TeacherConfig:
     chunk_size: int = knob(
         512, "scored positions per vocabulary projection (hf: bounds memory to chunk x V)", ge=1
     )
+    dtype: str = knob(
+        "auto",
+        "weights of the in-process teacher (hf): auto (bfloat16 on CUDA, float32 on CPU), "
+        "float32, bfloat16",
+        choices=("auto", "float32", "bfloat16"),
+    )
     server: ServerConfig = knob(factory=ServerConfig, help="teacher_backend=server endpoint")
+
+
+def teacher_dtype(mode: str, device: Any) -> Any:
+    """The torch dtype ``teacher_cfg.dtype`` asks for on ``device`` (``auto``: bfloat16 on
+    CUDA, where an 8B teacher then needs 16 GB instead of 32 GB; float32 elsewhere)."""
+    import torch
+
+    if mode == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[mode]
 
 
 @runtime_checkable

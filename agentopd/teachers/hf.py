@@ -17,7 +17,7 @@ import torch
 
 from agentopd.losses import chunked_token_logprobs
 from agentopd.renderer import Renderer
-from agentopd.teachers import TeacherConfig, check_tokenizers, prefill
+from agentopd.teachers import TeacherConfig, check_tokenizers, prefill, teacher_dtype
 from agentopd.types import Episode, TeacherScores
 
 
@@ -28,7 +28,7 @@ def build(name: str, *, tokenizer: Any, config: TeacherConfig, device: Any) -> H
 
     model, teacher_tok = zoo.load(name, progress=True)
     check_tokenizers(tokenizer, teacher_tok)
-    model.to(device).eval()
+    model.to(device=device, dtype=teacher_dtype(config.dtype, device)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return HFTeacher(model, Renderer(teacher_tok), config)
