@@ -36,8 +36,11 @@ first call, e.g. to create data files), ``split`` (``eval`` tasks are held out f
 and are the eval split when there are any; others are train tasks).
 
 The sandbox backend is configurable (``backend="auto" | "docker" | "bwrap" | "local"``, see
-``docs/sandbox.md``); the worker starts on the first ``python`` call and is removed at the end
-of the episode (``close_episode`` / ``close``).
+``docs/sandbox.md``). Episodes take their sandbox from a warm pool shared by the process's env
+instances (``pool_size``, default :data:`DEFAULT_POOL_SIZE`; 0 starts a fresh sandbox per
+episode): on the first ``python`` call, and it goes back at the end of the episode
+(``close_episode`` / ``close``), where it is reset (every process killed, files, IPC objects
+and keys removed, a fresh Python executor) before another episode gets it.
 
 Example::
 
@@ -60,6 +63,7 @@ from typing import Any
 import jsonschema
 import numpy as np
 from agentopd.tools.sandbox import Limits, Sandbox, make_sandbox, resolve_backend
+from agentopd.tools.sandbox.pool import SandboxPool, check_pool_size, shared_pool
 
 from agentopd.env import Env, Task, answered_call_log, answered_calls
 from agentopd.tooling import Tool, ToolError, tool
@@ -70,6 +74,8 @@ SYSTEM_PROMPT = (
     "Tools: python(code), submit(answer)."
 )
 EVAL_SHARE = 5
+DEFAULT_POOL_SIZE = 16
+"""Sandboxes the pool keeps ready (the default batch, ``episodes_per_step``, is 16)."""
 """One built-in task in ``EVAL_SHARE`` belongs to the eval split (disjoint by content)."""
 
 TASK_SCHEMA: dict[str, Any] = {
@@ -252,6 +258,8 @@ class CodeSandboxEnv(Env):
         memory_mb: Memory limit of the sandbox.
         max_turns: Turn limit; ``None`` gives each episode its difficulty + 2 turns.
         sandbox_options: Extra backend options (``image=`` for docker).
+        pool_size: Most started sandboxes kept ready between episodes (shared by every env
+            instance of this configuration in the process); 0 gives each episode a fresh one.
         **kwargs: Passed to :class:`agentopd.Env` (``max_output_chars``, ``tool_timeout_s``,
             ``render_mode``).
 
@@ -272,6 +280,7 @@ class CodeSandboxEnv(Env):
         memory_mb: int = 512,
         max_turns: int | None = None,
         sandbox_options: dict[str, Any] | None = None,
+        pool_size: int = DEFAULT_POOL_SIZE,
         **kwargs: Any,
     ):
         self.min_steps = int(min_steps if min_steps is not None else steps or 1)
@@ -287,11 +296,13 @@ class CodeSandboxEnv(Env):
         self.timeout_s = float(timeout_s)
         self.memory_mb = int(memory_mb)
         self.sandbox_options = dict(sandbox_options or {})
+        self.pool_size = check_pool_size(pool_size)
         self._auto_max_turns = max_turns is None
         most = max(t.difficulty for t in self.file_tasks) if self.file_tasks else self.max_steps
         kwargs.setdefault("tool_timeout_s", self.timeout_s + 60.0)  # sandbox start-up included
         super().__init__(max_turns=most + 2 if max_turns is None else max_turns, **kwargs)
         self._sandbox: Sandbox | None = None
+        self._pool: SandboxPool | None = None
         self._setup_done = False
 
     # ---------------------------------------------------------------- task
@@ -368,15 +379,24 @@ class CodeSandboxEnv(Env):
             limits = Limits(
                 memory_mb=self.memory_mb, max_output_bytes=max(256, self.max_output_chars)
             )
-            self._sandbox = make_sandbox(
-                self.backend, limits=limits, timeout_s=self.timeout_s, **self.sandbox_options
-            )
+            if self.pool_size:
+                self._pool = shared_pool(
+                    self.backend, self.pool_size, limits, self.timeout_s, **self.sandbox_options
+                )
+                self._sandbox = self._pool.acquire()
+            else:
+                self._sandbox = make_sandbox(
+                    self.backend, limits=limits, timeout_s=self.timeout_s, **self.sandbox_options
+                )
             self._setup_done = False
         return self._sandbox
 
     def close_episode(self) -> None:
         box, self._sandbox = getattr(self, "_sandbox", None), None
-        if box is not None:
+        pool, self._pool = getattr(self, "_pool", None), None
+        if box is not None and pool is not None:
+            pool.release(box)  # reset in the background before another episode gets it
+        elif box is not None:
             box.stop()
 
     # ---------------------------------------------------------------- expert

@@ -302,6 +302,40 @@ def result_from_frame(frame: dict[str, Any], call_id: int) -> ExecResult:
     )
 
 
+_RESET_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (int,),
+    "reset": (bool,),
+    "ok": (bool,),
+    "problems": (list,),
+    "killed_processes": (int,),
+    "removed_entries": (int,),
+    "duration_s": (int, float),
+}
+
+
+def reset_from_frame(frame: dict[str, Any], call_id: int) -> ExecResult:
+    """The outcome of a worker's reset reply, checked field by field (as :func:`result_from_frame`).
+
+    Raises:
+        SandboxError: A field is missing or has the wrong type, the reply answers another call,
+            or ``ok`` disagrees with ``problems``.
+    """
+    for key, types in _RESET_FIELDS.items():
+        value = frame.get(key)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise SandboxError(f"protocol error: reset field {key!r} has the wrong type")
+    if frame["id"] != call_id or frame["reset"] is not True:
+        raise SandboxError(f"protocol error: reply to call {frame['id']}, expected reset {call_id}")
+    if not all(isinstance(p, str) for p in frame["problems"]) or frame["ok"] == bool(
+        frame["problems"]
+    ):
+        raise SandboxError("protocol error: reset reply with inconsistent problems")
+    return ExecResult(
+        killed_processes=frame["killed_processes"],
+        detail=f"reset: {frame['removed_entries']} entries removed",
+    )
+
+
 def encode_frame(obj: dict[str, Any]) -> bytes:
     data = json.dumps(obj).encode("utf-8")
     return HEADER.pack(len(data)) + data
@@ -425,6 +459,54 @@ class Sandbox(ABC):
                 )
             if notice:
                 r.restarted, r.detail = True, (notice + " " + r.detail).strip()
+            return r
+
+    def reset(self, timeout_s: float = 10.0) -> ExecResult:
+        """Bring a running sandbox back to its start-up state, for the next episode.
+
+        The worker kills every process in the sandbox, removes everything the code left in the
+        backend's writable places (work dir, ``/tmp``, ``/dev/shm``, ...), System V IPC objects
+        and kernel keys where the sandbox has its own IPC / user namespace, checks that against
+        what it recorded at start-up (network sockets included) and starts a fresh Python
+        executor: variables, imports, environment variables and cwd are back to a fresh
+        sandbox's. Limits (rlimits, docker's memory / CPU / pids cgroup) are untouched.
+
+        Returns:
+            The outcome (``killed_processes``, ``detail`` with the entries removed, and
+            ``duration_s``).
+
+        Raises:
+            SandboxError: The sandbox is not running, did not answer within ``timeout_s``, or
+                is not clean after the reset (the message lists what differs). The caller must
+                then discard it (:meth:`stop`), never reuse it.
+        """
+        with self._lock:
+            if self._channel is None or not self._worker_alive():
+                raise SandboxError(f"{self.name} sandbox cannot be reset: it is not running")
+            t0 = time.monotonic()
+            self._calls += 1
+            try:
+                self._channel.send(encode_frame({"id": self._calls, "reset": True}))
+                frame = self._reader.read(self._channel, t0 + timeout_s)
+            except (EOFError, OSError, SandboxError) as e:
+                self._teardown()
+                raise SandboxError(f"{self.name} sandbox reset failed: {e}") from e
+            if frame is None:
+                self._teardown()
+                raise SandboxError(f"{self.name} sandbox did not reset within {timeout_s:g} s")
+            try:
+                r = reset_from_frame(frame, self._calls)
+            except SandboxError:
+                self._teardown()
+                raise
+            if frame["problems"]:
+                self._teardown()
+                raise SandboxError(
+                    f"{self.name} sandbox is not clean after its reset: "
+                    + "; ".join(frame["problems"])
+                )
+            self.restarts = 0
+            r.duration_s = time.monotonic() - t0
             return r
 
     def stop(self) -> None:
@@ -594,8 +676,25 @@ def _unregister(box: Sandbox) -> None:
     _live.discard(box)
 
 
+_stop_hooks: list[Callable[[], None]] = []
+
+
+def on_stop_all(hook: Callable[[], None]) -> None:
+    """Run ``hook`` first whenever :func:`stop_all` runs (pools stop refilling before the sweep).
+
+    Also installs the atexit and signal hooks, so a hook is run at interpreter exit even if no
+    sandbox was started yet.
+    """
+    _install_hooks()
+    if hook not in _stop_hooks:
+        _stop_hooks.append(hook)
+
+
 def stop_all() -> None:
     """Stop every live sandbox of this process (atexit, signals, tests)."""
+    for hook in list(_stop_hooks):
+        with contextlib.suppress(Exception):
+            hook()
     for box in list(_live):
         with contextlib.suppress(Exception):
             box.stop()

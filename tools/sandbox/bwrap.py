@@ -139,7 +139,13 @@ class BwrapSandbox(Sandbox):
         return True, f"{version}; user/mount/pid/net/ipc/uts/cgroup namespaces"
 
     def worker_config(self) -> dict[str, Any]:
-        return super().worker_config() | {"cpus": self.limits.cpus}
+        return super().worker_config() | {
+            "cpus": self.limits.cpus,
+            "scratch": ["/work", "/tmp", "/dev/shm", "/dev"],  # --dev's tmpfs is writable too
+            "private_ipc": True,
+            "own_userns": True,
+            "private_net": True,
+        }
 
     def _launch(self, config: dict[str, Any]) -> Channel:
         prefix = os.path.dirname(os.path.dirname(os.path.realpath(self.python)))

@@ -178,6 +178,10 @@ class DockerSandbox(Sandbox):
             "rlimits": self.limits.rlimits(nproc=False),  # the pids cgroup limits processes
             "max_output": self.limits.max_output_bytes,
             "private_pidns": True,
+            "scratch": ["/work", "/tmp", "/dev/shm", "/dev/mqueue"],
+            "private_ipc": True,  # ipc_mode=private
+            "own_userns": False,  # Docker's seccomp profile refuses the keyring calls anyway
+            "private_net": True,  # network_mode=none
         }
 
     def _launch(self, config: dict[str, Any]) -> Channel:

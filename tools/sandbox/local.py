@@ -248,6 +248,11 @@ class LocalSandbox(Sandbox):
         config = super().worker_config()
         config["pidns"] = bool(probe_namespaces()[0] & CLONE_NEWPID)
         config["cpus"] = self.limits.cpus
+        flags = probe_namespaces()[0]
+        config["scratch"] = [WORK_DIR, *PRIVATE_DIRS] if probe_private()[0] else []
+        config["private_ipc"] = False  # no IPC namespace: System V IPC is the host's
+        config["own_userns"] = bool(flags & CLONE_NEWUSER)
+        config["private_net"] = bool(flags & CLONE_NEWNET)
         return config
 
     def _launch(self, config: dict[str, Any]) -> Channel:
@@ -261,6 +266,7 @@ class LocalSandbox(Sandbox):
             work = self._dir = tempfile.mkdtemp(prefix="agentopd-local-")
             if drop:
                 os.chown(self._dir, NOBODY, NOBODY)
+            config["scratch"] = [work]  # the host's /tmp is shared: only the work dir is ours
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             "HOME": work,

@@ -25,8 +25,16 @@ Timeouts: at ``timeout`` the executor interrupts the cell itself (``SIGALRM``; v
 supervisor throttles the sandbox's processes to that many cores (``SIGSTOP`` / ``SIGCONT`` duty
 cycle on their measured CPU time) during a call; between calls nothing runs.
 
+Reset (a ``{"id": n, "reset": true}`` request, used by the sandbox pool between episodes):
+the supervisor kills the executor and every other process, removes what the code left in the
+backend's writable places (``scratch``), System V IPC objects (``private_ipc``) and the uid's
+kernel keys (``own_userns``), checks all of it and the network tables (``private_net``)
+against what it recorded at start-up, and starts a fresh executor; the reply lists anything that
+differs, and the host then discards the sandbox instead of reusing it.
+
 Config keys: ``rlimits`` (name -> [soft, hard], set on the executor), ``max_output`` (bytes),
-``pidns`` (fork once to become PID 1 of a PID namespace prepared by the launcher), ``cpus``.
+``pidns`` (fork once to become PID 1 of a PID namespace prepared by the launcher), ``cpus``,
+``scratch`` (list of dirs), ``private_ipc``, ``own_userns``, ``private_net`` (booleans).
 """
 
 import ast
@@ -38,6 +46,7 @@ import os
 import resource
 import select
 import signal
+import stat
 import struct
 import sys
 import time
@@ -781,7 +790,239 @@ class Throttle:
             self.t, self.cpu = time.monotonic(), self.measure()
 
 
+# ---------------------------------------------------------------------------- reset
+KEYCTL_SYSCALL = {"x86_64": 250, "aarch64": 219, "riscv64": 219, "ppc64le": 288, "s390x": 280}.get(
+    os.uname().machine
+)
+KEYCTL_CLEAR = 7
+KEY_SPEC_USER_KEYRING = -4
+KEY_SPEC_USER_SESSION_KEYRING = -5
+USER_KEYRINGS = ("_uid.", "_uid_ses.", ".user_reg")
+"""Keyrings the kernel makes for the sandbox's uid on first use; they are emptied, not removed."""
+IPC_RMID = 0
+NET_TABLES = ("tcp", "tcp6", "udp", "udp6", "raw", "raw6", "unix", "packet")
+MAX_WIPE_DEPTH = 64
+"""Directories nested deeper than this make the reset fail (the sandbox is then discarded)."""
+
+
+def signature(path, dir_fd=None):
+    """What identifies a directory entry: type, inode, permissions, owner, link target."""
+    st = os.lstat(path, dir_fd=dir_fd)
+    link = os.readlink(path, dir_fd=dir_fd) if stat.S_ISLNK(st.st_mode) else None
+    return [stat.S_IFMT(st.st_mode), st.st_dev, st.st_ino, stat.S_IMODE(st.st_mode), st.st_uid,
+            link]  # fmt: skip
+
+
+def table_rows(path):
+    """Data lines of a /proc table (its header line not counted); -1 if it cannot be read."""
+    try:
+        with open(path) as f:
+            return max(0, len(f.read().splitlines()) - 1)
+    except OSError:
+        return -1
+
+
+def user_xattrs(path):
+    try:
+        return sorted(n for n in os.listxattr(path, follow_symlinks=False) if n.startswith("user."))
+    except OSError:
+        return []
+
+
+def visible_keys():
+    """Descriptions of the keys this process can see in /proc/keys (empty if none or hidden)."""
+    try:
+        with open("/proc/keys") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        fields = line.split(None, 8)
+        if len(fields) == 9:
+            out.append(fields[8].rsplit(":", 1)[0].strip())
+    return out
+
+
+class Baseline:
+    """The sandbox as it was at start-up: what :func:`reset` restores and then checks.
+
+    ``scratch`` (config) lists the writable places of this backend (the work dir, ``/tmp``,
+    ``/dev/shm``, ...). Entries present at start-up (mount points, device nodes) are kept and
+    must be unchanged after a reset; everything else in them is removed.
+    """
+
+    def __init__(self, config):
+        self.scratch = [d for d in config.get("scratch", []) if os.path.isdir(d)]
+        self.private_ipc = bool(config.get("private_ipc"))
+        self.own_userns = bool(config.get("own_userns"))
+        self.private_net = bool(config.get("private_net"))
+        self.roots = {d: signature(d) for d in self.scratch}
+        self.xattrs = {d: user_xattrs(d) for d in self.scratch}
+        self.entries = {}
+        for d in self.scratch:
+            self.entries[d] = {name: signature(os.path.join(d, name)) for name in os.listdir(d)}
+        self.net = {t: table_rows(f"/proc/net/{t}") for t in NET_TABLES} if self.private_net else {}
+
+
+def remove_entry(parent_fd, name, depth):
+    """Remove ``name`` (a file, link or whole tree) under ``parent_fd``; entries removed."""
+    try:
+        os.unlink(name, dir_fd=parent_fd)
+        return 1
+    except IsADirectoryError:
+        pass
+    except FileNotFoundError:
+        return 0
+    if depth > MAX_WIPE_DEPTH:
+        raise Broken(f"directories nested deeper than {MAX_WIPE_DEPTH} levels")
+    os.chmod(name, 0o700, dir_fd=parent_fd)  # a directory (not a link): unlink said so
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+    try:
+        n = sum(remove_entry(fd, child, depth + 1) for child in os.listdir(fd))
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+    return n + 1
+
+
+def wipe(base):
+    """Empty every scratch dir back to its start-up entries; (entries removed, problems)."""
+    removed, problems = 0, []
+    for d in base.scratch:
+        try:
+            if signature(d)[:3] != base.roots[d][:3]:
+                problems.append(f"{d} was replaced")
+                continue
+            if signature(d)[3] != base.roots[d][3]:
+                os.chmod(d, base.roots[d][3])
+            for name in user_xattrs(d):
+                if name not in base.xattrs[d]:
+                    os.removexattr(d, name, follow_symlinks=False)
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                for name in os.listdir(fd):
+                    if name not in base.entries[d]:
+                        removed += remove_entry(fd, name, 1)
+            finally:
+                os.close(fd)
+        except (OSError, Broken) as e:
+            problems.append(f"could not empty {d}: {e}")
+    return removed, problems
+
+
+def remove_ipc(libc):
+    """Remove every System V shared memory segment, message queue and semaphore set."""
+    for table, fn, col in (("shm", "shmctl", 1), ("msg", "msgctl", 1), ("sem", "semctl", 1)):
+        try:
+            with open(f"/proc/sysvipc/{table}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            try:
+                ident = int(row.split()[col])
+            except (ValueError, IndexError):
+                continue
+            if fn == "semctl":
+                libc.semctl(ident, 0, IPC_RMID)
+            else:
+                getattr(libc, fn)(ident, IPC_RMID, None)
+
+
+def foreign_keys():
+    return [k for k in visible_keys() if not k.startswith(USER_KEYRINGS)]
+
+
+def clear_keyrings(libc):
+    """Unlink every key from the uid's keyrings and wait (briefly) for the kernel to free them."""
+    if KEYCTL_SYSCALL is None:
+        return
+    for ring in (KEY_SPEC_USER_KEYRING, KEY_SPEC_USER_SESSION_KEYRING):
+        libc.syscall(KEYCTL_SYSCALL, KEYCTL_CLEAR, ctypes.c_long(ring))
+    deadline = time.monotonic() + 0.5  # unreferenced keys are garbage-collected asynchronously
+    while foreign_keys() and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
+def check(base):
+    """What a reset left different from start-up (an empty list when the sandbox is clean)."""
+    problems = []
+    me = my_proc_pid()
+    left = [p for p in descendants(me) if (stat_fields(p) or ["X"])[0] not in "ZX"]
+    if left:
+        problems.append(f"{len(left)} process(es) still alive")
+    for d in base.scratch:
+        try:
+            now = {name: signature(os.path.join(d, name)) for name in os.listdir(d)}
+            if signature(d) != base.roots[d]:
+                problems.append(f"{d} changed")
+        except OSError as e:
+            problems.append(f"cannot read {d}: {e}")
+            continue
+        extra = sorted(set(now) - set(base.entries[d]))
+        changed = sorted(n for n in base.entries[d] if now.get(n) != base.entries[d][n])
+        if extra:
+            problems.append(f"{d} still holds {extra[:5]}")
+        if changed:
+            problems.append(f"{d}: {changed[:5]} changed or missing")
+        if user_xattrs(d) != base.xattrs[d]:
+            problems.append(f"{d} has extended attributes")
+    if base.private_ipc:
+        for table in ("shm", "msg", "sem"):
+            if table_rows(f"/proc/sysvipc/{table}") > 0:
+                problems.append(f"System V IPC {table} objects remain")
+    if base.own_userns:
+        keys = foreign_keys()
+        if keys:
+            problems.append(f"kernel keys remain: {keys[:5]}")
+    for table, rows in base.net.items():
+        now = table_rows(f"/proc/net/{table}")
+        if now > rows:
+            problems.append(f"{now - rows} {table} socket(s) remain (e.g. TCP TIME_WAIT)")
+    return problems
+
+
+def reset(sup, base):
+    """Bring the sandbox back to its start-up state for the next episode; the reply frame.
+
+    Kills the executor and every other process, removes System V IPC objects (private IPC
+    namespace only) and the user's kernel keys (own user namespace only), empties the scratch
+    dirs, then checks all of it (and the network tables) against the start-up baseline and
+    starts a fresh executor. ``ok`` is false, with ``problems``, when anything differs: the host
+    then discards the sandbox.
+    """
+    start = time.monotonic()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if sup.executor is not None:
+        sup.executor.kill()
+        sup.executor = None
+    killed = kill_leftovers(None)
+    problems = []
+    if base.private_ipc:
+        remove_ipc(libc)
+    if base.own_userns:
+        clear_keyrings(libc)
+    removed, problems = wipe(base)
+    problems += check(base)
+    if not problems:
+        try:
+            sup.ensure_executor()
+        except (Broken, OSError) as e:
+            problems.append(f"the Python executor could not start: {e}")
+    return {
+        "reset": True,
+        "ok": not problems,
+        "problems": problems,
+        "killed_processes": killed,
+        "removed_entries": removed,
+        "duration_s": time.monotonic() - start,
+    }
+
+
 def valid_request(req):
+    if isinstance(req, dict) and req.get("reset") is True:
+        return set(req) == {"id", "reset"} and isinstance(req["id"], int)
     return (
         isinstance(req, dict)
         and isinstance(req.get("id"), int)
@@ -813,6 +1054,10 @@ def main():
     sup = Supervisor(config)
     notes = ""
     try:
+        base = Baseline(config)
+    except OSError as e:
+        base, notes = None, f"the sandbox's start-up state could not be recorded: {e}"
+    try:
         sup.ensure_executor()
     except (Broken, OSError) as e:
         notes = f"the Python executor could not start: {e}"
@@ -835,7 +1080,13 @@ def main():
         if not valid_request(req):
             kill_leftovers(None)
             os._exit(2)
-        result = sup.call(req["code"], max(float(req["timeout"]), 0.001))
+        if req.get("reset") is True:
+            result = reset(sup, base) if base is not None else {
+                "reset": True, "ok": False, "problems": [notes], "killed_processes": 0,
+                "removed_entries": 0, "duration_s": 0.0,
+            }  # fmt: skip
+        else:
+            result = sup.call(req["code"], max(float(req["timeout"]), 0.001))
         result["id"] = req["id"]
         try:
             send(proto_out, result)
