@@ -74,9 +74,9 @@ SYSTEM_PROMPT = (
     "Tools: python(code), submit(answer)."
 )
 EVAL_SHARE = 5
+"""One built-in task in ``EVAL_SHARE`` belongs to the eval split (disjoint by content)."""
 DEFAULT_POOL_SIZE = 16
 """Sandboxes the pool keeps ready (the default batch, ``episodes_per_step``, is 16)."""
-"""One built-in task in ``EVAL_SHARE`` belongs to the eval split (disjoint by content)."""
 
 TASK_SCHEMA: dict[str, Any] = {
     "type": "object",
