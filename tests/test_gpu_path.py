@@ -22,14 +22,13 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from agentopd import cli, config, zoo
+from agentopd import cli, config, make, zoo
 from agentopd.config import ConfigError, compose
 from agentopd.learner import Learner, LearnerConfig
 from agentopd.renderer import Renderer
+from agentopd.rollout import expert_episode
 from agentopd.teachers import TeacherConfig, teacher_dtype
 from agentopd.teachers.hf import HFTeacher
-from agentopd.rollout import expert_episode
-from agentopd import make
 
 PRESETS = config.presets()
 
