@@ -11,6 +11,7 @@ name                    extra                wraps
 ``gem:<env_id>``        ``agentopd[gem]``    GEM (``gem-llm``) envs
 ``skyrl-gym:<env_id>``  ``agentopd[skyrl]``  SkyRL-gym text envs, over a task file
 ``openenv:<module>``    ``agentopd[openenv]`` OpenEnv ``Environment`` classes, in process
+``verifiers:<module>``  ``agentopd[verifiers]`` verifiers (``verifiers.v1``) envs, run by verifiers
 ======================  ===================  =====================================
 
 This module imports no foreign package; docs/envs.md says what each adapter maps and what not.
@@ -75,6 +76,14 @@ ADAPTERS: dict[str, AdapterInfo] = {
             "openenv",
             "OpenEnv server-side Environment classes run in process (MCP tools become tools)",
         ),
+        AdapterInfo(
+            "verifiers",
+            "verifiers:<module>[:<TasksetClass>[:<EnvClass>]]",
+            "verifiers:my_pkg.my_taskset",
+            "pip install 'agentopd[verifiers]'",
+            "verifiers",
+            "verifiers v1 tasksets run by verifiers' own loop against a local endpoint (token-checked)",
+        ),
     )
 }
 
@@ -113,6 +122,13 @@ def make_skyrl_gym(rest: str, **kwargs: Any) -> Any:
 def make_openenv(rest: str, **kwargs: Any) -> Any:
     """``openenv:`` prefix factory."""
     from agentopd.envs.adapters.openenv import make
+
+    return make(rest, **kwargs)
+
+
+def make_verifiers(rest: str, **kwargs: Any) -> Any:
+    """``verifiers:`` prefix factory."""
+    from agentopd.envs.adapters.verifiers import make
 
     return make(rest, **kwargs)
 

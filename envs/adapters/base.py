@@ -143,6 +143,10 @@ class ForeignEnv(Env):
     """Why :meth:`expert_action` cannot play (``agentopd check-env`` reports the skip)."""
     passes_options: frozenset[str] = frozenset()
     """Reset options beyond :data:`KNOWN_OPTIONS` that this adapter hands to the foreign env."""
+    takes_whole_turn: bool = False
+    """The foreign env gets every turn verbatim, tool-call markup included, and runs its own
+    tools (verifiers): :meth:`step` neither parses calls for :meth:`foreign_tools` nor answers
+    malformed ones itself."""
 
     def __init__(
         self,
@@ -294,7 +298,7 @@ class ForeignEnv(Env):
         new: list[Message] = []
         errors: list[str] = []
         reward, terminated, truncated, foreign_info = 0.0, False, False, {}
-        if parsed.error is not None:
+        if parsed.error is not None and not self.takes_whole_turn:
             errors.append("parse")
             new.append(
                 Message(
@@ -303,7 +307,7 @@ class ForeignEnv(Env):
                     content=f"Error (parse): {parsed.error.rstrip('.')}. The turn's tool calls were not run.",
                 )
             )
-        elif parsed.tool_calls:
+        elif parsed.tool_calls and not self.takes_whole_turn:
             for call in parsed.tool_calls:
                 result = self.toolset.call(call)
                 if result.error:

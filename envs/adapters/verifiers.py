@@ -1,0 +1,616 @@
+"""``verifiers:<module>[:<Taskset>[:<Env>]]``: a verifiers (``verifiers.v1``) env, run by verifiers itself.
+
+verifiers runs its own loop: a harness program (here its tool-less ``null`` chat harness) asks an
+OpenAI-compatible endpoint for each assistant turn, and the taskset's ``@vf.reward`` functions
+score the finished trace. This adapter inverts that control so agentopd's rollout loop keeps
+generating the student's tokens:
+
+* :meth:`VerifiersEnv.reset` starts one verifiers episode (``Env.run_episode``) on a background
+  event loop, with a model client whose ``base_url`` is a local endpoint on 127.0.0.1
+  (:mod:`agentopd.envs.adapters._endpoint`). The harness's first chat-completions request blocks
+  there; its messages are the observation.
+* :meth:`VerifiersEnv.step` answers that request with exactly the text the student sampled, then
+  waits for the next request (the env's reply, e.g. a user message: the new messages are the
+  observation, at mask 0 in the episode) or for the end of the episode (the rubric's reward).
+* Token-exactness is checked on every request: its messages must be the opening the task defines
+  (system prompt + prompt), then the previous request's messages + the student's exact text +
+  new user messages, and the trace verifiers scores must hold the student's replies verbatim. An
+  env that rewrites history (a ``@vf.intercept`` hook, a harness that compacts), asks for
+  ``n > 1`` or sends tools fails that episode with the reason (``env_error``; the batch goes on).
+* Refused when built (``ConfigError`` with the reason): an env with more than one seat that uses
+  the run's model (the student would play all of them), tasks with tool servers (MCP tool calls
+  are not mapped), a seat or taskset that pins a harness other than ``null`` (programs such as
+  ``bash`` or ``codex`` run their own tools in containers), a chat program whose packages are
+  missing.
+
+The ``null`` harness's program is a PEP 723 script that verifiers normally installs with ``uv``
+(network). The adapter runs it with this interpreter instead, whose environment already holds its
+packages (verifiers depends on all of them), so nothing is downloaded.
+
+Episodes are played by this process's verifiers objects: one background loop and one endpoint per
+env id, shared by all episodes (each episode has its own route). Limits: no TCOD B2F replay (a
+verifiers episode cannot be restarted from a stored prefix), no scripted expert, LLM judges need
+their own reachable endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
+import threading
+import types
+from dataclasses import dataclass
+from typing import Any
+
+from agentopd.envs.adapters._endpoint import ChatEndpoint, ChatRequest
+from agentopd.envs.adapters.base import (
+    ForeignEnv,
+    ForeignStart,
+    ForeignStep,
+    _jsonable,
+    require,
+    unknown_id,
+    warn_once,
+)
+
+from agentopd.config import ConfigError
+from agentopd.registry import UnknownNameError
+from agentopd.types import Message
+
+SYNTAX = "verifiers:<module>[:<TasksetClass>[:<EnvClass>]]"
+CHAT_PROGRAM_PACKAGES = ("openai", "mcp", "httpx", "httpx2", "tenacity", "certifi")
+"""What the ``null`` harness's chat program imports (its PEP 723 dependencies)."""
+MODEL = "agentopd-student"
+"""The model name verifiers sends; the endpoint serves only the student."""
+
+
+class NotTokenExactError(RuntimeError):
+    """A verifiers request or trace that does not extend the student's exact conversation."""
+
+
+@dataclass
+class _Done:
+    """Posted on an episode's route when its ``run_episode`` future finished."""
+
+    task: asyncio.Task
+
+
+# ---------------------------------------------------------------------------- resolution
+def _builtin_ids() -> list[str]:
+    import pkgutil
+
+    import verifiers.v1.tasksets as builtin
+
+    return sorted(m.name for m in pkgutil.iter_modules(builtin.__path__))
+
+
+def _import(module_name: str, env_id: str) -> types.ModuleType:
+    builtin = f"verifiers.v1.tasksets.{module_name}"
+    target = (
+        builtin if "." not in module_name and importlib.util.find_spec(builtin) else module_name
+    )
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as e:
+        if e.name and e.name != target and not target.startswith(e.name + "."):
+            raise ConfigError(
+                f"verifiers:{env_id}: importing {target!r} failed: it needs the package "
+                f"{e.name!r}, which is not installed"
+            ) from None
+        raise unknown_id("verifiers", module_name, _builtin_ids(), SYNTAX) from None
+
+
+def _classes(module: types.ModuleType, base: type) -> dict[str, type]:
+    names = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
+    return {
+        n: obj
+        for n in names
+        if inspect.isclass(obj := getattr(module, n, None))
+        and issubclass(obj, base)
+        and obj is not base
+        and not inspect.isabstract(obj)
+    }
+
+
+def _pick(
+    module: types.ModuleType, base: type, name: str | None, kind: str, env_id: str
+) -> type | None:
+    found = _classes(module, base)
+    if name is not None:
+        if name in found:
+            return found[name]
+        near = difflib.get_close_matches(name, list(found), n=1, cutoff=0.4)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise UnknownNameError(
+            f"verifiers:{env_id}: module {module.__name__!r} has no {kind} class {name!r}.{hint} "
+            f"{kind} classes there: {', '.join(sorted(found)) or '(none)'} (name syntax: {SYNTAX})"
+        )
+    if kind == "Env":
+        return next(iter(found.values())) if len(found) == 1 else None
+    if len(found) != 1:
+        raise UnknownNameError(
+            f"verifiers:{env_id}: expected one Taskset class in {module.__name__!r}, found "
+            f"{', '.join(sorted(found)) or 'none'}; name one: verifiers:{module.__name__}:<TasksetClass>"
+        )
+    return next(iter(found.values()))
+
+
+def resolve(env_id: str) -> tuple[type, type | None]:
+    """The ``(Taskset class, Env class or None)`` that ``env_id`` names.
+
+    Raises:
+        UnknownNameError: no such module (the built-in taskset ids, with "did you mean") or class.
+    """
+    import verifiers.v1 as vf
+
+    parts = env_id.split(":")
+    if not parts[0] or len(parts) > 3:
+        raise UnknownNameError(f"verifiers:{env_id}: expected {SYNTAX}")
+    module = _import(parts[0], env_id)
+    taskset = _pick(module, vf.Taskset, parts[1] if len(parts) > 1 else None, "Taskset", env_id)
+    env_cls = _pick(module, vf.Env, parts[2] if len(parts) > 2 else None, "Env", env_id)
+    return taskset, env_cls
+
+
+def _plugin_id(taskset: type, env_cls: type | None) -> str:
+    """A module id verifiers' loader imports: exports exactly ``taskset`` (and ``env_cls``)."""
+    key = f"{taskset.__module__}.{taskset.__qualname__}|{env_cls and env_cls.__qualname__}"
+    name = "agentopd_vf_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    if name not in sys.modules:
+        module = types.ModuleType(name, f"agentopd alias of {key}")
+        exported = [taskset] + ([env_cls] if env_cls is not None else [])
+        for i, cls in enumerate(exported):
+            setattr(module, f"export_{i}", cls)
+        module.__all__ = [f"export_{i}" for i in range(len(exported))]
+        sys.modules[name] = module
+    return name
+
+
+def _prepare_chat_program() -> None:
+    """Let verifiers' subprocess runtime run the ``null`` harness's program with this interpreter.
+
+    verifiers caches "script path -> interpreter" after a ``uv sync``; the adapter writes the
+    script where verifiers looks for it and records this interpreter, so no ``uv`` (and no
+    network) is needed.
+    """
+    missing = [p for p in CHAT_PROGRAM_PACKAGES if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ConfigError(
+            f"verifiers: the null harness's chat program needs {', '.join(missing)} in this "
+            f"environment ({sys.executable}); install them with: pip install 'agentopd[verifiers]'"
+        )
+    from pathlib import Path
+
+    from verifiers.v1.harnesses.utils.launch import CHAT_PROGRAM_SOURCE
+    from verifiers.v1.runtimes.subprocess import SubprocessRuntime
+
+    data = CHAT_PROGRAM_SOURCE.encode()
+    path = f"{SubprocessRuntime.scripts_dir}/{hashlib.sha256(data).hexdigest()}.py"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if not Path(path).exists() or Path(path).read_bytes() != data:
+        tmp = Path(f"{path}.agentopd.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    SubprocessRuntime._interpreters[path] = sys.executable
+
+
+# ---------------------------------------------------------------------------- the shared runner
+class _Runner:
+    """One verifiers env, serving on a background event loop, plus the endpoint its model calls reach."""
+
+    def __init__(self, env_id: str, taskset_cls: type, env_cls: type | None, max_tasks: int):
+        import verifiers.v1 as vf
+        from verifiers.v1.configs.agent import agent_config_fields
+        from verifiers.v1.utils.generic import concrete_type
+        from verifiers.v1.utils.loaders import default_harness_id
+
+        self.env_id = env_id
+        env_cls = env_cls or vf.SingleAgentEnv
+        plugin = _plugin_id(taskset_cls, env_cls if env_cls is not vf.SingleAgentEnv else None)
+        own_harness = default_harness_id(plugin)
+        if own_harness not in ("bash", "null"):
+            self._refuse(
+                f"its taskset pins the harness {own_harness!r}; only verifiers' tool-less `null` "
+                "chat harness is mapped (a program harness runs its own tools in a container)"
+            )
+        config_cls = concrete_type(env_cls, vf.EnvConfig, origin=vf.Env) or vf.EnvConfig
+        taskset_config = vf.taskset_config_type(plugin)(id=plugin)
+        seats = agent_config_fields(config_cls(taskset=taskset_config))
+        student = [name for name, seat in seats.items() if seat.client is None]
+        if len(student) != 1:
+            self._refuse(
+                f"{env_cls.__name__} has {len(student)} agent seats that use the run's model "
+                f"({', '.join(student) or 'none'}); the student can play exactly one"
+            )
+        (seat,) = student
+        pinned = seats[seat].harness
+        if pinned is not None and pinned.id != "null":
+            self._refuse(
+                f"seat {seat!r} pins the harness {pinned.id!r}; only verifiers' tool-less `null` "
+                "chat harness is mapped"
+            )
+        overrides = {
+            name: value.model_copy(
+                update={
+                    "harness": vf.HarnessConfig(id="null"),
+                    "runtime": vf.SubprocessConfig(),
+                    "retries": vf.RetryConfig(max_retries=0),
+                }
+            )
+            if name == seat
+            else value
+            for name, value in seats.items()
+        }
+        self.config = config_cls(taskset=taskset_config, **overrides)
+        _prepare_chat_program()
+        self.env = env_cls(self.config)
+        taskset = self.env.taskset
+        if not taskset.bounded:
+            taskset = taskset.take(max_tasks)
+        self.tasks = list(taskset)[:max_tasks]
+        if not self.tasks:
+            self._refuse("its taskset yields no tasks")
+        task_cls = type(self.tasks[0])
+        if task_cls.toolsets(self.tasks[0].config) or type(self.env.taskset).toolsets(
+            self.env.taskset.config
+        ):
+            self._refuse(
+                "its tasks have tool servers (Task.toolsets / Taskset.toolsets); MCP tool calls "
+                "are not mapped to agentopd tools yet"
+            )
+        self.endpoint = ChatEndpoint(MODEL)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name=f"agentopd-verifiers-{env_id}", daemon=True
+        )
+        self._thread.start()
+        self._stop: asyncio.Event | None = None
+        ready: concurrent.futures.Future = concurrent.futures.Future()
+        self._serving = asyncio.run_coroutine_threadsafe(self._serve(ready), self.loop)
+        ready.result(timeout=120)
+
+    def _refuse(self, reason: str) -> None:
+        raise ConfigError(f"verifiers:{self.env_id} cannot be wrapped token-exactly: {reason}")
+
+    async def _serve(self, ready: concurrent.futures.Future) -> None:
+        self._stop = asyncio.Event()
+        try:
+            async with self.env.serving():
+                ready.set_result(True)
+                await self._stop.wait()
+        except BaseException as e:
+            if not ready.done():
+                ready.set_exception(e)
+            raise
+
+    def submit(self, coro: Any, on_done: Any) -> asyncio.Task:
+        """Run ``coro`` as a task on the loop; ``on_done(task)`` runs when it finishes."""
+
+        async def start() -> asyncio.Task:
+            task = asyncio.ensure_future(coro)
+            task.add_done_callback(on_done)
+            return task
+
+        return asyncio.run_coroutine_threadsafe(start(), self.loop).result(timeout=30)
+
+    def cancel(self, task: asyncio.Task, timeout: float = 30.0) -> None:
+        """Cancel ``task`` and wait until it has unwound (its program and servers are down)."""
+
+        async def stop() -> None:
+            task.cancel()
+            await asyncio.wait([task], timeout=timeout)
+
+        if not task.done():
+            asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=timeout + 5)
+
+    def shutdown(self) -> None:
+        """Leave ``serving()`` (interception servers down), stop the loop and the endpoint."""
+        if self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        try:
+            self._serving.result(timeout=15)
+        except BaseException:  # noqa: BLE001 - shutting down at exit: nothing left to report to
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        self.endpoint.close()
+
+    def context(self, route: int) -> Any:
+        import verifiers.v1 as vf
+
+        return vf.ModelContext(
+            model=MODEL,
+            client=vf.EvalClientConfig(
+                base_url=self.endpoint.base_url(route), api_key_var="AGENTOPD_VERIFIERS_API_KEY"
+            ),
+        )
+
+
+_runners: dict[tuple[str, int], _Runner] = {}
+_runners_lock = threading.Lock()
+
+
+def _shutdown_runners() -> None:
+    with _runners_lock:
+        runners = list(_runners.values())
+        _runners.clear()
+    for runner in runners:
+        runner.shutdown()
+
+
+def _runner(env_id: str, max_tasks: int) -> _Runner:
+    with _runners_lock:
+        key = (env_id, max_tasks)
+        if key not in _runners:
+            if not _runners:
+                atexit.register(_shutdown_runners)
+            taskset_cls, env_cls = resolve(env_id)
+            _runners[key] = _Runner(env_id, taskset_cls, env_cls, max_tasks)
+        return _runners[key]
+
+
+# ---------------------------------------------------------------------------- the adapter
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    raise NotTokenExactError(f"{where} has non-text content ({str(content)[:200]}); only text maps")
+
+
+def _normal(messages: list[Any], where: str) -> list[tuple[str, str]]:
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise NotTokenExactError(f"{where}: message {i} is not a chat message: {str(m)[:200]}")
+        if m.get("tool_calls") or m["role"] == "tool":
+            raise NotTokenExactError(f"{where}: message {i} holds tool calls; tools are not mapped")
+        out.append((str(m["role"]), _text(m.get("content"), f"{where}: message {i}")))
+    return out
+
+
+def _opening(task: Any) -> list[tuple[str, str]]:
+    """The messages a task opens with (its system prompt, then its prompt), as the harness sends them."""
+    data = task.data
+    out = [("system", data.system_prompt)] if data.system_prompt else []
+    if isinstance(data.prompt, str):
+        out.append(("user", data.prompt))
+    else:
+        for m in data.prompt or []:
+            out.append((m.role, _text(m.model_dump().get("content"), "the task's prompt")))
+    return out
+
+
+def _first_difference(a: list[tuple[str, str]], b: list[tuple[str, str]]) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"message {i} ({x[0]}): agentopd holds {x[1][:160]!r}, the env sent {y[0]} {y[1][:160]!r}"
+    return (
+        f"the env sent {len(b)} messages where agentopd holds {len(a)} (a prefix of them dropped)"
+    )
+
+
+class VerifiersEnv(ForeignEnv):
+    """A verifiers env as an ``agentopd.Env`` (see the module docstring).
+
+    Args:
+        env_id: ``<module>[:<TasksetClass>[:<EnvClass>]]``: a module exporting one ``vf.Taskset``
+            (verifiers' own taskset id: an installed taskset package or a built-in one), or the
+            classes to use from it. An ``Env`` subclass in the module is used when it is the only
+            one (else ``SingleAgentEnv``).
+        held_out: The last ``held_out`` tasks are the eval split (``split="eval"``); the others
+            are the training tasks. 0: eval draws from the training tasks (with a warning).
+        max_tasks: At most this many tasks are read from the taskset (an infinite one included).
+        reply_timeout_s: How long to wait for verifiers' next request or its end of episode.
+        **kwargs: ``max_turns``, ``success_reward``, ``system_prompt`` of :class:`ForeignEnv`.
+    """
+
+    framework = "verifiers"
+    prefix = "verifiers"
+    takes_whole_turn = True
+
+    def __init__(
+        self,
+        env_id: str,
+        *,
+        held_out: int = 0,
+        max_tasks: int = 10_000,
+        reply_timeout_s: float = 600.0,
+        **kwargs: Any,
+    ):
+        require("verifiers.v1", package="verifiers", extra="verifiers")
+        self._runner = _runner(env_id, int(max_tasks))
+        n = len(self._runner.tasks)
+        if not 0 <= int(held_out) < n:
+            raise ConfigError(
+                f"verifiers:{env_id}: held_out must be in [0, {n - 1}] (the taskset has {n} tasks), "
+                f"got {held_out}"
+            )
+        self.held_out = int(held_out)
+        self.reply_timeout_s = float(reply_timeout_s)
+        self._route: int | None = None
+        self._episode: asyncio.Task | None = None
+        self._pending: ChatRequest | None = None
+        self._conversation: list[tuple[str, str]] = []
+        self._replies: list[str] = []
+        super().__init__(env_id, **kwargs)
+
+    # ---------------------------------------------------------------- ForeignEnv hooks
+    def foreign_reset(
+        self, seed: int, index: int | None, split: str, max_turns: int
+    ) -> ForeignStart:
+        self._abort()
+        tasks = self._runner.tasks
+        n_train = len(tasks) - self.held_out
+        if split == "eval" and self.held_out:
+            pool = tasks[n_train:]
+        else:
+            if split == "eval":
+                warn_once(
+                    self.spec_name,
+                    "held_out",
+                    f"{self.spec_name}: no held-out tasks (env_kwargs.held_out=0), so eval episodes "
+                    "are drawn from the training tasks",
+                )
+            pool = tasks[:n_train]
+        pick = index if index is not None else seed
+        task = pool[pick % len(pool)]
+        self._route = self._runner.endpoint.open_route()
+        route = self._route
+        self._conversation, self._replies = [], []
+        endpoint = self._runner.endpoint
+        coro = self._runner.env.run_episode(task, self._runner.context(route))
+        self._episode = self._runner.submit(coro, lambda t: endpoint.post(route, _Done(t)))
+        item = self._next("the opening request")
+        if isinstance(item, _Done):
+            raise RuntimeError(
+                f"{self.spec_name}: the verifiers episode ended before the model was asked "
+                f"anything: {self._failure(item) or 'no error recorded'}"
+            )
+        try:
+            messages = self._check(item, "the opening request")
+            expected = _opening(task)
+            if messages != expected:
+                raise NotTokenExactError(
+                    f"the opening request is not the task's prompt: {_first_difference(expected, messages)}"
+                )
+        except NotTokenExactError as e:
+            self._refuse_request(item, e)
+        self._pending = item
+        self._conversation = messages
+        return ForeignStart(
+            [Message(role=r, content=c) for r, c in messages],
+            task_id=str(task.data.id or task.data.name or f"task-{task.data.idx}"),
+            info={"idx": task.data.idx, "key": task.key},
+        )
+
+    def foreign_step(self, action: str) -> ForeignStep:
+        request, self._pending = self._pending, None
+        if request is None:
+            raise RuntimeError(f"{self.spec_name}: no verifiers request is waiting for a reply")
+        request.reply(action)
+        self._conversation.append(("assistant", action))
+        self._replies.append(action)
+        item = self._next("the next request")
+        if isinstance(item, _Done):
+            return self._finished(item)
+        try:
+            messages = self._check(item, "the next request")
+            held = self._conversation
+            if messages[: len(held)] != held:
+                raise NotTokenExactError(
+                    f"the env rewrote the conversation: {_first_difference(held, messages)}"
+                )
+            new = messages[len(held) :]
+            if not new:
+                raise NotTokenExactError("the env asked again without a new message")
+            if any(role != "user" for role, _ in new):
+                raise NotTokenExactError(
+                    f"the env added {[r for r, _ in new]} messages; only user messages map to observations"
+                )
+        except NotTokenExactError as e:
+            self._refuse_request(item, e)
+        self._pending = item
+        self._conversation = messages
+        return ForeignStep([Message(role="user", content=c) for _, c in new], 0.0, False)
+
+    def close_episode(self) -> None:
+        self._abort()
+        super().close_episode()
+
+    def foreign_close(self) -> None:
+        self._abort()
+
+    # ---------------------------------------------------------------- internals
+    def _next(self, what: str) -> Any:
+        assert self._route is not None
+        item = self._runner.endpoint.next_item(self._route, self.reply_timeout_s)
+        if item is None:
+            raise TimeoutError(
+                f"{self.spec_name}: verifiers sent neither {what} nor its end of episode within "
+                f"{self.reply_timeout_s:g}s (env_kwargs.reply_timeout_s)"
+            )
+        return item
+
+    def _check(self, request: ChatRequest, what: str) -> list[tuple[str, str]]:
+        body = request.body
+        if int(body.get("n") or 1) != 1:
+            raise NotTokenExactError(
+                f"{what} asks for n={body['n']} completions; one student turn answers one"
+            )
+        if body.get("tools"):
+            raise NotTokenExactError(f"{what} offers tools; tool calls are not mapped")
+        return _normal(request.messages, what)
+
+    def _refuse_request(self, request: ChatRequest, error: NotTokenExactError) -> None:
+        request.fail(422, f"agentopd refused this request: {error}")
+        self._abort()
+        raise NotTokenExactError(
+            f"{self.spec_name} is not token-exact here, episode refused: {error}"
+        )
+
+    def _failure(self, done: _Done) -> str | None:
+        try:
+            episode = done.task.result()
+        except BaseException as e:  # noqa: BLE001 - reported as this episode's failure
+            return f"{type(e).__name__}: {e}"
+        errors = list(episode.errors) + [e for t in episode.traces for e in t.errors]
+        if errors:
+            return "; ".join(f"{e.type}: {e.message}" for e in errors[:3])
+        return None
+
+    def _finished(self, done: _Done) -> ForeignStep:
+        failure = self._failure(done)
+        self._close_route()
+        if failure:
+            raise RuntimeError(f"{self.spec_name}: the verifiers episode failed: {failure}")
+        episode = done.task.result()
+        trace = episode.traces[-1]
+        scored = [
+            _text(m.model_dump().get("content"), "the trace") for m in trace.assistant_messages
+        ]
+        if scored != self._replies:
+            raise NotTokenExactError(
+                f"{self.spec_name} is not token-exact here, episode refused: the trace verifiers "
+                f"scored holds the replies {[s[:80] for s in scored]}, the student wrote "
+                f"{[s[:80] for s in self._replies]}"
+            )
+        truncated = bool(trace.is_timeout or trace.is_truncated)
+        info = {
+            "rewards": {k: r.score for k, r in trace.rewards.items()},
+            "metrics": _jsonable(dict(trace.metrics)),
+            "stop_condition": trace.stop_condition,
+        }
+        return ForeignStep([], float(trace.reward), not truncated, truncated, info)
+
+    def _close_route(self) -> None:
+        if self._route is not None:
+            self._runner.endpoint.close_route(self._route)
+            self._route = None
+
+    def _abort(self) -> None:
+        """End a running verifiers episode (agentopd stopped it: turn limit, reset, close)."""
+        if self._pending is not None:
+            self._pending.fail(503, "agentopd ended this episode")
+            self._pending = None
+        episode, self._episode = self._episode, None
+        if episode is not None:
+            self._runner.cancel(episode)
+        self._close_route()
+
+
+def make(env_id: str, **kwargs: Any) -> VerifiersEnv:
+    """Factory behind the ``verifiers:`` prefix."""
+    return VerifiersEnv(env_id, **kwargs)
