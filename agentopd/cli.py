@@ -114,6 +114,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for k in range(1, cfg.samples + 1):
         table.add_row(f"pass@{k}", f"{report[f'pass@{k}']:.1%}")
     table.add_row("mean turns", f"{report['mean_turns']:.2f}")
+    calls, valid = int(report["tool_calls"]), int(report["served_valid_calls"])
+    table.add_row("served valid calls (vLLM hermes)", f"{valid}/{calls}")
+    table.add_row("served parse errors (turns)", str(int(report["served_parse_errors"])))
+    table.add_row("served success", f"{report['served_success']:.1%}")
     for d, s in report["success_by_difficulty"].items():
         table.add_row(f"success (difficulty {d})", f"{s:.1%}")
     for r, n in report["stop_reasons"].items():

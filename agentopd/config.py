@@ -139,6 +139,9 @@ class DiagnoseConfig:
     engine: str = knob("hf", "student rollout engine")
     teacher_backend: str = knob("hf", "teacher scoring backend")
     episodes: int = knob(16, "student episodes to diagnose", ge=1)
+    recovery_episodes: int = knob(
+        16, "held-out tasks the teacher plays on from an injected error (0: skip)", ge=0
+    )
     seed: int = knob(0, "seed", ge=0)
     device: str = knob("auto", "torch device", choices=DEVICES)
     cpu_threads: int = knob(1, "torch CPU threads (0: torch's default)", ge=0)

@@ -184,6 +184,10 @@ class Env(gymnasium.Env):
     """A turn with a near-miss tool-call tag (``<TOOL_CALL>``, fullwidth brackets, ...):
     ``"error"`` answers with a parse error and a hint; ``"answer"`` takes it as a final answer
     (see :func:`agentopd.parsing.parse_assistant`). Also a constructor argument."""
+    tool_parser: str = "lenient"
+    """How tool calls are read: ``"lenient"`` or ``"vllm-hermes"`` (exactly what vLLM's Hermes
+    tool parser extracts; see ``docs/parsing.md``). The rollout loop sets it from
+    ``rollout.tool_parser``."""
 
     def __init__(
         self,
@@ -336,7 +340,7 @@ class Env(gymnasium.Env):
     # ---------------------------------------------------------------- internals
     def _apply(self, action: str | Message) -> tuple[list[Message], list[str], str | None]:
         text = action.content if isinstance(action, Message) else str(action)
-        parsed = parse_assistant(text, near_miss=self.near_miss)  # type: ignore[arg-type]
+        parsed = parse_assistant(text, near_miss=self.near_miss, mode=self.tool_parser)  # type: ignore[arg-type]
         self.messages.append(Message(role="assistant", content=text, tool_calls=parsed.tool_calls))
         self.turn += 1
         new: list[Message] = []

@@ -294,6 +294,7 @@ class Learner:
                     old_logprobs_B_T=old,
                     teacher_logprobs_B_T=batch.teacher_lp_B_S.to(self.device),
                     teacher_topk_logprobs_B_T_K=batch.teacher_topk_lp_B_S_K.to(self.device),
+                    student_mask_B_T=batch.mask_B_S.to(self.device),
                 )
                 loss, metrics = self.loss(inputs, st, lc)
                 if epoch == 0:

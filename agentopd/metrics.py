@@ -55,8 +55,55 @@ def success_by_difficulty(episodes: list[Episode]) -> dict[int, float]:
     return {d: sum(v) / len(v) for d, v in sorted(groups.items())}
 
 
+def served_report(episodes: list[Episode]) -> dict[str, float]:
+    """How the episodes' tool calls would fare behind vLLM's OpenAI server (Hermes tool parser).
+
+    Every turn is read again with ``parse_assistant(mode="vllm-hermes", near_miss="answer")``,
+    exactly what that server extracts, and compared with what the env ran:
+
+    - ``tool_calls``: calls the env ran (turns without a parse error);
+    - ``served_valid_calls``: those the served parser extracts too, with the same name and the
+      same arguments, a JSON object;
+    - ``served_parse_errors``: turns holding ``<tool_call>`` that the served parser rejects
+      (its client would get the turn as plain text);
+    - ``served_success``: the success rate counting an episode only if the served parser reads
+      every one of its turns as the env did (same calls, or the same plain answer); a turn with
+      a parse error never counts, since behind the server it would have been the final answer.
+    """
+    from agentopd.parsing import parse_assistant
+
+    calls = valid = rejected = 0
+    same_episodes: list[bool] = []
+    for e in episodes:
+        same = True
+        for t in e.turns:
+            served = parse_assistant(t.text, near_miss="answer", mode="vllm-hermes")
+            ran = t.tool_calls if t.parse_error is None else []
+            rejected += served.error is not None
+            calls += len(ran)
+            got = [] if served.error is not None else served.tool_calls
+            valid += sum(
+                a.name == b.name and isinstance(b.arguments, dict) and a.arguments == b.arguments
+                for a, b in zip(ran, got)
+            )
+            # Behind the server a rejected turn is plain text, i.e. the final answer.
+            kind = "error" if t.parse_error is not None else "calls" if ran else "answer"
+            same &= kind == ("calls" if got else "answer") and [
+                (c.name, c.arguments) for c in ran
+            ] == [(c.name, c.arguments) for c in got]
+        same_episodes.append(same)
+    n = max(1, len(episodes))
+    return {
+        "tool_calls": float(calls),
+        "served_valid_calls": float(valid),
+        "served_parse_errors": float(rejected),
+        "served_success": sum(e.success and s for e, s in zip(episodes, same_episodes)) / n,
+    }
+
+
 def eval_report(episodes: list[Episode], samples: int = 1) -> dict[str, Any]:
-    """Success, pass@k for k in 1..samples, mean turns and success by episode length.
+    """Success, pass@k for k in 1..samples, mean turns, success by episode length, and how the
+    tool calls would fare behind a vLLM server (:func:`served_report`).
 
     ``episodes`` holds ``samples`` consecutive attempts per task.
     """
@@ -76,6 +123,7 @@ def eval_report(episodes: list[Episode], samples: int = 1) -> dict[str, Any]:
             pass_at_k(len(v), sum(x.success for x in v), k) for v in by_task.values() if len(v) >= k
         ]
         report[f"pass@{k}"] = sum(vals) / max(1, len(vals))
+    report.update(served_report(episodes))
     return report
 
 

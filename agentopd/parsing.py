@@ -10,9 +10,26 @@ the tag, ``<tool-call>``) are not calls, but with ``near_miss="error"`` (the def
 taken as a final answer either: the turn gets a parse error whose hint shows the exact markup.
 ``near_miss="answer"`` keeps the literal reading (such text is a plain answer).
 
-Time is linear in the length of the turn: parsing stops after :data:`MAX_CALLS_PER_TURN` calls or
-as many malformed blocks (each costs at most one pass over the turn), and only the first error is
-reported.
+Two modes (``mode=``, the ``rollout.tool_parser`` key; see ``docs/parsing.md``):
+
+- ``"lenient"`` (the default): a call body is read as one JSON value, so strings holding
+  ``</tool_call>`` survive; a missing ``"arguments"`` is ``{}``; ``"arguments"`` given as a JSON
+  string holding an object is decoded; a call without its closing tag, or a stray closing tag,
+  is a parse error.
+- ``"vllm-hermes"``: exactly the calls vLLM's OpenAI server extracts with its Hermes tool parser
+  (``--tool-call-parser hermes``), which is what a served student's calls must pass. A block runs
+  from ``<tool_call>`` to the next ``</tool_call>`` (or to the end of the turn for the last one);
+  every block must be a JSON object with a string ``"name"`` and an ``"arguments"`` key, else
+  the whole turn is rejected (a parse error here; behind vLLM the client gets the turn as plain
+  text). ``"arguments"`` is passed through as written: a JSON string stays a string, and the
+  tool answers with a schema error, as a served client would fail to dispatch it. Two
+  deliberate exceptions: at most :data:`MAX_CALLS_PER_TURN` calls, and bodies nested deeper than
+  :data:`MAX_JSON_DEPTH` are rejected (vLLM's own limit is Python's recursion limit minus its
+  call stack, about 900-990: it depends on where it is called).
+
+Time is linear in the length of the turn in both modes: parsing stops after
+:data:`MAX_CALLS_PER_TURN` calls or as many malformed blocks (each costs at most one pass over the
+turn), and only the first error is reported.
 """
 
 from __future__ import annotations
@@ -27,8 +44,13 @@ from agentopd.types import ToolCall
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 MAX_CALLS_PER_TURN = 16
+MAX_JSON_DEPTH = 512
+"""Deepest container nesting of a call body that the ``vllm-hermes`` mode accepts."""
 NearMiss = Literal["error", "answer"]
 NEAR_MISS_POLICIES = ("error", "answer")
+ParserMode = Literal["lenient", "vllm-hermes"]
+PARSER_MODES = ("lenient", "vllm-hermes")
+"""Values of ``parse_assistant(mode=...)`` and of the ``rollout.tool_parser`` key."""
 # After NFKC (fullwidth -> ASCII), dropping invisible format characters and casefolding: a tag
 # that reads as a tool-call tag. Bounded repetitions keep the search linear.
 _NEAR_MISS = re.compile(r"<\s{0,3}/?\s{0,3}tool[\s_\-.]{0,3}calls?\s{0,3}>")
@@ -47,7 +69,9 @@ class Parsed:
     content: str
     """Text outside the tool-call blocks, stripped."""
     tool_calls: list[ToolCall] = field(default_factory=list)
-    """Well-formed calls, in order."""
+    """Well-formed calls, in order. In the ``vllm-hermes`` mode ``arguments`` holds the JSON value
+    as written, which need not be an object (the toolset answers a non-object with a schema
+    error)."""
     error: str | None = None
     """Human-readable description of the first malformed call, if any."""
 
@@ -62,18 +86,28 @@ def format_tool_call(name: str, arguments: dict, *, json_kwargs: dict | None = N
     return f"{OPEN}{payload}{CLOSE}"
 
 
-def parse_assistant(text: str, *, near_miss: NearMiss = "error") -> Parsed:
-    """Split assistant text into free text and tool calls. Never raises.
+def parse_assistant(
+    text: str, *, near_miss: NearMiss = "error", mode: ParserMode = "lenient"
+) -> Parsed:
+    """Split assistant text into free text and tool calls. Never raises for any ``text``.
 
     Args:
         text: The assistant turn as sampled.
         near_miss: ``"error"``: text with no exact tag but a near-miss tag (see the module
-            docstring) gets a parse error with a hint; ``"answer"``: it is a plain answer.
+            docstring), or only a stray ``</tool_call>``, gets a parse error with a hint;
+            ``"answer"``: it is a plain answer.
+        mode: ``"lenient"`` or ``"vllm-hermes"`` (see the module docstring). With
+            ``near_miss="answer"``, ``"vllm-hermes"`` gives exactly vLLM's Hermes extraction.
+
+    Raises:
+        ValueError: ``near_miss`` or ``mode`` is not one of the valid values.
     """
     if near_miss not in NEAR_MISS_POLICIES:
         raise ValueError(f"near_miss must be one of {NEAR_MISS_POLICIES}, got {near_miss!r}")
+    if mode not in PARSER_MODES:
+        raise ValueError(f"mode must be one of {PARSER_MODES}, got {mode!r}")
     try:
-        parsed = _parse(text)
+        parsed = _parse(text) if mode == "lenient" else _parse_vllm_hermes(text, near_miss)
         if near_miss == "error" and parsed.is_final_answer:
             tag = near_miss_tag(parsed.content)
             if tag is not None:
@@ -146,10 +180,7 @@ def _parse(text: str) -> Parsed:
         i += 1
     rest = "".join(outside)
     if not errors and (unbalanced or CLOSE in rest):
-        errors.append(
-            f"unbalanced {OPEN} / {CLOSE} tags; write each call as "
-            f'{OPEN}{{"name": ..., "arguments": {{...}}}}{CLOSE}'
-        )
+        errors.append(_UNBALANCED)
     return Parsed(content=rest.strip(), tool_calls=calls, error=errors[0] if errors else None)
 
 
@@ -209,6 +240,91 @@ def _to_call(obj: Any, body: str, i: int) -> tuple[ToolCall | None, str]:
             f"got {type(args).__name__}: {_clip(body)}"
         )
     return ToolCall(name=name, arguments=args, id=f"call_{i}"), ""
+
+
+_UNBALANCED = (
+    f"unbalanced {OPEN} / {CLOSE} tags; write each call as "
+    f'{OPEN}{{"name": ..., "arguments": {{...}}}}{CLOSE}'
+)
+_REJECTED = "vLLM's Hermes tool parser rejects the whole turn"
+
+
+def _parse_vllm_hermes(text: str, near_miss: NearMiss) -> Parsed:
+    """The ``vllm-hermes`` mode: the blocks of vLLM's ``<tool_call>(.*?)</tool_call>|<tool_call>(.*)``,
+    each read by ``json.loads``; one bad block rejects the turn."""
+    if not isinstance(text, str):
+        return Parsed(content="", error=f"expected text, got {type(text).__name__}")
+    if OPEN not in text:
+        error = _UNBALANCED if near_miss == "error" and CLOSE in text else None
+        return Parsed(content=text.strip(), error=error)
+    calls: list[ToolCall] = []
+    outside: list[str] = []
+    pos = 0
+    while True:
+        start = text.find(OPEN, pos)
+        if start < 0:
+            outside.append(text[pos:])
+            break
+        outside.append(text[pos:start])
+        body_start = start + len(OPEN)
+        close = text.find(CLOSE, body_start)
+        end = len(text) if close < 0 else close
+        i = len(calls)
+        if i >= MAX_CALLS_PER_TURN:
+            return Parsed(
+                content=text.strip(),
+                error=f"too many tool calls in one turn (at most {MAX_CALLS_PER_TURN})",
+            )
+        call, problem = _hermes_call(text[body_start:end], i)
+        if call is None:
+            return Parsed(content=text.strip(), error=f"{problem}; {_REJECTED}")
+        calls.append(call)
+        if close < 0:
+            break
+        pos = close + len(CLOSE)
+    return Parsed(content="".join(outside).strip(), tool_calls=calls)
+
+
+def _hermes_call(body: str, i: int) -> tuple[ToolCall | None, str]:
+    """One block as vLLM reads it: ``json.loads``, ``obj["name"]``, ``json.dumps(obj["arguments"])``."""
+    where = f"tool call {i + 1}"
+    try:
+        obj = json.loads(body)
+    except RecursionError:  # deeper than MAX_JSON_DEPTH unless called ~500 frames deep
+        return None, f"{where} is nested deeper than {MAX_JSON_DEPTH} levels"
+    except Exception as e:  # noqa: BLE001 - vLLM rejects the turn on any exception
+        msg = e.msg if isinstance(e, json.JSONDecodeError) else f"{type(e).__name__}: {e}"
+        return None, f"{where} is not valid JSON ({msg}): {_clip(body.strip())}"
+    if not isinstance(obj, dict):
+        return None, (
+            f"{where} must be a JSON object with 'name' and 'arguments', got {_clip(body.strip())}"
+        )
+    if body.count("[") + body.count("{") > MAX_JSON_DEPTH and _depth(obj) > MAX_JSON_DEPTH:
+        return None, f"{where} is nested deeper than {MAX_JSON_DEPTH} levels"
+    missing = [k for k in ("name", "arguments") if k not in obj]
+    if missing:
+        return None, (
+            f"{where} has no {' or '.join(repr(k) for k in missing)} key (write "
+            f'"arguments": {{}} for a call without arguments): {_clip(body.strip())}'
+        )
+    if not isinstance(obj["name"], str):
+        return None, f"{where}: 'name' must be a string: {_clip(body.strip())}"
+    try:
+        json.dumps(obj["arguments"], ensure_ascii=False)  # what vLLM sends the client
+    except (ValueError, RecursionError) as e:
+        return None, f"{where}: its arguments cannot be re-encoded ({type(e).__name__})"
+    return ToolCall(name=obj["name"], arguments=obj["arguments"], id=f"call_{i}"), ""
+
+
+def _depth(obj: Any) -> int:
+    """Container nesting depth of a decoded JSON value (iterative: no recursion limit)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, d = stack.pop()
+        deepest = max(deepest, d)
+        items = value.values() if isinstance(value, dict) else value
+        stack.extend((v, d + 1) for v in items if isinstance(v, dict | list))
+    return deepest
 
 
 def _skip_ws(text: str, pos: int) -> int:

@@ -28,6 +28,7 @@ from typing import Any
 
 from agentopd.engines import Engine, Sample, SamplingParams
 from agentopd.env import Env
+from agentopd.parsing import PARSER_MODES
 from agentopd.registry import make
 from agentopd.renderer import PrefixMismatchError, Renderer
 from agentopd.schema import knob
@@ -47,6 +48,12 @@ class RolloutConfig:
     tool_workers: int = knob(8, "threads that run env.step (tool calls) concurrently", ge=1)
     mask_parse_errors: bool = knob(
         False, "give mask 0 to turns whose tool calls could not be parsed"
+    )
+    tool_parser: str = knob(
+        "lenient",
+        "how tool calls are read: lenient, or vllm-hermes (what vLLM's Hermes parser "
+        "accepts; docs/parsing.md)",
+        choices=PARSER_MODES,
     )
     on_prefix_mismatch: str = knob(
         "error",
@@ -275,6 +282,7 @@ def _play(
     try:
         for job in jobs:
             env = make(job.env, **job.env_kwargs)
+            env.tool_parser = cfg.tool_parser
             lives.append(_start_or_fail(env, job, renderer))
         _loop(lives, policy, renderer, cfg, close=True)
     finally:
