@@ -209,6 +209,31 @@ def test_list_models_rows(monkeypatch, tmp_path):
         envs.unregister(zoo_env)
     assert zoo.parse_artifact("tiny-teacher-lookup-chain") == ("tiny-teacher", "lookup-chain")
     assert zoo.parse_artifact("tiny-teacher") is None
+    variant = rows["tiny-teacher-sql-recovery"]
+    assert variant.kind == "artifact" and "error-injected" in variant.description
+
+
+def test_variant_names_parse_and_pick_the_variant_recipe():
+    from agentopd.zoo import bootstrap
+
+    assert zoo.parse_variant("tiny-teacher-lookup-chain-recovery") == (
+        "tiny-teacher", "lookup-chain", "recovery",
+    )  # fmt: skip
+    assert zoo.parse_variant("tiny-teacher-sql") == ("tiny-teacher", "sql", "")
+    assert zoo.parse_artifact("tiny-teacher-sql-recovery") == ("tiny-teacher", "sql")
+    assert zoo.parse_variant("tiny-teacher-sql-recoveryy") is None
+    assert set(zoo.VARIANTS) == set(bootstrap.VARIANTS)
+    for env in ("lookup-chain", "sql", "code-sandbox"):
+        plain, rec = bootstrap.recipe_for(env), bootstrap.recipe_for(env, "recovery")
+        assert plain.recovery_episodes == 0 and rec.recovery_episodes > 0
+        # Only the data differs: the same clean episodes, steps and optimizer.
+        assert bootstrap.replace(rec, recovery_episodes=0) == plain
+    assert bootstrap.recipe_for("echo", "recovery").recovery_episodes == 500
+    with pytest.raises(ValueError, match="unknown artifact variant"):
+        bootstrap.recipe_for("sql", "noisy")
+    import agentopd
+
+    assert "tiny-teacher-lookup-chain-recovery" in agentopd.list_registered("models")
 
 
 def test_presets_are_registered():

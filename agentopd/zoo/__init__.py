@@ -7,7 +7,8 @@ Everything is built locally; nothing is downloaded. Names:
   generic synthetic copy text (:mod:`agentopd.zoo.pretrain`), so that it can copy from its
   context like any pretrained LM; shipped with the package;
 * an **artifact** ``<preset>-<env>`` (``tiny-teacher-lookup-chain``): the preset's base trained
-  by SFT on the env's scripted expert. Shipped for the built-in envs; otherwise (or after
+  by SFT on the env's scripted expert; a **variant** ``<preset>-<env>-<variant>``
+  (``tiny-teacher-lookup-chain-recovery``, see :data:`VARIANTS`) changes the recipe. Shipped for the built-in envs; otherwise (or after
   ``agentopd zoo build --force``) cached under ``$AGENTOPD_CACHE/zoo/<name>/`` and built on
   first use (:func:`build`);
 * a **path** to any ``save_pretrained`` directory.
@@ -50,6 +51,11 @@ from agentopd.zoo.tokenizer import load_tokenizer
 TEACHER_PRESETS = ("tiny-teacher",)
 BASES = {"tiny-base": "tiny", "tiny-teacher-base": "tiny-teacher"}
 """Base model name -> its preset."""
+VARIANTS = {
+    "recovery": "also on error-injected expert episodes (loss on the recovery turns only)",
+}
+"""Artifact variants ``<preset>-<env>-<variant>`` -> what they add to the plain recipe
+(:func:`agentopd.zoo.bootstrap.recipe_for`)."""
 SHIPPED = Path(__file__).parent / "assets" / "models"
 """Weights that ship with the package (float16), one ``save_pretrained`` directory per name."""
 
@@ -85,6 +91,7 @@ __all__ = [
     "model_config",
     "num_params",
     "parse_artifact",
+    "parse_variant",
     "resolve",
     "shipped_dir",
 ]
@@ -109,11 +116,26 @@ class ModelInfo:
 
 
 def parse_artifact(name: str) -> tuple[str, str] | None:
-    """Split ``<preset>-<env>`` into ``(preset, env)``; ``None`` if ``name`` is not one."""
+    """Split ``<preset>-<env>`` (or a variant of it) into ``(preset, env)``; ``None`` if
+    ``name`` is not one."""
+    parsed = parse_variant(name)
+    return None if parsed is None else parsed[:2]
+
+
+def parse_variant(name: str) -> tuple[str, str, str] | None:
+    """Split ``<preset>-<env>[-<variant>]`` into ``(preset, env, variant)`` (variant ``""``
+    for the plain artifact); ``None`` if ``name`` is not one."""
     envs = set(_envs.names())
     for preset in sorted(PRESETS, key=len, reverse=True):
-        if name.startswith(preset + "-") and name[len(preset) + 1 :] in envs:
-            return preset, name[len(preset) + 1 :]
+        rest = name[len(preset) + 1 :]
+        if not name.startswith(preset + "-"):
+            continue
+        if rest in envs:
+            return preset, rest, ""
+        for variant in VARIANTS:
+            env = rest.removesuffix(f"-{variant}")
+            if env != rest and env in envs:
+                return preset, env, variant
     return None
 
 
@@ -150,6 +172,15 @@ def list_models() -> list[ModelInfo]:
                     f"{preset} trained by SFT on the {env} expert",
                 )
             )
+            for variant, what in VARIANTS.items():
+                where = resolve(f"{name}-{variant}")
+                rows.append(
+                    ModelInfo(
+                        f"{name}-{variant}", "artifact", params, where is not None,
+                        str(where or cache_dir(f"{name}-{variant}")),
+                        f"{preset} trained by SFT on the {env} expert, {what}",
+                    )  # fmt: skip
+                )
     return rows
 
 
@@ -157,7 +188,7 @@ def build(name: str, *, progress: bool = True, force: bool = False, **overrides:
     """Build (or find in the cache) the artifact ``name`` and return its directory.
 
     Args:
-        name: ``<preset>-<env>``, e.g. ``tiny-teacher-lookup-chain``.
+        name: ``<preset>-<env>[-<variant>]``, e.g. ``tiny-teacher-lookup-chain``.
         progress: Show a progress bar and a summary.
         force: Rebuild even when the cache holds it.
         **overrides: Fields of the recipe (:class:`agentopd.zoo.bootstrap.Recipe`, or
@@ -173,14 +204,14 @@ def build(name: str, *, progress: bool = True, force: bool = False, **overrides:
 
         build_base(BASES[name], path, progress=progress, **overrides)
         return path
-    parsed = parse_artifact(name)
+    parsed = parse_variant(name)
     if parsed is None:
         raise UnknownNameError(_unknown(name))
     path = cache_dir(name)
     from agentopd.zoo.bootstrap import build_artifact
 
-    preset, env = parsed
-    build_artifact(env, path, preset=preset, progress=progress, **overrides)
+    preset, env, variant = parsed
+    build_artifact(env, path, preset=preset, variant=variant, progress=progress, **overrides)
     return path
 
 
@@ -265,6 +296,9 @@ def _register() -> None:
         for env in _envs.names():
             name = f"{preset}-{env}"
             _models.register(name, loader(name), package="agentopd.zoo")
+            for variant in VARIANTS:
+                full = f"{name}-{variant}"
+                _models.register(full, loader(full), package="agentopd.zoo")
 
 
 _register()

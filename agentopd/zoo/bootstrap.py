@@ -5,7 +5,11 @@ product's own pieces, so a teacher is trained and judged exactly as the trainer 
 
 1. Play ``train_episodes`` expert episodes (``split="train"``) with
    :func:`agentopd.rollout.expert_episodes`: token-exact, mask 1 on the expert's assistant
-   tokens (end-of-turn included) and 0 elsewhere; only the successful ones are kept.
+   tokens (end-of-turn included) and 0 elsewhere; only the successful ones are kept. With
+   ``recovery_episodes > 0`` (the ``recovery`` variant, ``tiny-teacher-<env>-recovery``),
+   as many more tasks are played with injected student-like errors
+   (:func:`agentopd.zoo.recovery.recovery_episodes`): the errors get mask 0, the expert's
+   recovery mask 1, so the teacher learns to continue from a mistake and never to make one.
 2. :meth:`agentopd.learner.Learner.step_sft` on seeded random batches: the packed SFT pass of
    :mod:`agentopd.sft`, AdamW and the learner's warm-up + cosine schedule (``Recipe.optim``).
    Optionally (``copy_batch > 0``) every step adds a group of synthetic copy drills
@@ -103,6 +107,13 @@ class Recipe:
     data_workers: int = 4
     """Threads playing expert episodes (environments that wait on tool processes, such as
     ``code-sandbox``, overlap); the data is the same for any value."""
+    recovery_episodes: int = 0
+    """Error-injected expert episodes (other train tasks than the clean ones) added to the
+    training data; their injected turns carry no loss. 0: clean expert episodes only."""
+    recovery_error_rate: float = 0.3
+    """Probability that a non-final expert turn of a recovery episode is replaced by an error."""
+    recovery_max_errors: int = 2
+    """At most this many errors per recovery episode (the turn limit grows by as much)."""
 
 
 RECIPES: dict[str, Recipe] = {
@@ -122,6 +133,34 @@ RECIPES: dict[str, Recipe] = {
 at least 90% held-out greedy success on its environment (``tests/test_zoo.py`` holds the shipped
 teachers to it). The shipped ``zoo.json`` of each teacher records its build; the measurements and
 the recipes that did not work are in ``docs/zoo.md``."""
+
+
+VARIANTS = ("recovery",)
+"""Artifact variants ``<preset>-<env>-<variant>`` (see :func:`recipe_for`)."""
+
+RECOVERY_RECIPES: dict[str, Recipe] = {
+    "lookup-chain": replace(RECIPES["lookup-chain"], recovery_episodes=600),
+    "sql": replace(RECIPES["sql"], recovery_episodes=600),
+    "code-sandbox": replace(RECIPES["code-sandbox"], recovery_episodes=750),
+}
+"""The ``recovery`` variant of each built-in recipe: the same clean episodes, steps and
+optimizer, plus error-injected expert episodes (``recovery_episodes``). Other environments get
+their plain recipe with ``recovery_episodes=500``."""
+
+
+def recipe_for(env_name: str, variant: str = "") -> Recipe:
+    """The recipe of artifact ``<preset>-<env_name>[-<variant>]`` (``variant`` ``""``: plain).
+
+    Raises:
+        ValueError: ``variant`` is not ``""`` or one of :data:`VARIANTS`.
+    """
+    if variant == "":
+        return RECIPES.get(env_name, Recipe())
+    if variant == "recovery":
+        return RECOVERY_RECIPES.get(
+            env_name, replace(RECIPES.get(env_name, Recipe()), recovery_episodes=500)
+        )
+    raise ValueError(f"unknown artifact variant {variant!r}: expected '' or one of {VARIANTS}")
 
 
 def with_overrides(recipe: R, overrides: dict[str, Any]) -> R:
@@ -215,6 +254,52 @@ def play_experts(
         return play(shares[0])
     with ThreadPoolExecutor(len(shares)) as pool:
         return [ep for part in pool.map(play, shares) for ep in part]
+
+
+def training_episodes(
+    env_name: str,
+    recipe: Recipe,
+    renderer: Renderer,
+    on_episode: Callable[[], None] | None = None,
+) -> tuple[list[Episode], list[Episode]]:
+    """The successful episodes a build trains on: ``(clean, recovery)``.
+
+    ``clean``: one expert episode per train task seed ``seed * 10_000_019 + i``,
+    ``i < train_episodes`` (:func:`play_experts`). ``recovery``: one error-injected episode
+    (:func:`agentopd.zoo.recovery.recovery_episodes`) per the next ``recovery_episodes`` seeds,
+    with ``recovery_error_rate`` and ``recovery_max_errors``; their injected turns have mask 0.
+    Both are deterministic in the recipe and do not depend on ``data_workers``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agentopd.zoo.recovery import recovery_episodes
+
+    first = recipe.seed * 10_000_019
+    clean = play_experts(
+        env_name, recipe.env_kwargs, list(range(first, first + recipe.train_episodes)),
+        recipe.data_workers, on_episode=on_episode,
+    )  # fmt: skip
+    seeds = list(range(first + recipe.train_episodes,
+                       first + recipe.train_episodes + recipe.recovery_episodes))  # fmt: skip
+    recovery: list[Episode] = []
+    if seeds:
+        workers = max(1, min(recipe.data_workers, len(seeds)))
+        size = math.ceil(len(seeds) / workers)
+
+        def play(share: list[int]) -> list[Episode]:
+            eps = recovery_episodes(
+                env_name, recipe.env_kwargs, share, renderer, recipe.recovery_error_rate,
+                recipe.recovery_max_errors, seed=recipe.seed,
+            )  # fmt: skip
+            for _ in eps:
+                if on_episode is not None:
+                    on_episode()
+            return eps
+
+        shares = [seeds[i : i + size] for i in range(0, len(seeds), size)]
+        with ThreadPoolExecutor(len(shares)) as pool:
+            recovery = [ep for part in pool.map(play, shares) for ep in part]
+    return [ep for ep in clean if ep.success], [ep for ep in recovery if ep.success]
 
 
 @functools.lru_cache(maxsize=4)
@@ -351,12 +436,35 @@ def held_out_success(
     return report
 
 
+def held_out_recovery(
+    model: Any,
+    tokenizer: Any,
+    env_name: str,
+    episodes: int,
+    env_kwargs: dict[str, Any] | None = None,
+    max_new_tokens: int = 96,
+) -> dict[str, float]:
+    """Greedy recovery rate on ``episodes`` held-out tasks (seeds ``0..episodes-1`` of
+    ``split="eval"``): each starts right after one injected error
+    (:func:`agentopd.zoo.recovery.recovery_jobs`); keys as
+    :func:`agentopd.zoo.recovery.recovery_rate`."""
+    from agentopd.rollout import run_episodes
+    from agentopd.zoo.recovery import recovery_jobs, recovery_rate
+
+    renderer = Renderer(tokenizer)
+    engine = HFEngine(model, renderer.eot_id, renderer.pad_id, max_batch_size=64)
+    limits = RolloutConfig(max_new_tokens=max_new_tokens, max_episode_tokens=2048, temperature=0.0)
+    jobs = recovery_jobs(env_name, env_kwargs or {}, range(episodes), split="eval")
+    return recovery_rate(run_episodes(jobs, engine, renderer, limits, seed=0))
+
+
 # ---------------------------------------------------------------------------- build
 def build_artifact(
     env_name: str,
     path: Path | None = None,
     *,
     preset: str | None = None,
+    variant: str = "",
     progress: bool = True,
     half: bool = False,
     **overrides: Any,
@@ -365,8 +473,9 @@ def build_artifact(
 
     Args:
         env_name: Registered environment name.
-        path: Target directory (default: the cache dir of ``<preset>-<env_name>``).
+        path: Target directory (default: the cache dir of ``<preset>-<env_name>[-<variant>]``).
         preset: Model preset (default: the recipe's).
+        variant: ``""`` (plain) or one of :data:`VARIANTS` (see :func:`recipe_for`).
         progress: Show a rich progress bar and a summary line.
         half: Save float16 weights (the form shipped in ``agentopd/zoo/assets/models``).
         **overrides: :class:`Recipe` fields and :class:`LearnerConfig` fields (see
@@ -385,10 +494,10 @@ def build_artifact(
         TimeRemainingColumn,
     )
 
-    recipe = with_overrides(RECIPES.get(env_name, Recipe()), overrides)
+    recipe = with_overrides(recipe_for(env_name, variant), overrides)
     if preset is not None:
         recipe = replace(recipe, preset=preset)
-    name = f"{recipe.preset}-{env_name}"
+    name = f"{recipe.preset}-{env_name}" + (f"-{variant}" if variant else "")
     path = Path(path) if path is not None else cache_dir(name)
     console = Console(stderr=True, quiet=not progress)
     t0 = time.perf_counter()
@@ -407,14 +516,13 @@ def build_artifact(
     ]
     with Progress(*columns, console=console, disable=not progress) as bar:
         # ------------------------------------------------------------ data
-        task = bar.add_task(f"{name}: expert episodes", total=recipe.train_episodes, loss="")
-        first = recipe.seed * 10_000_019
-        played = play_experts(
-            env_name, recipe.env_kwargs, list(range(first, first + recipe.train_episodes)),
-            recipe.data_workers, on_episode=lambda: bar.update(task, advance=1),
-        )  # fmt: skip
-        episodes = [ep for ep in played if ep.success]
-        if not episodes:
+        total = recipe.train_episodes + recipe.recovery_episodes
+        task = bar.add_task(f"{name}: expert episodes", total=total, loss="")
+        clean, recovery = training_episodes(
+            env_name, recipe, renderer, on_episode=lambda: bar.update(task, advance=1)
+        )
+        episodes = clean + recovery
+        if not clean:
             raise RuntimeError(
                 f"the {env_name} expert solved none of {recipe.train_episodes} tasks"
             )
@@ -442,6 +550,10 @@ def build_artifact(
                 recipe.max_new_tokens,
             )  # fmt: skip
             bar.update(task, advance=1, loss=f"success {evaluation['success']:.1%}")
+            evaluation["recovery"] = held_out_recovery(
+                model, tokenizer, env_name, recipe.eval_episodes, recipe.env_kwargs,
+                recipe.max_new_tokens,
+            )  # fmt: skip
     t_eval = time.perf_counter() - t0 - t_data - t_train
 
     tokens = [sum(len(s.tokens) for s in ep.segments) for ep in episodes]
@@ -450,7 +562,9 @@ def build_artifact(
         "env": env_name,
         "recipe": asdict(recipe),
         "train_examples": len(episodes),
-        "expert_failures": len(played) - len(episodes),
+        "expert_failures": total - len(episodes),
+        "recovery_examples": len(recovery),
+        "injected_errors": sum(len(ep.info["injected_turns"]) for ep in recovery),
         "mean_tokens": sum(tokens) / len(episodes),
         "mean_loss_tokens": sum(ep.num_sampled_tokens for ep in episodes) / len(episodes),
         "final_loss": sum(losses[-10:]) / len(losses[-10:]),
@@ -471,7 +585,9 @@ def build_artifact(
     if evaluation:
         console.print(
             f"[green]{name}[/]: held-out greedy success {evaluation['success']:.1%} "
-            f"on {evaluation['episodes']} tasks in {report['seconds']['total']:.0f}s -> {path}"
+            f"on {evaluation['episodes']} tasks, recovery rate "
+            f"{evaluation['recovery']['recovery_rate']:.1%}, in "
+            f"{report['seconds']['total']:.0f}s -> {path}"
         )
     return report
 
@@ -513,6 +629,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="target directory (default: cache)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--half", action="store_true", help="save float16 weights (shipped form)")
+    p.add_argument("--variant", default="", choices=("", *VARIANTS), help="artifact variant")
     add_recipe_flags(p, Recipe, skip={"env_kwargs", "optim", "name", "epochs_per_batch"})
     args = p.parse_args(argv)
     if args.threads:
@@ -520,9 +637,11 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("env", "preset", "out", "threads", "half") and v is not None
+        if k not in ("env", "preset", "out", "threads", "half", "variant") and v is not None
     }
-    report = build_artifact(args.env, args.out, preset=args.preset, half=args.half, **overrides)
+    report = build_artifact(
+        args.env, args.out, preset=args.preset, variant=args.variant, half=args.half, **overrides
+    )
     print(json.dumps({k: report[k] for k in ("name", "eval", "seconds", "final_loss")}, indent=2))
 
 
