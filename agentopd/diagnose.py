@@ -2,16 +2,32 @@
 
 Rolls out the student on training tasks, scores its tokens with the teacher and reports, on the
 student's own states: top-k overlap ratio, overlap-token advantage, entropy gap, sampled-token KL
-and teacher KL per turn index, with a plain-language verdict.
+and teacher KL per turn index, with a plain-language verdict. Then it measures whether the
+teacher can act on states after a mistake: its greedy **recovery rate**, the fraction of
+``recovery_episodes`` held-out tasks it still solves when it takes over right after an injected
+error (:func:`agentopd.zoo.recovery.recovery_jobs`: the expert plays up to a random turn, that
+turn is a malformed call, a miscopied value or a misspelled tool).
 """
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from agentopd.build import build_policy, make_teacher, rollout_config, student_name, teacher_name
+from agentopd.build import (
+    build_policy,
+    load_model,
+    make_engine,
+    make_teacher,
+    rollout_config,
+    student_name,
+    teacher_name,
+)
 from agentopd.learner import Learner
 from agentopd.metrics import episode_summary
 from agentopd.rollout import EpisodeJob, run_episodes
@@ -35,6 +51,9 @@ def diagnose(cfg: DictConfig, console: Console | None = None) -> dict[str, float
         teacher.score(episodes)
     learner = Learner(student, pad_id=renderer.pad_id, topk=cfg.teacher_cfg.topk)
     metrics = {**episode_summary(episodes), **learner.measure(episodes)}
+    if cfg.recovery_episodes > 0:
+        with console.status(f"teacher recovery rate on {cfg.recovery_episodes} injected errors"):
+            metrics.update(teacher_recovery(cfg, parts))
 
     from agentopd.diagnostics import verdict
 
@@ -64,3 +83,22 @@ def diagnose(cfg: DictConfig, console: Console | None = None) -> dict[str, float
         f"[bold]verdict:[/] {verdict({k.removeprefix('diag/'): v for k, v in metrics.items()})}"
     )
     return metrics
+
+
+def teacher_recovery(cfg: DictConfig, parts: Any) -> dict[str, float]:
+    """The teacher model's greedy recovery rate (``diag/recovery_rate``, per error kind
+    ``diag/recovery_rate/<kind>``) on ``cfg.recovery_episodes`` held-out tasks that start right
+    after an injected error, played with the run's engine and rollout limits."""
+    from agentopd.zoo.recovery import recovery_jobs, recovery_rate
+
+    model, _ = load_model(teacher_name(cfg), "teacher")
+    model.to(parts.device).eval()
+    workdir = parts.workdir or Path(tempfile.mkdtemp(prefix="agentopd-engine-"))
+    engine = make_engine(cfg.engine, model, parts.renderer, workdir / "teacher", cfg.engine_cfg)
+    jobs = recovery_jobs(
+        cfg.env, dict(cfg.env_kwargs), range(cfg.seed, cfg.seed + cfg.recovery_episodes)
+    )
+    episodes = run_episodes(
+        jobs, engine, parts.renderer, rollout_config(cfg, temperature=0.0), seed=cfg.seed
+    )
+    return {f"diag/{k}": v for k, v in recovery_rate(episodes).items()}

@@ -17,6 +17,9 @@ Metrics (``E_t`` is the mean over positions with ``mask_B_T`` = 1):
   of the reverse KL the ``rkl-sampled`` objective minimises.
 * ``kl_per_turn``: the same estimate per turn index (it grows with the index when errors
   compound).
+* ``recovery_rate`` (measured by playing, not from top-k data; see
+  :func:`agentopd.zoo.recovery.recovery_rate`): the fraction of held-out tasks the teacher still
+  solves when it takes over right after an injected error. :func:`verdict` reads it.
 
 All functions ignore masked-out positions completely (inputs there may be NaN/inf). Means over
 no position are NaN.
@@ -44,6 +47,8 @@ SAMPLED_KL_TINY = 0.01
 """Sampled-token KL (nats/token) below which the student is already close to the teacher."""
 KL_GROWTH_FACTOR = 2.0
 """Last-turn over first-turn KL ratio above which errors are said to compound over turns."""
+RECOVERY_POOR = 0.5
+"""Teacher recovery rate below which it is said not to know how to go on after a mistake."""
 
 
 def _mask(mask_B_T: Tensor) -> Tensor:
@@ -273,7 +278,9 @@ def verdict(metrics: dict[str, float]) -> str:
     the turn index points to compounding errors that a temporal curriculum can address. The
     thresholds are the module constants (``OVERLAP_GOOD``, ``OVERLAP_POOR``,
     ``ENTROPY_GAP_OK``, ``ENTROPY_GAP_POOR``, ``OVERLAP_ADVANTAGE_POOR``, ``SAMPLED_KL_TINY``,
-    ``KL_GROWTH_FACTOR``); they are starting points calibrated for k = 16, not laws.
+    ``KL_GROWTH_FACTOR``, ``RECOVERY_POOR``); they are starting points calibrated for k = 16,
+    not laws. A teacher that cannot recover from an injected error gives its signal on the
+    student's mistaken states from states it never learned, whatever the overlap says.
 
     Args:
         metrics: Output of :func:`compatibility` (missing keys are skipped).
@@ -328,4 +335,11 @@ def verdict(metrics: dict[str, float]) -> str:
                 f"(turn {turns[-1][0]}): errors compound, a temporal curriculum "
                 "(tcod-f2b) may help"
             )
+    recovery = metrics.get("recovery_rate", math.nan)
+    if not math.isnan(recovery) and recovery < RECOVERY_POOR:
+        notes.append(
+            f"the teacher rarely recovers from an injected error (recovery rate {recovery:.0%}): "
+            "after the student's mistakes its signal is unreliable; a teacher trained on "
+            "recovery demonstrations (tiny-teacher-<env>-recovery) may help"
+        )
     return head + ("; " + "; ".join(notes) if notes else "")

@@ -376,6 +376,38 @@ def _token_mean(values_B_T: Tensor, mask: Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+def discounted_future_sum(values_B_T: Tensor, mask_B_T: Tensor, gamma: float) -> Tensor:
+    """Per row, the ``gamma``-discounted sum of the masked values from each masked position on.
+
+    With ``v_1 .. v_n`` the values at a row's masked positions in order, position ``j`` gets
+    ``sum_{i >= j} gamma^(i - j) v_i``: the discount counts masked positions (a tool result
+    between two turns adds no discount). Masked-out positions get 0 and their values are never
+    read. No gradient flows (the result is an advantage, a constant).
+
+    Args:
+        values_B_T: Per-token values (anything at masked-out positions).
+        mask_B_T: 1 on the positions that take part.
+        gamma: Discount in ``[0, 1]``; 0 returns the masked values themselves.
+
+    Returns:
+        ``[B, T]`` discounted sums, in the dtype of ``values_B_T``.
+
+    Raises:
+        ValueError: ``gamma`` is outside ``[0, 1]``.
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    mask = _bool_mask(mask_B_T)
+    values = _masked(values_B_T.detach().double(), mask)
+    out = torch.zeros_like(values)
+    carry = values.new_zeros(values.shape[:-1])
+    for t in range(values.shape[-1] - 1, -1, -1):
+        m = mask[..., t]
+        carry = torch.where(m, values[..., t] + gamma * carry, carry)
+        out[..., t] = torch.where(m, carry, 0.0)
+    return out.to(values_B_T.dtype)
+
+
 def rkl_sampled(
     logprobs_new_B_T: Tensor,
     logprobs_old_B_T: Tensor,
@@ -384,6 +416,8 @@ def rkl_sampled(
     *,
     clip_eps: float = 0.2,
     agg: str = "token-mean",
+    kl_discount: float = 0.0,
+    discount_mask_B_T: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Sampled-token reverse KL as a clipped policy-gradient surrogate.
 
@@ -392,23 +426,45 @@ def rkl_sampled(
     gradient is that of ``-sum(m * A * log p_new) / n``, an unbiased estimate of the reverse KL
     gradient from one teacher log-prob per token.
 
+    With ``kl_discount = gamma > 0`` (tinker-cookbook's ``kl_discount_factor``) each token's
+    advantage is instead the discounted sum of the per-token advantages of itself and of the
+    later student tokens of its row (:func:`discounted_future_sum` over ``discount_mask_B_T``):
+    a token is also charged for the KL of what it leads to. ``gamma = 0`` is the per-token
+    advantage, computed exactly as without the option.
+
     Args:
         logprobs_new_B_T: Current student log-probs of the sampled tokens (with grad).
         logprobs_old_B_T: Student log-probs at sampling time (treated as constants).
         teacher_logprobs_B_T: Teacher log-probs of the same tokens (treated as constants).
-        mask_B_T: 1 on tokens the student sampled.
+        mask_B_T: 1 on the tokens to train on.
         clip_eps: PPO clip range.
         agg: Aggregation mode.
+        kl_discount: ``gamma`` in ``[0, 1]``.
+        discount_mask_B_T: The tokens whose advantages the discounted sum runs over: every
+            token the student sampled, including those token selection dropped from
+            ``mask_B_T`` (default: ``mask_B_T``; ``mask_B_T`` is always included).
 
     Returns:
         ``(loss, metrics)``; metrics: ``loss``, ``advantage_mean``, ``kl_sampled`` (mean of
-        ``log p_old - log q``), ``ratio_mean``, ``clip_frac``, ``tokens``.
+        ``log p_old - log q``, undiscounted), ``ratio_mean``, ``clip_frac``, ``tokens``.
+
+    Raises:
+        ValueError: ``kl_discount`` is outside ``[0, 1]``.
     """
+    if not 0.0 <= kl_discount <= 1.0:
+        raise ValueError(f"kl_discount must be in [0, 1], got {kl_discount}")
     mask = _bool_mask(mask_B_T)
     new = _masked(logprobs_new_B_T, mask)
     old = _masked(logprobs_old_B_T.detach(), mask)
     teacher = _masked(teacher_logprobs_B_T.detach(), mask)
     advantage = teacher - old
+    kl_per_token = -advantage
+    if kl_discount > 0.0:
+        span = mask if discount_mask_B_T is None else _bool_mask(discount_mask_B_T) | mask
+        raw = _masked(teacher_logprobs_B_T.detach(), span) - _masked(
+            logprobs_old_B_T.detach(), span
+        )
+        advantage = _masked(discounted_future_sum(raw, span, kl_discount), mask)
     ratio = torch.exp(new - old)
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
     per_token = -torch.minimum(ratio * advantage, clipped * advantage)
@@ -418,7 +474,7 @@ def rkl_sampled(
         metrics = {
             "loss": float(loss.detach()),
             "advantage_mean": _token_mean(advantage, mask),
-            "kl_sampled": _token_mean(-advantage, mask),
+            "kl_sampled": _token_mean(kl_per_token, mask),
             "ratio_mean": _token_mean(ratio, mask),
             "clip_frac": _token_mean(clip_hit, mask),
             "tokens": float(mask.sum()),
@@ -629,6 +685,13 @@ class RklSampledConfig(LossConfig):
     """``rkl-sampled``: PPO-style clipped surrogate of the sampled-token reverse KL."""
 
     clip_eps: float = knob(0.2, "PPO clip range of the probability ratio", ge=0)
+    kl_discount: float = knob(
+        0.0,
+        "gamma of the KL advantage: each token's advantage is the gamma-discounted sum of the "
+        "per-token advantages of it and the later student tokens of its segment (0: per token)",
+        ge=0,
+        le=1,
+    )
 
 
 @dataclass
@@ -660,6 +723,9 @@ class LossInputs:
     """Teacher log-probs of the sampled tokens."""
     teacher_topk_logprobs_B_T_K: Tensor
     """Teacher log-probs at its top-k ids (the support)."""
+    student_mask_B_T: Tensor | None = None
+    """1 on every token the student sampled, before token selection (what a discounted
+    advantage sums over); None: ``mask_B_T``."""
 
 
 class Loss(Protocol):
@@ -712,6 +778,8 @@ class _RklSampled:
             inputs.mask_B_T,
             clip_eps=cfg.clip_eps,
             agg=cfg.agg,
+            kl_discount=cfg.kl_discount,
+            discount_mask_B_T=inputs.student_mask_B_T,
         )
 
 

@@ -151,3 +151,10 @@ def test_verdict_notes() -> None:
     assert "errors compound" not in D.verdict(flat)
     assert "already close" in D.verdict({**base, "sampled_kl": 0.001})
     assert "disagree on the weights" in D.verdict({**base, "overlap_advantage": -0.6})
+
+
+def test_verdict_notes_a_teacher_that_cannot_recover() -> None:
+    base = {"overlap_ratio": 0.8, "entropy_gap": 0.1}
+    assert "rarely recovers" in D.verdict({**base, "recovery_rate": 0.1})
+    assert "rarely recovers" not in D.verdict({**base, "recovery_rate": 0.9})
+    assert "rarely recovers" not in D.verdict({**base, "recovery_rate": math.nan})

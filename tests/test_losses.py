@@ -455,3 +455,98 @@ def test_select_overlap_only() -> None:
         torch.tensor([[True, False, False]]),
     )
     assert torch.equal(L.topk_overlap_count(student, teacher), torch.tensor([[2, 0, 1]]))
+
+
+# --------------------------------------------------------------------------------------------
+# gamma-discounted KL advantage (loss_cfg.kl_discount)
+# --------------------------------------------------------------------------------------------
+
+
+def _rkl_sampled_reference(new, old, teacher, mask, clip_eps=0.2):
+    """The per-token-advantage objective written out independently (token-mean)."""
+    m = mask.bool()
+    adv = torch.where(m, teacher.detach(), 0.0) - torch.where(m, old.detach(), 0.0)
+    ratio = torch.exp(torch.where(m, new, 0.0) - torch.where(m, old.detach(), 0.0))
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    return torch.where(m, per_token, 0.0).sum() / m.sum()
+
+
+@pytest.mark.parametrize("discount_mask", [False, True])
+def test_kl_discount_zero_is_the_per_token_advantage_bit_for_bit(discount_mask: bool) -> None:
+    torch.manual_seed(3)
+    old = torch.randn(3, 9) - 2
+    teacher = torch.randn(3, 9) - 2
+    mask = torch.rand(3, 9) > 0.4
+    student = mask | (torch.rand(3, 9) > 0.5) if discount_mask else None
+    base = old + 0.3 * torch.randn(3, 9)  # off-policy, so the clip and ratio take part
+    grads = []
+    for kwargs in ({}, {"kl_discount": 0.0, "discount_mask_B_T": student}):
+        new = base.clone().requires_grad_()
+        loss, metrics = L.rkl_sampled(new, old, teacher, mask, **kwargs)
+        loss.backward()
+        grads.append((loss.detach(), new.grad, metrics))
+    (l0, g0, m0), (l1, g1, m1) = grads
+    assert torch.equal(l0, l1) and torch.equal(g0, g1) and m0 == m1
+    new = base.clone().requires_grad_()
+    ref = _rkl_sampled_reference(new, old, teacher, mask)
+    assert torch.equal(ref.detach(), l0)
+
+
+def test_discounted_future_sum_hand_computed() -> None:
+    values = _t([[1.0, 2.0, 99.0, 4.0, 8.0], [5.0, -1.0, 3.0, 0.0, 7.0]])
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 0, 1]])
+    out = L.discounted_future_sum(values, mask, 0.5)
+    # Row 0, student tokens 1, 2, 4 (the 99 at a masked-out position is never read):
+    #   4 ; 2 + .5 * 4 = 4 ; 1 + .5 * 4 = 3. The tool-result gap at index 2 adds no discount.
+    # Row 1: 7 ; 3 + .5 * 7 = 6.5 ; -1 + .5 * 6.5 = 2.25.
+    expected = _t([[3.0, 4.0, 0.0, 4.0, 0.0], [0.0, 2.25, 6.5, 0.0, 7.0]])
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(L.discounted_future_sum(values, mask, 0.0), values * mask)
+    torch.testing.assert_close(
+        L.discounted_future_sum(values, mask, 1.0)[0, 0], torch.tensor(7.0, dtype=torch.float64)
+    )
+    with pytest.raises(ValueError, match="gamma must be in"):
+        L.discounted_future_sum(values, mask, 1.5)
+
+
+def test_rkl_sampled_with_kl_discount_hand_computed() -> None:
+    # Teacher-minus-student advantages a = [ln .5, ln 2, ln .25] on tokens 0, 1, 3.
+    old = _t([[math.log(0.4), math.log(0.2), 0.0, math.log(0.8)]])
+    teacher = _t([[math.log(0.2), math.log(0.4), 55.0, math.log(0.2)]])
+    mask = torch.tensor([[1, 1, 0, 1]])
+    a0, a1, a3 = math.log(0.5), math.log(2.0), math.log(0.25)
+    g = 0.9
+    discounted = [a0 + g * a1 + g * g * a3, a1 + g * a3, a3]
+    new = old.clone().requires_grad_()
+    loss, m = L.rkl_sampled(new, old, teacher, mask, kl_discount=g)
+    assert loss.item() == pytest.approx(-sum(discounted) / 3, abs=1e-12)
+    assert m["advantage_mean"] == pytest.approx(sum(discounted) / 3, abs=1e-12)
+    assert m["kl_sampled"] == pytest.approx(-(a0 + a1 + a3) / 3, abs=1e-12)  # undiscounted
+    loss.backward()
+    expected = _t([[-discounted[0] / 3, -discounted[1] / 3, 0.0, -discounted[2] / 3]])
+    torch.testing.assert_close(new.grad, expected, rtol=0, atol=1e-12)
+    # Token selection dropped token 1 from the loss: its KL still counts in token 0's advantage.
+    sel = torch.tensor([[1, 0, 0, 1]])
+    new = old.clone().requires_grad_()
+    loss, _ = L.rkl_sampled(new, old, teacher, sel, kl_discount=g, discount_mask_B_T=mask)
+    assert loss.item() == pytest.approx(-(discounted[0] + discounted[2]) / 2, abs=1e-12)
+    with pytest.raises(ValueError, match="kl_discount"):
+        L.rkl_sampled(new, old, teacher, mask, kl_discount=-0.1)
+
+
+def test_kl_discount_is_a_validated_config_key_that_reaches_the_loss() -> None:
+    from agentopd.config import ConfigError, compose
+
+    cfg = compose("train", ["loss=rkl-sampled", "loss_cfg.kl_discount=0.95"])
+    assert cfg.loss_cfg.kl_discount == 0.95
+    with pytest.raises(ConfigError, match="kl_discount"):
+        compose("train", ["loss=rkl-sampled", "loss_cfg.kl_discount=1.5"])
+    old = _t([[math.log(0.4), math.log(0.2)]])
+    teacher = _t([[math.log(0.2), math.log(0.4)]])
+    inputs = L.LossInputs(torch.ones(1, 2, dtype=torch.bool), old, teacher, teacher[..., None])
+    student = L.TokenLogprobs(logprobs_B_T=old.clone().requires_grad_())
+    plain, _ = L.RKL_SAMPLED(inputs, student, L.RklSampledConfig())
+    discounted, _ = L.RKL_SAMPLED(inputs, student, L.RklSampledConfig(kl_discount=0.5))
+    a0, a1 = math.log(0.5), math.log(2.0)
+    assert plain.item() == pytest.approx(-(a0 + a1) / 2)
+    assert discounted.item() == pytest.approx(-(a0 + 0.5 * a1 + a1) / 2)
