@@ -76,12 +76,14 @@ def cmd_check_env(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from agentopd import distributed
     from agentopd.config import compose
     from agentopd.trainer import train
 
     cfg = compose("train", args.overrides)
     result = train(cfg, console, overrides=args.overrides)
-    console.print_json(json.dumps(result))
+    if distributed.launched_rank() == 0:  # under torchrun, one result
+        console.print_json(json.dumps(result))
     return 0
 
 
@@ -315,7 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ConfigError, UnknownNameError) as e:
-        err_console.print(f"[red]error:[/] {e}")
+        # Under torchrun every rank validates the same config and exits 2 with the same error.
+        from agentopd import distributed
+
+        where = f" (rank {distributed.launched_rank()})" if distributed.launched_size() > 1 else ""
+        err_console.print(f"[red]error{where}:[/] {e}")
+        if distributed.launched_size() > 1:
+            distributed.exit_together(2)
         return 2
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")

@@ -26,6 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from agentopd.distributed import DistributedConfig
 from agentopd.learner import LearnerConfig
 from agentopd.lora import LoraConfig
 from agentopd.losses import LossConfig
@@ -124,6 +125,9 @@ class EvalCommandConfig:
     seed: int = knob(0, "seed; tasks use the held-out seeds 10000 + seed, as training does", ge=0)
     device: str = knob("auto", "torch device", choices=DEVICES)
     cpu_threads: int = knob(1, "torch CPU threads (0: torch's default)", ge=0)
+    distributed: DistributedConfig = knob(
+        factory=DistributedConfig, help="process group under torchrun (docs/scale.md)"
+    )
     rollout: RolloutConfig = knob(factory=RolloutConfig, help="rollout loop")
     output: str | None = knob(None, "also write the episodes as JSONL here")
 

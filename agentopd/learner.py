@@ -266,9 +266,10 @@ class Learner:
     def _step_opd(self, episodes: list[Episode]) -> dict[str, float]:
         c, lc = self.config, self.loss_cfg
         batches = self._micro_batches(episodes, with_teacher=True)
-        if not batches:
+        # Under torchrun a rank with an empty shard still takes part in every collective.
+        if distributed.all_sum(len(batches)) == 0:
             return {"learner/tokens": 0.0}
-        masks, olds = self._select(batches)
+        masks, olds = self._select(batches) if batches else ([], [])
         # Under torchrun the normalisers are global: each rank holds a shard of the batch.
         total_tokens = distributed.all_sum(sum(int(m.sum()) for m in masks))
         total_seqs = distributed.all_sum(sum(int((m.sum(-1) > 0).sum()) for m in masks))
@@ -308,7 +309,8 @@ class Learner:
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * (weight if k != "tokens" else 1.0)
             grad_norm = self._apply_gradients()
-        out = self._finish(sums, grad_norm)
+        # Weighted by global normalisers, the ranks' sums add up to the whole batch's metrics.
+        out = self._finish(distributed.all_sum_dict(sums), grad_norm)
         out["learner/tokens"] = float(total_tokens)
         out["learner/epochs"] = float(c.epochs_per_batch)
         if diag_rows:
@@ -332,12 +334,15 @@ class Learner:
         The loss is the ``loss_cfg.agg`` mean over ``episodes``' mask-1 tokens, plus, per group
         of ``extra``, its weight times its own mean (e.g. the zoo's copy drills). The pass is
         :func:`agentopd.sft.backward`'s packed one (shared prefix, packed rows, projection at
-        trained positions only): the loss and gradient of a padded forward, faster.
+        trained positions only): the loss and gradient of a padded forward, faster. Under
+        torchrun each rank passes its shard; the means and the gradient are over all shards.
         """
         c = self.config
         groups = [sft.SftGroup(episodes), *extra]
-        if not any(sft.trained_segments(g.episodes) for g in groups):
+        has_work = any(sft.trained_segments(g.episodes) for g in groups)
+        if distributed.all_sum(int(has_work)) == 0:  # every rank decides alike under torchrun
             return {"learner/tokens": 0.0}
+        diag_rows = _gather_rows(diag_rows)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = sft.backward(
@@ -349,14 +354,13 @@ class Learner:
             chunk_size=self.loss_cfg.chunk_size,
             bf16=sft.bf16_enabled(c.sft_bf16, self.device),
         )
-        return self._finish(sums, self._apply_gradients(all_reduce=False))
+        return self._finish(distributed.all_sum_dict(sums), self._apply_gradients())
 
-    def _apply_gradients(self, all_reduce: bool = True) -> torch.Tensor:
-        """Clip and apply the accumulated gradient (summed over torchrun ranks first when
-        ``all_reduce``: the OPD step normalises by batch-wide counts); returns its norm."""
+    def _apply_gradients(self) -> torch.Tensor:
+        """Clip and apply the accumulated gradient, summed over torchrun ranks first (both steps
+        normalise by counts over all ranks' shards); returns its norm."""
         c = self.config
-        if all_reduce:
-            distributed.sum_gradients(self.model)
+        distributed.sum_gradients(self.model)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf")
         )
@@ -419,3 +423,13 @@ def _diagnostics(rows: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         teacher_entropy_B_T=cat["teacher_entropy"],
     )
     return {f"diag/{k}": float(v) for k, v in metrics.items()}
+def _gather_rows(rows: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Under torchrun, every rank's diagnostic rows (their mask-1 tokens, flattened) on every
+    rank, so the logged diagnostics cover the whole batch; ``rows`` itself in one process."""
+    if distributed.world().size == 1:
+        return rows
+    mine = [{k: v[r["mask"]] for k, v in r.items()} for r in rows]
+    per_rank: list[list[dict[str, torch.Tensor]]] = distributed.all_gather_list([mine])
+    return [row for rank_rows in per_rank for row in rank_rows]
+
+

@@ -64,11 +64,13 @@ class RunDir:
     Args:
         root: ``runs_dir``.
         name: Run name (a subdirectory of ``root``).
+        create: Create the directory (False: only read it, as torchrun ranks other than 0 do).
     """
 
-    def __init__(self, root: str | Path, name: str):
+    def __init__(self, root: str | Path, name: str, create: bool = True):
         self.path = Path(root) / name
-        self.path.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints = self.path / "checkpoints"
 
     def file(self, name: str) -> Path:

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from agentopd import losses
+from agentopd import distributed, losses
 from agentopd.types import Episode, Segment
 
 MIN_SHARED_PREFIX = 8
@@ -167,7 +167,10 @@ def backward(
 
     Each group's segments go through the model ``micro_batch`` at a time, in order; per-token
     weights make the sum over micro-batches exactly the group's ``agg`` mean, so the gradient
-    does not depend on ``micro_batch``. Nothing is zeroed or stepped here.
+    does not depend on ``micro_batch``. Nothing is zeroed or stepped here. Under ``torchrun``
+    each rank passes its shard of every group and the means are over all ranks' shards
+    (:func:`agentopd.distributed.all_sum`), so summing the ranks' gradients gives the gradient
+    of the whole batch; every rank must call this with the same number of groups.
 
     Args:
         model: A transformers causal LM (``base_model`` and ``get_output_embeddings``).
@@ -195,10 +198,12 @@ def backward(
     for group in groups:
         segs = trained_segments(group.episodes)
         counts = [sum(s.mask[1:]) for s in segs]
+        # Under torchrun ``group`` is this rank's shard: normalise by counts over all shards.
         if agg == "token-mean":
-            weights = [1.0 / max(1, sum(counts))] * len(segs)
+            weights = [1.0 / max(1, distributed.all_sum(sum(counts)))] * len(segs)
         else:
-            weights = [1.0 / (len(segs) * n) for n in counts]
+            n_segs = distributed.all_sum(len(segs))
+            weights = [1.0 / (n_segs * n) for n in counts]
         total = 0.0
         for i in range(0, len(segs), micro_batch):
             part, w = segs[i : i + micro_batch], weights[i : i + micro_batch]

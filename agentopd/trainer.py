@@ -21,6 +21,7 @@ import os
 import random
 import re
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agentopd import lora
+from agentopd import distributed, lora
 from agentopd.build import build_train, load_model, make_engine, rollout_config, teacher_name
 from agentopd.config import ConfigError
 from agentopd.learner import Learner
@@ -101,7 +102,8 @@ def _resume_target(cfg: DictConfig, console: Console) -> str:
     return newest
 
 
-_NOT_COMPARED = ("resume", "resume_override", "run_name")
+# How many torchrun ranks and which backend do not change what a run computes.
+_NOT_COMPARED = ("resume", "resume_override", "run_name", "distributed")
 
 
 def _config_diff(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -136,6 +138,8 @@ class Trainer:
     _teacher_engine: Any = None
     _config_changes: list[str] = field(default_factory=list)
     _demos: list[Episode] | None = None
+    world: distributed.World = field(default_factory=distributed.World)
+    """This process's torchrun rank (one process: rank 0 of 1); set by :meth:`run`."""
 
     def setup(self) -> None:
         from transformers.utils import logging as hf_logging
@@ -153,17 +157,26 @@ class Trainer:
         self.renderer, self.engine = parts.renderer, parts.engine
         self.teacher, self.learner, self.curriculum = parts.teacher, parts.learner, parts.curriculum
         self._demos = parts.demos
-        self.run_dir = RunDir(cfg.runs_dir, name or _new_run_name(cfg))
-        if self._config_changes:
+        main = self.world.is_main
+        if self.world.size > 1:  # every rank starts from rank 0's weights
+            distributed.broadcast_parameters(self.student)
+            self.engine.load_weights(lora.engine_weights(self.student))
+        # Rank 0 names the run and alone writes it; the other ranks only read it (resume).
+        if name is None:
+            name = distributed.broadcast_object(_new_run_name(cfg) if main else None)
+        self.run_dir = RunDir(cfg.runs_dir, name, create=main)
+        if self._config_changes and main:
             self.run_dir.append_jsonl(
                 "config_changes.jsonl",
                 [json.dumps({"time": time.time(), "changes": self._config_changes})],
             )
-        self.run_dir.remove_partial_checkpoints()
-        self.run_dir.write_config(OmegaConf.to_yaml(cfg))
-        atomic_write_text(
-            self.run_dir.path / "choices.json", json.dumps(parts.choices, indent=2) + "\n"
-        )
+        if main:
+            self.run_dir.remove_partial_checkpoints()
+            self.run_dir.write_config(OmegaConf.to_yaml(cfg))
+            choices = {**parts.choices, "world_size": self.world.size}
+            atomic_write_text(
+                self.run_dir.path / "choices.json", json.dumps(choices, indent=2) + "\n"
+            )
         self.console.print(
             f"[bold]run[/] {self.run_dir.path}  env={cfg.env} loss={cfg.loss} device={self.device}"
         )
@@ -175,11 +188,13 @@ class Trainer:
         self.cold_start_done = False
         self.teacher_tokens = 0
         resumed = self.run_dir.latest_checkpoint() if cfg.resume else None
+        resumed = distributed.broadcast_object(resumed)  # every rank loads rank 0's choice
         if resumed is not None:
             self._load(*resumed)
         elif cfg.resume:
             # Killed before the first checkpoint (cold start included): start over, cleanly.
-            self.run_dir.truncate_logs({})
+            if main:
+                self.run_dir.truncate_logs({})
             self.console.print("[yellow]resume[/]: no checkpoint yet; starting the run over")
 
     def _resumed_config(self, path: Path) -> DictConfig:
@@ -215,6 +230,9 @@ class Trainer:
 
     # ---------------------------------------------------------------------- checkpoints
     def _save(self, step: int) -> None:
+        if not self.world.is_main:  # rank 0 saves; every rank holds the same state
+            return
+
         def payload(d: Path) -> None:
             lora.save_pretrained(self.student, self.tokenizer, d / "model")
             torch.save(
@@ -243,16 +261,23 @@ class Trainer:
         self.cold_start_done = bool(state.get("cold_start_done", True))
         self.teacher_tokens = int(state.get("teacher_tokens", 0))
         self.start_step = int(state["step"]) + 1
-        self.run_dir.truncate_logs(state["log_sizes"])
+        if self.world.is_main:
+            self.run_dir.truncate_logs(state["log_sizes"])
         self.console.print(
             f"[yellow]resumed[/] from {path.name}: continuing at step {self.start_step}"
         )
 
     # ---------------------------------------------------------------------- phases
     def log(self, row: dict[str, Any]) -> None:
-        self.run_dir.append_jsonl("metrics.jsonl", [json.dumps(row)])
+        if self.world.is_main:
+            self.run_dir.append_jsonl("metrics.jsonl", [json.dumps(row)])
 
     def evaluate(self, tag: str, step: int) -> float:
+        """Held-out success (under torchrun rank 0 evaluates, the others wait and get its
+        number)."""
+        if not self.world.is_main:
+            _kill_point(f"eval:{tag}")
+            return float(distributed.broadcast_object(None))
         e = self.cfg.eval
         report, _ = evaluate(
             self.cfg.env,
@@ -278,7 +303,7 @@ class Trainer:
         self.console.print(
             f"[bold]{tag}[/]: held-out success {report['success']:.1%} ({report['tasks']} tasks, mean turns {report['mean_turns']:.2f})"
         )
-        return float(report["success"])
+        return float(distributed.broadcast_object(report["success"]))
 
     def demonstrations(self, n: int, seed: int) -> list[Episode]:
         return self._demonstrations(n, seed)[0]
@@ -295,15 +320,28 @@ class Trainer:
             )
             for i in range(n)
         ]
+        mine = distributed.shard(jobs)  # under torchrun each rank plays its share
         if self.cfg.demo_source == "teacher":
             engine = self.teacher_engine()
             episodes = run_episodes(
-                jobs, engine, self.renderer, rollout_config(self.cfg, 1.0), seed=seed
+                mine,
+                engine,
+                self.renderer,
+                rollout_config(self.cfg, 1.0),
+                seed=distributed.rank_seed(seed),
             )
         else:
-            episodes = expert_episodes(jobs, self.renderer)
-        generated = sum(ep.num_sampled_tokens for ep in episodes)
+            episodes = expert_episodes(mine, self.renderer)
+        generated = int(distributed.all_sum(sum(ep.num_sampled_tokens for ep in episodes)))
+        episodes = distributed.all_gather_list(episodes)  # the same pool on every rank
         return [ep for ep in episodes if ep.success], generated
+
+    def _scratch(self, name: str) -> Path:
+        """A working directory for ``name``: in the run directory on rank 0, a temporary one on
+        other torchrun ranks (they write nothing into the run)."""
+        if self.world.is_main:
+            return self.run_dir.path / name
+        return Path(tempfile.mkdtemp(prefix=f"agentopd-{name}-"))
 
     def teacher_engine(self) -> Any:
         """A rollout engine around the teacher model (built once): it generates demonstrations
@@ -312,7 +350,7 @@ class Trainer:
             model, _ = load_model(teacher_name(self.cfg), "teacher")
             model.to(self.device).eval()
             self._teacher_engine = make_engine(
-                self.cfg.engine, model, self.renderer, self.run_dir.path / "teacher_engine"
+                self.cfg.engine, model, self.renderer, self._scratch("teacher_engine")
             )
         return self._teacher_engine
 
@@ -341,7 +379,7 @@ class Trainer:
             task = progress.add_task("cold start (SFT)", total=cs.steps, info="")
             for i in range(cs.steps):
                 batch = rng.sample(demos, min(cs.batch_size, len(demos)))
-                m = sft.step_sft(batch)
+                m = sft.step_sft(distributed.shard(batch))  # the ranks' shards add up to batch
                 self.log({"phase": "cold_start", "step": i, **m})
                 _kill_point(f"cold_start:{i}")
                 progress.update(task, advance=1, info=f"nll {m.get('learner/loss', 0):.3f}")
@@ -365,7 +403,7 @@ class Trainer:
             demos, generated = self._demonstrations(
                 cfg.episodes_per_step, seed=8_000_000 + step * cfg.episodes_per_step
             )
-            row.update(self.learner.step_sft(demos))
+            row.update(self.learner.step_sft(distributed.shard(demos)))
             row["batch"] = "demonstration"
             # Every token the teacher generated counts, including its failed episodes.
             self.teacher_tokens += generated
@@ -375,11 +413,13 @@ class Trainer:
         row["batch"] = "on-policy"
         t0 = time.perf_counter()
         episodes = run_episodes(
-            jobs,
+            distributed.shard(jobs),
             self.engine,
             self.renderer,
+        # Under torchrun each rank plays its share of the step's tasks; the learner's update is
+        # over all ranks' episodes.
             rollout_config(cfg, temp),
-            seed=cfg.seed * 100_003 + step,
+            seed=distributed.rank_seed(cfg.seed * 100_003 + step),
             # guided-opd: the teacher model plays the guide turns (mask 0).
             guide=self.teacher_engine()
             if getattr(self.curriculum, "guide_source", None) == "teacher"
@@ -393,14 +433,17 @@ class Trainer:
         row.update(self.learner.step(trainable))
         self.engine.load_weights(lora.engine_weights(self.student))
         t3 = time.perf_counter()
-        sampled = sum(e.num_sampled_tokens for e in episodes)
-        scored = sum(len(s.tokens) for e in episodes for s in e.segments)
-        guided = sum(e.info.get("guide_tokens", 0) for e in episodes)  # generated by the teacher
+        # Counts over all ranks, so every rank takes the same teacher-token budget decision.
+        sampled = int(distributed.all_sum(sum(e.num_sampled_tokens for e in episodes)))
+        scored = int(distributed.all_sum(sum(len(s.tokens) for e in episodes for s in e.segments)))
+        # Guide turns are generated by the teacher.
+        guided = int(distributed.all_sum(sum(e.info.get("guide_tokens", 0) for e in episodes)))
         self.teacher_tokens += sampled + guided
         row.update(episode_summary(episodes))
         if guided:
             row["rollout/guide_tokens"] = guided
         row.update(
+        episodes = distributed.gather_list(episodes)  # rank 0: the whole step, in job order
             {
                 "throughput/rollout_tok_s": sampled / max(t1 - t0, 1e-9),
                 "throughput/teacher_tok_s": scored / max(t2 - t1, 1e-9),
@@ -411,7 +454,8 @@ class Trainer:
                 "teacher_tokens": self.teacher_tokens,
             }
         )
-        self.run_dir.append_episodes(step, episodes)
+        if self.world.is_main:
+            self.run_dir.append_episodes(step, episodes)
         return row
 
     def _progress(self) -> Progress:
@@ -431,12 +475,29 @@ class Trainer:
         cfg = self.cfg
         result: dict[str, Any] = {"run_dir": str(self.run_dir.path)}
         fresh = self.start_step == 0 and not self.cold_start_done
+        """The whole run. Under ``torchrun`` it joins the process group first (and leaves it
+        at the end); only rank 0 prints and writes (see :mod:`agentopd.distributed`)."""
+        joined = distributed.world().size > 1  # a caller's process group: leave it joined
+        d = self.cfg.distributed
+        self.world = distributed.setup(d.backend, d.timeout_s)
+        if not self.world.is_main:
+            self.console = Console(quiet=True)
+        try:
+            return self._run()
+        finally:
+            if not joined:
+                distributed.teardown()
+
+    def _run(self) -> dict[str, Any]:
         if fresh and cfg.eval.before and cfg.eval.episodes > 0:
             result["success_before"] = self.evaluate("before training", step=-1)
         if not self.cold_start_done and cfg.cold_start.steps > 0:
             self.cold_start()
             # Keep the cold-started student: baselines (SFT-only, other losses) start from it.
-            lora.save_pretrained(self.student, self.tokenizer, self.run_dir.path / "cold_start_model")
+            if self.world.is_main:
+                lora.save_pretrained(
+                    self.student, self.tokenizer, self.run_dir.path / "cold_start_model"
+                )
             if cfg.eval.episodes > 0:
                 result["success_after_cold_start"] = self.evaluate("after cold start", step=-1)
         with self._progress() as progress:

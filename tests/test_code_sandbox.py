@@ -19,6 +19,7 @@ from agentopd.envs.code_sandbox import (
     step_code,
 )
 from agentopd.tools.sandbox import availability
+from agentopd.tools.sandbox.pool import close_pools
 from agentopd.tools.sandbox.testing import (
     backend_params,
     leftovers,
@@ -52,10 +53,12 @@ def first_available_backend() -> str:
 @pytest.fixture(params=backend_params())
 def env(request: pytest.FixtureRequest) -> Iterator[CodeSandboxEnv]:
     require_backend(request.param)
+    close_pools()
     before = process_snapshot()
     e = CodeSandboxEnv(backend=request.param, timeout_s=2.0)
     yield e
     e.close()
+    close_pools()  # the env hands its sandbox back to the process's pool; close stops them
     assert not leftovers(before), "close() left sandbox processes or containers behind"
 
 
@@ -173,11 +176,14 @@ def test_timeout_is_reported(env: CodeSandboxEnv) -> None:
 
 def test_close_episode_releases_the_sandbox(env: CodeSandboxEnv) -> None:
     env.reset(seed=0)
-    python(env, "y = 1")
-    assert env._sandbox is not None and env._sandbox.running
-    env.reset(seed=1)  # reset ends the previous episode
+    python(env, "y = 1\nopen('mine.txt', 'w').write('1')")
+    box = env._sandbox
+    assert box is not None and box.running
+    env.reset(seed=1)  # reset ends the previous episode: its sandbox goes back to the pool
     assert env._sandbox is None
-    assert "NameError" in python(env, "print(y)")  # a fresh worker per episode
+    assert "NameError" in python(env, "print(y)")  # a fresh Python executor per episode
+    assert python(env, "import os\nprint(os.listdir('.'))") == "[]"  # and an empty work dir
+    assert env._sandbox is box and env._pool is not None and env._pool.stats.resets >= 1
 
 
 # ------------------------------------------------------------------ env details

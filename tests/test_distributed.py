@@ -1,15 +1,26 @@
-"""The learner under ``torchrun`` (gloo, 2 CPU processes) equals one process on the same batch.
+"""``agentopd`` under ``torchrun`` (gloo, 2 CPU processes) equals one process.
 
-Each rank takes its shard of one fixed batch of scored episodes (:func:`agentopd.distributed.shard`)
-and makes one :class:`~agentopd.learner.Learner` step (SGD, the default OPD optimizer; AdamW's
-first step divides each gradient by its own magnitude, which turns float rounding of near-zero
-gradients into differences of ~1e-5); the weights afterwards must equal, within
-:data:`ATOL`, those of one process stepping on the whole batch, and be the same on both ranks.
+- Learner level: each rank takes its shard of one fixed batch of scored episodes
+  (:func:`agentopd.distributed.shard`) and makes an OPD step, an SFT step and an OPD step on a
+  batch of one episode (so rank 1's shard is empty); the weights after each must equal, within
+  :data:`ATOL`, one process stepping on the whole batch.
+- Train level: ``torchrun -m agentopd train`` for 3 steps (an OPD step and two GKD
+  demonstration steps), killed after step 1 and resumed under torchrun, against one
+  uninterrupted ``python -m agentopd train``: each step logged once with the same metrics, the
+  same run directory files (rank 0 alone writes; nothing else appears), the same weights within
+  :data:`ATOL`. Rollouts are greedy (``rollout.temperature=0``), so the sharded rollouts play
+  the same episodes one process plays; at a temperature above 0 they would be other samples.
+- A bad key exits 2 on every rank, and nothing is created.
+
+SGD throughout (the default OPD optimizer): AdamW's first step divides each gradient by its own
+magnitude, which turns float rounding of near-zero gradients into differences of ~1e-5.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,52 +31,184 @@ import torch
 from agentopd import distributed, zoo
 
 ATOL = 1e-6
-WORKER = r"""
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def learner_steps(loss: str) -> list[dict[str, torch.Tensor]]:
+    """The weights after an OPD step, an SFT step and an OPD step on one episode (rank 1's shard
+    empty), each rank on its shard of the same scored batch (one process: the whole batch)."""
+    from agentopd.learner import Learner, LearnerConfig
+    from agentopd.renderer import Renderer
+    from agentopd.rollout import EpisodeJob, expert_episodes
+    from agentopd.teachers import TeacherConfig
+    from agentopd.teachers.hf import HFTeacher
+
+    renderer = Renderer(zoo.load_tokenizer())
+    jobs = [
+        EpisodeJob("lookup-chain", s, {"split": "train"}, {"hops": 1 + s % 3}) for s in range(6)
+    ]
+    episodes = expert_episodes(jobs, renderer)
+    HFTeacher(zoo.build_model("tiny", seed=7), renderer, TeacherConfig(topk=4)).score(episodes)
+    model = zoo.build_model("tiny", seed=0)
+    cfg = LearnerConfig(name="sgd", lr=0.5, micro_batch=2)
+    opd = Learner(model, cfg, renderer.pad_id, loss=loss, topk=4)
+    seq_mean = opd.loss.Config(agg="seq-mean-token-mean")
+    sft = Learner(model, cfg, renderer.pad_id, loss=loss, topk=4, loss_cfg=seq_mean)
+    states = []
+    for step in (
+        lambda: opd.step(distributed.shard(episodes)),
+        lambda: sft.step_sft(distributed.shard(episodes[:5])),
+        lambda: opd.step(distributed.shard(episodes[:1])),
+    ):
+        step()
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    return states
+
+
+WORKER = """
 import sys, torch
-from agentopd import distributed, zoo
-from agentopd.learner import Learner, LearnerConfig
-from agentopd.renderer import Renderer
-from agentopd.rollout import EpisodeJob, expert_episodes
-from agentopd.teachers.hf import HFTeacher
-from agentopd.teachers import TeacherConfig
+sys.path.insert(0, sys.argv[3])
+from agentopd import distributed
+from test_distributed import learner_steps
 
 torch.set_num_threads(1)
 w = distributed.setup()
-renderer = Renderer(zoo.load_tokenizer())
-jobs = [EpisodeJob("lookup-chain", s, {"split": "train"}, {"hops": 1 + s % 3}) for s in range(6)]
-episodes = expert_episodes(jobs, renderer)
-HFTeacher(zoo.build_model("tiny", seed=7), renderer, TeacherConfig(topk=4)).score(episodes)
-model = zoo.build_model("tiny", seed=0)
-cfg = LearnerConfig(name="sgd", lr=0.5, micro_batch=2)
-learner = Learner(model, cfg, renderer.pad_id, loss=sys.argv[2], topk=4)
-learner.step(distributed.shard(episodes, w))
+states = learner_steps(sys.argv[2])
 if w.is_main:
-    torch.save(model.state_dict(), sys.argv[1])
+    torch.save(states, sys.argv[1])
 distributed.teardown()
 """
 
+TRAIN = [
+    "env=lookup-chain",
+    "steps=3",
+    "episodes_per_step=4",
+    "cold_start.steps=0",
+    "eval.episodes=2",
+    "eval.before=false",
+    "rollout.temperature=0",
+    "gkd_lambda=0.5",  # with seed 0: steps 0 and 2 are demonstration (SFT) steps, 1 on-policy
+    "checkpoint_every=1",
+    "optim.name=sgd",
+    "run_name=r",
+]
 
-def _run(cmd: list[str], tmp: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+
+def _run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k != "AGENTOPD_KILL_AT"}
+    full.update(OMP_NUM_THREADS="1", **env)
+    return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=600)
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_equal_one_process(tmp_path, loss="rkl-topk"):
-    script = tmp_path / "worker.py"
+    script, ddp = tmp_path / "worker.py", tmp_path / "ddp.pt"
     script.write_text(WORKER)
-    single, ddp = tmp_path / "single.pt", tmp_path / "ddp.pt"
-    _run([sys.executable, str(script), str(single), loss], tmp_path)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    _run([*torchrun, str(script), str(ddp), loss], tmp_path)
-    a, b = torch.load(single), torch.load(ddp)
-    start = zoo.build_model("tiny", seed=0).state_dict()
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    moved = max((a[k] - start[k]).abs().max().item() for k in a)
-    print(f"{loss}: max |2 ranks - 1 process| = {worst:.2e}; the step moved weights by {moved:.2e}")
-    assert moved > 100 * ATOL, "the step barely changed the weights; the comparison is empty"
+    _ok(_run([*TORCHRUN, str(script), str(ddp), loss, str(Path(__file__).parent)], tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = learner_steps(loss)
+    finally:
+        torch.set_num_threads(threads)
+    before = zoo.build_model("tiny", seed=0).state_dict()
+    for name, a, b in zip(
+        ("opd", "sft", "opd, rank 1 empty"), single, torch.load(ddp), strict=True
+    ):
+        worst, moved = _max_diff(a, b), _max_diff(a, before)
+        print(f"{name}: max |2 ranks - 1 process| = {worst:.2e}; weights moved by {moved:.2e}")
+        assert moved > 100 * ATOL, f"{name}: the step barely changed the weights"
+        assert worst < ATOL, name
+        before = a
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    step = json.loads((run / "checkpoints" / "latest.json").read_text())["path"]
+    return load_file(run / "checkpoints" / step / "model" / "model.safetensors")
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """``python -m agentopd train`` in one process; returns its run directory."""
+    cwd = tmp_path_factory.mktemp("single")
+    _ok(_run([sys.executable, "-m", "agentopd", "train", *TRAIN, "runs_dir=runs"], cwd))
+    return cwd / "runs" / "r"
+
+
+def _same_run(run: Path, ref: Path) -> float:
+    """Assert ``run`` logged what ``ref`` logged; returns the max weight difference."""
+    got, want = _rows(run), _rows(ref)
+    key = ("phase", "step", "batch", "teacher_tokens", "learner/tokens", "rollout/episodes")
+    assert [[r.get(k) for k in key] for r in got] == [[r.get(k) for k in key] for r in want]
+    assert [r.get("batch") for r in want if r["phase"] == "train"] == [
+        "demonstration",
+        "on-policy",
+        "demonstration",
+    ], "the steps no longer mix SFT and OPD batches; pick another gkd_lambda or seed"
+    for g, w in zip(got, want, strict=True):
+        for k in ("learner/loss", "learner/grad_norm", "diag/sampled_kl", "eval/success"):
+            if k in w:
+                assert abs(g[k] - w[k]) < 1e-4 * max(1.0, abs(w[k])), (k, g[k], w[k])
+    index = (run / "episodes" / "index.jsonl").read_text().splitlines()
+    assert len(index) == len((ref / "episodes" / "index.jsonl").read_text().splitlines())
+    assert json.loads((run / "choices.json").read_text())["world_size"] == 2
+    return _max_diff(_weights(run), _weights(ref))
+
+
+@pytest.mark.slow
+def test_torchrun_train_killed_and_resumed_equals_one_process(tmp_path, reference):
+    """Under torchrun: a run killed after step 1 (logged, not checkpointed), then resumed, logs
+    each step once, holds exactly the files one process writes (rank 0 alone writes), and ends
+    at the weights of one uninterrupted process."""
+    cmd = [*TORCHRUN, "-m", "agentopd", "train", *TRAIN, "runs_dir=runs"]
+    killed = _run(cmd, tmp_path, AGENTOPD_KILL_AT="train:1")
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-3000:]
+    run = tmp_path / "runs" / "r"
+    assert [(r["phase"], r["step"]) for r in _rows(run)] == [("train", 0), ("train", 1)]
+    resumed = _run([*cmd, "resume=true"], tmp_path)
+    _ok(resumed)
+    out = " ".join(resumed.stdout.split())
+    assert "continuing at step 1" in out
+    assert out.count('"run_dir"') == 1, "one result, printed by rank 0 only"
+    assert out.count("after training: held-out success") == 1, "rank 0 alone evaluates"
+    # Rank 0's run directory holds exactly what one process writes, and nothing else appeared.
+    assert _files(tmp_path) == {f"runs/r/{f}" for f in _files(reference)}
+    worst = _same_run(run, reference)
+    print(f"train 3 steps, killed after step 1, resumed: max |2 ranks - 1 process| = {worst:.2e}")
     assert worst < ATOL
+
+
+@pytest.mark.slow
+def test_bad_key_exits_2_on_every_rank(tmp_path):
+    proc = _run([*TORCHRUN, "-m", "agentopd", "train", "stpes=3", "runs_dir=runs"], tmp_path)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"error (rank {rank}): unknown config key 'stpes'" in " ".join(proc.stderr.split())
+    # torchrun's failure report: one entry per rank, each with the rank's own exit code.
+    codes = dict(
+        re.findall(r"rank\s*:\s*(\d+) \(local_rank.*?exitcode\s*:\s*(-?\d+)", proc.stderr, re.S)
+    )
+    assert codes == {"0": "2", "1": "2"}, proc.stderr[-3000:]
+    assert not (tmp_path / "runs").exists()
 
 
 def test_one_process_is_a_no_op():
@@ -73,8 +216,30 @@ def test_one_process_is_a_no_op():
     assert (w.rank, w.size, w.is_main) == (0, 1, True)
     assert distributed.shard([1, 2, 3], w) == [1, 2, 3]
     assert distributed.all_sum(5) == 5
+    assert distributed.all_sum_dict({"a": 1.0}) == {"a": 1.0}
+    assert distributed.broadcast_object("x") == "x"
+    assert distributed.all_gather_list([1, 2]) == [1, 2]
+    assert distributed.gather_list([1, 2]) == [1, 2]
+    assert distributed.rank_seed(7) == 7
     model = torch.nn.Linear(2, 2)
     model(torch.ones(1, 2)).sum().backward()
     before = model.weight.grad.clone()
     distributed.sum_gradients(model)
     assert torch.equal(model.weight.grad, before)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 6, 7])
+def test_gathering_shards_restores_the_order(n):
+    items = list(range(n))
+    for size in (1, 2, 3):
+        parts = [distributed.shard(items, distributed.World(r, size)) for r in range(size)]
+        assert distributed._interleave(parts) == items
+
+
+def test_torchrun_keys_are_validated():
+    from agentopd.config import ConfigError, compose
+
+    cfg = compose("train", ["distributed.backend=gloo", "distributed.timeout_s=60"])
+    assert (cfg.distributed.backend, cfg.distributed.timeout_s) == ("gloo", 60)
+    with pytest.raises(ConfigError, match="distributed.backend"):
+        compose("train", ["distributed.backend=mpi"])

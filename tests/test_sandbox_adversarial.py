@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentopd.tools.sandbox import Limits, Sandbox, availability, make_sandbox
+from agentopd.tools.sandbox import Limits, Sandbox, SandboxError, availability, make_sandbox
+from agentopd.tools.sandbox.pool import close_pools
 from agentopd.tools.sandbox.testing import (
     backend_params,
     leftovers,
@@ -35,20 +36,38 @@ SECRET = "agentopd-test-secret-7f3a9c"
 pytestmark = pytest.mark.timeout(120)
 
 
+CLEAN_STATE = (
+    "import os\n"
+    "print(sorted(k for k in globals() if not k.startswith('__')), os.getcwd(),\n"
+    "      [os.listdir(d) for d in ('/tmp', '/dev/shm', os.getcwd()) if os.path.isdir(d)])\n"
+)
+
+
 @pytest.fixture(params=backend_params())
 def box(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Sandbox]:
     name = request.param
     require_backend(name)
+    close_pools()  # no warm sandbox of an earlier test counts as left behind here
     monkeypatch.setenv("AGENTOPD_TEST_SECRET", SECRET)  # set before the worker starts
     before = process_snapshot()
     sandbox = make_sandbox(name, limits=Limits(memory_mb=256, pids=32), timeout_s=TIMEOUT_S)
     sandbox.start()
     try:
+        clean = sandbox.run(CLEAN_STATE).stdout
         yield sandbox
         assert sandbox.run("print(1 + 1)").stdout == "2\n", (
             "the sandbox does not work after the attack"
         )
         assert subprocess.run(["true"]).returncode == 0, "the host cannot start processes"
+        # What the pool does between episodes: the reset either leaves a fresh sandbox's
+        # state, or fails (and the pool discards the sandbox, which is then not running).
+        if sandbox.running:
+            try:
+                sandbox.reset()
+            except SandboxError:
+                assert not sandbox.running, "a sandbox whose reset failed is still running"
+            else:
+                assert sandbox.run(CLEAN_STATE).stdout == clean, "the reset left state behind"
     finally:
         sandbox.stop()
     left = leftovers(before)
