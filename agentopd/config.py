@@ -109,6 +109,9 @@ class TrainConfig:
     lora: LoraConfig = knob(factory=LoraConfig, help="LoRA adapters (peft); r=0: full model")
     cold_start: ColdStartConfig = knob(factory=ColdStartConfig, help="cold start")
     eval: EvalConfig = knob(factory=EvalConfig, help="held-out evaluation")
+    distributed: DistributedConfig = knob(
+        factory=DistributedConfig, help="process group under torchrun (docs/scale.md)"
+    )
 
 
 @dataclass
@@ -125,9 +128,6 @@ class EvalCommandConfig:
     seed: int = knob(0, "seed; tasks use the held-out seeds 10000 + seed, as training does", ge=0)
     device: str = knob("auto", "torch device", choices=DEVICES)
     cpu_threads: int = knob(1, "torch CPU threads (0: torch's default)", ge=0)
-    distributed: DistributedConfig = knob(
-        factory=DistributedConfig, help="process group under torchrun (docs/scale.md)"
-    )
     rollout: RolloutConfig = knob(factory=RolloutConfig, help="rollout loop")
     output: str | None = knob(None, "also write the episodes as JSONL here")
 

@@ -313,6 +313,7 @@ class Learner:
         out = self._finish(distributed.all_sum_dict(sums), grad_norm)
         out["learner/tokens"] = float(total_tokens)
         out["learner/epochs"] = float(c.epochs_per_batch)
+        diag_rows = _gather_rows(diag_rows)
         if diag_rows:
             out.update(_diagnostics(diag_rows))
         return out
@@ -342,7 +343,6 @@ class Learner:
         has_work = any(sft.trained_segments(g.episodes) for g in groups)
         if distributed.all_sum(int(has_work)) == 0:  # every rank decides alike under torchrun
             return {"learner/tokens": 0.0}
-        diag_rows = _gather_rows(diag_rows)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = sft.backward(
@@ -398,6 +398,16 @@ def _diag_row(batch: Batch, st: losses.TokenLogprobs) -> dict[str, torch.Tensor]
     }
 
 
+def _gather_rows(rows: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """Under torchrun, every rank's diagnostic rows (their mask-1 tokens, flattened) on every
+    rank, so the logged diagnostics cover the whole batch; ``rows`` itself in one process."""
+    if distributed.world().size == 1:
+        return rows
+    mine = [{k: v[r["mask"]] for k, v in r.items()} for r in rows]
+    per_rank: list[list[dict[str, torch.Tensor]]] = distributed.all_gather_list([mine])
+    return [row for rank_rows in per_rank for row in rank_rows]
+
+
 def _diagnostics(rows: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Overlap, entropy gap and teacher KL per turn index on the student's own tokens."""
     from agentopd import diagnostics
@@ -423,13 +433,3 @@ def _diagnostics(rows: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         teacher_entropy_B_T=cat["teacher_entropy"],
     )
     return {f"diag/{k}": float(v) for k, v in metrics.items()}
-def _gather_rows(rows: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-    """Under torchrun, every rank's diagnostic rows (their mask-1 tokens, flattened) on every
-    rank, so the logged diagnostics cover the whole batch; ``rows`` itself in one process."""
-    if distributed.world().size == 1:
-        return rows
-    mine = [{k: v[r["mask"]] for k, v in r.items()} for r in rows]
-    per_rank: list[list[dict[str, torch.Tensor]]] = distributed.all_gather_list([mine])
-    return [row for rank_rows in per_rank for row in rank_rows]
-
-
