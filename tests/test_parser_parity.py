@@ -134,7 +134,7 @@ def test_vllm_hermes_mode_agrees_with_vllm_on_the_corpus(vllm_parity: dict[str, 
     for text in exact["examples"].get(TOO_MANY, []):
         assert text.count("<tool_call>") > MAX_CALLS_PER_TURN
     for text in exact["examples"].get(TOO_DEEP, []):
-        assert text.count("[") > MAX_JSON_DEPTH
+        assert text.count("[") + text.count("{") > MAX_JSON_DEPTH
     explained = sum(exact["disagreements"].values())
     assert exact["turns_agree"] + explained == exact["turns"]
     hinted = vllm_parity["report"]["vllm-hermes/error"]
