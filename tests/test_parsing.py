@@ -1,7 +1,9 @@
 """Hermes tool-call parsing: unit cases and a fuzz over garbage and near-miss calls.
 
 The fuzz runs at least 10,000 examples: ``parse_assistant`` must never raise, and a well-formed
-call must come back exactly. ``Env.step`` of a tiny env is fuzzed the same way.
+call must come back exactly. ``Env.step`` of a tiny env is fuzzed the same way. The
+``vllm-hermes`` mode gets its own unit cases (each way it reads a turn differently from the
+default) and a fuzz; ``tests/test_parser_parity.py`` compares it with vLLM's own parser.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from agentopd.env import Env, Task
 from agentopd.parsing import (
     CLOSE,
     MAX_CALLS_PER_TURN,
+    MAX_JSON_DEPTH,
     OPEN,
     Parsed,
     format_tool_call,
@@ -126,6 +129,92 @@ def test_non_text_input() -> None:
 def test_error_text_is_clipped() -> None:
     p = parse_assistant(f"{OPEN}{{{'x' * 10_000}{CLOSE}")
     assert p.error is not None and len(p.error) < 400
+
+
+# ---------------------------------------------------------------- the vllm-hermes mode
+
+
+def hermes(text: str, near_miss: str = "answer") -> Parsed:
+    return parse_assistant(text, near_miss=near_miss, mode="vllm-hermes")  # type: ignore[arg-type]
+
+
+def test_unknown_mode_is_an_error() -> None:
+    with pytest.raises(ValueError, match="mode must be one of"):
+        parse_assistant("x", mode="strict")  # type: ignore[arg-type]
+
+
+def test_hermes_close_tag_inside_a_string_rejects_the_turn() -> None:
+    p = hermes(format_tool_call("a", {}) + format_tool_call("run", {"code": f"print('{CLOSE}')"}))
+    assert p.tool_calls == [] and "tool call 2 is not valid JSON" in p.error
+    assert "rejects the whole turn" in p.error
+
+
+def test_hermes_missing_arguments_rejects_the_turn() -> None:
+    p = hermes(f'{OPEN}{{"name": "ping"}}{CLOSE}')
+    assert p.tool_calls == [] and "no 'arguments' key" in p.error
+    p = hermes(f'{OPEN}{{"arguments": {{}}}}{CLOSE}')
+    assert p.tool_calls == [] and "no 'name' key" in p.error
+
+
+@pytest.mark.parametrize("args", [json.dumps({"key": "b"}), "not json", [1], 3, None, True])
+def test_hermes_passes_arguments_through_as_written(args: Any) -> None:
+    p = hermes(OPEN + json.dumps({"name": "f", "arguments": args}) + CLOSE)
+    assert p.error is None and p.tool_calls[0].arguments == args
+
+
+def test_hermes_last_call_may_lack_its_closing_tag() -> None:
+    text = format_tool_call("a", {"k": 1}) + f' then {OPEN}{{"name": "b", "arguments": {{}}}}\n'
+    p = hermes(text)
+    assert p.error is None and [(c.name, c.arguments) for c in p.tool_calls] == [
+        ("a", {"k": 1}),
+        ("b", {}),
+    ]
+    assert p.content == "then"
+    assert "not valid JSON" in hermes(f'{OPEN}{{"name": "b", "arguments": {{}}}} thanks').error
+
+
+def test_hermes_ignores_stray_closing_tags_after_a_call() -> None:
+    p = hermes(format_tool_call("a", {}) + f" {CLOSE}")
+    assert p.error is None and [c.name for c in p.tool_calls] == ["a"]
+
+
+def test_hermes_text_without_an_opening_tag() -> None:
+    assert hermes(f"done {CLOSE}").is_final_answer
+    assert "unbalanced" in hermes(f"done {CLOSE}", near_miss="error").error
+    assert "looks like a tool-call tag" in hermes("<TOOL_CALL>{}</TOOL_CALL>", "error").error
+    assert hermes("<TOOL_CALL>{}</TOOL_CALL>").is_final_answer
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        (f"{OPEN}{CLOSE}", "not valid JSON"),
+        (f"{OPEN}[1, 2]{CLOSE}", "must be a JSON object"),
+        (f"{OPEN}{{'name': 'f', 'arguments': {{}}}}{CLOSE}", "not valid JSON"),
+        (f'{OPEN}{{"name": 3, "arguments": {{}}}}{CLOSE}', "'name' must be a string"),
+        (OPEN + format_tool_call("f", {}), "not valid JSON"),  # nested opening tag
+        (format_tool_call("a", {}) + f"{OPEN}{{oops{CLOSE}", "tool call 2 is not valid JSON"),
+        (f"{OPEN}{'1' * 5000}{CLOSE}", "not valid JSON"),  # Python's int digit limit
+        (f'{OPEN}{{"name": "f", "arguments": {"[" * 600 + "]" * 600}}}{CLOSE}', "deeper than"),
+        (f"{OPEN}{'[' * 100_000}{CLOSE}", "deeper than"),
+        ("".join(format_tool_call("f", {}) for _ in range(MAX_CALLS_PER_TURN + 1)), "too many"),
+    ],
+)
+def test_hermes_rejects_the_whole_turn(text: str, fragment: str) -> None:
+    p = hermes(text)
+    assert p.tool_calls == [] and p.error is not None and fragment in p.error, p.error
+
+
+def test_hermes_accepts_what_vllm_accepts() -> None:
+    depth = MAX_JSON_DEPTH - 2  # the call object and the arguments object are two levels
+    deep = json.loads("[" * depth + "]" * depth)
+    for name, args in [("", {}), ("f", {"x": float("nan")}), ("f", {"x": "\ud800 <|im_end|>"})]:
+        p = hermes(OPEN + json.dumps({"name": name, "arguments": args}) + CLOSE)
+        assert p.error is None and p.tool_calls[0].name == name
+    p = hermes(OPEN + json.dumps({"name": "f", "arguments": {"x": deep}}) + CLOSE)
+    assert p.error is None
+    p = hermes(OPEN + '{"name": "f", "name": "g", "arguments": {"a": 1}, "extra": 0}' + CLOSE)
+    assert p.error is None and p.tool_calls[0].name == "g"
 
 
 # ---------------------------------------------------------------- fuzz strategies
@@ -255,18 +344,31 @@ def test_fuzz_parse_never_raises(text: str) -> None:
     check_parsed(parse_assistant(text))
 
 
+@settings(max_examples=1_500, deadline=None, database=None)
+@given(any_text, st.sampled_from(["error", "answer"]))
+def test_fuzz_vllm_hermes_never_raises(text: str, near_miss: str) -> None:
+    p = parse_assistant(text, near_miss=near_miss, mode="vllm-hermes")  # type: ignore[arg-type]
+    assert isinstance(p, Parsed) and isinstance(p.content, str)
+    assert len(p.tool_calls) <= MAX_CALLS_PER_TURN
+    assert all(isinstance(c.name, str) for c in p.tool_calls)
+    assert not (p.tool_calls and p.error)  # the turn is rejected whole, or not at all
+
+
 @settings(max_examples=300, deadline=None, database=None)
 @given(wellformed_turn())
 def test_wellformed_calls_are_recovered_exactly(
     turn: tuple[str, list[tuple[str, dict[str, Any]]], str],
 ) -> None:
     text, calls, outside = turn
-    p = parse_assistant(text)
-    check_parsed(p)
-    assert p.error is None
-    assert [(c.name, c.arguments) for c in p.tool_calls] == calls
-    assert p.content == outside.strip()
-    assert p.is_final_answer == (not calls)
+    # vllm-hermes cuts a body at the first closing tag: only when no string holds a tag.
+    tags_only_as_tags = text.count(OPEN) == text.count(CLOSE) == len(calls)
+    for mode in ("lenient", "vllm-hermes") if tags_only_as_tags else ("lenient",):
+        p = parse_assistant(text, mode=mode)  # type: ignore[arg-type]
+        check_parsed(p)
+        assert p.error is None
+        assert [(c.name, c.arguments) for c in p.tool_calls] == calls
+        assert p.content == outside.strip()
+        assert p.is_final_answer == (not calls)
 
 
 # ---------------------------------------------------------------- Env.step fuzz
