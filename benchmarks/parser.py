@@ -2,9 +2,9 @@
 
 Run::
 
-    python benchmarks/parser.py [--max-mb 5] [--repeat 3] [--json PATH]
+    python benchmarks/parser.py [--max-mb 5] [--repeat 3] [--modes lenient,vllm-hermes] [--json PATH]
 
-For each adversarial shape (empty blocks repeated, unclosed tags, stray closing tags, unclosed
+For each parser mode (``lenient``, ``vllm-hermes``) and each adversarial shape (empty blocks repeated, unclosed tags, stray closing tags, unclosed
 JSON, unterminated strings, near-miss tags in ASCII and fullwidth, valid calls, plain text) it
 times :func:`agentopd.parsing.parse_assistant` at sizes growing tenfold from 5 KB to ``--max-mb``
 and prints the best of ``--repeat`` runs and the ratio to the previous size. Linear time gives
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.table import Table
 
-from agentopd.parsing import format_tool_call, parse_assistant
+from agentopd.parsing import PARSER_MODES, format_tool_call, parse_assistant
 
 SHAPES: dict[str, Callable[[int], str]] = {
     "empty blocks": lambda n: "<tool_call></tool_call>" * (n // 23),
@@ -40,11 +40,11 @@ SHAPES: dict[str, Callable[[int], str]] = {
 }
 
 
-def best_time(text: str, repeat: int) -> float:
+def best_time(text: str, repeat: int, mode: str = "lenient") -> float:
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
-        parse_assistant(text)
+        parse_assistant(text, mode=mode)  # type: ignore[arg-type]
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -55,7 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per size (best is kept)")
     parser.add_argument("--max-ratio", type=float, default=30.0, help="fail above this ratio")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument(
+        "--modes", default=",".join(PARSER_MODES), help="comma-separated parser modes to time"
+    )
     args = parser.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in PARSER_MODES]
+    if bad:
+        parser.error(f"unknown mode {bad[0]!r}; expected some of {', '.join(PARSER_MODES)}")
 
     sizes = []
     n = 5_000
@@ -70,21 +77,23 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(f"{size / 1e6:g} MB", justify="right")
     results: dict[str, list[dict[str, float]]] = {}
     failed = False
-    for name, make in SHAPES.items():
-        row, prev = [], None
-        results[name] = []
-        for size in sizes:
-            text = make(size)
-            t = best_time(text, args.repeat)
-            ratio = t / prev if prev else None
-            results[name].append({"chars": len(text), "seconds": t, "ratio": ratio or 0.0})
-            row.append(f"{t * 1e3:.1f} ms" + (f" (x{ratio:.1f})" if ratio else ""))
-            prev = t
-        last = results[name][-1]["ratio"]
-        if last > args.max_ratio:
-            failed = True
-            row[-1] = f"[red]{row[-1]}[/]"
-        table.add_row(name, *row)
+    for mode in modes:
+        for shape, make in SHAPES.items():
+            name = shape if mode == "lenient" else f"{shape} ({mode})"
+            row, prev = [], None
+            results[name] = []
+            for size in sizes:
+                text = make(size)
+                t = best_time(text, args.repeat, mode)
+                ratio = t / prev if prev else None
+                results[name].append({"chars": len(text), "seconds": t, "ratio": ratio or 0.0})
+                row.append(f"{t * 1e3:.1f} ms" + (f" (x{ratio:.1f})" if ratio else ""))
+                prev = t
+            last = results[name][-1]["ratio"]
+            if last > args.max_ratio:
+                failed = True
+                row[-1] = f"[red]{row[-1]}[/]"
+            table.add_row(name, *row)
     Console(width=200).print(table)
     if args.json:
         with open(args.json, "w") as fh:
