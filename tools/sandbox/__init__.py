@@ -9,7 +9,8 @@
 
 Each sandbox keeps one Python worker alive across calls (variables persist like notebook cells),
 restarts it after a timeout or crash and says so, and removes everything it made at stop, at
-interpreter exit, on SIGTERM and when the trainer dies. See ``docs/sandbox.md``.
+interpreter exit, on SIGTERM and when the trainer dies. A :class:`SandboxPool` keeps started
+sandboxes and resets them between episodes (``pool.py``). See ``docs/sandbox.md``.
 
 Example::
 
@@ -30,6 +31,7 @@ from agentopd.tools.sandbox.factory import (
     make_sandbox,
     resolve_backend,
 )
+from agentopd.tools.sandbox.pool import SandboxPool, close_pools, shared_pool
 
 __all__ = [
     "BACKENDS",
@@ -39,9 +41,12 @@ __all__ = [
     "Limits",
     "Sandbox",
     "SandboxError",
+    "SandboxPool",
     "availability",
     "check_backends",
+    "close_pools",
     "make_sandbox",
     "resolve_backend",
+    "shared_pool",
     "stop_all",
 ]
