@@ -32,6 +32,7 @@ from types import SimpleNamespace
 import pytest
 from agentopd.envs.code_sandbox import CodeSandboxEnv
 from agentopd.tools.sandbox import Limits, availability
+from agentopd.tools.sandbox import pool as pool_module
 from agentopd.tools.sandbox.local import PRIVATE_DIRS, WORK_DIR
 from agentopd.tools.sandbox.pool import SandboxPool, close_pools, live_pools
 from agentopd.tools.sandbox.testing import (
@@ -281,6 +282,22 @@ def test_a_sandbox_that_fails_its_reset_is_discarded_and_replaced(backend: str) 
         third = pool.acquire()
         assert third is not other and third.run("print(2)").stdout == "2\n"
         pool.release(third)
+    finally:
+        pool.close()
+
+
+def test_a_sandbox_that_fails_its_health_check_is_discarded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    require_backend("local")
+    monkeypatch.setattr(pool_module, "HEALTH_OUTPUT", "43\n")  # every health check now fails
+    pool = SandboxPool("local", size=1, limits=LIMITS, timeout_s=10)
+    try:
+        box = pool.acquire()
+        pool.release(box)
+        assert pool.idle(30)
+        assert pool.stats.discarded >= 1 and "health check failed" in pool.stats.failures[0]
+        assert not box.running and pool.stats.resets == 0
     finally:
         pool.close()
 
