@@ -4,8 +4,11 @@ A :class:`Sandbox` owns one persistent Python worker (see ``worker.py``) inside 
 backend. Backends implement only :meth:`Sandbox._launch` (start the isolated worker and return a
 :class:`Channel` to it) and :meth:`Sandbox._destroy` (kill and remove everything it made).
 Everything else lives here: the ready handshake, per-call soft and hard timeouts, restarting a
-worker after a timeout or crash (the result says so), and removing every live sandbox at
-interpreter exit, on SIGTERM / SIGHUP and (through the backends) when the trainer dies.
+worker after a timeout or crash (the result says so), resetting a sandbox between episodes
+(:meth:`Sandbox.reset`, used by ``pool.py``), and removing every live sandbox at interpreter
+exit, on SIGTERM / SIGHUP and (through the backends) when the trainer dies. A backend tells
+the worker what a reset must restore through :meth:`Sandbox.worker_config` (``scratch``,
+``private_ipc``, ``own_userns``, ``private_net``; see ``worker.py``).
 
 Example::
 
