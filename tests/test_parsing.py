@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -215,6 +216,27 @@ def test_hermes_accepts_what_vllm_accepts() -> None:
     assert p.error is None
     p = hermes(OPEN + '{"name": "f", "name": "g", "arguments": {"a": 1}, "extra": 0}' + CLOSE)
     assert p.error is None and p.tool_calls[0].name == "g"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"{OPEN}\n{CLOSE}\n" * 80_000,
+        OPEN * 180_000,
+        CLOSE * 160_000,
+        f'{OPEN}{{"a": ' * 110_000,
+        f'{OPEN}"' * 160_000,
+        format_tool_call("f", {"x": [[0]] * 100_000}),  # many brackets: the depth check runs
+        format_tool_call("f", {"x": "y" * 2_000_000}),
+        OPEN + "[" * 2_000_000,
+    ],
+    ids=["empty", "unclosed", "stray", "json", "strings", "brackets", "huge", "deep"],
+)
+def test_hermes_is_linear_in_the_turn_length(text: str) -> None:
+    t0 = time.perf_counter()
+    p = hermes(text)
+    assert time.perf_counter() - t0 < 1.0, len(text)  # 0.5-2 MB; tens of ms when idle
+    assert isinstance(p, Parsed)
 
 
 # ---------------------------------------------------------------- fuzz strategies
