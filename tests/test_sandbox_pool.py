@@ -31,9 +31,9 @@ from types import SimpleNamespace
 
 import pytest
 from agentopd.envs.code_sandbox import CodeSandboxEnv
-from agentopd.tools.sandbox import Limits, availability
+from agentopd.tools.sandbox import Limits, SandboxError, availability
 from agentopd.tools.sandbox import pool as pool_module
-from agentopd.tools.sandbox.local import PRIVATE_DIRS, WORK_DIR
+from agentopd.tools.sandbox.local import PRIVATE_DIRS, WORK_DIR, LocalSandbox
 from agentopd.tools.sandbox.pool import SandboxPool, close_pools, live_pools
 from agentopd.tools.sandbox.testing import (
     backend_params,
@@ -404,3 +404,21 @@ def test_pool_size_zero_gives_a_fresh_sandbox_per_episode() -> None:
     env.reset(seed=1)
     assert not box.running and env._pool is None
     env.close()
+
+
+class _UndeclaredLocal(LocalSandbox):
+    """A backend (as a plugin might be) that does not say where the code can write."""
+
+    def worker_config(self) -> dict:
+        config = super().worker_config()
+        config.pop("scratch")
+        return config
+
+
+def test_a_backend_without_declared_writable_places_is_never_reset() -> None:
+    require_backend("local")
+    with _UndeclaredLocal(limits=LIMITS, timeout_s=10) as box:
+        box.run("x = 1")
+        with pytest.raises(SandboxError, match="does not declare its writable places"):
+            box.reset()
+        assert not box.running  # torn down: the pool would discard and replace it

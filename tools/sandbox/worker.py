@@ -853,7 +853,9 @@ class Baseline:
     """
 
     def __init__(self, config):
-        self.scratch = [d for d in config.get("scratch", []) if os.path.isdir(d)]
+        self.declared = isinstance(config.get("scratch"), list)
+        """A backend that does not say where the code can write cannot be reset (only replaced)."""
+        self.scratch = [d for d in config.get("scratch") or [] if os.path.isdir(d)]
         self.private_ipc = bool(config.get("private_ipc"))
         self.own_userns = bool(config.get("own_userns"))
         self.private_net = bool(config.get("private_net"))
@@ -1005,6 +1007,8 @@ def reset(sup, base):
         clear_keyrings(libc)
     removed, problems = wipe(base)
     problems += check(base)
+    if not base.declared:
+        problems.append("the backend does not declare its writable places (config 'scratch')")
     if not problems:
         try:
             sup.ensure_executor()
