@@ -121,8 +121,9 @@ def _config_diff(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -
 
 def _kill_point(where: str) -> None:
     """Crash-test hook: ``AGENTOPD_KILL_AT=<where>`` SIGKILLs the process at that point
-    (``cold_start:3``, ``train:2``, ``eval:after cold start``, ``checkpoint:1``)."""
-    if os.environ.get("AGENTOPD_KILL_AT") == where:
+    (``cold_start:3``, ``train:2``, ``eval:after cold start``, ``checkpoint:1``); under torchrun
+    rank 0 is killed there, and torchrun stops the others."""
+    if os.environ.get("AGENTOPD_KILL_AT") == where and distributed.launched_rank() == 0:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -276,7 +277,6 @@ class Trainer:
         """Held-out success (under torchrun rank 0 evaluates, the others wait and get its
         number)."""
         if not self.world.is_main:
-            _kill_point(f"eval:{tag}")
             return float(distributed.broadcast_object(None))
         e = self.cfg.eval
         report, _ = evaluate(

@@ -5,7 +5,7 @@
   batch of one episode (so rank 1's shard is empty); the weights after each must equal, within
   :data:`ATOL`, one process stepping on the whole batch.
 - Train level: ``torchrun -m agentopd train`` for 3 steps (an OPD step and two GKD
-  demonstration steps), killed after step 1 and resumed under torchrun, against one
+  demonstration steps; the teacher-token budget stops it before the 4th), killed after step 1 and resumed under torchrun, against one
   uninterrupted ``python -m agentopd train``: each step logged once with the same metrics, the
   same run directory files (rank 0 alone writes; nothing else appears), the same weights within
   :data:`ATOL`. Rollouts are greedy (``rollout.temperature=0``), so the sharded rollouts play
@@ -81,7 +81,11 @@ distributed.teardown()
 
 TRAIN = [
     "env=lookup-chain",
-    "steps=3",
+    "steps=4",
+    # Every rank must see the global count to stop before step 3 (683 tokens after step 2);
+    # a rank counting only its own episodes would play step 3 alone and wait in a collective.
+    "teacher_token_budget=600",
+    "distributed.timeout_s=120",
     "episodes_per_step=4",
     "cold_start.steps=0",
     "eval.episodes=2",
@@ -163,7 +167,7 @@ def _same_run(run: Path, ref: Path) -> float:
         "demonstration",
         "on-policy",
         "demonstration",
-    ], "the steps no longer mix SFT and OPD batches; pick another gkd_lambda or seed"
+    ], "not 3 steps mixing SFT and OPD batches: retune gkd_lambda, seed or teacher_token_budget"
     for g, w in zip(got, want, strict=True):
         for k in ("learner/loss", "learner/grad_norm", "diag/sampled_kl", "eval/success"):
             if k in w:
