@@ -7,11 +7,12 @@ For tests/test_adapter_verifiers.py, named as ``verifiers:verifiers_fixtures:<Ta
 * :class:`WordTaskset`: single turn, "reply with the word backwards", a ``@vf.reward``.
 * :class:`RetryEnv`: a one-seat ``vf.Env`` over :class:`WordTaskset` that answers a wrong reply
   with "Not quite, try again." (up to three replies): a multi-turn exchange without tools.
-* :class:`RewritingTaskset`: the same task with a ``@vf.intercept`` request hook that rewrites the
-  assistant's earlier replies before the model sees them. Not token-exact; agentopd refuses it.
+* :class:`RewritingTaskset`: the same task with a ``@vf.intercept`` response hook that replaces
+  the model's reply before the harness stores it. Not token-exact; agentopd refuses it.
 * :class:`ExplodingTaskset`: its reward raises for odd task indices (a foreign env failing
   mid-episode).
 * :class:`ToolTaskset`: a task with a tool server, which the adapter refuses when it is built.
+* :class:`DuetEnv`: two seats that both use the run's model, refused when built.
 """
 
 from __future__ import annotations
@@ -65,15 +66,17 @@ class RetryEnv(vf.Env[vf.SingleAgentEnvConfig]):
 
 
 class RewritingTask(WordTask):
-    """Rewrites every earlier assistant reply to "(earlier reply)" before the model sees it."""
+    """Replaces every reply with "(reply withheld)" before the harness stores it.
+
+    verifiers lets a response ``@vf.intercept`` replace the assistant message, so the
+    conversation the env continues from (and the trace it scores) is not the text the model
+    sampled. (verifiers itself refuses request hooks that rewrite earlier messages.)
+    """
 
     @vf.intercept
-    async def hide_earlier_replies(self, request: vf.Request) -> vf.Request | None:
-        messages = [
-            m.model_copy(update={"content": "(earlier reply)"}) if m.role == "assistant" else m
-            for m in request.messages
-        ]
-        return request.model_copy(update={"messages": messages})
+    async def withhold_reply(self, response: vf.Response) -> vf.Response | None:
+        message = vf.AssistantMessage(content="(reply withheld)")
+        return response.model_copy(update={"message": message})
 
 
 class RewritingTaskset(vf.Taskset[RewritingTask, vf.TasksetConfig]):
@@ -113,3 +116,18 @@ class ToolTaskset(vf.Taskset[ToolTask, vf.TasksetConfig]):
 
     def load(self) -> list[ToolTask]:
         return [ToolTask(t.data, self.config.task) for t in WordTaskset(self.config).load()]
+
+
+class DuetConfig(vf.EnvConfig):
+    """Two seats, neither with a client of its own."""
+
+    first: vf.AgentConfig = vf.AgentConfig()
+    second: vf.AgentConfig = vf.AgentConfig()
+
+
+class DuetEnv(vf.Env[DuetConfig]):
+    """Both seats answer the task, one after the other."""
+
+    async def run(self, task: vf.Task, agents: vf.Agents) -> None:
+        await agents.first.run(task)
+        await agents.second.run(task)

@@ -12,11 +12,13 @@ generating the student's tokens:
 * :meth:`VerifiersEnv.step` answers that request with exactly the text the student sampled, then
   waits for the next request (the env's reply, e.g. a user message: the new messages are the
   observation, at mask 0 in the episode) or for the end of the episode (the rubric's reward).
-* Token-exactness is checked on every request: its messages must be the opening the task defines
-  (system prompt + prompt), then the previous request's messages + the student's exact text +
-  new user messages, and the trace verifiers scores must hold the student's replies verbatim. An
-  env that rewrites history (a ``@vf.intercept`` hook, a harness that compacts), asks for
-  ``n > 1`` or sends tools fails that episode with the reason (``env_error``; the batch goes on).
+* Token-exactness is checked on every request: after the opening one (text messages ending with
+  a user message: the observation, whatever verifiers' hooks made of the task's prompt), each
+  must be the previous request's messages + the student's exact text + new user messages, and
+  the trace verifiers scores must hold the student's replies verbatim. An env that rewrites what
+  the student wrote (a response ``@vf.intercept`` hook; a harness that compacts history), asks
+  for ``n > 1`` or sends tools fails that episode with the reason (``env_error``; the batch goes
+  on). verifiers itself refuses request hooks that rewrite earlier messages.
 * Refused when built (``ConfigError`` with the reason): an env with more than one seat that uses
   the run's model (the student would play all of them), tasks with tool servers (MCP tool calls
   are not mapped), a seat or taskset that pins a harness other than ``null`` (programs such as
@@ -130,10 +132,13 @@ def _pick(
         hint = f" Did you mean {near[0]!r}?" if near else ""
         raise UnknownNameError(
             f"verifiers:{env_id}: module {module.__name__!r} has no {kind} class {name!r}.{hint} "
-            f"{kind} classes there: {', '.join(sorted(found)) or '(none)'} (name syntax: {SYNTAX})"
+            f"Available: {', '.join(sorted(found)) or '(none)'} (name syntax: {SYNTAX})"
         )
     if kind == "Env":
-        return next(iter(found.values())) if len(found) == 1 else None
+        # verifiers pairs a taskset with the Env its module exports (``__all__``); without one
+        # the env is SingleAgentEnv unless named.
+        exported = hasattr(module, "__all__")
+        return next(iter(found.values())) if exported and len(found) == 1 else None
     if len(found) != 1:
         raise UnknownNameError(
             f"verifiers:{env_id}: expected one Taskset class in {module.__name__!r}, found "
@@ -173,32 +178,110 @@ def _plugin_id(taskset: type, env_cls: type | None) -> str:
     return name
 
 
-def _prepare_chat_program() -> None:
-    """Let verifiers' subprocess runtime run the ``null`` harness's program with this interpreter.
+_chat_module: types.ModuleType | None = None
+HARNESS_ID = "agentopd_vf_inprocess_null"
+"""The verifiers harness id under which :func:`_harness_id` registers the in-process ``null`` harness."""
 
-    verifiers caches "script path -> interpreter" after a ``uv sync``; the adapter writes the
-    script where verifiers looks for it and records this interpreter, so no ``uv`` (and no
-    network) is needed.
+
+def _chat_program() -> types.ModuleType:
+    """verifiers' bundled chat program (the ``null`` harness's script), loaded as a module.
+
+    The script is verifiers' own ``mcp``, ``compaction`` and ``core`` helpers concatenated; its
+    ``__main__`` entry point stays inert, and :class:`_InProcessNull` calls its chat loop.
     """
-    missing = [p for p in CHAT_PROGRAM_PACKAGES if importlib.util.find_spec(p) is None]
-    if missing:
-        raise ConfigError(
-            f"verifiers: the null harness's chat program needs {', '.join(missing)} in this "
-            f"environment ({sys.executable}); install them with: pip install 'agentopd[verifiers]'"
-        )
-    from pathlib import Path
+    global _chat_module
+    if _chat_module is None:
+        missing = [p for p in CHAT_PROGRAM_PACKAGES if importlib.util.find_spec(p) is None]
+        if missing:
+            raise ConfigError(
+                f"verifiers: the null harness's chat loop needs {', '.join(missing)}; install "
+                "them with: pip install 'agentopd[verifiers]'"
+            )
+        from verifiers.v1.harnesses.utils.launch import CHAT_PROGRAM_SOURCE
 
-    from verifiers.v1.harnesses.utils.launch import CHAT_PROGRAM_SOURCE
-    from verifiers.v1.runtimes.subprocess import SubprocessRuntime
+        module = types.ModuleType("agentopd_vf_chat_program")
+        exec(compile(CHAT_PROGRAM_SOURCE, "<verifiers null chat program>", "exec"), module.__dict__)
+        _chat_module = module
+    return _chat_module
 
-    data = CHAT_PROGRAM_SOURCE.encode()
-    path = f"{SubprocessRuntime.scripts_dir}/{hashlib.sha256(data).hexdigest()}.py"
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if not Path(path).exists() or Path(path).read_bytes() != data:
-        tmp = Path(f"{path}.agentopd.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    SubprocessRuntime._interpreters[path] = sys.executable
+
+def _harness_id() -> str:
+    """Register (once) a verifiers plugin module exporting the in-process ``null`` harness."""
+    if HARNESS_ID in sys.modules:
+        return HARNESS_ID
+    from verifiers.v1.harnesses.null import NullHarness
+    from verifiers.v1.runtimes import ProgramResult
+
+    class InProcessNullHarness(NullHarness):
+        """verifiers' ``null`` harness with its chat loop run in this process.
+
+        verifiers installs the ``null`` harness's program with ``uv`` (network) and runs it as a
+        subprocess; its docs allow a harness to run its loop in-process instead, as long as
+        every model call goes through the rollout's interception endpoint. This one runs the
+        very same chat loop (the program's own code), so nothing is downloaded and no
+        interpreter starts per turn.
+        """
+
+        async def setup(self, runtime: Any) -> None:
+            _chat_program()
+
+        async def launch(
+            self,
+            ctx: Any,
+            trace: Any,
+            runtime: Any,
+            endpoint: str,
+            secret: str,
+            mcp_urls: dict[str, str],
+            data: Any,
+            tool_interception_url: str | None = None,
+        ) -> Any:
+            import argparse
+            import traceback
+
+            from openai import AsyncOpenAI
+            from verifiers.v1.dialects.chat import message_to_wire
+
+            if mcp_urls:
+                return ProgramResult(
+                    exit_code=2, stdout="", stderr="MCP tool servers are not mapped"
+                )
+            program = _chat_program()
+            system_prompt, prompt = self.resolve_prompt(data)
+            messages: list[dict] = (
+                [{"role": "system", "content": system_prompt}] if system_prompt else []
+            )
+            if isinstance(prompt, str):
+                messages.append({"role": "user", "content": prompt})
+            elif prompt is not None:
+                messages.extend(message_to_wire(m) for m in prompt)
+            args = argparse.Namespace(
+                tool_interception_url=tool_interception_url or "",
+                api_key=secret,
+                bash=False,
+                edit=False,
+                search=False,
+                serper_key="",
+            )
+            client = AsyncOpenAI(base_url=endpoint, api_key=secret, max_retries=0)
+            try:
+                compactor = program.Compactor(client, ctx.model, [], False, None)
+                compactor.note_good(messages)
+                await program.run_chat_loop(args, compactor, messages, {}, {}, None)
+            except SystemExit as e:  # the program's "model transport failed" exit
+                code = e.code if isinstance(e.code, int) else 1
+                return ProgramResult(exit_code=code, stdout="", stderr=traceback.format_exc())
+            except Exception:  # noqa: BLE001 - a program failure is its exit status, as for a subprocess
+                return ProgramResult(exit_code=1, stdout="", stderr=traceback.format_exc())
+            finally:
+                await client.close()
+            return ProgramResult(exit_code=0, stdout="", stderr="")
+
+    module = types.ModuleType(HARNESS_ID, "agentopd: verifiers' null harness, in process")
+    module.InProcessNullHarness = InProcessNullHarness
+    module.__all__ = ["InProcessNullHarness"]
+    sys.modules[HARNESS_ID] = module
+    return HARNESS_ID
 
 
 # ---------------------------------------------------------------------------- the shared runner
@@ -239,7 +322,7 @@ class _Runner:
         overrides = {
             name: value.model_copy(
                 update={
-                    "harness": vf.HarnessConfig(id="null"),
+                    "harness": vf.HarnessConfig(id=_harness_id()),
                     "runtime": vf.SubprocessConfig(),
                     "retries": vf.RetryConfig(max_retries=0),
                 }
@@ -249,7 +332,7 @@ class _Runner:
             for name, value in seats.items()
         }
         self.config = config_cls(taskset=taskset_config, **overrides)
-        _prepare_chat_program()
+        _chat_program()
         self.env = env_cls(self.config)
         taskset = self.env.taskset
         if not taskset.bounded:
@@ -381,16 +464,13 @@ def _normal(messages: list[Any], where: str) -> list[tuple[str, str]]:
     return out
 
 
-def _opening(task: Any) -> list[tuple[str, str]]:
-    """The messages a task opens with (its system prompt, then its prompt), as the harness sends them."""
-    data = task.data
-    out = [("system", data.system_prompt)] if data.system_prompt else []
-    if isinstance(data.prompt, str):
-        out.append(("user", data.prompt))
-    else:
-        for m in data.prompt or []:
-            out.append((m.role, _text(m.model_dump().get("content"), "the task's prompt")))
-    return out
+def _wire(text: str) -> str:
+    """``text`` as it can cross HTTP/JSON to verifiers: lone surrogates become U+FFFD.
+
+    The student's tokens decode to valid text already; this only matters for text that did not
+    come from a tokenizer (``agentopd check-env``'s malformed actions).
+    """
+    return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in text)
 
 
 def _first_difference(a: list[tuple[str, str]], b: list[tuple[str, str]]) -> str:
@@ -481,10 +561,9 @@ class VerifiersEnv(ForeignEnv):
             )
         try:
             messages = self._check(item, "the opening request")
-            expected = _opening(task)
-            if messages != expected:
+            if not messages or messages[-1][0] != "user":
                 raise NotTokenExactError(
-                    f"the opening request is not the task's prompt: {_first_difference(expected, messages)}"
+                    f"the opening request must end with a user message, got roles {[r for r, _ in messages]}"
                 )
         except NotTokenExactError as e:
             self._refuse_request(item, e)
@@ -500,9 +579,10 @@ class VerifiersEnv(ForeignEnv):
         request, self._pending = self._pending, None
         if request is None:
             raise RuntimeError(f"{self.spec_name}: no verifiers request is waiting for a reply")
-        request.reply(action)
-        self._conversation.append(("assistant", action))
-        self._replies.append(action)
+        sent = _wire(action)
+        request.reply(sent)
+        self._conversation.append(("assistant", sent))
+        self._replies.append(sent)
         item = self._next("the next request")
         if isinstance(item, _Done):
             return self._finished(item)
