@@ -8,7 +8,10 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from fastmcp import FastMCP
 from openenv.core.env_server.interfaces import Environment
+from openenv.core.env_server.mcp_environment import MCPEnvironment
+from openenv.core.env_server.mcp_types import CallToolAction
 from openenv.core.env_server.types import Action, Observation, State
 
 WORDS = ["apple", "pear", "plum", "fig", "kiwi", "lime"]
@@ -108,3 +111,55 @@ GSM8K_ROWS = [
     for a, b in [(2, 3), (4, 4), (7, 1), (5, 6), (9, 2), (3, 8)]
 ]
 """SkyRL-format rows, the shape SkyRL-gym's gsm8k data sets have."""
+
+
+class VaultEnvironment(MCPEnvironment):
+    """OpenEnv MCP env (an ``MCPEnvironment`` over a FastMCP server, as OpenEnv's docs build one).
+
+    Four shelves hold notes; one names the secret word. ``read_shelf(shelf)`` reads a note,
+    ``submit(word)`` ends the episode with reward 1 when the word is right. A shelf outside 0..3
+    makes the tool raise.
+    """
+
+    def __init__(self) -> None:
+        mcp = FastMCP("vault")
+        self.word = WORDS[0]
+        self.shelf = 0
+
+        @mcp.tool()
+        def read_shelf(shelf: int) -> str:
+            """Read the note on a shelf (0 to 3)."""
+            if not 0 <= shelf <= 3:
+                raise ValueError(f"there is no shelf {shelf}; shelves are 0 to 3")
+            return f"The secret word is {self.word!r}." if shelf == self.shelf else "Empty shelf."
+
+        @mcp.tool()
+        def submit(word: str) -> str:
+            """Submit the secret word (ends the episode)."""
+            return "Correct." if word == self.word else "Wrong."
+
+        super().__init__(mcp)
+        self._state = State()
+
+    def reset(
+        self, seed: int | None = None, episode_id: str | None = None, **kwargs: Any
+    ) -> Observation:
+        rng = random.Random(seed)
+        self.word, self.shelf = rng.choice(WORDS), rng.randrange(4)
+        self._state = State(episode_id=episode_id, step_count=0)
+        return WordObservation(text="Find the secret word on one of the shelves 0-3 and submit it.")
+
+    def step(self, action: Action, timeout_s: float | None = None, **kwargs: Any) -> Observation:
+        self._state.step_count += 1
+        obs = super().step(action, timeout_s=timeout_s, **kwargs)
+        if isinstance(action, CallToolAction) and action.tool_name == "submit":
+            obs.done = True
+            obs.reward = 1.0 if action.arguments.get("word") == self.word else 0.0
+        return obs
+
+    def _step_impl(self, action: Action, timeout_s: float | None = None, **kwargs: Any) -> Observation:
+        return WordObservation(text="This env acts through its MCP tools only.")
+
+    @property
+    def state(self) -> State:
+        return self._state

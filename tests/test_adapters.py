@@ -1,5 +1,8 @@
 """Env adapters (gym:, gem:, skyrl-gym:, openenv:) on real foreign envs, through the real command.
 
+verifiers: has its own file (tests/test_adapter_verifiers.py); its listing, missing-package and
+"did you mean" rows are here.
+
 Every foreign package is a hard requirement here: CI installs ``.[dev,adapters]``, and a missing
 package fails these tests (with the pip line) instead of skipping them.
 """
@@ -77,10 +80,11 @@ def test_envs_lists_every_adapter_installed():
         ("gem", "gem:<env_id>"),
         ("skyrl-gym", "skyrl-gym:<env_id>"),
         ("openenv", "openenv:<module>"),
+        ("verifiers", "verifiers:<module>"),
     ]:
         assert prefix in out and syntax in out
     assert "no: pip install" not in out, out
-    assert sorted(registry.envs.prefixes()) >= ["gem", "gym", "openenv", "skyrl-gym"]
+    assert set(registry.envs.prefixes()) >= {"gem", "gym", "openenv", "skyrl-gym", "verifiers"}
 
 
 # ------------------------------------------------------------------------------ check-env
@@ -127,6 +131,7 @@ def test_train_two_steps_with_a_named_teacher(name, tasks_file, tmp_path):
         ("gem:game:GuessTheNumber-v0-easy", "gem", "gem"),
         ("skyrl-gym:gsm8k", "skyrl_gym", "skyrl"),
         (OPENENV_TEXT, "openenv.core.env_server.interfaces", "openenv"),
+        ("verifiers:verifiers_fixtures:WordTaskset", "verifiers.v1", "verifiers"),
     ],
 )
 def test_missing_package_gives_the_pip_line(name, module, extra, monkeypatch):
@@ -142,6 +147,8 @@ def test_missing_package_gives_the_pip_line(name, module, extra, monkeypatch):
         ("gem:game:GuessTheNumbr-v0-easy", "game:GuessTheNumber-v0-easy"),
         ("skyrl-gym:gsm8k_multiturn", "gsm8k_multi_turn"),
         ("openenv:adapter_fixtures:ReverseWordEnv", "ReverseWordEnvironment"),
+        ("verifiers:textarna", "textarena"),
+        ("verifiers:verifiers_fixtures:WordTaskst", "WordTaskset"),
     ],
 )
 def test_unknown_foreign_id_lists_ids_with_did_you_mean(name, near):
@@ -279,3 +286,46 @@ def test_openenv_tool_action_and_replay():
     assert info["replayed_turns"] == 1 and "higher than 1" in messages[-1].content
     out, reward, terminated, _, info = env.step(call % 5)
     assert out[0].role == "tool" and reward == 1.0 and terminated and info["success"]
+
+
+OPENENV_MCP = "openenv:adapter_fixtures:VaultEnvironment"
+
+
+def _call(name: str, **arguments) -> str:
+    return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
+
+
+def test_openenv_mcp_tools_become_agentopd_tools_and_calls_round_trip():
+    env = registry.make(OPENENV_MCP, max_turns=6)
+    _, info = env.reset(seed=3)
+    tools = {t["function"]["name"]: t["function"] for t in info["tools"]}
+    assert set(tools) == {"read_shelf", "submit"}
+    assert tools["read_shelf"]["parameters"]["properties"] == {"shelf": {"type": "integer"}}
+    assert tools["read_shelf"]["description"] == "Read the note on a shelf (0 to 3)."
+    word, shelf = env._env.word, env._env.shelf
+    obs, reward, terminated, _, step_info = env.step(_call("read_shelf", shelf=shelf))
+    assert [(m.role, m.name, m.content) for m in obs] == [
+        ("tool", "read_shelf", f"The secret word is {word!r}.")
+    ]
+    assert (reward, terminated, step_info["tool_errors"]) == (0.0, False, [])
+    # a schema violation is caught before the MCP server; a raising tool comes back as a message
+    obs, *_, step_info = env.step(_call("read_shelf", shelf="two"))
+    assert step_info["tool_errors"] == ["schema"] and "not of type 'integer'" in obs[0].content
+    obs, _, terminated, _, step_info = env.step(_call("read_shelf", shelf=9))
+    assert step_info["tool_errors"] == ["exception"] and "there is no shelf 9" in obs[0].content
+    assert not terminated
+    obs, reward, terminated, _, step_info = env.step(_call("submit", word=word))
+    assert obs[0].content == "Correct." and reward == 1.0 and terminated and step_info["success"]
+    env.close()
+
+
+def test_openenv_mcp_env_through_the_rollout_loop():
+    renderer = _renderer()
+    (ep,) = run_episodes(
+        [EpisodeJob(OPENENV_MCP, 0, {}, {"max_turns": 2})],
+        _Scripted(renderer, _call("read_shelf", shelf=0)),
+        renderer,
+    )
+    assert ep.stop_reason == StopReason.MAX_TURNS and ep.num_turns == 2
+    assert [m.role for m in ep.messages].count("tool") == 2
+    assert ep.tools and {t["function"]["name"] for t in ep.tools} == {"read_shelf", "submit"}
