@@ -254,7 +254,7 @@ def why(outcome: dict[str, Any]) -> str:
     """A short class of an agentopd error ("not valid JSON", "unbalanced", ...)."""
     text = outcome.get("why", "")
     for key in (
-        "too many tool calls", "nested deeper than", "nested too deep", "not valid JSON",
+        "too many tool calls", "nested deeper than", "nesting too deep", "not valid JSON",
         "has no 'arguments'", "has no 'name'", "no string 'name'", "'name' must be a string",
         "must be a JSON object", "'arguments' must be a JSON object", "unbalanced",
         "looks like a tool-call tag",

@@ -52,7 +52,7 @@ DOCUMENTED_LENIENT = {
     "agentopd rejected (no string 'name'), vLLM calls",  # empty name
     "agentopd rejected (must be a JSON object), vLLM calls",  # non-object arguments
     "agentopd rejected (too many tool calls), vLLM calls",
-    "agentopd rejected (nested too deep), vLLM calls",  # lenient: the recursion limit
+    "agentopd rejected (nesting too deep), vLLM calls",  # lenient: the recursion limit
     "agentopd rejected (looks like a tool-call tag), vLLM text",  # near_miss="error" only
 }
 """The classes of ``lenient`` vs vLLM differences, as listed in docs/parsing.md."""
