@@ -25,14 +25,14 @@ generating the student's tokens:
   ``bash`` or ``codex`` run their own tools in containers), a chat program whose packages are
   missing.
 
-The ``null`` harness's program is a PEP 723 script that verifiers normally installs with ``uv``
-(network). The adapter runs it with this interpreter instead, whose environment already holds its
-packages (verifiers depends on all of them), so nothing is downloaded.
+The ``null`` harness's program is a PEP 723 script that verifiers installs with ``uv`` (network)
+and runs as a subprocess. The adapter runs that same program code in this process
+(:mod:`agentopd.envs.adapters._verifiers_harness`), as verifiers' ``Harness`` contract allows, so nothing is downloaded.
 
 Episodes are played by this process's verifiers objects: one background loop and one endpoint per
-env id, shared by all episodes (each episode has its own route). Limits: no TCOD B2F replay (a
-verifiers episode cannot be restarted from a stored prefix), no scripted expert, LLM judges need
-their own reachable endpoint.
+env id, shared by all episodes (each episode has its own route). Limits: no scripted expert, LLM
+judges need their own reachable endpoint, ``replay`` re-sends stored turns through verifiers'
+loop (the prefix is reproduced only when the env's answers depend on the replies alone).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentopd.envs.adapters._endpoint import ChatEndpoint, ChatRequest
+from agentopd.envs.adapters._verifiers_harness import chat_program, harness_id
 from agentopd.envs.adapters.base import (
     ForeignEnv,
     ForeignStart,
@@ -67,8 +68,6 @@ from agentopd.registry import UnknownNameError
 from agentopd.types import Message
 
 SYNTAX = "verifiers:<module>[:<TasksetClass>[:<EnvClass>]]"
-CHAT_PROGRAM_PACKAGES = ("openai", "mcp", "httpx", "httpx2", "tenacity", "certifi")
-"""What the ``null`` harness's chat program imports (its PEP 723 dependencies)."""
 MODEL = "agentopd-student"
 """The model name verifiers sends; the endpoint serves only the student."""
 
@@ -110,7 +109,9 @@ def _import(module_name: str, env_id: str) -> types.ModuleType:
 
 
 def _classes(module: types.ModuleType, base: type) -> dict[str, type]:
-    names = getattr(module, "__all__", None) or [n for n in vars(module) if not n.startswith("_")]
+    """``base`` subclasses the module exports (``__all__``), else those it defines."""
+    exported = getattr(module, "__all__", None)
+    names = exported or [n for n in vars(module) if not n.startswith("_")]
     return {
         n: obj
         for n in names
@@ -118,6 +119,7 @@ def _classes(module: types.ModuleType, base: type) -> dict[str, type]:
         and issubclass(obj, base)
         and obj is not base
         and not inspect.isabstract(obj)
+        and (exported is not None or obj.__module__ == module.__name__)
     }
 
 
@@ -178,112 +180,6 @@ def _plugin_id(taskset: type, env_cls: type | None) -> str:
     return name
 
 
-_chat_module: types.ModuleType | None = None
-HARNESS_ID = "agentopd_vf_inprocess_null"
-"""The verifiers harness id under which :func:`_harness_id` registers the in-process ``null`` harness."""
-
-
-def _chat_program() -> types.ModuleType:
-    """verifiers' bundled chat program (the ``null`` harness's script), loaded as a module.
-
-    The script is verifiers' own ``mcp``, ``compaction`` and ``core`` helpers concatenated; its
-    ``__main__`` entry point stays inert, and :class:`_InProcessNull` calls its chat loop.
-    """
-    global _chat_module
-    if _chat_module is None:
-        missing = [p for p in CHAT_PROGRAM_PACKAGES if importlib.util.find_spec(p) is None]
-        if missing:
-            raise ConfigError(
-                f"verifiers: the null harness's chat loop needs {', '.join(missing)}; install "
-                "them with: pip install 'agentopd[verifiers]'"
-            )
-        from verifiers.v1.harnesses.utils.launch import CHAT_PROGRAM_SOURCE
-
-        module = types.ModuleType("agentopd_vf_chat_program")
-        exec(compile(CHAT_PROGRAM_SOURCE, "<verifiers null chat program>", "exec"), module.__dict__)
-        _chat_module = module
-    return _chat_module
-
-
-def _harness_id() -> str:
-    """Register (once) a verifiers plugin module exporting the in-process ``null`` harness."""
-    if HARNESS_ID in sys.modules:
-        return HARNESS_ID
-    from verifiers.v1.harnesses.null import NullHarness
-    from verifiers.v1.runtimes import ProgramResult
-
-    class InProcessNullHarness(NullHarness):
-        """verifiers' ``null`` harness with its chat loop run in this process.
-
-        verifiers installs the ``null`` harness's program with ``uv`` (network) and runs it as a
-        subprocess; its docs allow a harness to run its loop in-process instead, as long as
-        every model call goes through the rollout's interception endpoint. This one runs the
-        very same chat loop (the program's own code), so nothing is downloaded and no
-        interpreter starts per turn.
-        """
-
-        async def setup(self, runtime: Any) -> None:
-            _chat_program()
-
-        async def launch(
-            self,
-            ctx: Any,
-            trace: Any,
-            runtime: Any,
-            endpoint: str,
-            secret: str,
-            mcp_urls: dict[str, str],
-            data: Any,
-            tool_interception_url: str | None = None,
-        ) -> Any:
-            import argparse
-            import traceback
-
-            from openai import AsyncOpenAI
-            from verifiers.v1.dialects.chat import message_to_wire
-
-            if mcp_urls:
-                return ProgramResult(
-                    exit_code=2, stdout="", stderr="MCP tool servers are not mapped"
-                )
-            program = _chat_program()
-            system_prompt, prompt = self.resolve_prompt(data)
-            messages: list[dict] = (
-                [{"role": "system", "content": system_prompt}] if system_prompt else []
-            )
-            if isinstance(prompt, str):
-                messages.append({"role": "user", "content": prompt})
-            elif prompt is not None:
-                messages.extend(message_to_wire(m) for m in prompt)
-            args = argparse.Namespace(
-                tool_interception_url=tool_interception_url or "",
-                api_key=secret,
-                bash=False,
-                edit=False,
-                search=False,
-                serper_key="",
-            )
-            client = AsyncOpenAI(base_url=endpoint, api_key=secret, max_retries=0)
-            try:
-                compactor = program.Compactor(client, ctx.model, [], False, None)
-                compactor.note_good(messages)
-                await program.run_chat_loop(args, compactor, messages, {}, {}, None)
-            except SystemExit as e:  # the program's "model transport failed" exit
-                code = e.code if isinstance(e.code, int) else 1
-                return ProgramResult(exit_code=code, stdout="", stderr=traceback.format_exc())
-            except Exception:  # noqa: BLE001 - a program failure is its exit status, as for a subprocess
-                return ProgramResult(exit_code=1, stdout="", stderr=traceback.format_exc())
-            finally:
-                await client.close()
-            return ProgramResult(exit_code=0, stdout="", stderr="")
-
-    module = types.ModuleType(HARNESS_ID, "agentopd: verifiers' null harness, in process")
-    module.InProcessNullHarness = InProcessNullHarness
-    module.__all__ = ["InProcessNullHarness"]
-    sys.modules[HARNESS_ID] = module
-    return HARNESS_ID
-
-
 # ---------------------------------------------------------------------------- the shared runner
 class _Runner:
     """One verifiers env, serving on a background event loop, plus the endpoint its model calls reach."""
@@ -322,7 +218,7 @@ class _Runner:
         overrides = {
             name: value.model_copy(
                 update={
-                    "harness": vf.HarnessConfig(id=_harness_id()),
+                    "harness": vf.HarnessConfig(id=harness_id()),
                     "runtime": vf.SubprocessConfig(),
                     "retries": vf.RetryConfig(max_retries=0),
                 }
@@ -332,7 +228,7 @@ class _Runner:
             for name, value in seats.items()
         }
         self.config = config_cls(taskset=taskset_config, **overrides)
-        _chat_program()
+        chat_program()
         self.env = env_cls(self.config)
         taskset = self.env.taskset
         if not taskset.bounded:
