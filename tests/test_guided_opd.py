@@ -153,29 +153,40 @@ def test_state_round_trips_and_bad_knobs_are_refused():
             guided(**kw)
 
 
-@pytest.mark.slow
-def test_train_two_steps_with_guided_opd(tmp_path):
-    r = agentopd(
-        "train",
-        "env=lookup-chain",
-        "env_kwargs.hops=3",
-        "student=tiny",
-        "teacher=tiny-teacher",
-        "episodes_per_step=3",
-        "cold_start.steps=0",
-        "eval.episodes=0",
-        "rollout.max_new_tokens=24",
-        "curriculum=guided-opd",
-        "curriculum_kwargs.p_start=0.9",
-        "curriculum_kwargs.decay_steps=2",
-        "checkpoint_every=1",
-        "steps=2",
-        f"runs_dir={tmp_path}",
-        "run_name=guided",
-        timeout=600,
-    )
+TRAIN_ARGS = (
+    "train",
+    "env=lookup-chain",
+    "env_kwargs.hops=3",
+    "student=tiny",
+    "teacher=tiny-teacher",
+    "episodes_per_step=3",
+    "cold_start.steps=0",
+    "eval.episodes=0",
+    "rollout.max_new_tokens=24",
+    "curriculum=guided-opd",
+    "curriculum_kwargs.p_start=0.9",
+    "curriculum_kwargs.decay_steps=2",
+    "checkpoint_every=1",
+    "steps=2",
+)
+
+
+@pytest.fixture(scope="module")
+def guided_run(tmp_path_factory) -> Path:
+    """Two uninterrupted guided-opd training steps."""
+    runs = tmp_path_factory.mktemp("guided")
+    r = agentopd(*TRAIN_ARGS, f"runs_dir={runs}", "run_name=guided", timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    run = tmp_path / "guided"
+    return runs / "guided"
+
+
+def _step_episodes(run: Path, step: int) -> list:
+    return [e for row, e in EpisodeStore(run).iter_episodes() if row.step == step]
+
+
+@pytest.mark.slow
+def test_train_two_steps_with_guided_opd(guided_run):
+    run = guided_run
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = [row for row in rows if row.get("phase") == "train"]
     assert [row["curriculum/guide_p"] for row in train] == [pytest.approx(0.9), pytest.approx(0.45)]
@@ -192,3 +203,33 @@ def test_train_two_steps_with_guided_opd(tmp_path):
     assert train[0]["teacher_tokens"] == guided_tokens + sum(e.num_sampled_tokens for e in episodes)
     state = json.loads(next(Path(run / "checkpoints").glob("*/state.json")).read_text())
     assert state["curriculum"]["step"] in (0, 1) and "p" in state["curriculum"]
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_restores_the_guided_curriculum(guided_run, tmp_path):
+    """Killed right after the step-0 checkpoint (curriculum state step 0, p = 0.9), then
+    resumed: step 1 runs at p = 0.45 and plays the same guided mixture, token for token, as the
+    uninterrupted run."""
+    import os
+    import signal
+
+    os.environ["AGENTOPD_KILL_AT"] = "checkpoint:0"
+    try:
+        r = agentopd(*TRAIN_ARGS, f"runs_dir={tmp_path}", "run_name=k", timeout=600)
+    finally:
+        del os.environ["AGENTOPD_KILL_AT"]
+    assert r.returncode == -signal.SIGKILL, r.stdout[-3000:] + r.stderr[-3000:]
+    run = tmp_path / "k"
+    state = json.loads((run / "checkpoints" / "step_000000" / "state.json").read_text())
+    assert state["curriculum"] == {"step": 0, "p": pytest.approx(0.9)}
+    r = agentopd(*TRAIN_ARGS, f"runs_dir={tmp_path}", "run_name=k", "resume=true", timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [row for row in rows if row.get("phase") == "train"]
+    assert [row["step"] for row in train] == [0, 1]
+    assert train[1]["curriculum/guide_p"] == pytest.approx(0.45)
+    resumed, reference = _step_episodes(run, 1), _step_episodes(guided_run, 1)
+    assert [e.info.get("guided_turns", []) for e in resumed] == [
+        e.info.get("guided_turns", []) for e in reference
+    ]
+    assert [e.segments[0].tokens for e in resumed] == [e.segments[0].tokens for e in reference]

@@ -550,3 +550,42 @@ def test_kl_discount_is_a_validated_config_key_that_reaches_the_loss() -> None:
     a0, a1 = math.log(0.5), math.log(2.0)
     assert plain.item() == pytest.approx(-(a0 + a1) / 2)
     assert discounted.item() == pytest.approx(-(a0 + 0.5 * a1 + a1) / 2)
+
+
+def test_mask_parse_errors_keeps_a_malformed_turn_out_of_the_loss_batch() -> None:
+    """rollout.mask_parse_errors: the learner's batch trains on the well-formed turn only."""
+    from agentopd import zoo
+    from agentopd.engines import Sample
+    from agentopd.learner import make_batch
+    from agentopd.renderer import Renderer
+    from agentopd.rollout import EpisodeJob, RolloutConfig, run_episodes
+
+    renderer = Renderer(zoo.load_tokenizer())
+    bad = '<tool_call>{"name": "lookup", "arguments": {"key": </tool_call>'
+    good = '<tool_call>{"name": "lookup", "arguments": {"key": "a00"}}</tool_call>'
+
+    class TwoTurns:
+        def __init__(self) -> None:
+            self.texts = [bad, good]
+
+        def generate(self, prompts, params):
+            toks = renderer.encode(self.texts.pop(0)) + [renderer.eot_id]
+            return [Sample(tokens=toks, logprobs=[-0.5] * len(toks), finished=True)] * len(prompts)
+
+        def load_weights(self, state_dict) -> None:
+            pass
+
+    for flag in (False, True):
+        [ep] = run_episodes(
+            [EpisodeJob("lookup-chain", 1, options={"max_turns": 2})],
+            TwoTurns(),
+            renderer,
+            RolloutConfig(mask_parse_errors=flag),
+        )
+        first, second = ep.turns
+        assert first.parse_error and not second.parse_error
+        batch = make_batch([(ep, 0)], renderer.pad_id, 4, with_teacher=False)
+        trained = {int(t) + 1 for t in batch.mask_B_S[0].nonzero().flatten()}
+        good_pos = set(range(second.start, second.end))
+        bad_pos = set(range(first.start, first.end))
+        assert trained == (good_pos if flag else good_pos | bad_pos)

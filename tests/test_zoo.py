@@ -400,3 +400,29 @@ def test_copy_drills_repeat_their_items_including_whole_word_tokens(tok):
         trained |= {tok.decode([t]) for t in ex.tokens[start:]}
     assert len(trained & words) > 50
     assert any(t.isdigit() for t in trained)
+
+
+SHIPPED_RECOVERY = ["lookup-chain"]
+"""Envs whose ``tiny-teacher-<env>-recovery`` ships with the package."""
+
+
+@pytest.mark.parametrize("env", SHIPPED_RECOVERY)
+def test_shipped_recovery_teachers_report_clean_success_and_recovery(env):
+    """The shipped recovery teachers: built by the recovery recipe, >= 90% held-out success on
+    clean tasks after the float16 cast, and a recovery rate from injected errors (the plain
+    teachers': 0%, docs/long_horizon.md)."""
+    from agentopd.zoo import bootstrap
+
+    name = f"tiny-teacher-{env}-recovery"
+    path = zoo.shipped_dir(name)
+    assert path is not None, f"{name} is not shipped"
+    report = json.loads((path / "zoo.json").read_text())
+    recipe = bootstrap.recipe_for(env, "recovery")
+    assert report["name"] == name and report["recipe"]["steps"] == recipe.steps
+    assert report["recipe"]["recovery_episodes"] == recipe.recovery_episodes
+    assert report["recovery_examples"] > 0 and report["injected_errors"] > 0
+    for key in ("eval", "shipped_eval"):
+        assert report[key]["episodes"] == 64 and report[key]["success"] >= 0.9, key
+        assert report[key]["recovery"]["recovery_rate"] >= 0.5, key
+    model, _ = zoo.load(name, build_missing=False)
+    assert next(model.parameters()).dtype == torch.float32

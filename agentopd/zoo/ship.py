@@ -3,8 +3,8 @@
 ``python -m agentopd.zoo.ship DIR NAME`` writes ``agentopd/zoo/assets/models/NAME/`` with
 ``config.json``, ``generation_config.json``, ``model.safetensors`` (float16) and the build's
 ``zoo.json``; the tokenizer is not copied (the shipped one is used). With ``--env`` it then
-re-measures held-out greedy success of the float16 weights, loaded back as float32, and stores
-it in ``zoo.json`` under ``shipped_eval``.
+re-measures held-out greedy success and recovery rate of the float16 weights, loaded back as
+float32, and stores them in ``zoo.json`` under ``shipped_eval``.
 """
 
 from __future__ import annotations
@@ -28,11 +28,14 @@ def ship(src: Path, name: str, env: str | None = None, episodes: int = 64) -> Pa
     report = json.loads((Path(src) / "zoo.json").read_text())
     report["name"] = name
     if env is not None:
-        from agentopd.zoo.bootstrap import held_out_success
+        from agentopd.zoo.bootstrap import held_out_recovery, held_out_success
 
         back, _ = _from_pretrained(tmp)
         kwargs = report.get("recipe", {}).get("env_kwargs", {})
         report["shipped_eval"] = held_out_success(back, tokenizer, env, episodes, kwargs)
+        report["shipped_eval"]["recovery"] = held_out_recovery(
+            back, tokenizer, env, episodes, kwargs
+        )
     (tmp / "zoo.json").write_text(json.dumps(report, indent=2))
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
