@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import queue
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -60,6 +61,7 @@ class ChatRequest:
         self._done.set()
 
     def wait(self, timeout: float) -> tuple[int, dict[str, Any] | None, str]:
+        """(HTTP status, answer or ``None``, error message), once answered or after ``timeout``."""
         if not self._done.wait(timeout):
             return 504, None, f"agentopd did not answer within {timeout:g}s"
         return self._answer
@@ -70,8 +72,6 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hung up (its episode was cancelled) is not an error worth a traceback."""
-        import sys
-
         if not isinstance(sys.exc_info()[1], OSError):
             super().handle_error(request, client_address)
 

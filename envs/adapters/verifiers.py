@@ -244,6 +244,16 @@ class _Runner:
                 "its tasks have tool servers (Task.toolsets / Taskset.toolsets); MCP tool calls "
                 "are not mapped to agentopd tools yet"
             )
+        from verifiers.v1.utils.decorators import discover_decorated
+
+        hooks = [fn.__name__ for fn in discover_decorated(self.tasks[0], "intercept")]
+        if hooks:
+            warn_once(
+                f"verifiers:{env_id}",
+                "intercept",
+                f"verifiers:{env_id}: its tasks have @vf.intercept hooks ({', '.join(hooks)}); an "
+                "episode in which one replaces the student's reply is refused as not token-exact",
+            )
         self.endpoint = ChatEndpoint(MODEL)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
