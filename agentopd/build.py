@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from agentopd import lora, registry, zoo
 from agentopd.config import ConfigError, resolve_model
-from agentopd.engines import Engine
+from agentopd.engines import Engine, EngineConfig
 from agentopd.learner import Learner
 from agentopd.renderer import Renderer
 from agentopd.rollout import RolloutConfig
@@ -105,11 +105,29 @@ def check_env(cfg: Any) -> None:
         pass
 
 
-def make_engine(name: str, model: Any, renderer: Renderer, workdir: Path) -> Engine:
-    """Build the registered engine ``name`` around ``model``."""
-    factory = registry.engines.spec(name).load()
+def _accepts(fn: Any, name: str) -> bool:
+    """Whether ``fn`` takes a keyword argument ``name`` (explicitly or through ``**kwargs``)."""
+    import inspect
+
     try:
-        return factory(model, renderer=renderer, workdir=workdir)
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def make_engine(
+    name: str, model: Any, renderer: Renderer, workdir: Path, config: Any = None
+) -> Engine:
+    """Build the registered engine ``name`` around ``model`` with the ``engine_cfg`` node."""
+    factory = registry.engines.spec(name).load()
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_object(config)
+    kwargs: dict[str, Any] = {"renderer": renderer, "workdir": workdir}
+    if _accepts(factory, "config"):  # factories written before engine_cfg take no config
+        kwargs["config"] = config or EngineConfig()
+    try:
+        return factory(model, **kwargs)
     except ImportError as e:
         raise ConfigError(f"engine={name} is not available: {e}") from None
 
@@ -155,7 +173,7 @@ def build_train(cfg: DictConfig, workdir: Path | None = None) -> Parts:
     renderer = Renderer(tokenizer, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch)
     teacher = make_teacher(cfg, tokenizer, device)
     workdir = workdir or Path(tempfile.mkdtemp(prefix="agentopd-engine-"))
-    engine = make_engine(cfg.engine, student, renderer, workdir)
+    engine = make_engine(cfg.engine, student, renderer, workdir, cfg.engine_cfg)
     learner = Learner(
         student,
         OmegaConf.to_object(cfg.optim),
@@ -211,7 +229,7 @@ def build_policy(cfg: Any, model_name: str) -> Parts:
     model.to(device)
     renderer = Renderer(tokenizer, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch)
     workdir = Path(tempfile.mkdtemp(prefix="agentopd-engine-"))
-    engine = make_engine(cfg.engine, model, renderer, workdir)
+    engine = make_engine(cfg.engine, model, renderer, workdir, cfg.engine_cfg)
     parts = Parts(device, model, tokenizer, renderer, engine, workdir=workdir)
     parts.choices = choices(cfg)
     return parts

@@ -307,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from agentopd.registry import UnknownNameError
+    from agentopd.renderer import PrefixMismatchError
     from agentopd.schema import ConfigError
 
     args = build_parser().parse_args(argv)
@@ -325,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.launched_size() > 1:
             distributed.exit_together(2)
         return 2
+    except PrefixMismatchError as e:
+        # The chat template rewrote history mid-run; checkpoints already written are kept.
+        err_console.print(f"[red]error:[/] {e}")
+        return 1
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         return 130

@@ -1,7 +1,8 @@
 """Configuration: the runtime dataclasses are the schema; groups from ``configs/``; overrides.
 
 Composition order: the schema defaults, then ``configs/<command>.yaml``, then the group files
-named by the overrides (``env=sql`` loads ``configs/env/sql.yaml`` when it exists), then the
+named by the overrides in the order of :data:`GROUPS` (``env=sql`` loads ``configs/env/sql.yaml``
+when it exists; ``preset=NAME`` must exist), then the
 overrides themselves. The ``loss_cfg`` node takes the schema of the chosen loss's own config
 dataclass (``loss=jsd`` -> :class:`agentopd.losses.JsdConfig`).
 
@@ -27,6 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from agentopd.distributed import DistributedConfig
+from agentopd.engines import EngineConfig
 from agentopd.learner import LearnerConfig
 from agentopd.lora import LoraConfig
 from agentopd.losses import LossConfig
@@ -36,7 +38,10 @@ from agentopd.teachers import TeacherConfig
 
 __all__ = ["ConfigError", "SCHEMAS", "compose", "help_text", "resolve_model", "to_object"]
 
-GROUPS = ("env", "loss", "curriculum")
+GROUPS = ("env", "loss", "curriculum", "preset")
+"""Keys that name a file ``configs/<key>/<value>.yaml``, merged in this order: a preset (model
+scale: models, sequence lengths, batch sizes) wins over the env's small-model defaults, and every
+``key=value`` override wins over all of them."""
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -69,11 +74,21 @@ class EvalConfig:
 class TrainConfig:
     """Everything ``agentopd train`` needs."""
 
+    preset: str | None = knob(
+        None, "a named setup from configs/preset/ (e.g. qwen3-1.7b-from-8b); null: none"
+    )
+    gpu_memory_gib: float = knob(
+        0,
+        "GPU memory this setup needs (presets state it); checked against the CUDA device "
+        "before anything loads (0: no check)",
+        ge=0,
+    )
     env: str = knob("code-sandbox", "registered environment (agentopd envs)")
     env_kwargs: dict[str, Any] = knob(factory=dict, help="env constructor kwargs")
     student: str = knob("auto", "student model: zoo name, save_pretrained dir or run dir")
     teacher: str = knob("auto", "teacher model (auto: tiny-teacher-<env>)")
     engine: str = knob("hf", "student rollout engine (registry kind engines: hf, vllm)")
+    engine_cfg: EngineConfig = knob(factory=EngineConfig, help="rollout engine settings (vllm)")
     teacher_backend: str = knob("hf", "teacher scoring backend (hf, vllm, server)")
     loss: str = knob("rkl-sampled", "objective (registry kind losses)")
     curriculum: str = knob("uniform", "curriculum (registry kind curricula)")
@@ -122,6 +137,7 @@ class EvalCommandConfig:
     env_kwargs: dict[str, Any] = knob(factory=dict, help="env constructor kwargs")
     model: str = knob("tiny", "model: zoo name, save_pretrained dir or run dir (latest checkpoint)")
     engine: str = knob("hf", "rollout engine (hf, vllm)")
+    engine_cfg: EngineConfig = knob(factory=EngineConfig, help="rollout engine settings (vllm)")
     episodes: int = knob(50, "held-out tasks", ge=1)
     samples: int = knob(1, "samples per task (pass@k)", ge=1)
     temperature: float = knob(0.0, "sampling temperature (0: greedy)", ge=0)
@@ -141,6 +157,7 @@ class DiagnoseConfig:
     student: str = knob("auto", "student model (auto: tiny-base)")
     teacher: str = knob("auto", "teacher model (auto: tiny-teacher-<env>)")
     engine: str = knob("hf", "student rollout engine")
+    engine_cfg: EngineConfig = knob(factory=EngineConfig, help="rollout engine settings (vllm)")
     teacher_backend: str = knob("hf", "teacher scoring backend")
     episodes: int = knob(16, "student episodes to diagnose", ge=1)
     recovery_episodes: int = knob(
@@ -161,6 +178,7 @@ class CollectConfig:
     env_kwargs: dict[str, Any] = knob(factory=dict, help="env constructor kwargs")
     model: str = knob("expert", "expert (the env's scripted expert) or a model")
     engine: str = knob("hf", "rollout engine when model is a model")
+    engine_cfg: EngineConfig = knob(factory=EngineConfig, help="rollout engine settings (vllm)")
     episodes: int = knob(100, "episodes to play", ge=1)
     only_successful: bool = knob(True, "keep only solved episodes")
     seed: int = knob(0, "seed", ge=0)
@@ -245,15 +263,22 @@ def compose(command: str, overrides: list[str] | None = None) -> DictConfig:
         registry.losses.spec(loss_name)  # unknown loss: did-you-mean, before anything else
         with open_dict(cfg):
             cfg.loss_cfg = OmegaConf.structured(_loss_config_class(loss_name))
-    for key, value in group_values.items():
-        if key in cfg:
-            group_file = configs_dir() / key / f"{value}.yaml"
-            if group_file.exists():
-                cfg = _merge(cfg, OmegaConf.load(group_file), str(group_file))
+    for key in GROUPS:
+        value = group_values.get(key)
+        if value is None or key not in cfg:
+            continue
+        group_file = configs_dir() / key / f"{value}.yaml"
+        if group_file.exists():
+            cfg = _merge(cfg, OmegaConf.load(group_file), str(group_file))
+        elif key == "preset" and value not in ("null", "None", ""):
+            raise ConfigError(_unknown_preset(value))
     valid = _all_keys(cfg)
     for key, value in pairs:
         if key not in valid and not _is_free_form(key):
             raise ConfigError(_unknown_key(command, key, valid, cfg))
+        tp = _field_type(cfg, key)
+        if value.strip().lower() in YAML_BOOL_WORDS and (tp is str or str in typing.get_args(tp)):
+            value = repr(value.strip())  # optim.sft_bf16=on is the string "on", not YAML's True
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
         except OmegaConfBaseException as e:
@@ -263,6 +288,38 @@ def compose(command: str, overrides: list[str] | None = None) -> DictConfig:
             ) from None
     validate(cfg)
     return cfg
+
+
+def presets() -> list[str]:
+    """Names of the shipped presets (``configs/preset/*.yaml``)."""
+    return sorted(p.stem for p in (configs_dir() / "preset").glob("*.yaml"))
+
+
+def _unknown_preset(name: str) -> str:
+    near = difflib.get_close_matches(name, presets(), n=1, cutoff=0.5)
+    hint = f" Did you mean {near[0]!r}?" if near else ""
+    return f"unknown preset {name!r}.{hint} Available: {', '.join(presets())} (configs/preset/)."
+
+
+def check_gpu_memory(need_gib: float, device: str) -> None:
+    """Refuse a setup whose stated ``gpu_memory_gib`` exceeds the CUDA device's memory.
+
+    Runs only when ``device`` resolves to CUDA; on CPU there is nothing to compare with.
+    """
+    if need_gib <= 0 or device == "cpu":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    have = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if have < need_gib:
+        raise ConfigError(
+            f"gpu_memory_gib={need_gib:g}: this setup needs about {need_gib:g} GiB of GPU memory "
+            f"and {torch.cuda.get_device_name(0)} has {have:.0f} GiB. Use a LoRA preset "
+            "(lora.r=32), a smaller teacher, fewer episodes_per_step or rollout.max_episode_tokens, "
+            "or set gpu_memory_gib=0 to try anyway."
+        )
 
 
 def _unknown_key(command: str, key: str, valid: list[str], cfg: DictConfig) -> str:
@@ -288,14 +345,24 @@ def _merge(cfg: DictConfig, other: Any, source: str) -> DictConfig:
         raise ConfigError(f"invalid config file {source}: {e}") from None
 
 
-def _expected_type(cfg: DictConfig, key: str) -> str:
+YAML_BOOL_WORDS = frozenset({"on", "off", "yes", "no", "y", "n"})
+"""Words YAML 1.1 reads as booleans; on a string-typed key they stay strings."""
+
+
+def _field_type(cfg: DictConfig, key: str) -> Any:
+    """The declared type of ``key`` in the schema (None: not a schema field)."""
     node: Any = OmegaConf.get_type(cfg)
     for part in key.split("."):
         hints = _hints(node)
         if part not in hints:
-            return "a value"
+            return None
         node = hints[part]
-    return _type_name(node)
+    return node
+
+
+def _expected_type(cfg: DictConfig, key: str) -> str:
+    node = _field_type(cfg, key)
+    return "a value" if node is None else _type_name(node)
 
 
 def _hints(cls: Any) -> dict[str, Any]:
@@ -353,11 +420,14 @@ def validate(cfg: DictConfig) -> None:
         import torch
 
         if not torch.cuda.is_available():
+            preset = getattr(obj, "preset", None)
+            why = f" preset={preset} is a GPU setup." if preset else ""
             raise ConfigError(
                 "device=cuda, but torch sees no CUDA device here (torch "
-                f"{torch.__version__}, cuda build: {torch.version.cuda}). Use device=cpu or "
+                f"{torch.__version__}, cuda build: {torch.version.cuda}).{why} Use device=cpu or "
                 "device=auto."
             )
+    check_gpu_memory(getattr(obj, "gpu_memory_gib", 0), getattr(obj, "device", "auto"))
     cold = getattr(obj, "cold_start", None)
     if cold is not None and cold.data:
         path = Path(cold.data).expanduser()

@@ -249,8 +249,11 @@ def _packed_nll(
     chunk_size: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """Shared prefix once, the rests packed into rows, log-probs at trained positions only."""
-    shared = prefix_to_share(segs)
+    """Shared prefix once, the rests packed into rows, log-probs at trained positions only.
+
+    Under gradient checkpointing transformers drops the prefix's KV cache, so nothing is shared
+    then: whole segments are packed (the same loss, more compute)."""
+    shared = 0 if getattr(model, "is_gradient_checkpointing", False) else prefix_to_share(segs)
     rests = [(s.tokens[shared:], s.mask[shared:]) for s in segs]
     width = max(len(t) for t, _ in rests)
     rows = pack_rows([len(t) for t, _ in rests])

@@ -102,18 +102,30 @@ def _resume_target(cfg: DictConfig, console: Console) -> str:
     return newest
 
 
-# How many torchrun ranks and which backend do not change what a run computes.
-_NOT_COMPARED = ("resume", "resume_override", "run_name", "distributed")
+_NOT_COMPARED = ("resume", "resume_override", "run_name", "runs_dir", "distributed")
+"""Keys that say where and how the run is continued, not what it trains: a run directory that
+was moved (runs_dir) or resumed on another number of ranks (distributed) is the same run."""
 
 
-def _config_diff(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+def _config_diff(
+    saved: dict[str, Any],
+    new: dict[str, Any],
+    prefix: str = "",
+    defaults: dict[str, Any] | None = None,
+) -> list[str]:
+    """``key: old -> new`` for every difference. A key the saved config lacks (the run predates
+    it) that holds its default in ``defaults`` is no difference."""
     out = []
+    defaults = defaults or {}
     for key in sorted(set(saved) | set(new)):
         if not prefix and key in _NOT_COMPARED:
             continue
         a, b = saved.get(key, "<absent>"), new.get(key, "<absent>")
+        if a == "<absent>" and key in defaults and b == defaults[key]:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(_config_diff(a, b, f"{prefix}{key}."))
+            sub = defaults.get(key)
+            out.extend(_config_diff(a, b, f"{prefix}{key}.", sub if isinstance(sub, dict) else None))
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
@@ -207,16 +219,20 @@ class Trainer:
         from agentopd.config import compose, validate
 
         saved = OmegaConf.load(path / "config.yaml")
+        base = compose("train", [f"env={saved.env}", f"loss={saved.loss}"])
         if self.overrides is None:
             effective = self.cfg
         else:
-            base = compose("train", [f"env={saved.env}", f"loss={saved.loss}"])
             effective = OmegaConf.merge(base, saved)
             if self.overrides:
                 effective = OmegaConf.merge(effective, OmegaConf.from_dotlist(self.overrides))
             effective.run_name = path.name
             validate(effective)
-        diff = _config_diff(OmegaConf.to_container(saved), OmegaConf.to_container(effective))  # type: ignore[arg-type]
+        diff = _config_diff(
+            OmegaConf.to_container(saved),  # type: ignore[arg-type]
+            OmegaConf.to_container(effective),  # type: ignore[arg-type]
+            defaults=OmegaConf.to_container(base),  # type: ignore[arg-type]
+        )
         if diff and not effective.resume_override:
             raise ConfigError(
                 f"resume=true with options that differ from {path / 'config.yaml'}:\n  "
@@ -350,7 +366,11 @@ class Trainer:
             model, _ = load_model(teacher_name(self.cfg), "teacher")
             model.to(self.device).eval()
             self._teacher_engine = make_engine(
-                self.cfg.engine, model, self.renderer, self._scratch("teacher_engine")
+                self.cfg.engine,
+                model,
+                self.renderer,
+                self._scratch("teacher_engine"),
+                self.cfg.engine_cfg,
             )
         return self._teacher_engine
 
@@ -473,7 +493,9 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """The whole run. Under ``torchrun`` it joins the process group first (and leaves it
         at the end); only rank 0 prints and writes (see :mod:`agentopd.distributed`)."""
-        joined = distributed.world().size > 1  # a caller's process group: leave it joined
+        # Leave only a process group this run created: a caller's, or the one-process group an
+        # in-process vLLM engine sets up for itself, stays as it was.
+        created = distributed.launched_size() > 1 and distributed.world().size == 1
         d = self.cfg.distributed
         self.world = distributed.setup(d.backend, d.timeout_s)
         if not self.world.is_main:
@@ -481,7 +503,7 @@ class Trainer:
         try:
             return self._run()
         finally:
-            if not joined:
+            if created:
                 distributed.teardown()
 
     def _run(self) -> dict[str, Any]:

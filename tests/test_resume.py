@@ -110,3 +110,25 @@ def test_resume_without_run_name_picks_the_newest_matching_run(tmp_path, capsys)
     console = Console(record=True)
     assert _resume_target(cfg, console) == "lookup-chain-rkl-sampled-s0-2"
     assert "most recent matching run" in console.export_text()
+
+
+def test_resume_of_a_run_saved_before_newer_keys_existed(finished, tmp_path, capsys):
+    """A run whose config.yaml predates keys added since (here ``preset``, ``gpu_memory_gib``
+    and ``engine_cfg``) resumes as it is; setting one of those keys is still a change."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    runs = tmp_path / "runs"
+    shutil.copytree(finished / "done", runs / "old")
+    saved = OmegaConf.load(runs / "old" / "config.yaml")
+    for key in ("preset", "gpu_memory_gib", "engine_cfg"):
+        saved.pop(key)
+    OmegaConf.save(saved, runs / "old" / "config.yaml")
+    base = [f"runs_dir={runs}", "run_name=old", "resume=true", "env=lookup-chain"]
+    assert main(["train", *base]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["train", *base, "engine_cfg.max_model_len=1024"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    # the first resume wrote the keys back with their defaults, so the change reads as one
+    assert "engine_cfg.max_model_len: 0 -> 1024" in err and "resume_override=true" in err, err
