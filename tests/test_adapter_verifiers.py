@@ -144,6 +144,26 @@ def test_held_out_tasks_are_the_eval_split():
         registry.make(WORD, held_out=6)
 
 
+def test_taskset_config_fields_come_from_env_kwargs_taskset():
+    name = "verifiers:verifiers_fixtures:CasedTaskset"
+    upper = registry.make(name, taskset={"letters": "upper"})
+    obs, _ = upper.reset(seed=0)
+    upper.close()
+    assert "'APPLE'" in obs[-1].content
+    lower = registry.make(name, **{"taskset.letters": "lower"})  # check-env's flat keys
+    assert "'apple'" in lower.reset(seed=0)[0][-1].content
+    lower.close()
+    with pytest.raises(ConfigError, match=r"env_kwargs\.taskset\.letters: Field required"):
+        registry.make(name)
+    with pytest.raises(ConfigError, match="Did you mean 'letters'") as e:
+        registry.make(name, taskset={"leters": "upper"})
+    assert "letters: Literal['lower', 'upper']" in str(e.value)
+    with pytest.raises(ConfigError, match="'lower' or 'upper' \\(got 'title'\\)"):
+        registry.make(name, taskset={"letters": "title"})
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        registry.make(name, taskset="upper")
+
+
 # ------------------------------------------------------------------------------ the endpoint
 def test_endpoint_answers_plain_and_streamed_requests_with_the_exact_text():
     import threading

@@ -13,9 +13,14 @@ For tests/test_adapter_verifiers.py, named as ``verifiers:verifiers_fixtures:<Ta
   mid-episode).
 * :class:`ToolTaskset`: a task with a tool server, which the adapter refuses when it is built.
 * :class:`DuetEnv`: two seats that both use the run's model, refused when built.
+* :class:`CasedTaskset`: a taskset whose config has a required ``Literal`` field (``letters``),
+  the shape of verifiers' own ``textarena`` taskset (``game``): set with
+  ``env_kwargs.taskset.letters=...``.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import verifiers.v1 as vf
 
@@ -131,3 +136,25 @@ class DuetEnv(vf.Env[DuetConfig]):
     async def run(self, task: vf.Task, agents: vf.Agents) -> None:
         await agents.first.run(task)
         await agents.second.run(task)
+
+
+class CasedConfig(vf.TasksetConfig):
+    """A required choice, as ``TextArenaConfig.game`` is."""
+
+    letters: Literal["lower", "upper"]
+
+
+class CasedTaskset(vf.Taskset[WordTask, CasedConfig]):
+    """:class:`WordTaskset`'s rows, the word in the prompt written in ``config.letters``."""
+
+    def load(self) -> list[WordTask]:
+        case = str.upper if self.config.letters == "upper" else str.lower
+        return [
+            WordTask(
+                t.data.model_copy(
+                    update={"prompt": t.data.prompt.replace(t.data.word, case(t.data.word))}
+                ),
+                self.config.task,
+            )
+            for t in WordTaskset(self.config).load()
+        ]

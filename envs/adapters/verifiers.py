@@ -45,9 +45,11 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import json
 import sys
 import threading
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,7 +186,14 @@ def _plugin_id(taskset: type, env_cls: type | None) -> str:
 class _Runner:
     """One verifiers env, serving on a background event loop, plus the endpoint its model calls reach."""
 
-    def __init__(self, env_id: str, taskset_cls: type, env_cls: type | None, max_tasks: int):
+    def __init__(
+        self,
+        env_id: str,
+        taskset_cls: type,
+        env_cls: type | None,
+        max_tasks: int,
+        taskset_args: Mapping[str, Any],
+    ):
         import verifiers.v1 as vf
         from verifiers.v1.configs.agent import agent_config_fields
         from verifiers.v1.utils.generic import concrete_type
@@ -200,7 +209,9 @@ class _Runner:
                 "chat harness is mapped (a program harness runs its own tools in a container)"
             )
         config_cls = concrete_type(env_cls, vf.EnvConfig, origin=vf.Env) or vf.EnvConfig
-        taskset_config = vf.taskset_config_type(plugin)(id=plugin)
+        taskset_config = _taskset_config(
+            env_id, vf.taskset_config_type(plugin), plugin, taskset_args
+        )
         seats = agent_config_fields(config_cls(taskset=taskset_config))
         student = [name for name, seat in seats.items() if seat.client is None]
         if len(student) != 1:
@@ -322,7 +333,47 @@ class _Runner:
         )
 
 
-_runners: dict[tuple[str, int], _Runner] = {}
+def _taskset_config(env_id: str, config_cls: type, plugin: str, args: Mapping[str, Any]) -> Any:
+    """``config_cls`` (the taskset's ``vf.TasksetConfig``) built from ``env_kwargs.taskset``.
+
+    Raises:
+        ConfigError: an unknown field (with "did you mean" and the fields there are), a missing
+            required field or a bad value (verifiers' validation message, with the field's type).
+    """
+    from pydantic import ValidationError
+
+    fields = {n: f for n, f in config_cls.model_fields.items() if n != "id"}
+
+    def describe(name: str) -> str:
+        field = fields[name]
+        tp = field.annotation
+        kind = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+        return f"{name}: {kind}" + ("" if field.is_required() else f" = {field.default!r}")
+
+    listing = "; ".join(describe(n) for n in fields)
+    for key in args:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(
+                f"verifiers:{env_id}: env_kwargs.taskset.{key} is not a field of "
+                f"{config_cls.__name__}.{hint} Its fields: {listing}"
+            )
+    try:
+        return config_cls(id=plugin, **args)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"env_kwargs.taskset.{'.'.join(map(str, err['loc']))}: {err['msg']}"
+            + (f" (got {err['input']!r})" if err["type"] != "missing" else "")
+            for err in e.errors()
+        )
+        raise ConfigError(
+            f"verifiers:{env_id}: bad taskset config for {config_cls.__name__}: {problems}. "
+            f"Its fields: {listing}"
+        ) from None
+
+
+_runners: dict[tuple[str, int, str], _Runner] = {}
 _runners_lock = threading.Lock()
 
 
@@ -334,14 +385,14 @@ def _shutdown_runners() -> None:
         runner.shutdown()
 
 
-def _runner(env_id: str, max_tasks: int) -> _Runner:
+def _runner(env_id: str, max_tasks: int, taskset_args: Mapping[str, Any]) -> _Runner:
     with _runners_lock:
-        key = (env_id, max_tasks)
+        key = (env_id, max_tasks, json.dumps(taskset_args, sort_keys=True, default=repr))
         if key not in _runners:
             if not _runners:
                 atexit.register(_shutdown_runners)
             taskset_cls, env_cls = resolve(env_id)
-            _runners[key] = _Runner(env_id, taskset_cls, env_cls, max_tasks)
+            _runners[key] = _Runner(env_id, taskset_cls, env_cls, max_tasks, taskset_args)
         return _runners[key]
 
 
@@ -399,6 +450,11 @@ class VerifiersEnv(ForeignEnv):
         held_out: The last ``held_out`` tasks are the eval split (``split="eval"``); the others
             are the training tasks. 0: eval draws from the training tasks (with a warning).
         max_tasks: At most this many tasks are read from the taskset (an infinite one included).
+        taskset: Fields of the taskset's config (its ``vf.TasksetConfig`` subclass), e.g.
+            ``{"game": "Hangman-v0"}`` for verifiers' ``textarena`` taskset; on the command line
+            ``env_kwargs.taskset.game=Hangman-v0`` (``taskset.game=Hangman-v0`` for ``agentopd
+            check-env``, whose keys are flat). An unknown, missing or bad field is a
+            ``ConfigError`` that lists the config's fields.
         reply_timeout_s: How long to wait for verifiers' next request or its end of episode.
         **kwargs: ``max_turns``, ``success_reward``, ``system_prompt`` of :class:`ForeignEnv`.
     """
@@ -413,11 +469,21 @@ class VerifiersEnv(ForeignEnv):
         *,
         held_out: int = 0,
         max_tasks: int = 10_000,
+        taskset: Mapping[str, Any] | None = None,
         reply_timeout_s: float = 600.0,
         **kwargs: Any,
     ):
         require("verifiers.v1", package="verifiers", extra="verifiers")
-        self._runner = _runner(env_id, int(max_tasks))
+        if taskset is not None and not isinstance(taskset, Mapping):
+            raise ConfigError(
+                f"verifiers:{env_id}: env_kwargs.taskset must be a mapping of taskset config "
+                f"fields (e.g. env_kwargs.taskset.game=Hangman-v0), got {taskset!r}"
+            )
+        args = {str(k): v for k, v in (taskset or {}).items()}
+        for key in [k for k in kwargs if k.startswith("taskset.")]:
+            # ``agentopd check-env verifiers:textarena taskset.game=Hangman-v0`` passes flat keys
+            args[key.removeprefix("taskset.")] = kwargs.pop(key)
+        self._runner = _runner(env_id, int(max_tasks), args)
         n = len(self._runner.tasks)
         if not 0 <= int(held_out) < n:
             raise ConfigError(
