@@ -44,7 +44,9 @@ if docker info >/dev/null 2>&1; then
     echo "== dockerd already running"
 else
     echo "== starting dockerd (log: $DOCKERD_LOG)"
-    nohup dockerd >>"$DOCKERD_LOG" 2>&1 &
+    # Its own session: stopping the shell or job that ran this script must not take dockerd
+    # down with it.
+    setsid nohup dockerd >>"$DOCKERD_LOG" 2>&1 < /dev/null &
     for _ in $(seq 1 60); do
         docker info >/dev/null 2>&1 && break
         sleep 1
