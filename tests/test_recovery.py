@@ -66,7 +66,9 @@ def test_recovery_jobs_start_right_after_one_injected_error(renderer):
 
     kw = {"min_hops": 2, "max_hops": 4}
     jobs = recovery_jobs("lookup-chain", kw, range(24), split="eval", seed=2)
-    assert len(jobs) == 24 and jobs == recovery_jobs("lookup-chain", kw, range(24), split="eval", seed=2)
+    assert len(jobs) == 24 and jobs == recovery_jobs(
+        "lookup-chain", kw, range(24), split="eval", seed=2
+    )
     assert {j.options["injected"]["kind"] for j in jobs} == set(ERROR_KINDS)
     assert {j.options["injected"]["turn"] for j in jobs} >= {0, 1}
     for job in jobs:
@@ -120,7 +122,9 @@ def test_recovery_build_data_never_trains_on_an_injected_token(renderer, monkeyp
     )  # fmt: skip
     clean, recovery = bootstrap.training_episodes("lookup-chain", recipe, renderer)
     assert len(clean) == 4 and len(recovery) == 10
-    injected = [(ep, t) for ep in recovery for t in ep.turns if t.index in ep.info["injected_turns"]]
+    injected = [
+        (ep, t) for ep in recovery for t in ep.turns if t.index in ep.info["injected_turns"]
+    ]
     assert len(injected) >= 5
     # Mark the injected positions with a canary id that no trained position holds.
     trained_ids = {
