@@ -74,15 +74,6 @@ class EvalConfig:
 class TrainConfig:
     """Everything ``agentopd train`` needs."""
 
-    preset: str | None = knob(
-        None, "a named setup from configs/preset/ (e.g. qwen3-1.7b-from-8b); null: none"
-    )
-    gpu_memory_gib: float = knob(
-        0,
-        "GPU memory this setup needs (presets state it); checked against the CUDA device "
-        "before anything loads (0: no check)",
-        ge=0,
-    )
     env: str = knob("code-sandbox", "registered environment (agentopd envs)")
     env_kwargs: dict[str, Any] = knob(factory=dict, help="env constructor kwargs")
     student: str = knob("auto", "student model: zoo name, save_pretrained dir or run dir")
@@ -117,6 +108,15 @@ class TrainConfig:
     checkpoint_every: int = knob(5, "steps between checkpoints", ge=1)
     device: str = knob("auto", "torch device (auto: cuda when available)", choices=DEVICES)
     cpu_threads: int = knob(1, "torch CPU threads (0: torch's default)", ge=0)
+    preset: str | None = knob(
+        None, "a named setup from configs/preset/ (e.g. qwen3-1.7b-from-8b); null: none"
+    )
+    gpu_memory_gib: float = knob(
+        0,
+        "GPU memory this setup needs (presets state it); checked against the CUDA device "
+        "before anything loads (0: no check)",
+        ge=0,
+    )
     rollout: RolloutConfig = knob(factory=RolloutConfig, help="rollout loop")
     teacher_cfg: TeacherConfig = knob(factory=TeacherConfig, help="teacher scoring")
     loss_cfg: LossConfig = knob(factory=LossConfig, help="the chosen loss's settings")

@@ -227,6 +227,9 @@ class Trainer:
             if self.overrides:
                 effective = OmegaConf.merge(effective, OmegaConf.from_dotlist(self.overrides))
             effective.run_name = path.name
+            # resume_override says how this command resumes; the saved run's value (true if it
+            # was once resumed with it) must not let later resumes change options silently.
+            effective.resume_override = bool(self.cfg.resume_override)
             validate(effective)
         diff = _config_diff(
             OmegaConf.to_container(saved),  # type: ignore[arg-type]

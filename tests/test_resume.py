@@ -93,6 +93,9 @@ def test_resume_with_other_options_refuses_with_a_diff_unless_overridden(finishe
     assert main(["train", *base, "optim.lr=0.5", "resume_override=true", "eval.episodes=0"]) == 0
     changes = (finished / "done" / "config_changes.jsonl").read_text()
     assert "optim.lr" in changes
+    # the override was for that command only: the next change is refused again
+    assert main(["train", *base, "optim.lr=0.7"]) == 2
+    assert "optim.lr: 0.5 -> 0.7" in " ".join(capsys.readouterr().err.split())
 
 
 def test_resume_without_run_name_picks_the_newest_matching_run(tmp_path, capsys):
