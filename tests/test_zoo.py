@@ -227,10 +227,11 @@ def test_variant_names_parse_and_pick_the_variant_recipe():
         plain, rec = bootstrap.recipe_for(env), bootstrap.recipe_for(env, "recovery")
         assert plain.recovery_episodes == 0 and rec.recovery_episodes > 0
         assert rec.train_episodes == plain.train_episodes and rec.copy_batch == plain.copy_batch
-        if env != "sql":  # only the data differs: the same steps and optimizer
+        if env == "lookup-chain":  # only the data differs: the same steps and optimizer
             assert bootstrap.replace(rec, recovery_episodes=0) == plain
-    sql = bootstrap.recipe_for("sql", "recovery")  # continues from the plain sql teacher
-    assert sql.init == "tiny-teacher-sql" and sql.steps == 150 and sql.optim.lr == 5e-4
+        else:  # continues from the plain teacher
+            assert rec.init == f"tiny-teacher-{env}" and rec.steps == 150
+            assert rec.optim.lr == 5e-4 and rec.optim.sft_bf16 == plain.optim.sft_bf16
     assert bootstrap.recipe_for("echo", "recovery").recovery_episodes == 500
     with pytest.raises(ValueError, match="unknown artifact variant"):
         bootstrap.recipe_for("sql", "noisy")
@@ -405,7 +406,7 @@ def test_copy_drills_repeat_their_items_including_whole_word_tokens(tok):
     assert any(t.isdigit() for t in trained)
 
 
-SHIPPED_RECOVERY = ["lookup-chain", "sql"]
+SHIPPED_RECOVERY = ["lookup-chain", "sql", "code-sandbox"]
 """Envs whose ``tiny-teacher-<env>-recovery`` ships with the package."""
 
 

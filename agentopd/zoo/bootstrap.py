@@ -144,14 +144,17 @@ RECOVERY_RECIPES: dict[str, Recipe] = {
         RECIPES["sql"], recovery_episodes=600, init="tiny-teacher-sql", steps=150,
         optim=sft_optim(lr=5e-4, warmup_steps=10, min_lr_frac=0.1),
     ),
-    "code-sandbox": replace(RECIPES["code-sandbox"], recovery_episodes=750),
+    "code-sandbox": replace(
+        RECIPES["code-sandbox"], recovery_episodes=750, init="tiny-teacher-code-sandbox",
+        steps=150, optim=sft_optim(lr=5e-4, warmup_steps=10, min_lr_frac=0.1, sft_bf16="auto"),
+    ),
 }  # fmt: skip
 """The ``recovery`` variant of each built-in recipe: the plain recipe's clean episodes plus
-error-injected expert episodes (``recovery_episodes``) on other train tasks. lookup-chain and
-code-sandbox keep the plain steps and optimizer and start from the base; sql continues from
-the plain ``tiny-teacher-sql`` for 150 steps at a lower peak lr (from the base, its 400 steps
-reached only 86% clean success, docs/long_horizon.md). code-sandbox's variant is not built or
-shipped yet. Other environments get their plain recipe with ``recovery_episodes=500``."""
+error-injected expert episodes (``recovery_episodes``) on other train tasks. lookup-chain keeps
+the plain steps and optimizer and starts from the base; sql and code-sandbox continue from
+their plain teacher for 150 steps at a lower peak lr (from the base, sql's 400 steps reached
+only 86% clean success, docs/long_horizon.md). Other environments get their plain recipe with
+``recovery_episodes=500``."""
 
 
 def recipe_for(env_name: str, variant: str = "") -> Recipe:
