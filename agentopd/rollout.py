@@ -390,7 +390,14 @@ def _record_turn(lv: _Live, sample: Sample, renderer: Renderer, cfg: RolloutConf
 
 def _step(lv: _Live) -> tuple[Any, ...] | BaseException:
     try:
-        return lv.env.step(lv.episode.turns[-1].text)
+        turn = lv.episode.turns[-1]
+        observe = getattr(lv.env, "observe_sampled", None)
+        if observe is not None:
+            # An env that hands the turn to a foreign loop (verifiers) also passes on the exact
+            # sampled ids and their log-probs; every other env gets the text only.
+            seg = lv.episode.segments[turn.segment]
+            observe(seg.tokens[turn.start : turn.end], seg.logprobs[turn.start : turn.end])
+        return lv.env.step(turn.text)
     except Exception as e:  # noqa: BLE001 - an env bug ends this episode, not the batch
         e.__traceback_text__ = traceback.format_exc()  # type: ignore[attr-defined]
         return e

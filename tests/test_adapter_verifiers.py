@@ -73,6 +73,25 @@ def test_single_turn_episode_is_token_exact_and_scored_by_the_rubric(renderer):
     assert ep.num_turns == 1
 
 
+def test_the_endpoint_returns_the_sampled_token_ids_and_logprobs(renderer, monkeypatch):
+    from agentopd.envs.adapters import _endpoint
+
+    sent = []  # a spy: every reply still goes out as it would
+    real = _endpoint.ChatRequest.reply
+    monkeypatch.setattr(
+        _endpoint.ChatRequest,
+        "reply",
+        lambda self, text, **kw: sent.append(kw) or real(self, text, **kw),
+    )
+    (ep,) = run_episodes([EpisodeJob(WORD, 0, {}, {})], _Scripted(renderer, "elppa"), renderer)
+    seg = ep.segments[0]
+    t = ep.turns[0]
+    assert sent == [
+        {"token_ids": seg.tokens[t.start : t.end], "logprobs": [-0.25] * (t.end - t.start)}
+    ]
+    assert sent[0]["token_ids"] == renderer.encode("elppa") + [renderer.eot_id]
+
+
 def test_multi_turn_env_replies_are_observations_at_mask_zero(renderer):
     engine = _Scripted(renderer, "wrong", "still wrong", "elppa")
     (ep,) = run_episodes([EpisodeJob(RETRY, 0, {}, {})], engine, renderer)
@@ -188,16 +207,22 @@ def test_endpoint_answers_plain_and_streamed_requests_with_the_exact_text():
         worker.start()
         request = endpoint.next_item(route, timeout=30)
         assert request.messages == [{"role": "user", "content": "hi"}]
-        request.reply(text)
+        request.reply(text, token_ids=[5, 7, 2], logprobs=[-0.5, -1.0, -0.25])
         worker.join(30)
     plain = json.loads(results[False])
-    assert plain["choices"][0]["message"]["content"] == text
+    choice = plain["choices"][0]
+    assert choice["message"]["content"] == text
+    assert choice["token_ids"] == [5, 7, 2] and plain["usage"]["completion_tokens"] == 3
+    assert [(c["token"], c["logprob"]) for c in choice["logprobs"]["content"]] == [
+        ("token_id:5", -0.5), ("token_id:7", -1.0), ("token_id:2", -0.25)
+    ]  # fmt: skip
     events = [
         json.loads(line[6:])
         for line in results[True].decode().splitlines()
         if line.startswith("data: {")
     ]
     assert "".join(c["delta"].get("content", "") for e in events for c in e["choices"]) == text
+    assert [t for e in events for c in e["choices"] for t in c.get("token_ids", [])] == [5, 7, 2]
     endpoint.close_route(route)
     stale = urllib.request.Request(
         endpoint.base_url(route) + "/chat/completions", data=b"{}", method="POST"

@@ -42,14 +42,34 @@ class ChatRequest:
         messages = self.body.get("messages")
         return messages if isinstance(messages, list) else []
 
-    def reply(self, text: str, *, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
-        """Answer with one assistant message whose content is exactly ``text``."""
+    def reply(
+        self,
+        text: str,
+        *,
+        prompt_tokens: int = 0,
+        token_ids: list[int] | None = None,
+        logprobs: list[float] | None = None,
+    ) -> None:
+        """Answer with one assistant message whose content is exactly ``text``.
+
+        ``token_ids`` and ``logprobs`` are the sampled tokens behind ``text`` and their
+        log-probabilities; the completion carries them as vLLM does (``choices[0].token_ids``,
+        and ``logprobs.content`` with tokens written ``token_id:<id>``, as vLLM's
+        ``--return-tokens-as-token-ids`` writes them), and ``usage.completion_tokens`` counts
+        them.
+        """
+        ids = [int(t) for t in token_ids or []]
+        lps = [float(x) for x in logprobs or []]
+        if lps and len(lps) != len(ids):
+            raise ValueError(f"{len(ids)} token ids but {len(lps)} logprobs")
         self._answer = (
             200,
             {
                 "text": text,
                 "prompt_tokens": int(prompt_tokens),
-                "completion_tokens": int(completion_tokens),
+                "completion_tokens": len(ids),
+                "token_ids": ids,
+                "logprobs": lps,
             },
             "",
         )
@@ -208,6 +228,19 @@ class ChatEndpoint:
         p, c = answer["prompt_tokens"], answer["completion_tokens"]
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
+    def _token_fields(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """``token_ids`` and OpenAI-style ``logprobs`` of a choice (empty without token ids)."""
+        ids = answer.get("token_ids") or []
+        if not ids:
+            return {}
+        lps = answer.get("logprobs") or []
+        content = [
+            {"token": f"token_id:{t}", "logprob": lps[i] if lps else None, "bytes": None,
+             "top_logprobs": []}
+            for i, t in enumerate(ids)
+        ]  # fmt: skip
+        return {"token_ids": ids, "logprobs": {"content": content}}
+
     def _completion(self, answer: dict[str, Any]) -> dict[str, Any]:
         return {
             "id": f"agentopd-{time.monotonic_ns()}",
@@ -219,6 +252,7 @@ class ChatEndpoint:
                     "index": 0,
                     "message": {"role": "assistant", "content": answer["text"]},
                     "finish_reason": "stop",
+                    **self._token_fields(answer),
                 }
             ],
             "usage": self._usage(answer),
@@ -233,7 +267,17 @@ class ChatEndpoint:
         }
         delta = {"role": "assistant", "content": answer["text"]}
         return [
-            {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
+            {
+                **head,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": delta,
+                        "finish_reason": None,
+                        **self._token_fields(answer),
+                    }
+                ],
+            },
             {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
             {**head, "choices": [], "usage": self._usage(answer)},
         ]

@@ -495,6 +495,7 @@ class VerifiersEnv(ForeignEnv):
         self._route: int | None = None
         self._episode: asyncio.Task | None = None
         self._pending: ChatRequest | None = None
+        self._sampled: tuple[list[int], list[float]] | None = None
         self._conversation: list[tuple[str, str]] = []
         self._replies: list[str] = []
         super().__init__(env_id, **kwargs)
@@ -521,7 +522,7 @@ class VerifiersEnv(ForeignEnv):
         task = pool[pick % len(pool)]
         self._route = self._runner.endpoint.open_route()
         route = self._route
-        self._conversation, self._replies = [], []
+        self._conversation, self._replies, self._sampled = [], [], None
         endpoint = self._runner.endpoint
         coro = self._runner.env.run_episode(task, self._runner.context(route))
         self._episode = self._runner.submit(coro, lambda t: endpoint.post(route, _Done(t)))
@@ -547,12 +548,19 @@ class VerifiersEnv(ForeignEnv):
             info={"idx": task.data.idx, "key": task.key},
         )
 
+    def observe_sampled(self, token_ids: list[int], logprobs: list[float]) -> None:
+        """The rollout loop's hook: the exact token ids and log-probs of the turn that the next
+        :meth:`step` answers with; the endpoint returns them with the text."""
+        self._sampled = (list(token_ids), list(logprobs))
+
     def foreign_step(self, action: str) -> ForeignStep:
         request, self._pending = self._pending, None
         if request is None:
             raise RuntimeError(f"{self.spec_name}: no verifiers request is waiting for a reply")
         sent = _wire(action)
-        request.reply(sent)
+        ids, lps = self._sampled if self._sampled is not None else ([], [])
+        self._sampled = None
+        request.reply(sent, token_ids=ids, logprobs=lps)
         self._conversation.append(("assistant", sent))
         self._replies.append(sent)
         item = self._next("the next request")
