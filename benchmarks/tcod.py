@@ -19,8 +19,10 @@ subprocess (``--jobs`` at a time; logs in ``RUNS_DIR/logs``). Run::
     python benchmarks/tcod.py --quick                       # smoke run (a minute or two)
 
 Prints a table (mean and 95% t-interval over seeds) and, unless ``--quick``, writes it between
-the result markers of ``docs/long_horizon.md``. Not measured here: teacher compute split into
-prefill positions and decode steps, KL per turn index, pass@k (see docs/long_horizon.md).
+the result markers of ``docs/long_horizon.md``, followed by ``benchmarks/tcod_report.py``'s
+per-arm tables (teacher KL per turn index, success by episode length, pass@k when the runs
+evaluated with ``eval.pass_k`` > 1, and the budget as teacher prefill positions and decode
+steps) and its two PNGs (``docs/figures/tcod-<env>-*.png``; ``--quick``: into RUNS_DIR).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tcod_report  # noqa: E402  (benchmarks/ is not a package)
+
 ARMS = ("sft-only", "uniform", "tcod-f2b", "tcod-b2f", "horizon-sorted", "guided-opd")
 SETTINGS: dict[str, list[str]] = {
     "lookup-chain": [
@@ -279,7 +284,14 @@ def main(argv: list[str] | None = None) -> None:
     a.teacher_model = f"tiny-teacher-{a.env}" if a.teacher == "auto" else a.teacher
     command = "python benchmarks/tcod.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     res = run_benchmark(a)
-    text = table(res, a.arms)
+    # Per-arm curves from the runs' own metrics: KL per turn, success by length, pass@k, and the
+    # budget as teacher prefill positions and decode steps (benchmarks/tcod_report.py).
+    curves = tcod_report.summarise(Path(a.runs_dir))
+    res["curves"] = curves
+    text = table(res, a.arms) + "\n\n" + tcod_report.tables(curves)
+    figures = Path(a.runs_dir) if a.quick else Path(a.report).parent / "figures"
+    pngs = tcod_report.plots(curves, figures, prefix=f"tcod-{a.env}-")
+    text += "\n\n" + "\n".join(f"![{p.stem}](figures/{p.name})" for p in pngs)
     print(text)
     out = Path(a.runs_dir) / "results.json"
     out.write_text(json.dumps(res, indent=1) + "\n")

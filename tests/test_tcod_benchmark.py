@@ -63,3 +63,11 @@ def test_quick_run_in_two_processes(tmp_path):
     assert (
         "| guided-opd |" in done.stdout and "| teacher (tiny-teacher-lookup-chain) |" in done.stdout
     )
+    # the per-arm report: the budget three ways and the two plots
+    assert "teacher prefill positions" in done.stdout
+    assert set(res["curves"]) == {"sft-only", "guided-opd"}
+    assert res["curves"]["guided-opd"]["prefill_positions"] > 0
+    assert res["curves"]["sft-only"]["prefill_positions"] == 0
+    assert {p.name for p in runs.glob("tcod-lookup-chain-*.png")} == {
+        "tcod-lookup-chain-kl_per_turn.png", "tcod-lookup-chain-success_by_length.png"
+    }  # fmt: skip
