@@ -197,7 +197,7 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
     pool.shutdown()
     return {
         "env": a.env,
-        "settings": SETTINGS[a.env],
+        "settings": SETTINGS[a.env] + list(a.extra),  # later overrides win
         "seeds": a.seeds,
         "budget": a.budget,
         "teacher": a.teacher_model,
@@ -209,24 +209,36 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(res: dict[str, Any], arms: list[str]) -> str:
-    """The results as a Markdown table (mean ± 95% CI over seeds)."""
+    """The results as a Markdown table: mean ± 95% CI over seeds, and the paired per-seed
+    differences against the cold start and against sft-only (every arm of a seed starts from
+    that seed's cold start, so the paired interval removes the spread between cold starts)."""
 
     def fmt(xs: list[float], pct: bool = True) -> str:
         m, h = ci95(xs)
         return f"{m:.1%} ± {h:.1%}" if pct else f"{m:,.0f} ± {h:,.0f}"
 
+    def paired(xs: list[float], base: list[float]) -> str:
+        m, h = ci95([x - b for x, b in zip(xs, base, strict=True)])
+        return f"{m:+.1%} ± {h:.1%}"
+
     seeds = res["seeds"]
+    cold = [res["cold_start_success"][s] for s in seeds]
+    sft = (
+        [res["arms"][f"sft-only/{s}"]["success"] for s in seeds] if "sft-only" in arms else None
+    )
     lines = [
-        "| arm | held-out success | teacher tokens | OPD/SFT steps | wall s per run |",
-        "|---|---|---|---|---|",
-        f"| teacher ({res['teacher']}) | {res['teacher_success']:.1%} | | | |",
-        f"| cold start (every arm starts here) | "
-        f"{fmt([res['cold_start_success'][s] for s in seeds])} | | | |",
+        "| arm | held-out success | vs cold start (paired) | vs sft-only (paired) | "
+        "teacher tokens | OPD/SFT steps | wall s per run |",
+        "|---|---|---|---|---|---|---|",
+        f"| teacher ({res['teacher']}) | {res['teacher_success']:.1%} | | | | | |",
+        f"| cold start (every arm starts here) | {fmt(cold)} | | | | | |",
     ]
     for n in arms:
         rs = [res["arms"][f"{n}/{s}"] for s in seeds]
+        xs = [r["success"] for r in rs]
         lines.append(
-            f"| {n} | {fmt([r['success'] for r in rs])} | "
+            f"| {n} | {fmt(xs)} | {paired(xs, cold)} | "
+            f"{paired(xs, sft) if sft is not None and n != 'sft-only' else ''} | "
             f"{fmt([r['teacher_tokens'] for r in rs], pct=False)} | "
             f"{statistics.fmean(r['steps'] for r in rs):.1f} | "
             f"{statistics.fmean(r['wall_s'] for r in rs):.0f} |"
@@ -236,9 +248,14 @@ def table(res: dict[str, Any], arms: list[str]) -> str:
 
 def write_report(path: Path, res: dict[str, Any], text: str, command: str) -> None:
     """Put ``text`` between the result markers of ``path`` (appended when they are missing)."""
+    effective: dict[str, str] = {}
+    for item in res["settings"]:  # a later override of the same key wins, as in agentopd train
+        key, _, value = item.partition("=")
+        effective[key] = value
+    settings = ", ".join(f"{k}={v}" for k, v in effective.items())
     block = (
         f"{MARK_START}\n"
-        f"`{command}` — env `{res['env']}` ({', '.join(res['settings'])}), seeds "
+        f"`{command}` — env `{res['env']}` ({settings}), seeds "
         f"{res['seeds']}, budget {res['budget']:,} teacher tokens per arm, total wall time "
         f"{res['wall_s'] / 60:.1f} min.\n\n{text}\n{MARK_END}"
     )
