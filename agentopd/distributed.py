@@ -24,13 +24,26 @@ Run it with::
 - **Counters agree.** Token counts are summed over ranks before they enter the teacher-token
   budget, so every rank takes the same stop decision and none is left waiting in a collective.
 
-This is DDP's gradient all-reduce done at the learner's own seam: the learner's chunked
-log-prob pass calls the model's decoder and output projection directly rather than the
-module's ``forward``, which torch's ``DistributedDataParallel`` wrapper needs to arm its hooks.
-One bucketed all-reduce per step (:func:`sum_gradients` flattens all gradients) keeps it cheap.
+``distributed.strategy`` says how the ranks hold the student:
 
-Limits: the model is replicated on every rank (no FSDP sharding). Batch-wide token selection
-(``loss_cfg.entropy_top_frac``, ``overlap_only``) is decided per rank over that rank's shard.
+- **ddp** (the default): a full replica on every rank; DDP's gradient all-reduce done at the
+  learner's own seam (one flat all-reduce per step, :func:`sum_gradients`), so no
+  ``DistributedDataParallel`` wrapper is needed around the learner's passes.
+- **fsdp2**: parameters, gradients and optimizer state sharded over the ranks with torch's
+  ``fully_shard`` (:mod:`agentopd.fsdp`): every decoder layer a unit, the model's passes run as
+  the forward of a root unit. Every forward and backward is then a collective, so ranks run
+  the same number of passes (dummy passes with loss times 0 where a rank has fewer); FSDP's
+  reduce-scatter sums the gradients. The rollout engine samples from a full, plain replica on
+  each rank, refreshed from the gathered weights after every update (a collective all ranks
+  call at the same point); checkpoints hold the full model and optimizer state in one
+  process's format, so a run resumes under either strategy or in one process. Not with LoRA
+  or ``engine=vllm`` (refused before anything is built). In one process the key does nothing.
+
+Limits: with ``ddp`` the model is replicated on every rank; with ``fsdp2`` each rank still
+holds the engine's full replica (the saving is in gradients and optimizer state), and the
+packed SFT pass shares no prompt prefix (see :func:`agentopd.sft._packed_nll`). Batch-wide
+token selection (``loss_cfg.entropy_top_frac``, ``overlap_only``) is decided per rank over
+that rank's shard.
 With a sampling temperature above 0 a sharded rollout draws different (equally valid) samples
 than one process would, because generation is batched and seeded per call. Resume reads the
 checkpoint on every rank, so all ranks need the run directory's file system.
@@ -54,6 +67,7 @@ from agentopd.schema import knob
 T = TypeVar("T")
 
 BACKENDS = ("auto", "gloo", "nccl")
+STRATEGIES = ("ddp", "fsdp2")
 
 
 @dataclass
@@ -65,6 +79,12 @@ class DistributedConfig:
         "auto",
         "collective backend (auto: nccl when CUDA is available, else gloo)",
         choices=BACKENDS,
+    )
+    strategy: str = knob(
+        "ddp",
+        "how ranks hold the student: ddp (a full replica each, gradients all-reduced) or fsdp2 "
+        "(parameters, gradients and optimizer state sharded; see agentopd.fsdp)",
+        choices=STRATEGIES,
     )
     timeout_s: float = knob(
         1800.0,
@@ -191,6 +211,15 @@ def all_sum(value: int | float) -> float:
         return value
     t = torch.tensor([float(value)], dtype=torch.float64, device=_device())
     dist.all_reduce(t)
+    return float(t.item())
+
+
+def all_max(value: int | float) -> float:
+    """The largest ``value`` over ranks (the value itself in one process)."""
+    if world().size == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
 
 

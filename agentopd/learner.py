@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
-from agentopd import distributed, losses, sft
+from agentopd import distributed, fsdp, losses, sft
 from agentopd.schema import knob
 from agentopd.types import Episode
 
@@ -95,6 +95,40 @@ def make_batch(
     return Batch(ids, attn, ids[:, 1:], mask, turn, t_lp, t_ids, t_topk, t_ent)
 
 
+def student_pass(
+    model: Any,
+    ids_B_T: torch.Tensor,
+    attention_B_T: torch.Tensor,
+    target_B_S: torch.Tensor,
+    support_B_S_K: torch.Tensor | None,
+    student_topk: int,
+    chunk_size: int,
+) -> dict[str, torch.Tensor | None]:
+    """The learner's student pass: the decoder, then the chunked output projection at every
+    position (:func:`agentopd.losses.chunked_token_logprobs`, with entropy); the fields of its
+    :class:`~agentopd.losses.TokenLogprobs` as a dict, so that it can run as the forward of an
+    :class:`agentopd.fsdp.Passes` (bf16 autocast of the decoder on CUDA)."""
+    head = model.get_output_embeddings()
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if ids_B_T.device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
+    with autocast:
+        hidden = model.base_model(input_ids=ids_B_T, attention_mask=attention_B_T).last_hidden_state
+    st = losses.chunked_token_logprobs(
+        hidden[:, :-1],
+        head.weight,
+        target_B_S,
+        lm_head_bias_V=getattr(head, "bias", None),
+        chunk_size=chunk_size,
+        topk_ids_B_T_K=support_B_S_K,
+        student_topk=student_topk,
+        return_entropy=True,
+    )
+    return {f.name: getattr(st, f.name) for f in fields(st)}
+
+
 SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -153,7 +187,9 @@ class Learner:
     """Owns the student model's optimizer and update step.
 
     Args:
-        model: The student causal LM (trained in place).
+        model: The student causal LM (trained in place), or an :class:`agentopd.fsdp.Passes`
+            around it (:func:`agentopd.fsdp.shard`'s, under ``distributed.strategy=fsdp2``:
+            the optimizer then holds this rank's shards, and every pass is a collective).
         config: Optimisation settings.
         pad_id: Padding token id.
         loss: A registered loss name or a :class:`~agentopd.losses.Loss` object.
@@ -175,7 +211,10 @@ class Learner:
     ):
         from agentopd import registry
 
-        self.model = model
+        self.passes = fsdp.passes_of(model)
+        """Runs every forward pass (the root FSDP unit when sharded)."""
+        self.model = model = self.passes.model
+        self.sharded = fsdp.is_sharded(self.passes)
         self.config = config = config or LearnerConfig()
         self.pad_id = pad_id
         self.loss = registry.losses.spec(loss).load() if isinstance(loss, str) else loss
@@ -216,27 +255,28 @@ class Learner:
     def _student(
         self, batch: Batch, support: torch.Tensor | None, want_topk: bool
     ) -> losses.TokenLogprobs:
-        base = self.model.base_model
-        head = self.model.get_output_embeddings()
-        ids = batch.input_ids_B_T.to(self.device)
-        attn = batch.attention_B_T.to(self.device)
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.device.type == "cuda"
-            else torch.autocast("cpu", enabled=False)
-        )
-        with autocast:
-            hidden = base(input_ids=ids, attention_mask=attn).last_hidden_state
-        return losses.chunked_token_logprobs(
-            hidden[:, :-1],
-            head.weight,
+        out = self.passes(
+            student_pass,
+            batch.input_ids_B_T.to(self.device),
+            batch.attention_B_T.to(self.device),
             batch.target_B_S.to(self.device),
-            lm_head_bias_V=getattr(head, "bias", None),
-            chunk_size=self.loss_cfg.chunk_size,
-            topk_ids_B_T_K=None if support is None else support.to(self.device),
-            student_topk=self.topk if want_topk else 0,
-            return_entropy=True,
+            None if support is None else support.to(self.device),
+            self.topk if want_topk else 0,
+            self.loss_cfg.chunk_size,
         )
+        return losses.TokenLogprobs(**out)
+
+    def _passes_to_run(self, n: int) -> int:
+        """How many passes this rank runs for its ``n`` micro-batches: ``n``, or sharded (every
+        pass a collective) the most any rank has; the extra ones are :meth:`_dummy_pass`."""
+        return int(distributed.all_max(n)) if self.sharded else n
+
+    def _dummy_pass(self) -> torch.Tensor:
+        """A pass over two padding tokens whose loss (returned) is 0 times the model's output:
+        it takes part in a sharded model's collectives and changes no gradient."""
+        ids = torch.full((1, 2), self.pad_id, dtype=torch.long)
+        batch = Batch(ids, torch.ones_like(ids), ids[:, 1:], *([None] * 6))  # type: ignore[arg-type]
+        return self._student(batch, None, want_topk=False).logprobs_B_T.sum() * 0.0
 
     def step(self, episodes: list[Episode], mode: str = "opd") -> dict[str, float]:
         """One update on ``episodes`` (``mode``: ``"opd"`` or ``"sft"``).
@@ -271,6 +311,8 @@ class Learner:
         was_training = self.model.training
         self.model.eval()
         entropies = []
+        for _ in range(self._passes_to_run(len(batches)) - len(batches)):
+            self._dummy_pass()
         for b, m in zip(batches, masks, strict=True):
             st = self._student(b, None, want_topk=lc.overlap_only)
             olds.append(st.logprobs_B_T.cpu())
@@ -278,7 +320,7 @@ class Learner:
             if lc.overlap_only:
                 m &= losses.select_overlap_only(st.topk_ids_B_T_K.cpu(), b.teacher_ids_B_S_K, m)
         self.model.train(was_training)
-        if lc.entropy_top_frac < 1.0:
+        if lc.entropy_top_frac < 1.0 and batches:
             # One selection over every token of the batch: flatten all micro-batches.
             flat_ent = torch.cat([e[m] for e, m in zip(entropies, masks, strict=True)])
             flat_mask = torch.ones_like(flat_ent, dtype=torch.bool)
@@ -296,7 +338,8 @@ class Learner:
         # Under torchrun a rank with an empty shard still takes part in every collective.
         if distributed.all_sum(len(batches)) == 0:
             return {"learner/tokens": 0.0}
-        masks, olds = self._select(batches) if batches else ([], [])
+        # Sharded, a rank without batches still runs the selection's (dummy) passes.
+        masks, olds = self._select(batches) if batches or self.sharded else ([], [])
         # Under torchrun the normalisers are global: each rank holds a shard of the batch.
         total_tokens = distributed.all_sum(sum(int(m.sum()) for m in masks))
         total_seqs = distributed.all_sum(sum(int((m.sum(-1) > 0).sum()) for m in masks))
@@ -307,10 +350,13 @@ class Learner:
         for epoch in range(c.epochs_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
             sums = {}
-            for b, batch in enumerate(batches):
-                mask = masks[b].to(self.device)
-                if not mask.any():
+            for b in range(self._passes_to_run(len(batches))):
+                mask = masks[b].to(self.device) if b < len(batches) else None
+                if mask is None or not mask.any():
+                    if self.sharded:  # the other ranks run a pass here too
+                        self._dummy_pass().backward()
                     continue
+                batch = batches[b]
                 st = self._student(
                     batch,
                     batch.teacher_ids_B_S_K if self.loss.needs_support else None,
@@ -373,7 +419,7 @@ class Learner:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = sft.backward(
-            self.model,
+            self.passes,
             groups,
             pad_id=self.pad_id,
             agg=self.loss_cfg.agg,
@@ -387,12 +433,14 @@ class Learner:
         """Clip and apply the accumulated gradient, summed over torchrun ranks first (both steps
         normalise by counts over all ranks' shards); returns its norm."""
         c = self.config
-        distributed.sum_gradients(self.model)
+        if not self.sharded:  # sharded, FSDP's reduce-scatter summed them in the backward
+            distributed.sum_gradients(self.model)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf")
         )
         self.optimizer.step()
-        return grad_norm
+        full = getattr(grad_norm, "full_tensor", None)  # sharded: a DTensor
+        return full() if full is not None else grad_norm
 
     def _finish(self, sums: dict[str, float], grad_norm: torch.Tensor) -> dict[str, float]:
         """Advance the schedule once per step; the step's ``learner/*`` metrics."""
@@ -403,10 +451,15 @@ class Learner:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """Optimizer and schedule state, in one process's format under any strategy (sharded:
+        the full optimizer state gathered to rank 0, a collective every rank calls; the other
+        ranks get an empty ``optimizer`` entry)."""
+        optimizer = fsdp.full_optimizer_state_dict(self.passes, self.optimizer)
+        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Load :meth:`state_dict`'s state (sharded: every rank passes the whole of it)."""
+        fsdp.load_full_optimizer_state_dict(self.passes, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
 

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from agentopd import distributed, losses
+from agentopd import distributed, fsdp, losses
 from agentopd.types import Episode, Segment
 
 MIN_SHARED_PREFIX = 8
@@ -170,10 +170,13 @@ def backward(
     does not depend on ``micro_batch``. Nothing is zeroed or stepped here. Under ``torchrun``
     each rank passes its shard of every group and the means are over all ranks' shards
     (:func:`agentopd.distributed.all_sum`), so summing the ranks' gradients gives the gradient
-    of the whole batch; every rank must call this with the same number of groups.
+    of the whole batch; every rank must call this with the same number of groups. With a model
+    sharded by :func:`agentopd.fsdp.shard` every pass is a collective: a rank with fewer
+    micro-batches in a group runs dummy passes (loss times 0) until it ran as many as the most.
 
     Args:
-        model: A transformers causal LM (``base_model`` and ``get_output_embeddings``).
+        model: A transformers causal LM (``base_model`` and ``get_output_embeddings``), or an
+            :class:`agentopd.fsdp.Passes` around one (each pass runs as its forward).
         groups: The episodes to train on, with their weights.
         pad_id: Fills padding; never trained on.
         agg: ``"token-mean"`` or ``"seq-mean-token-mean"`` (see :mod:`agentopd.losses`).
@@ -193,7 +196,10 @@ def backward(
         raise ValueError(f"unknown agg {agg!r}; expected one of {losses.AGGREGATIONS}")
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
-    device = next(model.parameters()).device
+    passes = fsdp.passes_of(model)
+    sharded = fsdp.is_sharded(passes)
+    device = next(passes.parameters()).device
+    pass_ = _packed_nll if packed else _padded_nll
     out: dict[str, float] = {}
     for group in groups:
         segs = trained_segments(group.episodes)
@@ -205,13 +211,20 @@ def backward(
             n_segs = distributed.all_sum(len(segs))
             weights = [1.0 / (n_segs * n) for n in counts]
         total = 0.0
-        for i in range(0, len(segs), micro_batch):
-            part, w = segs[i : i + micro_batch], weights[i : i + micro_batch]
+        starts = list(range(0, len(segs), micro_batch))
+        # Sharded, every pass is a collective: as many on every rank (the extra ones train on
+        # nothing; their loss is multiplied by 0).
+        passes_run = int(distributed.all_max(len(starts))) if sharded else len(starts)
+        for j in range(passes_run):
+            if j < len(starts):
+                part = slice(starts[j], starts[j] + micro_batch)
+                segs_, w, scale = segs[part], weights[part], 1.0
+            else:
+                segs_, w, scale = [Segment(tokens=[pad_id, pad_id], mask=[0, 1])], [0.0], 0.0
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                pass_ = _packed_nll if packed else _padded_nll
-                loss = pass_(model, part, w, pad_id, chunk_size, device)
-            (loss * group.weight).backward()
-            total += float(loss.detach())
+                loss = passes(pass_, segs_, w, pad_id, chunk_size, device)
+            (loss * (group.weight * scale)).backward()
+            total += float(loss.detach()) * scale
         prefix = f"{group.name}_" if group.name else ""
         out[f"{prefix}loss"] = total
         out[f"{prefix}tokens"] = float(sum(counts))
@@ -251,9 +264,13 @@ def _packed_nll(
 ) -> torch.Tensor:
     """Shared prefix once, the rests packed into rows, log-probs at trained positions only.
 
-    Under gradient checkpointing transformers drops the prefix's KV cache, so nothing is shared
-    then: whole segments are packed (the same loss, more compute)."""
-    shared = 0 if getattr(model, "is_gradient_checkpointing", False) else prefix_to_share(segs)
+    Under gradient checkpointing transformers drops the prefix's KV cache, and with a model
+    sharded by :func:`agentopd.fsdp.shard` the prefix's keys and values would need a layer's
+    weights after FSDP freed them (their gradient does not pass the layer's output, where FSDP
+    gathers the weights again), so nothing is shared then: whole segments are packed (the same
+    loss, more compute)."""
+    keep_whole = getattr(model, "is_gradient_checkpointing", False) or fsdp.is_sharded(model)
+    shared = 0 if keep_whole else prefix_to_share(segs)
     rests = [(s.tokens[shared:], s.mask[shared:]) for s in segs]
     width = max(len(t) for t, _ in rests)
     rows = pack_rows([len(t) for t, _ in rests])

@@ -15,6 +15,7 @@ demonstrations instead (GKD-style mixing). ``resume=true`` continues from the la
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import os
@@ -33,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agentopd import distributed, lora
+from agentopd import distributed, fsdp, lora
 from agentopd.build import build_train, load_model, make_engine, rollout_config, teacher_name
 from agentopd.config import ConfigError
 from agentopd.learner import Learner
@@ -131,6 +132,24 @@ def _config_diff(
     return out
 
 
+def _check_fsdp2(cfg: DictConfig) -> None:
+    """Refuse what ``distributed.strategy=fsdp2`` does not do (before anything is built).
+
+    Raises:
+        ConfigError: LoRA adapters, or a rollout engine other than ``hf``.
+    """
+    if cfg.lora.r > 0:
+        raise ConfigError(
+            f"distributed.strategy=fsdp2 does not support LoRA (lora.r={cfg.lora.r}): the "
+            "adapters are small, so replicate them with distributed.strategy=ddp"
+        )
+    if cfg.engine != "hf":
+        raise ConfigError(
+            f"distributed.strategy=fsdp2 runs with engine=hf only, got engine={cfg.engine}; "
+            "use distributed.strategy=ddp"
+        )
+
+
 def _kill_point(where: str) -> None:
     """Crash-test hook: ``AGENTOPD_KILL_AT=<where>`` SIGKILLs the process at that point
     (``cold_start:3``, ``train:2``, ``eval:after cold start``, ``checkpoint:1``); under torchrun
@@ -153,6 +172,9 @@ class Trainer:
     _demos: list[Episode] | None = None
     world: distributed.World = field(default_factory=distributed.World)
     """This process's torchrun rank (one process: rank 0 of 1); set by :meth:`run`."""
+    _replica: Any = None
+    """Under ``distributed.strategy=fsdp2``: the full, plain copy of the student the rollout
+    engine samples from and checkpoints are written from (see :meth:`_sync_engine`)."""
 
     def setup(self) -> None:
         from transformers.utils import logging as hf_logging
@@ -163,6 +185,9 @@ class Trainer:
             self.cfg = self._resumed_config(Path(self.cfg.runs_dir) / name)
         cfg = self.cfg
         _seed_everything(cfg.seed)
+        sharded = self.world.size > 1 and cfg.distributed.strategy == "fsdp2"
+        if sharded:
+            _check_fsdp2(cfg)
         # Build (and so validate) everything before the run directory exists.
         parts = build_train(cfg)
         self.device = parts.device
@@ -174,6 +199,8 @@ class Trainer:
         if self.world.size > 1:  # every rank starts from rank 0's weights
             distributed.broadcast_parameters(self.student)
             self.engine.load_weights(lora.engine_weights(self.student))
+        if sharded:
+            self._shard(parts.workdir)
         # Rank 0 names the run and alone writes it; the other ranks only read it (resume).
         if name is None:
             name = distributed.broadcast_object(_new_run_name(cfg) if main else None)
@@ -209,6 +236,35 @@ class Trainer:
             if main:
                 self.run_dir.truncate_logs({})
             self.console.print("[yellow]resume[/]: no checkpoint yet; starting the run over")
+
+    def _shard(self, workdir: Path) -> None:
+        """``distributed.strategy=fsdp2``: the rollout engine gets a full copy of the student
+        of its own; the student is sharded (:func:`agentopd.fsdp.shard`) and the learner rebuilt
+        on the shards (its optimizer holds this rank's shard of the state)."""
+        self._replica = copy.deepcopy(self.student).requires_grad_(False).eval()
+        self.engine = make_engine(
+            self.cfg.engine, self._replica, self.renderer, workdir, self.cfg.engine_cfg
+        )
+        old = self.learner
+        self.learner = Learner(
+            fsdp.shard(self.student),
+            old.config,
+            old.pad_id,
+            loss=old.loss,
+            loss_cfg=old.loss_cfg,
+            topk=old.topk,
+            total_steps=old.total_steps,
+        )
+
+    def _sync_engine(self) -> None:
+        """Give the rollout engine the learner's current weights (after every update and a
+        resume): pushed to an engine with weights of its own (vLLM), a no-op for an ``hf``
+        engine that shares the student's parameters. Under ``fsdp2`` the full weights are
+        gathered (a collective every rank calls here) into the engine's replica."""
+        if self._replica is not None:
+            self.engine.load_weights(fsdp.full_state_dict(self.student))
+        else:
+            self.engine.load_weights(lora.engine_weights(self.student))
 
     def _resumed_config(self, path: Path) -> DictConfig:
         """The saved config of the run at ``path`` with this command's overrides applied.
@@ -249,15 +305,20 @@ class Trainer:
         return effective
 
     # ---------------------------------------------------------------------- checkpoints
+    def _full_model(self) -> Any:
+        """The student with every weight in one place: the engine's replica under ``fsdp2``
+        (synced after every update), else the student itself."""
+        return self._replica if self._replica is not None else self.student
+
     def _save(self, step: int) -> None:
-        if not self.world.is_main:  # rank 0 saves; every rank holds the same state
+        # Every rank takes part (under fsdp2 the optimizer state is gathered); rank 0 saves.
+        learner_state = self.learner.state_dict()
+        if not self.world.is_main:  # every rank holds the same state
             return
 
         def payload(d: Path) -> None:
-            lora.save_pretrained(self.student, self.tokenizer, d / "model")
-            torch.save(
-                {"learner": self.learner.state_dict(), "rng": _rng_state()}, d / "trainer.pt"
-            )
+            lora.save_pretrained(self._full_model(), self.tokenizer, d / "model")
+            torch.save({"learner": learner_state, "rng": _rng_state()}, d / "trainer.pt")
 
         state = {
             "curriculum": self.curriculum.state_dict(),
@@ -273,9 +334,10 @@ class Trainer:
             lora.load_adapter(self.student, path / "adapter")
         else:
             loaded = AutoModelForCausalLM.from_pretrained(path / "model")
-            self.student.load_state_dict(loaded.state_dict())
+            fsdp.load_full_state_dict(self.student, loaded.state_dict())
         blob = torch.load(path / "trainer.pt", weights_only=False)
         self.learner.load_state_dict(blob["learner"])
+        self._sync_engine()
         _set_rng_state(blob["rng"])
         self.curriculum.load_state_dict(state["curriculum"])
         self.cold_start_done = bool(state.get("cold_start_done", True))
@@ -389,7 +451,7 @@ class Trainer:
         # moments start fresh afterwards. (Setting the shared optimizer's lr did not hold: the
         # OPD scheduler reset it to optim.lr after the first step.)
         sft = Learner(
-            self.student,
+            self.learner.passes,  # under fsdp2: the sharded student
             replace(self.learner.config, name="adamw", lr=cs.lr, schedule="constant", warmup_steps=0),
             self.learner.pad_id,
             loss=self.learner.loss,
@@ -407,6 +469,7 @@ class Trainer:
                 _kill_point(f"cold_start:{i}")
                 progress.update(task, advance=1, info=f"nll {m.get('learner/loss', 0):.3f}")
         del sft
+        self._sync_engine()
         self.cold_start_done = True
 
     def train_step(self, step: int) -> dict[str, Any]:
@@ -427,6 +490,7 @@ class Trainer:
                 cfg.episodes_per_step, seed=8_000_000 + step * cfg.episodes_per_step
             )
             row.update(self.learner.step_sft(distributed.shard(demos)))
+            self._sync_engine()
             row["batch"] = "demonstration"
             # Every token the teacher generated counts, including its failed episodes.
             self.teacher_tokens += generated
@@ -454,7 +518,7 @@ class Trainer:
         self.teacher.score(trainable)
         t2 = time.perf_counter()
         row.update(self.learner.step(trainable))
-        self.engine.load_weights(lora.engine_weights(self.student))
+        self._sync_engine()
         t3 = time.perf_counter()
         # Counts over all ranks, so every rank takes the same teacher-token budget decision.
         sampled = int(distributed.all_sum(sum(e.num_sampled_tokens for e in episodes)))
@@ -521,7 +585,7 @@ class Trainer:
             # Keep the cold-started student: baselines (SFT-only, other losses) start from it.
             if self.world.is_main:
                 lora.save_pretrained(
-                    self.student, self.tokenizer, self.run_dir.path / "cold_start_model"
+                    self._full_model(), self.tokenizer, self.run_dir.path / "cold_start_model"
                 )
             if cfg.eval.episodes > 0:
                 result["success_after_cold_start"] = self.evaluate("after cold start", step=-1)

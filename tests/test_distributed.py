@@ -12,18 +12,24 @@
   the same episodes one process plays; at a temperature above 0 they would be other samples.
 - A bad key exits 2 on every rank, and nothing is created.
 
+The learner and train tests run under ``distributed.strategy=ddp`` and ``fsdp2`` (the student
+sharded over the ranks; a run killed under ``fsdp2`` is also resumed under ``ddp``), and AdamW's
+state goes through an ``fsdp2`` checkpoint (:func:`adamw_resume`).
+
 SGD throughout (the default OPD optimizer): AdamW's first step divides each gradient by its own
 magnitude, which turns float rounding of near-zero gradients into differences of ~1e-5.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -34,10 +40,8 @@ ATOL = 1e-6
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def learner_steps(loss: str) -> list[dict[str, torch.Tensor]]:
-    """The weights after an OPD step, an SFT step and an OPD step on one episode (rank 1's shard
-    empty), each rank on its shard of the same scored batch (one process: the whole batch)."""
-    from agentopd.learner import Learner, LearnerConfig
+def _scored_episodes() -> tuple[Any, list[Any]]:
+    """The renderer and 6 expert episodes scored by a tiny teacher (the same on every rank)."""
     from agentopd.renderer import Renderer
     from agentopd.rollout import EpisodeJob, expert_episodes
     from agentopd.teachers import TeacherConfig
@@ -49,11 +53,23 @@ def learner_steps(loss: str) -> list[dict[str, torch.Tensor]]:
     ]
     episodes = expert_episodes(jobs, renderer)
     HFTeacher(zoo.build_model("tiny", seed=7), renderer, TeacherConfig(topk=4)).score(episodes)
+    return renderer, episodes
+
+
+def learner_steps(loss: str, strategy: str = "ddp") -> list[dict[str, torch.Tensor]]:
+    """The weights after an OPD step, an SFT step and an OPD step on one episode (rank 1's shard
+    empty), each rank on its shard of the same scored batch (one process: the whole batch).
+    ``strategy="fsdp2"``: the student sharded over the ranks (:func:`agentopd.fsdp.shard`)."""
+    from agentopd import fsdp
+    from agentopd.learner import Learner, LearnerConfig
+
+    renderer, episodes = _scored_episodes()
     model = zoo.build_model("tiny", seed=0)
+    student = fsdp.shard(model) if strategy == "fsdp2" else model
     cfg = LearnerConfig(name="sgd", lr=0.5, micro_batch=2)
-    opd = Learner(model, cfg, renderer.pad_id, loss=loss, topk=4)
+    opd = Learner(student, cfg, renderer.pad_id, loss=loss, topk=4)
     seq_mean = opd.loss.Config(agg="seq-mean-token-mean")
-    sft = Learner(model, cfg, renderer.pad_id, loss=loss, topk=4, loss_cfg=seq_mean)
+    sft = Learner(student, cfg, renderer.pad_id, loss=loss, topk=4, loss_cfg=seq_mean)
     states = []
     for step in (
         lambda: opd.step(distributed.shard(episodes)),
@@ -61,19 +77,56 @@ def learner_steps(loss: str) -> list[dict[str, torch.Tensor]]:
         lambda: opd.step(distributed.shard(episodes[:1])),
     ):
         step()
-        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        states.append({k: v.clone() for k, v in fsdp.full_state_dict(student).items()})
     return states
+
+
+def adamw_resume(strategy: str) -> dict[str, Any]:
+    """AdamW's state through a checkpoint: ``state`` (one process's format) after one OPD step,
+    the weights after a second step (``two_steps``) and after the second step of a fresh model
+    and learner that loaded the first step's weights and state (``resumed``)."""
+    from agentopd import fsdp
+    from agentopd.learner import Learner, LearnerConfig
+
+    renderer, episodes = _scored_episodes()
+    cfg = LearnerConfig(name="adamw", lr=1e-3, micro_batch=2)
+    batch = distributed.shard(episodes)
+
+    def learner() -> Learner:
+        model = zoo.build_model("tiny", seed=0)
+        return Learner(fsdp.shard(model) if strategy == "fsdp2" else model, cfg, renderer.pad_id)
+
+    first = learner()
+    first.step(batch)
+    weights = {k: v.clone() for k, v in fsdp.full_state_dict(first.passes).items()}
+    # A copy, as a checkpoint is (one process's optimizer.state_dict() holds the live tensors);
+    # every rank reads the checkpoint.
+    state = distributed.broadcast_object(copy.deepcopy(first.state_dict()))
+    saved = copy.deepcopy(state["optimizer"])  # loading it lets the optimizer share its tensors
+    first.step(batch)
+    second = learner()
+    fsdp.load_full_state_dict(second.passes, weights)
+    second.load_state_dict(state)
+    second.step(batch)
+    full = {k: v.clone() for k, v in fsdp.full_state_dict(first.passes).items()}
+    return {
+        "state": saved,
+        "two_steps": full,
+        "resumed": {k: v.clone() for k, v in fsdp.full_state_dict(second.passes).items()},
+        "one_step": weights,
+    }
 
 
 WORKER = """
 import sys, torch
 sys.path.insert(0, sys.argv[3])
 from agentopd import distributed
-from test_distributed import learner_steps
+import test_distributed
 
 torch.set_num_threads(1)
 w = distributed.setup()
-states = learner_steps(sys.argv[2])
+fn, args = sys.argv[2].split(":")
+states = getattr(test_distributed, fn)(*args.split(","))
 if w.is_main:
     torch.save(states, sys.argv[1])
 distributed.teardown()
@@ -114,10 +167,12 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_equal_one_process(tmp_path, loss="rkl-topk"):
-    script, ddp = tmp_path / "worker.py", tmp_path / "ddp.pt"
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_gloo_ranks_equal_one_process(tmp_path, strategy, loss="rkl-topk"):
+    script, ddp = tmp_path / "worker.py", tmp_path / "ranks.pt"
     script.write_text(WORKER)
-    _ok(_run([*TORCHRUN, str(script), str(ddp), loss, str(Path(__file__).parent)], tmp_path))
+    args = [str(script), str(ddp), f"learner_steps:{loss},{strategy}", str(Path(__file__).parent)]
+    _ok(_run([*TORCHRUN, *args], tmp_path))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -129,10 +184,47 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, loss="rkl-topk"):
         ("opd", "sft", "opd, rank 1 empty"), single, torch.load(ddp), strict=True
     ):
         worst, moved = _max_diff(a, b), _max_diff(a, before)
-        print(f"{name}: max |2 ranks - 1 process| = {worst:.2e}; weights moved by {moved:.2e}")
+        print(
+            f"{strategy} {name}: max |2 ranks - 1 process| = {worst:.2e}; "
+            f"weights moved by {moved:.2e}"
+        )
         assert moved > 100 * ATOL, f"{name}: the step barely changed the weights"
         assert worst < ATOL, name
         before = a
+
+
+@pytest.mark.slow
+def test_fsdp2_adamw_state_resumes(tmp_path):
+    """Under fsdp2 on 2 gloo ranks AdamW's state is saved in one process's format (equal to one
+    process's after the same step) and a fresh sharded learner that loads it continues exactly
+    as the uninterrupted one."""
+    script, out = tmp_path / "worker.py", tmp_path / "ranks.pt"
+    script.write_text(WORKER)
+    args = [str(script), str(out), "adamw_resume:fsdp2", str(Path(__file__).parent)]
+    _ok(_run([*TORCHRUN, *args], tmp_path))
+    got = torch.load(out, weights_only=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = adamw_resume("ddp")
+    finally:
+        torch.set_num_threads(threads)
+    assert got["state"]["param_groups"] == want["state"]["param_groups"]
+    assert got["state"]["state"].keys() == want["state"]["state"].keys()
+    worst_state = max(
+        (got["state"]["state"][i][k] - v).abs().max().item()
+        for i, s in want["state"]["state"].items()
+        for k, v in s.items()
+    )
+    resumed = _max_diff(got["resumed"], got["two_steps"])
+    moved = _max_diff(got["two_steps"], got["one_step"])
+    print(
+        f"fsdp2 AdamW: max |state 2 ranks - 1 process| = {worst_state:.2e}; "
+        f"resumed vs uninterrupted = {resumed:.2e}; second step moved the weights by {moved:.2e}"
+    )
+    assert moved > 100 * ATOL
+    assert worst_state < ATOL
+    assert resumed < ATOL
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -179,16 +271,22 @@ def _same_run(run: Path, ref: Path) -> float:
 
 
 @pytest.mark.slow
-def test_torchrun_train_killed_and_resumed_equals_one_process(tmp_path, reference):
+@pytest.mark.parametrize(
+    ("strategy", "resume_strategy"), [("ddp", "ddp"), ("fsdp2", "fsdp2"), ("fsdp2", "ddp")]
+)
+def test_torchrun_train_killed_and_resumed_equals_one_process(
+    tmp_path, reference, strategy, resume_strategy
+):
     """Under torchrun: a run killed after step 1 (logged, not checkpointed), then resumed, logs
     each step once, holds exactly the files one process writes (rank 0 alone writes), and ends
-    at the weights of one uninterrupted process."""
+    at the weights of one uninterrupted process. ``fsdp2``: the student sharded over the ranks;
+    its checkpoint resumes under ``ddp`` too (the files are one process's)."""
     cmd = [*TORCHRUN, "-m", "agentopd", "train", *TRAIN, "runs_dir=runs"]
-    killed = _run(cmd, tmp_path, AGENTOPD_KILL_AT="train:1")
+    killed = _run([*cmd, f"distributed.strategy={strategy}"], tmp_path, AGENTOPD_KILL_AT="train:1")
     assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-3000:]
     run = tmp_path / "runs" / "r"
     assert [(r["phase"], r["step"]) for r in _rows(run)] == [("train", 0), ("train", 1)]
-    resumed = _run([*cmd, "resume=true"], tmp_path)
+    resumed = _run([*cmd, "resume=true", f"distributed.strategy={resume_strategy}"], tmp_path)
     _ok(resumed)
     out = " ".join(resumed.stdout.split())
     assert "continuing at step 1" in out
@@ -197,7 +295,10 @@ def test_torchrun_train_killed_and_resumed_equals_one_process(tmp_path, referenc
     # Rank 0's run directory holds exactly what one process writes, and nothing else appeared.
     assert _files(tmp_path) == {f"runs/r/{f}" for f in _files(reference)}
     worst = _same_run(run, reference)
-    print(f"train 3 steps, killed after step 1, resumed: max |2 ranks - 1 process| = {worst:.2e}")
+    print(
+        f"train 3 steps under {strategy}, killed after step 1, resumed under {resume_strategy}: "
+        f"max |2 ranks - 1 process| = {worst:.2e}"
+    )
     assert worst < ATOL
 
 
@@ -247,3 +348,19 @@ def test_torchrun_keys_are_validated():
     assert (cfg.distributed.backend, cfg.distributed.timeout_s) == ("gloo", 60)
     with pytest.raises(ConfigError, match="distributed.backend"):
         compose("train", ["distributed.backend=mpi"])
+    assert compose("train", []).distributed.strategy == "ddp"
+    assert compose("train", ["distributed.strategy=fsdp2"]).distributed.strategy == "fsdp2"
+    with pytest.raises(ConfigError, match=r"distributed.strategy.*ddp.*fsdp2"):
+        compose("train", ["distributed.strategy=fsdp"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"), [("lora.r=8", "does not support LoRA"), ("engine=vllm", "engine=hf")]
+)
+def test_fsdp2_refuses_what_it_does_not_do(override, message):
+    from agentopd.config import ConfigError, compose
+    from agentopd.trainer import _check_fsdp2
+
+    _check_fsdp2(compose("train", ["distributed.strategy=fsdp2"]))
+    with pytest.raises(ConfigError, match=message):
+        _check_fsdp2(compose("train", ["distributed.strategy=fsdp2", override]))
