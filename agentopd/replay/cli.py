@@ -23,11 +23,27 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
-from agentopd.replay.store import FILTER_HELP, EpisodeStore, Filter, RunDirError, parse_filter
+from agentopd.replay.store import (
+    FILTER_HELP,
+    READ_ERRORS,
+    EpisodeStore,
+    Filter,
+    RunDirError,
+    parse_filter,
+)
+from agentopd.replay.view import visible
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)
+_opened: list[EpisodeStore] = []
+"""Stores the running command opened; their problems are printed as warnings when it ends."""
+
+
+def _say(out: Console, label: str, style: str, message: object) -> None:
+    """Print ``label: message`` with the message as plain text (run data is never markup)."""
+    out.print(Text.assemble((label, style), " ", visible(str(message))))
 
 
 def _filter(args: argparse.Namespace) -> Filter:
@@ -36,9 +52,16 @@ def _filter(args: argparse.Namespace) -> Filter:
 
 def _open(path: str) -> EpisodeStore:
     store = EpisodeStore(path)
-    for problem in store.problems:
-        err.print(f"[yellow]warning:[/] {problem}")
+    _opened.append(store)
     return store
+
+
+def _warn_problems() -> None:
+    """Every problem met while reading (damaged lines, unreadable shards), once each."""
+    for store in _opened:
+        for problem in store.problems:
+            _say(err, "warning:", "yellow", problem)
+    _opened.clear()
 
 
 def _decoder(args: argparse.Namespace, run: str) -> Any:
@@ -46,7 +69,7 @@ def _decoder(args: argparse.Namespace, run: str) -> Any:
 
     path = args.tokenizer or find_tokenizer(run)
     if path is None:
-        err.print("[yellow]warning:[/] no tokenizer found for this run: tokens show as <id>")
+        _say(err, "warning:", "yellow", "no tokenizer found for this run: tokens show as <id>")
     return Decoder(path)
 
 
@@ -67,7 +90,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         n = write_diff(
             stores[0], stores[1], Path(args.html), decoder, flt=flt, limit=args.page_size
         )
-        console.print(f"compared {n} tasks → {args.html}")
+        console.print(Text(f"compared {n} tasks → {args.html}"))
         return 0
     store = stores[0]
     if args.serve:
@@ -82,7 +105,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
             store, Path(args.html), decoder, flt=flt, page=args.page - 1, page_size=args.page_size
         )
         console.print(
-            f"page {page.number + 1}/{page.pages}: {len(page.rows)} of {page.matching} episodes → {args.html}"
+            Text(
+                f"page {page.number + 1}/{page.pages}: {len(page.rows)} of {page.matching} "
+                f"episodes → {args.html}"
+            )
         )
         return 0
     if args.episode:
@@ -113,11 +139,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.jsonl:
         n = write_jsonl(store, args.jsonl, flt)
         if args.jsonl != "-":
-            console.print(f"{n} episodes → {args.jsonl}")
+            console.print(Text(f"{n} episodes → {args.jsonl}"))
     if args.inspect:
         n = write_inspect(store, Path(args.inspect), flt)
         console.print(
-            f"{n} samples → {args.inspect} (open with `inspect view --log-dir {Path(args.inspect).parent}`)"
+            Text(
+                f"{n} samples → {args.inspect} (open with `inspect view --log-dir "
+                f"{Path(args.inspect).parent}`)"
+            )
         )
     return 0
 
@@ -126,18 +155,24 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from agentopd.replay.plot import plot_runs
 
     out = plot_runs([Path(r) for r in args.runs], Path(args.output), labels=args.label)
-    console.print(f"plot → {out}")
+    console.print(Text(f"plot → {out}"))
     return 0
 
 
 def _run(fn: Any) -> Any:
+    """Exit codes: 0 (with a warning per problem when the run opened only partially), 2 when
+    what was asked for cannot be opened; every error is one message, no traceback."""
+
     def wrapped(args: argparse.Namespace) -> int:
+        _opened.clear()
         try:
             return fn(args)
-        except (RunDirError, KeyError, ValueError, FileNotFoundError) as e:
+        except (*READ_ERRORS, KeyError, ValueError, OSError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            err.print(f"[red]error:[/] {msg}")
+            _say(err, "error:", "red", msg)
             return 2
+        finally:
+            _warn_problems()
 
     return wrapped
 

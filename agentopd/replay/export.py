@@ -27,9 +27,8 @@ def write_jsonl(store: EpisodeStore, out: str | Path, flt: Filter | None = None)
     n = 0
     f = sys.stdout if str(out) == "-" else open(out, "w", encoding="utf-8")  # noqa: SIM115
     try:
-        for i in store.matching(flt):
-            row = store.row_at(int(i))
-            d = store.episode_dict(row)
+        for row, d in store.readable(store.rows_at(store.matching(flt))):
+            d = dict(d)
             d.pop("step", None)
             f.write(json.dumps({"id": row.id, "step": row.step, **d}, ensure_ascii=False) + "\n")
             n += 1
@@ -160,12 +159,9 @@ def write_inspect(store: EpisodeStore, out: Path, flt: Filter | None = None) -> 
     model = f"agentopd/{cfg.get('model') or cfg.get('student') or 'student'}"
     epochs: dict[tuple[str, Any], int] = defaultdict(int)
     samples, envs = [], set()
-    for i in store.matching(flt):
-        row = store.row_at(int(i))
+    for row, d in store.readable(store.rows_at(store.matching(flt))):
         epochs[(row.task_id, row.seed)] += 1
-        samples.append(
-            _sample(row, store.episode_dict(row), epochs[(row.task_id, row.seed)], model)
-        )
+        samples.append(_sample(row, d, epochs[(row.task_id, row.seed)], model))
         envs.add(row.env)
     n = len(samples)
     solved = sum(s.scores["success"].value for s in samples)

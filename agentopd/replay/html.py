@@ -21,9 +21,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from agentopd.replay.store import EpisodeStore, Filter, IndexRow, Page, parse_filter
+from agentopd.replay.store import (
+    READ_ERRORS,
+    EpisodeStore,
+    Filter,
+    IndexRow,
+    Page,
+    parse_filter,
+)
 from agentopd.replay.text import LEGEND
-from agentopd.replay.view import SHADE_CLIP, Decoder, EpisodeView, build_view
+from agentopd.replay.view import SHADE_CLIP, Decoder, EpisodeView, build_view, visible
 
 
 def _asset(name: str) -> str:
@@ -94,8 +101,16 @@ def _facets(rows: Iterable[IndexRow]) -> dict[str, list[Any]]:
     }
 
 
+def script_json(data: Any) -> str:
+    """``data`` as JSON that can sit inside a ``<script>`` element whatever its strings hold:
+    every ``<``, ``>`` and ``&`` is written as a ``\\u`` escape, so no ``</script>``, ``<!--``
+    or ``<script`` can end the element or switch the parser's script state."""
+    blob = json.dumps(data, ensure_ascii=True, allow_nan=False)
+    return blob.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def _document(title: str, data: dict[str, Any]) -> str:
-    blob = json.dumps(data, ensure_ascii=True, allow_nan=False).replace("</", "<\\/")
+    blob = script_json(data)
     problems = "".join(f"<div>⚠ {html.escape(p)}</div>" for p in data.get("problems", []))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -132,8 +147,8 @@ def page_data(
     vocab: dict[int, str] = {}
     episodes = {}
     if with_episodes:
-        for row in page.rows:
-            view = build_view(store.episode_dict(row), row, decode)
+        for row, d in store.readable(page.rows):
+            view = build_view(d, row, decode)
             episodes[row.id] = episode_payload(view, vocab, decode)
     note = ""
     if page.pages > 1:
@@ -209,9 +224,7 @@ def write_diff(
     sides: list[dict[tuple[Any, ...], IndexRow]] = []
     for store in (a, b):
         seen: dict[tuple[Any, ...], int] = defaultdict(int)
-        sides.append(
-            {_key(r, seen): r for r in (store.row_at(int(i)) for i in store.matching(flt))}
-        )
+        sides.append({_key(r, seen): r for r in store.rows_at(store.matching(flt))})
     keys = [k for k in sides[0] if k in sides[1]]
     keys += [k for k in sides[0] if k not in sides[1]] + [k for k in sides[1] if k not in sides[0]]
     keys = keys[:limit]
@@ -222,10 +235,12 @@ def write_diff(
         views = []
         for s, store in enumerate((a, b)):
             row = sides[s].get(k)
-            if row is None:
+            got = None if row is None else next(iter(store.readable([row])), None)
+            if got is None:
                 views.append(None)
                 continue
-            view = build_view(store.episode_dict(row), row, decode)
+            row, d = got
+            view = build_view(d, row, decode)
             eps[s][row.id] = episode_payload(view, vocab, decode)
             views.append(view)
         ra, rb = sides[0].get(k), sides[1].get(k)
@@ -267,7 +282,12 @@ def make_server(
     flt: Filter | None = None,
     page_size: int = 200,
 ) -> ThreadingHTTPServer:
-    """An HTTP server on 127.0.0.1 serving the viewer, list pages and episodes on demand."""
+    """An HTTP server on 127.0.0.1 serving the viewer, list pages and episodes on demand.
+
+    It answers only requests whose ``Host`` names the address it bound (``127.0.0.1:PORT`` or
+    ``localhost:PORT``): a web page that rebinds its own domain name to 127.0.0.1 (DNS
+    rebinding) gets 421 and no data.
+    """
     lock = threading.Lock()
     first = store.page(0, page_size, flt)
     shell = page_data(store, first, decode, with_episodes=False)
@@ -289,7 +309,15 @@ def make_server(
         def _json(self, obj: Any, code: int = 200) -> None:
             self._send(json.dumps(obj, allow_nan=False).encode(), "application/json", code)
 
+        def _host_ok(self) -> bool:
+            bound = self.server.server_address[1]
+            host = (self.headers.get("Host") or "").strip().lower()
+            return host in (f"127.0.0.1:{bound}", f"localhost:{bound}")
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            if not self._host_ok():
+                self._json({"error": "this server answers only Host 127.0.0.1:PORT"}, 421)
+                return
             url = urlparse(self.path)
             q = {k: v[0] for k, v in parse_qs(url.query).items()}
             try:
@@ -313,7 +341,11 @@ def make_server(
                     vocab: dict[int, str] = {}
                     with lock:
                         row = store.find(q.get("id", ""))
-                        view = build_view(store.episode_dict(row), row, decode)
+                        try:
+                            view = build_view(store.episode_dict(row), row, decode)
+                        except READ_ERRORS as e:
+                            self._json({"error": visible(str(e))}, 500)
+                            return
                     ep = episode_payload(view, vocab, decode)
                     self._json({"episode": ep, "vocab": {str(k): v for k, v in vocab.items()}})
                 else:

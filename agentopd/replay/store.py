@@ -37,7 +37,7 @@ import os
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,12 @@ _ARRAY_TREES = ("segments", "teacher")
 
 
 class RunDirError(ValueError):
-    """A run directory that cannot be read: missing, empty, or not a run directory."""
+    """A run directory that cannot be read: missing, empty, or not a run directory; or a part
+    of one (a shard, an index line) that is damaged."""
+
+
+READ_ERRORS = (RunDirError, FileNotFoundError)
+"""What reading one episode of a damaged run directory raises (a missing shard is the second)."""
 
 
 # ------------------------------------------------------------------------------------- index
@@ -105,8 +110,59 @@ class IndexRow:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> IndexRow:
+        """The row of an index line's JSON object.
+
+        Raises:
+            ValueError: ``d`` is not an object, lacks a field, or a field has the wrong type;
+                the message names the field.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kw = {k: v for k, v in d.items() if k in names}
+        for name, kinds in _ROW_TYPES.items():
+            if name not in kw:
+                if name in _ROW_REQUIRED:
+                    raise ValueError(f"missing field {name!r}")
+                continue
+            v = kw[name]
+            if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
+                want = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+                raise ValueError(f"field {name!r} is {v!r}: expected {want}")
+        errors = kw.get("tool_errors", {})
+        if not all(isinstance(k, str) and type(v) is int for k, v in errors.items()):
+            raise ValueError(f"field 'tool_errors' is {errors!r}: expected counts by kind")
+        return cls(**kw)
+
+
+_ROW_TYPES: dict[str, tuple[type, ...]] = {
+    "id": (str,),
+    "step": (int,),
+    "env": (str,),
+    "task_id": (str,),
+    "seed": (int, type(None)),
+    "reward": (int, float),
+    "success": (bool,),
+    "turns": (int,),
+    "stop_reason": (str,),
+    "tool_errors": (dict,),
+    "sampled_tokens": (int,),
+    "tokens": (int,),
+    "teacher_kl": (int, float, type(None)),
+    "shard": (str,),
+    "row": (int,),
+}
+_ROW_REQUIRED = (
+    "id",
+    "step",
+    "env",
+    "task_id",
+    "seed",
+    "reward",
+    "success",
+    "turns",
+    "stop_reason",
+)
 
 
 def _teacher_kl(d: dict[str, Any]) -> float | None:
@@ -577,6 +633,10 @@ class EpisodeStore:
         self._metas: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
         self._filtered: tuple[Filter, np.ndarray] | None = None
         self._by_id: dict[str, int] | None = None
+        self._bad: set[int] = set()
+        self._seen_problems: set[str] = set(self.problems)
+        if self.format == "jsonl":
+            self._legacy()
 
     # ---------------------------------------------------------------------- index
     def _line_starts(self) -> np.ndarray:
@@ -607,51 +667,103 @@ class EpisodeStore:
         with open(self._file, "rb") as f:
             f.seek(lo)
             data = f.read(hi - lo)
-        return data.splitlines()
+        return data.split(b"\n")[: j - i]
 
-    def row_at(self, i: int) -> IndexRow:
+    def _problem(self, text: str) -> None:
+        if text not in self._seen_problems:
+            self._seen_problems.add(text)
+            self.problems.append(text)
+
+    def _parse(self, i: int, line: bytes) -> IndexRow | None:
+        """Line ``i`` of the index as a row, or None (reported once) when it is unreadable."""
         if self.format == "jsonl":
             return self._legacy()[i]
-        return IndexRow.from_dict(json.loads(self._read_lines(i, i + 1)[0]))
+        if i in self._bad:
+            return None
+        try:
+            return IndexRow.from_dict(json.loads(line))
+        except (ValueError, TypeError, RecursionError) as e:
+            self._bad.add(i)
+            self._problem(f"{INDEX} line {i + 1}: {_short(e)}; skipped")
+            return None
+
+    def _parse_dict(self, i: int, line: bytes) -> dict[str, Any] | None:
+        """Line ``i`` as its JSON object, for filtering; None when the line is unreadable."""
+        row = self._parse(i, line)
+        return None if row is None else asdict(row)
+
+    def row_at(self, i: int) -> IndexRow:
+        """Index line ``i``.
+
+        Raises:
+            RunDirError: The line is damaged; the message names the file and line.
+        """
+        if self.format == "jsonl":
+            row = self._legacy()[i]
+        else:
+            row = self._parse(i, self._read_lines(i, i + 1)[0])
+        if row is None:
+            raise RunDirError(f"{self.path / INDEX} line {i + 1} is damaged and was skipped")
+        return row
+
+    def rows_at(self, indices: Iterable[int]) -> Iterator[IndexRow]:
+        """The readable index lines among ``indices`` (damaged ones are reported and skipped)."""
+        for i in indices:
+            if self.format == "jsonl":
+                yield self._legacy()[int(i)]
+                continue
+            row = self._parse(int(i), self._read_lines(int(i), int(i) + 1)[0])
+            if row is not None:
+                yield row
 
     def rows(self, start: int = 0, stop: int | None = None) -> Iterator[IndexRow]:
-        """Index lines ``start`` .. ``stop`` in file order, read in blocks."""
+        """Index lines ``start`` .. ``stop`` in file order, read in blocks; damaged lines are
+        reported in :attr:`problems` and skipped."""
         stop = len(self) if stop is None else min(stop, len(self))
         if self.format == "jsonl":
             yield from self._legacy()[start:stop]
             return
         block = 4096
         for i in range(start, stop, block):
-            for line in self._read_lines(i, min(i + block, stop)):
-                if line.strip():
-                    yield IndexRow.from_dict(json.loads(line))
+            for j, line in enumerate(self._read_lines(i, min(i + block, stop))):
+                row = self._parse(i + j, line)
+                if row is not None:
+                    yield row
 
     def _legacy(self) -> list[IndexRow]:
+        """Legacy ``episodes.jsonl``: one row per line; unreadable lines are reported and left
+        as None-free gaps (the list holds only readable lines, in file order)."""
         if self._legacy_rows is None:
             rows, counts = [], {}
-            for i in range(len(self)):
-                line = self._read_lines(i, i + 1)[0]
+            lines = self._read_lines(0, len(self)) if len(self) else []
+            for i, line in enumerate(lines):
                 try:
                     d = json.loads(line)
-                except json.JSONDecodeError as e:
-                    self.problems.append(f"{LEGACY} line {i + 1} is not valid JSON ({e}); skipped")
+                    if not isinstance(d, dict):
+                        raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+                    step = d.get("step", 0)
+                    if type(step) is not int:
+                        raise ValueError(f"field 'step' is {step!r}: expected int")
+                    row = index_row(d, id="", step=step, shard=LEGACY, row=int(self._offsets[i]))
+                    IndexRow.from_dict(asdict(row))
+                except (ValueError, TypeError, AttributeError, RecursionError) as e:
+                    self._problem(f"{LEGACY} line {i + 1}: {_short(e)}; skipped")
                     continue
-                step = int(d.get("step", 0))
                 n = counts.get(step, 0)
                 counts[step] = n + 1
-                rows.append(
-                    index_row(
-                        d, id=f"{step}-{n}", step=step, shard=LEGACY, row=int(self._offsets[i])
-                    )
-                )
+                rows.append(replace(row, id=f"{step}-{n}"))
             self._legacy_rows = rows
+            self._offsets = self._offsets[: len(rows) + 1]  # __len__: the readable lines
         return self._legacy_rows
 
     def matching(self, flt: Filter | None = None) -> np.ndarray:
         """Line numbers of the episodes that pass ``flt`` (cached for the last filter)."""
         flt = flt or Filter()
+        if self.format == "jsonl":
+            self._legacy()
         if flt.empty:
-            return np.arange(len(self), dtype=np.int64)
+            keep_all = np.arange(len(self), dtype=np.int64)
+            return keep_all[~np.isin(keep_all, list(self._bad))] if self._bad else keep_all
         if self._filtered is not None and self._filtered[0] == flt:
             return self._filtered[1]
         if self.format == "jsonl":
@@ -661,10 +773,22 @@ class EpisodeStore:
             block = 4096
             for start in range(0, len(self), block):
                 lines = self._read_lines(start, min(start + block, len(self)))
-                keep += [start + j for j, x in enumerate(lines) if flt.matches_dict(json.loads(x))]
+                for j, x in enumerate(lines):
+                    d = self._parse_dict(start + j, x)
+                    if d is not None and flt.matches_dict(d):
+                        keep.append(start + j)
         if flt.text:
             needle = flt.text.lower()
-            keep = [i for i in keep if needle in episode_text(self._text_dict(i)).lower()]
+            found = []
+            for i in keep:
+                try:
+                    text = episode_text(self._text_dict(i))
+                except READ_ERRORS as e:
+                    self._problem(str(e))
+                    continue
+                if needle in text.lower():
+                    found.append(i)
+            keep = found
         out = np.asarray(keep, dtype=np.int64)
         self._filtered = (flt, out)
         return out
@@ -679,7 +803,7 @@ class EpisodeStore:
         if len(chosen) and chosen[-1] - chosen[0] == len(chosen) - 1:
             rows = list(self.rows(int(chosen[0]), int(chosen[-1]) + 1))
         else:
-            rows = [self.row_at(int(i)) for i in chosen]
+            rows = list(self.rows_at(chosen))
         return Page(rows=rows, number=number, size=size, matching=len(idx), total=len(self))
 
     def find(self, episode_id: str) -> IndexRow:
@@ -689,7 +813,15 @@ class EpisodeStore:
             KeyError: No such episode; the message names the ids that exist nearby.
         """
         if self._by_id is None:
-            self._by_id = {r.id: i for i, r in enumerate(self.rows())}
+            self._by_id = {}
+            if self.format == "jsonl":
+                self._by_id = {r.id: i for i, r in enumerate(self._legacy())}
+            else:
+                for i in range(0, len(self), 4096):
+                    for j, line in enumerate(self._read_lines(i, min(i + 4096, len(self)))):
+                        row = self._parse(i + j, line)
+                        if row is not None:
+                            self._by_id.setdefault(row.id, i + j)
         if episode_id not in self._by_id:
             import difflib
 
@@ -703,17 +835,35 @@ class EpisodeStore:
         return self.row_at(self._by_id[episode_id])
 
     # ---------------------------------------------------------------------- episodes
-    def _shard(self, name: str) -> list[dict[str, Any]]:
-        if name in self._shards:
-            self._shards.move_to_end(name)
-            return self._shards[name]
+    def _load(self, name: str) -> Any:
+        """The open ``NpzFile`` of shard ``name``.
+
+        Raises:
+            RunDirError: The shard is missing, empty, truncated or not a shard; the message names
+                the file.
+        """
         path = self.path / name
+        rel = Path(name)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise RunDirError(f"{INDEX} names shard {name!r}, outside {EPISODES_DIR}/")
         if not path.exists():
             raise FileNotFoundError(
                 f"{name} is listed in {INDEX} but missing: the run directory is incomplete"
             )
-        with np.load(path, allow_pickle=False) as z:
-            _, dicts = decode_shard(z)
+        try:
+            return np.load(path, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001 - any damage to the file is the same fact
+            raise RunDirError(_damaged(name, e)) from None
+
+    def _shard(self, name: str) -> list[dict[str, Any]]:
+        if name in self._shards:
+            self._shards.move_to_end(name)
+            return self._shards[name]
+        with self._load(name) as z:
+            try:
+                _, dicts = decode_shard(z)
+            except Exception as e:  # noqa: BLE001 - a truncated member fails anywhere inside
+                raise RunDirError(_damaged(name, e)) from None
         self._shards[name] = dicts
         while len(self._shards) > self.CACHE_SHARDS:
             self._shards.popitem(last=False)
@@ -725,35 +875,79 @@ class EpisodeStore:
         if row.shard == LEGACY:
             return self.episode_dict(row)
         if row.shard not in self._metas:
-            with np.load(self.path / row.shard, allow_pickle=False) as z:
-                self._metas[row.shard] = json.loads(bytes(z["meta"]).decode())["episodes"]
+            with self._load(row.shard) as z:
+                try:
+                    self._metas[row.shard] = json.loads(bytes(z["meta"]).decode())["episodes"]
+                except Exception as e:  # noqa: BLE001
+                    raise RunDirError(_damaged(row.shard, e)) from None
             while len(self._metas) > self.CACHE_SHARDS:
                 self._metas.popitem(last=False)
-        return self._metas[row.shard][row.row]
+        return self._episode_at(self._metas[row.shard], row)
+
+    def _episode_at(self, dicts: list[dict[str, Any]], row: IndexRow) -> dict[str, Any]:
+        if not 0 <= row.row < len(dicts) or not isinstance(dicts[row.row], dict):
+            raise RunDirError(
+                f"{row.shard} holds {len(dicts)} episodes; {INDEX} says episode {row.id} is "
+                f"number {row.row}: the index and the shard disagree"
+            )
+        return dicts[row.row]
 
     def episode_dict(self, row: IndexRow) -> dict[str, Any]:
-        """The ``to_json`` dict of the episode behind ``row``."""
+        """The ``to_json`` dict of the episode behind ``row``.
+
+        Raises:
+            RunDirError: Its shard (or line) is damaged; the message names the file.
+        """
         if row.shard == LEGACY:
             with open(self.path / LEGACY, "rb") as f:
                 f.seek(row.row)
-                return json.loads(f.readline())
-        return self._shard(row.shard)[row.row]
+                line = f.readline()
+            try:
+                d = json.loads(line)
+            except ValueError as e:
+                raise RunDirError(f"{LEGACY} at byte {row.row}: {_short(e)}") from None
+            return d
+        return self._episode_at(self._shard(row.shard), row)
 
     def episode(self, row: IndexRow | str) -> Episode:
         """The :class:`Episode` behind an index row or an episode id."""
         if isinstance(row, str):
             row = self.find(row)
-        return dict_to_episode(self.episode_dict(row))
+        d = self.episode_dict(row)
+        try:
+            return dict_to_episode(d)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise RunDirError(f"{row.location}: not a readable episode ({_short(e)})") from None
 
     def iter_episodes(self, flt: Filter | None = None) -> Iterator[tuple[IndexRow, Episode]]:
         """Every (index row, episode) passing ``flt``, shard by shard."""
-        for i in self.matching(flt):
-            row = self.row_at(int(i))
+        for row in self.rows_at(self.matching(flt)):
             yield row, self.episode(row)
+
+    def readable(self, rows: Iterable[IndexRow]) -> Iterator[tuple[IndexRow, dict[str, Any]]]:
+        """(row, episode dict) for each of ``rows`` whose episode can be read; the others are
+        reported in :attr:`problems` (naming the file) and skipped."""
+        for row in rows:
+            try:
+                yield row, self.episode_dict(row)
+            except READ_ERRORS as e:
+                self._problem(f"episode {row.id} skipped: {e}")
 
     def summary(self) -> str:
         """One line: how many episodes, steps and in which format."""
         return f"{self.path}: {len(self)} episodes ({'store' if self.format == 'store' else 'legacy episodes.jsonl'})"
+
+
+def _short(e: BaseException, limit: int = 200) -> str:
+    text = str(e.args[0] if isinstance(e, KeyError) and e.args else e) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _damaged(name: str, e: BaseException) -> str:
+    return (
+        f"{name} cannot be read ({type(e).__name__}: {_short(e)}): the shard is truncated or "
+        "damaged; its episodes are skipped"
+    )
 
 
 def _missing_message(path: Path) -> str:

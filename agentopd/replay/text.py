@@ -1,6 +1,10 @@
 """Rich renderings of episodes and lists: the printed ``--episode`` view and the terminal viewer's
 panes share them.
 
+Everything that came from a run (text the model wrote, tool results, task ids, token texts) is
+plain text, never Rich markup, and goes through :func:`~agentopd.replay.view.visible` first, so no
+escape sequence the model wrote reaches the terminal and no bidi control reorders what is shown.
+
 Token shading: the background of each sampled token is red where the student gave it more
 probability than the teacher (log p - log q > 0) and blue where the teacher gave it more, darkest
 at |log p - log q| >= :data:`~agentopd.replay.view.SHADE_CLIP` nats. Tokens the student sampled
@@ -11,14 +15,13 @@ are dim.
 from __future__ import annotations
 
 from rich.console import Group, RenderableType
-from rich.markup import escape
 from rich.padding import Padding
 from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
 
 from agentopd.replay.store import IndexRow, Page
-from agentopd.replay.view import SHADE_CLIP, EpisodeView, TokenView, TurnView
+from agentopd.replay.view import SHADE_CLIP, EpisodeView, TokenView, TurnView, visible
 
 LEGEND = (
     "shading: log p - log q of the sampled token (red: student above teacher, blue: teacher "
@@ -42,7 +45,12 @@ def fmt(x: float | None, digits: int = 2) -> str:
 
 
 def _visible(text: str) -> str:
-    return text.replace("\n", "⏎\n")
+    return visible(text).replace("\n", "⏎\n")
+
+
+def plain(text: object, style: str = "") -> Text:
+    """Run data as a :class:`Text`: controls and bidi shown as markers, never read as markup."""
+    return Text(visible(str(text)), style=style)
 
 
 def token_text(turn: TurnView, selected: int | None = None, offset: int = 0) -> Text:
@@ -71,12 +79,15 @@ def sampled_tokens(view: EpisodeView) -> list[tuple[TurnView, TokenView]]:
 
 
 def render_header(view: EpisodeView) -> Text:
-    verdict = "[bold green]SOLVED[/]" if view.success else "[bold red]FAILED[/]"
+    verdict = ("SOLVED", "bold green") if view.success else ("FAILED", "bold red")
     errors = ", ".join(f"{k}×{v}" for k, v in sorted(view.tool_errors.items()) if v) or "none"
-    return Text.from_markup(
-        f"[bold]episode {escape(view.id)}[/]  step {view.step}  env {escape(view.env)}  "
-        f"task {escape(view.task_id)}  seed {view.seed}  reward {view.reward:g}  {verdict}  "
-        f"stop {escape(view.stop_reason)}  teacher KL {fmt(view.kl, 3)}  tool errors: {escape(errors)}"
+    return Text.assemble(
+        (f"episode {visible(view.id)}", "bold"),
+        f"  step {view.step}  env {visible(view.env)}  task {visible(view.task_id)}  "
+        f"seed {view.seed}  reward {view.reward:g}  ",
+        verdict,
+        f"  stop {visible(view.stop_reason)}  teacher KL {fmt(view.kl, 3)}  "
+        f"tool errors: {visible(errors)}",
     )
 
 
@@ -88,27 +99,27 @@ def render_calls(turn: TurnView, side_by_side: bool = True) -> RenderableType | 
     if not side_by_side:
         lines: list[RenderableType] = []
         for c in turn.calls:
-            call = "(no call)" if c.name is None else f"{c.name}({c.arguments})"
+            call = "(no call)" if c.name is None else visible(f"{c.name}({c.arguments})")
             lines.append(Text.assemble(("call → ", "bold"), call))
-            result = "(no result)" if c.result is None else c.result
+            result = "(no result)" if c.result is None else visible(c.result)
             lines.append(Text.assemble(("result ← ", "bold"), (result, "red" if c.error else "")))
         if turn.parse_error and not any(c.error for c in turn.calls):
-            lines.append(Text.assemble(("parse error: ", "bold red"), turn.parse_error))
+            lines.append(Text.assemble(("parse error: ", "bold red"), visible(turn.parse_error)))
         return Group(*lines)
     table = Table(show_header=True, header_style="bold", expand=True, show_lines=True)
     table.add_column("tool call", ratio=1, overflow="fold")
     table.add_column("result", ratio=1, overflow="fold")
     for c in turn.calls:
         call = (
-            Text("(no call)", style="dim") if c.name is None else Text(f"{c.name}({c.arguments})")
+            Text("(no call)", style="dim") if c.name is None else plain(f"{c.name}({c.arguments})")
         )
         if c.result is None:
             result = Text("(no result)", style="dim")
         else:
-            result = Text(c.result, style="red" if c.error else "")
+            result = plain(c.result, style="red" if c.error else "")
         table.add_row(call, result)
     if turn.parse_error and not any(c.error for c in turn.calls):
-        table.add_row(Text("(parse error)", style="red"), Text(turn.parse_error, style="red"))
+        table.add_row(Text("(parse error)", style="red"), plain(turn.parse_error, style="red"))
     return table
 
 
@@ -122,12 +133,12 @@ def render_episode(
             Text("(no teacher scores in this episode: tokens are not shaded)", style="dim")
         )
     for role, content in view.prompt:
-        parts.append(Text.assemble((f"[{role}] ", "bold cyan"), content))
+        parts.append(Text.assemble((f"[{visible(role)}] ", "bold cyan"), visible(content)))
     offset = 0
     for turn in view.turns:
         tags = ["replayed (mask 0)"] if turn.replayed else []
         title = f"turn {turn.index}  KL {fmt(turn.kl, 3)}  reward {turn.reward:g}"
-        parts.append(Rule(" ".join([title, *tags]), align="left", style="cyan"))
+        parts.append(Rule(Text(" ".join([title, *tags])), align="left", style="cyan"))
         parts.append(token_text(turn, selected, offset))
         offset += sum(1 for t in turn.tokens if t.mask)
         calls = render_calls(turn, side_by_side)
@@ -145,7 +156,7 @@ def render_token(view: EpisodeView, selected: int) -> RenderableType:
     turn, t = tokens[selected]
     head = Text.assemble(
         (f"token {selected + 1}/{len(tokens)} (turn {turn.index}) ", "bold"),
-        (repr(t.text), "bold"),
+        (visible(repr(t.text)), "bold"),
         f"  id {t.id}  mask {t.mask}  log p {fmt(t.logp, 3)}  log q {fmt(t.logq, 3)}  "
         f"log p - log q {fmt(t.disagreement, 3)}  teacher entropy {fmt(t.entropy, 3)}",
     )
@@ -158,13 +169,13 @@ def render_token(view: EpisodeView, selected: int) -> RenderableType:
     table.add_column("q", justify="right")
     for i, (tid, text, prob) in enumerate(t.topk, 1):
         style = "bold green" if tid == t.id else ""
-        table.add_row(str(i), repr(text), str(tid), f"{prob:.3f}", style=style)
+        table.add_row(str(i), plain(repr(text)), str(tid), f"{prob:.3f}", style=style)
     return Group(head, table)
 
 
 def render_token_table(view: EpisodeView, top: int = 3) -> Table:
     """Every sampled token as a row (position, text, log p, log q, difference, teacher top-n)."""
-    table = Table(title=f"sampled tokens of episode {view.id}", show_lines=False)
+    table = Table(title=plain(f"sampled tokens of episode {view.id}"), show_lines=False)
     for col in ("turn", "#", "token", "log p", "log q", "log p - log q", f"teacher top-{top}"):
         table.add_column(col, justify="right" if col in ("turn", "#") else "left")
     for i, (turn, t) in enumerate(sampled_tokens(view)):
@@ -172,11 +183,11 @@ def render_token_table(view: EpisodeView, top: int = 3) -> Table:
         table.add_row(
             str(turn.index),
             str(i),
-            repr(t.text),
+            plain(repr(t.text)),
             fmt(t.logp, 3),
             fmt(t.logq, 3),
             fmt(t.disagreement, 3),
-            alts,
+            plain(alts),
         )
     return table
 
@@ -184,10 +195,10 @@ def render_token_table(view: EpisodeView, top: int = 3) -> Table:
 LIST_COLUMNS = ("id", "step", "env", "task", "reward", "solved", "turns", "stop", "errors", "KL")
 
 
-def row_cells(r: IndexRow) -> tuple[str, ...]:
-    """A list row's cells, in :data:`LIST_COLUMNS` order."""
+def row_cells(r: IndexRow) -> tuple[Text, ...]:
+    """A list row's cells, in :data:`LIST_COLUMNS` order (plain text, never markup)."""
     errors = sum(r.tool_errors.values())
-    return (
+    cells = (
         r.id,
         str(r.step),
         r.env,
@@ -199,11 +210,14 @@ def row_cells(r: IndexRow) -> tuple[str, ...]:
         str(errors) if errors else "",
         fmt(r.teacher_kl, 2),
     )
+    return tuple(plain(c) for c in cells)
 
 
 def render_page(page: Page, title: str) -> Table:
     table = Table(
-        title=f"{title}: page {page.number + 1}/{page.pages}, {page.matching} of {page.total} episodes"
+        title=plain(
+            f"{title}: page {page.number + 1}/{page.pages}, {page.matching} of {page.total} episodes"
+        )
     )
     for c in LIST_COLUMNS:
         table.add_column(c)

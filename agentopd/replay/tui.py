@@ -27,7 +27,7 @@ from agentopd.replay.text import (
     row_cells,
     sampled_tokens,
 )
-from agentopd.replay.view import Decoder, EpisodeView, build_view
+from agentopd.replay.view import Decoder, EpisodeView, build_view, visible
 
 
 class ReplayApp(App[None]):
@@ -91,7 +91,7 @@ class ReplayApp(App[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.sub_title = str(self.store.path)
+        self.sub_title = visible(str(self.store.path))
         table = self.query_one("#list", DataTable)
         table.add_columns(*LIST_COLUMNS)
         self.refresh_list()
@@ -115,7 +115,7 @@ class ReplayApp(App[None]):
         )
         for problem in self.store.problems:
             status += f"\n⚠ {problem}"
-        self.query_one("#status", Static).update(Text(status))
+        self.query_one("#status", Static).update(Text(visible(status)))
         if not page.rows:
             self.query_one("#episode", Static).update(Text("no episode matches the filter"))
             self.query_one("#token", Static).update("")
@@ -129,7 +129,7 @@ class ReplayApp(App[None]):
         try:
             self.flt = parse_filter(event.value)
         except ValueError as e:
-            self.query_one("#status", Static).update(Text(f"filter: {e}", style="red"))
+            self.query_one("#status", Static).update(Text(visible(f"filter: {e}"), style="red"))
             return
         self.page_number = 0
         self.refresh_list()
@@ -147,7 +147,8 @@ class ReplayApp(App[None]):
         try:
             d = self.store.episode_dict(row)
         except (OSError, ValueError) as e:
-            self.query_one("#episode", Static).update(Text(f"cannot read {row.id}: {e}", "red"))
+            msg = visible(f"cannot read {row.id}: {e}")
+            self.query_one("#episode", Static).update(Text(msg, "red"))
             return
         self.view = build_view(d, row, self.decoder)
         self.token_index = 0

@@ -25,6 +25,34 @@ from agentopd.replay.store import IndexRow, teacher_segments
 SHADE_CLIP = 4.0
 """|log p - log q| (nats) at which the shading is darkest."""
 
+BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+"""Characters that reorder the text around them (Trojan Source): always shown as markers."""
+
+
+def _marker(c: str) -> str:
+    n = ord(c)
+    if n < 0x20:
+        return chr(0x2400 + n)  # control pictures: ␛ for ESC, ␍ for CR, ...
+    if n == 0x7F:
+        return "\u2421"  # ␡
+    return f"\u27e8U+{n:04X}\u27e9"  # ⟨U+202E⟩
+
+
+_VISIBLE = {
+    n: _marker(chr(n))
+    for n in [*range(0x20), 0x7F, *range(0x80, 0xA0), *map(ord, BIDI_CONTROLS)]
+    if n not in (0x09, 0x0A)
+}
+
+
+def visible(text: str) -> str:
+    """``text`` safe to print to a terminal and honest to read: every control character but
+    newline and tab (C0, DEL, C1, so ESC sequences such as OSC 52 or a clear-screen) becomes a
+    visible marker (``␛``, ``⟨U+009B⟩``), and so does every bidi control (``⟨U+202E⟩``)."""
+    return text.translate(_VISIBLE)
+
 
 # ------------------------------------------------------------------------------------- tokens
 class Decoder:

@@ -6,6 +6,16 @@
   const CLIP = DATA.clip;
   const $ = (sel) => document.querySelector(sel);
   const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]));
+  // Controls (C0 but newline and tab, DEL, C1) and bidi controls in run data are shown as
+  // markers, so what is displayed is what the model wrote: ␛, ⟨U+202E⟩.
+  const CTL = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+  const mark = (c) => {
+    const n = c.charCodeAt(0);
+    if (n < 0x20) return String.fromCharCode(0x2400 + n);
+    if (n === 0x7f) return "\u2421";
+    return "\u27e8U+" + n.toString(16).toUpperCase().padStart(4, "0") + "\u27e9";
+  };
+  const show = (s) => esc(s).replace(CTL, (c) => `<span class="ctl">${mark(c)}</span>`);
   const fmt = (x, d = 3) => (x === null || x === undefined ? "-" : Number(x).toFixed(d));
   const vocab = DATA.vocab || {};
   const tokText = (id) => (id in vocab ? vocab[id] : "<" + id + ">");
@@ -24,7 +34,7 @@
 
   // ------------------------------------------------------------------ filters
   function fillSelect(sel, values, label) {
-    sel.innerHTML = `<option value="">${label}: all</option>` + values.map((v) => `<option value="${esc(v)}">${esc(label)}: ${esc(v)}</option>`).join("");
+    sel.innerHTML = `<option value="">${label}: all</option>` + values.map((v) => `<option value="${esc(v)}">${show(label)}: ${show(v)}</option>`).join("");
   }
   function rowOf(r) { return DATA.diff ? (r.a || r.b) : r; }
   function setupFilters() {
@@ -110,7 +120,7 @@
     const matching = DATA.served ? served.matching : shown.length;
     let pager = "";
     if (DATA.served) pager = ` <span id="pager">page ${served.page + 1}/${served.pages}<button id="prev">‹</button><button id="next">›</button></span>`;
-    $("#count").innerHTML = `${matching} of ${total} ${DATA.diff ? "tasks" : "episodes"} ${DATA.pageNote ? "· " + esc(DATA.pageNote) : ""}${pager}`;
+    $("#count").innerHTML = `${matching} of ${total} ${DATA.diff ? "tasks" : "episodes"} ${DATA.pageNote ? "· " + show(DATA.pageNote) : ""}${pager}`;
     if (DATA.served) {
       $("#prev").onclick = () => { if (served.page > 0) { served.page--; refresh(); } };
       $("#next").onclick = () => { if (served.page + 1 < served.pages) { served.page++; refresh(); } };
@@ -123,10 +133,10 @@
         const cell = (x) => (x ? (x.success ? '<span class="ok">solved</span>' : '<span class="bad">failed</span>') : "—");
         const d = r.diverge ? `turn ${r.diverge.turn}` : (r.a && r.b ? "identical" : "");
         const x = rowOf(r);
-        return `<tr class="row" data-key="${esc(r.key)}"><td>${esc(x.task_id)}</td><td>${esc(x.seed)}</td><td>${cell(r.a)}</td><td>${cell(r.b)}</td><td>${d}</td></tr>`;
+        return `<tr class="row" data-key="${esc(r.key)}"><td>${show(x.task_id)}</td><td>${show(x.seed)}</td><td>${cell(r.a)}</td><td>${cell(r.b)}</td><td>${d}</td></tr>`;
       }
       const errs = Object.values(r.tool_errors).reduce((a, b) => a + b, 0);
-      return `<tr class="row" data-key="${esc(r.id)}"><td>${esc(r.id)}</td><td>${r.step}</td><td>${esc(r.env)}</td><td>${esc(r.task_id)}</td><td>${r.reward}</td><td class="${r.success ? "ok" : "bad"}">${r.success ? "yes" : "no"}</td><td>${r.turns}</td><td>${esc(r.stop_reason)}</td><td>${errs || ""}</td><td>${fmt(r.teacher_kl, 2)}</td></tr>`;
+      return `<tr class="row" data-key="${esc(r.id)}"><td>${show(r.id)}</td><td>${r.step}</td><td>${show(r.env)}</td><td>${show(r.task_id)}</td><td>${r.reward}</td><td class="${r.success ? "ok" : "bad"}">${r.success ? "yes" : "no"}</td><td>${r.turns}</td><td>${show(r.stop_reason)}</td><td>${errs || ""}</td><td>${fmt(r.teacher_kl, 2)}</td></tr>`;
     });
     $("#list").innerHTML = `<table><thead>${head}</thead><tbody>${body.join("")}</tbody></table>`;
     for (const tr of document.querySelectorAll("#list tr.row")) {
@@ -162,15 +172,15 @@
     wire();
   }
   function column(ep, title, diverge, side) {
-    if (!ep) return `<div class="empty">${esc(title || "")}: no episode for this task</div>`;
+    if (!ep) return `<div class="empty">${show(title || "")}: no episode for this task</div>`;
     const verdict = ep.success ? '<span class="ok">SOLVED</span>' : '<span class="bad">FAILED</span>';
     const errs = Object.entries(ep.tool_errors).filter((e) => e[1] > 0).map((e) => `${e[0]}×${e[1]}`).join(", ") || "none";
-    let h = `<div class="ep-head">${title ? `<b>${esc(title)}</b><br>` : ""}<b>episode ${esc(ep.id)}</b> ${verdict}
-      <div class="tags"><span>step ${ep.step}</span><span>env ${esc(ep.env)}</span><span>task ${esc(ep.task_id)}</span><span>seed ${esc(ep.seed)}</span><span>reward ${ep.reward}</span><span>stop ${esc(ep.stop_reason)}</span><span>teacher KL ${fmt(ep.kl)}</span><span>tool errors: ${esc(errs)}</span></div></div>`;
-    h += `<div class="legend">${esc(DATA.legend)}</div>`;
+    let h = `<div class="ep-head">${title ? `<b>${show(title)}</b><br>` : ""}<b>episode ${show(ep.id)}</b> ${verdict}
+      <div class="tags"><span>step ${ep.step}</span><span>env ${show(ep.env)}</span><span>task ${show(ep.task_id)}</span><span>seed ${show(ep.seed)}</span><span>reward ${ep.reward}</span><span>stop ${show(ep.stop_reason)}</span><span>teacher KL ${fmt(ep.kl)}</span><span>tool errors: ${show(errs)}</span></div></div>`;
+    h += `<div class="legend">${show(DATA.legend)}</div>`;
     h += `<div class="strip" title="teacher KL per turn (mean log p − log q)">` + ep.turns.map((t, i) =>
       `<div class="cell" data-turn="${side}${i}" style="background:${shade(t.kl) || "#f0f2f5"}">t${t.index}<br>${fmt(t.kl, 2)}</div>`).join("") + "</div>";
-    for (const [role, content] of ep.prompt) h += `<div class="msg"><span class="role">[${esc(role)}]</span>${esc(content)}</div>`;
+    for (const [role, content] of ep.prompt) h += `<div class="msg"><span class="role">[${show(role)}]</span>${show(content)}</div>`;
     ep.turns.forEach((t, i) => {
       const isDiv = diverge && diverge.turn === i;
       h += `<div class="turn${isDiv ? " diverged" : ""}" id="turn-${side}${i}"><h3>turn ${t.index} · KL ${fmt(t.kl)} · reward ${t.reward}${t.replayed ? " · replayed (mask 0)" : ""}${isDiv ? '<span class="note">the runs diverge here</span>' : ""}</h3><div class="tokens">`;
@@ -179,16 +189,16 @@
         const d = mask && k[2] !== null && k[3] !== null ? k[2] - k[3] : null;
         const cls = "tok " + (mask ? "m1" : "m0") + (isDiv && j >= diverge.token ? " div" : "");
         const bg = mask ? shade(d) : "";
-        h += `<span class="${cls}" data-ep="${esc(ep.id)}${side ? "@" + side : ""}" data-t="${i}" data-k="${j}"${bg ? ` style="background:${bg}"` : ""}>${esc(tokText(id))}</span>`;
+        h += `<span class="${cls}" data-ep="${esc(ep.id)}${side ? "@" + side : ""}" data-t="${i}" data-k="${j}"${bg ? ` style="background:${bg}"` : ""}>${show(tokText(id))}</span>`;
       });
       h += "</div>";
       if (t.calls.length || t.parse_error) {
         h += '<div class="calls">';
         for (const [name, args, result, err] of t.calls) {
-          h += `<div class="call"><div class="lbl">tool call</div><pre>${name === null ? "(no call)" : esc(name + "(" + args + ")")}</pre></div>`;
-          h += `<div class="result${err ? " err" : ""}"><div class="lbl">result</div><pre>${result === null ? "(no result)" : esc(result)}</pre></div>`;
+          h += `<div class="call"><div class="lbl">tool call</div><pre>${name === null ? "(no call)" : show(name + "(" + args + ")")}</pre></div>`;
+          h += `<div class="result${err ? " err" : ""}"><div class="lbl">result</div><pre>${result === null ? "(no result)" : show(result)}</pre></div>`;
         }
-        if (t.parse_error && !t.calls.some((c) => c[3])) h += `<div class="call err"><div class="lbl">parse error</div></div><div class="result err"><pre>${esc(t.parse_error)}</pre></div>`;
+        if (t.parse_error && !t.calls.some((c) => c[3])) h += `<div class="call err"><div class="lbl">parse error</div></div><div class="result err"><pre>${show(t.parse_error)}</pre></div>`;
         h += "</div>";
       }
       h += "</div>";
@@ -201,14 +211,14 @@
   function tipHtml(ep, k) {
     const [id, mask, logp, logq, ent, top] = k;
     const d = logp !== null && logq !== null ? logp - logq : null;
-    let h = `<div><b>${esc(JSON.stringify(tokText(id)))}</b> id ${id} · mask ${mask}${mask ? " (trained on)" : ""}</div>`;
+    let h = `<div><b>${show(JSON.stringify(tokText(id)))}</b> id ${id} · mask ${mask}${mask ? " (trained on)" : ""}</div>`;
     h += `<div>log p ${fmt(logp)} · log q ${fmt(logq)} · log p − log q <b>${fmt(d)}</b></div>`;
     if (ent !== null) h += `<div>teacher entropy ${fmt(ent)}</div>`;
     if (top && top.length) {
       h += '<div class="tk-title">teacher top-k</div><table class="topk">';
       for (let i = 0; i < top.length; i += 2) {
         const p = top[i + 1];
-        h += `<tr class="${top[i] === id ? "sampled" : ""}"><td>${i / 2 + 1}</td><td>${esc(JSON.stringify(tokText(top[i])))}</td><td>${p.toFixed(3)}</td><td><span class="bar" style="width:${Math.round(p * 80)}px"></span></td></tr>`;
+        h += `<tr class="${top[i] === id ? "sampled" : ""}"><td>${i / 2 + 1}</td><td>${show(JSON.stringify(tokText(top[i])))}</td><td>${p.toFixed(3)}</td><td><span class="bar" style="width:${Math.round(p * 80)}px"></span></td></tr>`;
       }
       h += "</table>";
     } else if (mask) h += "<div>teacher top-k: not scored</div>";
