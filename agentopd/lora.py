@@ -19,6 +19,7 @@ and :func:`save_pretrained` is the model's own.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,11 @@ def apply(model: Any, config: LoraConfig) -> Any:
     missing = [t for t in config.target_modules if t not in names]
     if missing or not config.target_modules:
         linear = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear)
+            }
         )
         raise ConfigError(
             f"bad value {list(config.target_modules)} for 'lora.target_modules': the model has no "
@@ -149,3 +154,42 @@ def load_adapter(model: Any, path: Path) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"adapter in {path} does not fit the model: unexpected {unexpected[:5]}")
+
+
+def read_config(path: Path) -> LoraConfig:
+    """The :class:`LoraConfig` of an adapter directory written by :func:`save_pretrained`."""
+    raw = json.loads((Path(path) / "adapter_config.json").read_text())
+    return LoraConfig(
+        r=int(raw["r"]),
+        alpha=float(raw["lora_alpha"]),
+        dropout=float(raw.get("lora_dropout", 0.0)),
+        target_modules=sorted(raw["target_modules"]),
+    )
+
+
+@torch.no_grad()
+def merge(model: Any) -> Any:
+    """Fold the adapters of ``model`` into its weights (``W + (alpha / r) B A``) and put the
+    plain linear layers back: the result is an ordinary transformers model, as fast as the base."""
+    if not is_lora(model):
+        return model
+    for name, layer in _lora_layers(model).items():
+        base = layer.get_base_layer()
+        base.weight += layer.get_delta_weight(ADAPTER).to(base.weight.dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, base)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model._agentopd_lora = False
+    return model
+
+
+def load_merged(model: Any, path: Path) -> Any:
+    """Load the adapter saved in ``path`` into ``model`` and merge it (see :func:`merge`).
+
+    Raises:
+        ValueError: The adapter does not fit the model (the message says which keys).
+    """
+    apply(model, read_config(path))
+    load_adapter(model, path)
+    return merge(model)

@@ -22,9 +22,11 @@ import concurrent.futures
 import random
 import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from agentopd.engines import Engine, Sample, SamplingParams
 from agentopd.env import Env
@@ -113,9 +115,11 @@ def run_episodes(
     cfg = config or RolloutConfig()
     for job in jobs:
         _check_guide_spec(job, guide)
+    call_seeds = call_seed_stream(seed)
 
     def policy(lives: list[_Live]) -> list[Sample]:
-        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed)
+        call_seed = next(call_seeds)
+        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, call_seed)
         out: list[Sample | None] = [None] * len(lives)
         by_source: dict[str, list[int]] = {"student": [], "teacher": [], "expert": []}
         temperature = cfg.temperature
@@ -127,7 +131,8 @@ def run_episodes(
                 temperature = float(spec["temperature"])
         groups: list[tuple[str, Any, SamplingParams]] = [("student", engine, params)]
         if by_source["teacher"]:
-            t_params = SamplingParams(cfg.max_new_tokens, temperature, cfg.top_p, seed)
+            t_seed = None if call_seed is None else call_seed ^ _GUIDE_SEED_SALT
+            t_params = SamplingParams(cfg.max_new_tokens, temperature, cfg.top_p, t_seed)
             groups.append(("teacher", guide, t_params))
         for source, eng, p in groups:
             idx = by_source[source]
@@ -149,6 +154,26 @@ def run_episodes(
 
 
 GUIDE_SOURCES = ("teacher", "expert")
+_GUIDE_SEED_SALT = 0x5EED_7EAC
+"""Mixed into a call's seed for the guide engine, so student and guide never share a stream."""
+
+
+def call_seed_stream(seed: int | None) -> Iterator[int | None]:
+    """The seed of each successive engine call of one rollout.
+
+    Call ``k`` of a rollout seeded with ``seed`` gets ``SeedSequence([seed, k])``'s first 31-bit
+    word: every turn draws fresh random numbers (re-seeding every call with the same value would
+    replay the first turn's draws), and a rerun with the same ``seed`` is identical. ``None``
+    gives ``None`` forever (each engine continues its own generator).
+    """
+    k = 0
+    while True:
+        if seed is None:
+            yield None
+        else:
+            state = np.random.SeedSequence([int(seed) & 0xFFFF_FFFF_FFFF_FFFF, k])
+            yield int(state.generate_state(1, dtype=np.uint32)[0] >> 1)
+        k += 1
 
 
 def _check_guide_spec(job: EpisodeJob, guide: Engine | None) -> None:

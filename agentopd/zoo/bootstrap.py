@@ -228,6 +228,7 @@ def play_experts(
     workers: int = 1,
     on_episode: Callable[[], None] | None = None,
     chunk: int = 8,
+    tokenizer: Any = None,
 ) -> list[Episode]:
     """One expert episode per seed (``split="train"``), in seed order.
 
@@ -235,12 +236,13 @@ def play_experts(
     time, through :func:`agentopd.rollout.expert_episodes` with their own tokenizer and
     renderer; the result does not depend on ``workers`` or ``chunk``. Threads pay off where the
     environment waits on a tool process (a sandboxed Python worker); ``on_episode`` is called
-    once per episode when its chunk is done (from any thread).
+    once per episode when its chunk is done (from any thread). ``tokenizer`` renders the
+    episodes (default: the zoo tokenizer).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     def play(share: list[int]) -> list[Episode]:
-        renderer = Renderer(load_tokenizer())
+        renderer = Renderer(tokenizer if tokenizer is not None else load_tokenizer())
         config = RolloutConfig(
             max_new_tokens=10_000, max_episode_tokens=100_000, tool_workers=chunk
         )
