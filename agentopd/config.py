@@ -68,6 +68,9 @@ class EvalConfig:
     pass_k: int = knob(1, "samples per task (pass@k)", ge=1)
     before: bool = knob(True, "evaluate before training")
     after: bool = knob(True, "evaluate after training")
+    teacher: bool = knob(
+        True, "also evaluate the teacher on the same held-out tasks (teacher_success)"
+    )
 
 
 @dataclass

@@ -126,7 +126,9 @@ def _config_diff(
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             sub = defaults.get(key)
-            out.extend(_config_diff(a, b, f"{prefix}{key}.", sub if isinstance(sub, dict) else None))
+            out.extend(
+                _config_diff(a, b, f"{prefix}{key}.", sub if isinstance(sub, dict) else None)
+            )
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
@@ -221,12 +223,12 @@ class Trainer:
             f"[bold]run[/] {self.run_dir.path}  env={cfg.env} loss={cfg.loss} device={self.device}"
         )
         self.console.print(
-            "choices: "
-            + "  ".join(f"{k}={v}" for k, v in parts.choices.items() if v is not None)
+            "choices: " + "  ".join(f"{k}={v}" for k, v in parts.choices.items() if v is not None)
         )
         self.start_step = 0
         self.cold_start_done = False
         self.teacher_tokens = 0
+        self.teacher_positions = 0
         resumed = self.run_dir.latest_checkpoint() if cfg.resume else None
         resumed = distributed.broadcast_object(resumed)  # every rank loads rank 0's choice
         if resumed is not None:
@@ -324,6 +326,7 @@ class Trainer:
             "curriculum": self.curriculum.state_dict(),
             "cold_start_done": self.cold_start_done,
             "teacher_tokens": self.teacher_tokens,
+            "teacher_positions": self.teacher_positions,
         }
         self.run_dir.save_checkpoint(step, payload, state)
 
@@ -342,6 +345,7 @@ class Trainer:
         self.curriculum.load_state_dict(state["curriculum"])
         self.cold_start_done = bool(state.get("cold_start_done", True))
         self.teacher_tokens = int(state.get("teacher_tokens", 0))
+        self.teacher_positions = int(state.get("teacher_positions", 0))
         self.start_step = int(state["step"]) + 1
         if self.world.is_main:
             self.run_dir.truncate_logs(state["log_sizes"])
@@ -354,8 +358,9 @@ class Trainer:
         if self.world.is_main:
             self.run_dir.append_jsonl("metrics.jsonl", [json.dumps(row)])
 
-    def evaluate(self, tag: str, step: int) -> float:
-        """Held-out success (under torchrun rank 0 evaluates, the others wait and get its
+    def evaluate(self, tag: str, step: int, engine: Any = None) -> float:
+        """Held-out success of the student (or of ``engine``'s model, e.g. the teacher's) on
+        the run's held-out tasks (under torchrun rank 0 evaluates, the others wait and get its
         number)."""
         if not self.world.is_main:
             return float(distributed.broadcast_object(None))
@@ -363,7 +368,7 @@ class Trainer:
         report, _ = evaluate(
             self.cfg.env,
             dict(self.cfg.env_kwargs),
-            self.engine,
+            engine if engine is not None else self.engine,
             self.renderer,
             episodes=e.episodes,
             samples=e.pass_k,
@@ -377,6 +382,7 @@ class Trainer:
                 "tag": tag,
                 "step": step,
                 "teacher_tokens": self.teacher_tokens,
+                "teacher_positions": self.teacher_positions,
                 **{f"eval/{k}": v for k, v in report.items()},
             }
         )
@@ -389,9 +395,11 @@ class Trainer:
     def demonstrations(self, n: int, seed: int) -> list[Episode]:
         return self._demonstrations(n, seed)[0]
 
-    def _demonstrations(self, n: int, seed: int) -> tuple[list[Episode], int]:
+    def _demonstrations(self, n: int, seed: int) -> tuple[list[Episode], int, int]:
         """Successful teacher demonstrations for SFT (``demo_source``: scripted expert or the
-        teacher model sampling at temperature 1)."""
+        teacher model sampling at temperature 1); also the tokens the teacher generated and
+        the positions it processed (prefill and decode, failed episodes included; 0 for the
+        scripted expert)."""
         jobs = [
             EpisodeJob(
                 self.cfg.env,
@@ -414,8 +422,12 @@ class Trainer:
         else:
             episodes = expert_episodes(mine, self.renderer)
         generated = int(distributed.all_sum(sum(ep.num_sampled_tokens for ep in episodes)))
+        positions = 0
+        if self.cfg.demo_source == "teacher":
+            mine_positions = sum(len(s.tokens) for ep in episodes for s in ep.segments)
+            positions = int(distributed.all_sum(mine_positions))
         episodes = distributed.all_gather_list(episodes)  # the same pool on every rank
-        return [ep for ep in episodes if ep.success], generated
+        return [ep for ep in episodes if ep.success], generated, positions
 
     def _scratch(self, name: str) -> Path:
         """A working directory for ``name``: in the run directory on rank 0, a temporary one on
@@ -452,7 +464,9 @@ class Trainer:
         # OPD scheduler reset it to optim.lr after the first step.)
         sft = Learner(
             self.learner.passes,  # under fsdp2: the sharded student
-            replace(self.learner.config, name="adamw", lr=cs.lr, schedule="constant", warmup_steps=0),
+            replace(
+                self.learner.config, name="adamw", lr=cs.lr, schedule="constant", warmup_steps=0
+            ),
             self.learner.pad_id,
             loss=self.learner.loss,
             loss_cfg=self.learner.loss_cfg,
@@ -486,7 +500,7 @@ class Trainer:
         step_rng = random.Random(cfg.seed * 7919 + step)
         jobs = self.curriculum.jobs(step, cfg.episodes_per_step)
         if step_rng.random() >= cfg.gkd_lambda:
-            demos, generated = self._demonstrations(
+            demos, generated, positions = self._demonstrations(
                 cfg.episodes_per_step, seed=8_000_000 + step * cfg.episodes_per_step
             )
             row.update(self.learner.step_sft(distributed.shard(demos)))
@@ -494,7 +508,9 @@ class Trainer:
             row["batch"] = "demonstration"
             # Every token the teacher generated counts, including its failed episodes.
             self.teacher_tokens += generated
+            self.teacher_positions += positions
             row["teacher_tokens"] = self.teacher_tokens
+            row["teacher_positions"] = self.teacher_positions
             row.update(episode_summary(demos, prefix="demo/"))
             return row
         row["batch"] = "on-policy"
@@ -526,6 +542,9 @@ class Trainer:
         # Guide turns are generated by the teacher.
         guided = int(distributed.all_sum(sum(e.info.get("guide_tokens", 0) for e in episodes)))
         self.teacher_tokens += sampled + guided
+        # The teacher prefilled every position of every segment it scored (prompts and tool
+        # results too), and decoded the guide turns.
+        self.teacher_positions += scored + guided
         episodes = distributed.gather_list(episodes)  # rank 0: the whole step, in job order
         row.update(episode_summary(episodes))
         if guided:
@@ -539,6 +558,7 @@ class Trainer:
                 "time/teacher_s": t2 - t1,
                 "time/learner_s": t3 - t2,
                 "teacher_tokens": self.teacher_tokens,
+                "teacher_positions": self.teacher_positions,
             }
         )
         if self.world.is_main:
@@ -615,9 +635,24 @@ class Trainer:
                     _kill_point(f"checkpoint:{step}")
         if cfg.eval.after and cfg.eval.episodes > 0:
             result["success_after"] = self.evaluate("after training", step=cfg.steps)
-        if "success_before" in result and "success_after" in result:
+        if cfg.eval.teacher and cfg.eval.episodes > 0:
+            result["teacher_success"] = self.evaluate(
+                "teacher", step=cfg.steps, engine=self.teacher_engine()
+            )
+        if "success_after" in result:
+            stages = [
+                f"{label} {result[key]:.1%}"
+                for key, label in (
+                    ("success_before", "before"),
+                    ("success_after_cold_start", "after cold start"),
+                    ("success_after", "after training"),
+                )
+                if key in result
+            ]
+            teacher = result.get("teacher_success")
             self.console.print(
-                f"[bold green]held-out success: before {result['success_before']:.1%} → after {result['success_after']:.1%}[/]"
+                f"[bold green]held-out success: {' → '.join(stages)}[/]"
+                + (f" [bold](teacher: {teacher:.1%})[/]" if teacher is not None else "")
             )
         return result
 
