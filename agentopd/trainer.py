@@ -488,6 +488,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, Any]:
         cfg = self.cfg
+        t_start = time.perf_counter()
         temp = cfg.rollout.temperature
         if cfg.temperature_end is not None and cfg.steps > 1:
             temp = temp + (cfg.temperature_end - temp) * step / (cfg.steps - 1)
@@ -557,6 +558,7 @@ class Trainer:
                 "time/rollout_s": t1 - t0,
                 "time/teacher_s": t2 - t1,
                 "time/learner_s": t3 - t2,
+                "time/step_s": time.perf_counter() - t_start,
                 "teacher_tokens": self.teacher_tokens,
                 "teacher_positions": self.teacher_positions,
             }

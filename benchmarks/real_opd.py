@@ -106,7 +106,13 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
             if r.get("phase") == "eval"
         ]
         train = [r for r in rows if r.get("phase") == "train"]
-        return {"curve": curve, "success": curve[-1][1], "wall_s": wall, "diag": _diag(train)}
+        return {
+            "curve": curve,
+            "success": curve[-1][1],
+            "wall_s": wall,
+            "diag": _diag(train),
+            "phases": _phases(train),
+        }
 
     t0 = time.perf_counter()
     cold_wall = {s: pool.submit(cold, s) for s in a.seeds}
@@ -145,6 +151,20 @@ def _diag(train: list[dict[str, Any]]) -> dict[str, Any]:
             if k.startswith("diag/kl_turn/") and isinstance(v, (int, float)):
                 kl.setdefault(int(k.rsplit("/", 1)[1]), []).append(float(v))
     out["kl_per_turn"] = {i: statistics.fmean(v) for i, v in sorted(kl.items())}
+    return out
+
+
+PHASES = ("rollout", "teacher", "learner")
+
+
+def _phases(train: list[dict[str, Any]]) -> dict[str, float]:
+    """Median seconds per on-policy step of each phase and of the whole step, and tokens/s."""
+    rows = [r for r in train if r.get("batch") == "on-policy" and "time/step_s" in r]
+    if not rows:
+        return {}
+    out = {f"{k}_s": statistics.median(r[f"time/{k}_s"] for r in rows) for k in (*PHASES, "step")}
+    for k in PHASES:
+        out[f"{k}_tok_s"] = statistics.median(r[f"throughput/{k}_tok_s"] for r in rows)
     return out
 
 
@@ -229,6 +249,22 @@ def report(res: dict[str, Any], command: str) -> str:
             for i in turns
         )
         lines.append(f"| {arm} | {ends('overlap_ratio')} | {ends('entropy_gap')} | {kl} |")
+    lines += [
+        "",
+        "One OPD step by phase (median over steps and seeds; hf engine, in-process teacher):",
+    ]
+    lines += ["", "| arm | rollout s (tok/s) | teacher s (tok/s) | learner s (tok/s) | step s "
+              "| outside the three |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for arm in res["arms_run"]:
+        ph = [res["arms"][f"{arm}/{s}"].get("phases") or {} for s in seeds]
+        ph = [x for x in ph if x]
+        if not ph:
+            continue
+        med = {k: statistics.median(x[k] for x in ph) for k in ph[0]}
+        cells = [f"{med[f'{k}_s']:.1f} ({med[f'{k}_tok_s']:.0f})" for k in PHASES]
+        inside = sum(med[f"{k}_s"] for k in PHASES)
+        share = 1 - inside / med["step_s"] if med["step_s"] else 0.0
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {med['step_s']:.1f} | {share:.1%} |")
     return "\n".join(lines)
 
 

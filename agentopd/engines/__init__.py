@@ -16,13 +16,14 @@ ENGINE_DTYPES = ("auto", "float32", "bfloat16")
 
 @dataclass
 class EngineConfig:
-    """Rollout-engine settings (the ``engine_cfg.*`` keys). ``hf`` shares the learner's model and
-    reads none of them; ``vllm`` reads all of them."""
+    """Rollout-engine settings (the ``engine_cfg.*`` keys). ``hf`` reads ``dtype`` only (it
+    shares the learner's model unless ``dtype=bfloat16``); ``vllm`` reads all of them."""
 
     dtype: str = knob(
         "auto",
-        "vllm weights and activations: auto (float32 on CPU, so logprobs match the learner's; "
-        "bfloat16 on CUDA), float32, bfloat16",
+        "weights and activations of generation: auto (vllm: float32 on CPU, bfloat16 on CUDA; "
+        "hf: the learner's model itself), float32, bfloat16 (hf: a bfloat16 copy refreshed "
+        "after every update, ~2x faster decoding on CPU)",
         choices=ENGINE_DTYPES,
     )
     gpu_memory_utilization: float = knob(

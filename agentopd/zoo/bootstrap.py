@@ -433,12 +433,14 @@ def held_out_success(
     episodes: int,
     env_kwargs: dict[str, Any] | None = None,
     max_new_tokens: int = 96,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Greedy :func:`agentopd.metrics.evaluate` report on ``episodes`` held-out tasks (seeds
     ``0..episodes-1`` of ``split="eval"``) with the ``hf`` engine: ``success``,
-    ``success_by_difficulty``, ``mean_turns``, ``stop_reasons``, ..."""
+    ``success_by_difficulty``, ``mean_turns``, ``stop_reasons``, ...; ``dtype``: generate with
+    a copy of the model in that dtype (see :class:`HFEngine`)."""
     renderer = Renderer(tokenizer)
-    engine = HFEngine(model, renderer.eot_id, renderer.pad_id, max_batch_size=64)
+    engine = HFEngine(model, renderer.eot_id, renderer.pad_id, max_batch_size=64, dtype=dtype)
     limits = RolloutConfig(max_new_tokens=max_new_tokens, max_episode_tokens=2048)
     report, _ = evaluate(
         env_name, env_kwargs or {}, engine, renderer, episodes=episodes, temperature=0.0,
@@ -454,6 +456,7 @@ def held_out_recovery(
     episodes: int,
     env_kwargs: dict[str, Any] | None = None,
     max_new_tokens: int = 96,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Greedy recovery rate on ``episodes`` held-out tasks (seeds ``0..episodes-1`` of
     ``split="eval"``): each starts right after one injected error
@@ -463,7 +466,7 @@ def held_out_recovery(
     from agentopd.zoo.recovery import recovery_jobs, recovery_rate
 
     renderer = Renderer(tokenizer)
-    engine = HFEngine(model, renderer.eot_id, renderer.pad_id, max_batch_size=64)
+    engine = HFEngine(model, renderer.eot_id, renderer.pad_id, max_batch_size=64, dtype=dtype)
     limits = RolloutConfig(max_new_tokens=max_new_tokens, max_episode_tokens=2048, temperature=0.0)
     jobs = recovery_jobs(env_name, env_kwargs or {}, range(episodes), split="eval")
     return recovery_rate(run_episodes(jobs, engine, renderer, limits, seed=0))

@@ -93,6 +93,9 @@ class ExpertRecipe:
     """Held-out tasks for greedy success and for the recovery rate (0: skip)."""
     max_new_tokens: int = 96
     """Generation limit per turn."""
+    bf16_rollouts: bool = True
+    """DAgger rollouts and the evaluation generate with a bfloat16 copy of the model (about
+    twice as fast on a CPU); training and the saved adapter stay float32."""
     seed: int = 0
     """Seeds the task draws, the batch order and the rollouts."""
 
@@ -194,7 +197,7 @@ def build_expert(
 
     train(recipe.sft_steps, "SFT")
     rounds = []
-    engine = HFEngine(model, renderer.eot_id, renderer.pad_id)
+    gen_dtype = torch.bfloat16 if recipe.bf16_rollouts else None
     limits = RolloutConfig(max_new_tokens=recipe.max_new_tokens, max_episode_tokens=2048)
     dagger_seed = first + recipe.sft_episodes + recipe.recovery_episodes
     for r in range(recipe.dagger_rounds):
@@ -203,6 +206,7 @@ def build_expert(
                        dict(recipe.env_kwargs))
             for i in range(recipe.dagger_episodes)
         ]  # fmt: skip
+        engine = HFEngine(model, renderer.eot_id, renderer.pad_id, dtype=gen_dtype)
         played = run_episodes(jobs, engine, renderer, limits, seed=recipe.seed * 1000 + r)
         new, states = dagger_examples(played, env_name, recipe.env_kwargs, renderer)
         data += new
@@ -224,12 +228,13 @@ def build_expert(
     if recipe.eval_episodes > 0:
         evaluation = held_out_success(
             model, tokenizer, env_name, recipe.eval_episodes, recipe.env_kwargs,
-            recipe.max_new_tokens,
+            recipe.max_new_tokens, gen_dtype,
         )  # fmt: skip
         evaluation["recovery"] = held_out_recovery(
             model, tokenizer, env_name, recipe.eval_episodes, recipe.env_kwargs,
-            recipe.max_new_tokens,
+            recipe.max_new_tokens, gen_dtype,
         )  # fmt: skip
+        evaluation["engine_dtype"] = str(gen_dtype or "float32")
     t_eval = time.perf_counter() - t0 - t_data - t_train
     report = {
         "name": name,
