@@ -206,7 +206,9 @@ def report(res: dict[str, Any], command: str) -> str:
         paired = pct([f - b for f, b in zip(final, base)]) if base else "n/a"
         end = statistics.fmean(r["curve"][-1][0] for r in runs)
         reach = [
-            compute_to_reach(r["curve"], 0.9 * res["teacher_success"][s])
+            compute_to_reach(
+                [(0.0, res["cold_start_success"][s]), *r["curve"]], 0.9 * res["teacher_success"][s]
+            )
             for r, s in zip(runs, seeds)
         ]
         hit = [x for x in reach if x is not None]
