@@ -159,6 +159,7 @@ def test_gguf_file_loads_as_the_same_model_and_tokenizer(
     report = json.loads((out / "zoo.json").read_text())
     assert report["gguf_sha256"] == digest and report["architecture"] == "LlamaForCausalLM"
     assert report["tool_template"] == "agentopd ChatML (replaced)"
+    assert all(f.stat().st_mode & 0o444 == 0o444 for f in out.iterdir())  # a shareable cache
 
     # A second load, by the file or by the directory holding it, converts nothing.
     def no_conversion(*args: Any, **kwargs: Any) -> None:

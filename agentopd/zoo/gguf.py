@@ -199,6 +199,8 @@ def convert(gguf_file: str | Path, out: Path, *, source: dict[str, Any] | None =
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "zoo.json").write_text(json.dumps(report, indent=2))
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # safetensors writes 0600; the cache is readable like its folder
         tmp.chmod(0o755)
         if not is_built(out):  # else another process (a torchrun rank) finished it first
             if out.exists():
