@@ -139,6 +139,31 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def pass_at_k(a: argparse.Namespace, res: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """pass@1..4 at temperature 1 of every arm's final model and of each cold start, on
+    ``--pass-k-episodes`` held-out tasks with 4 samples each (``agentopd eval``)."""
+    from agentopd.metrics import eval_report
+    from agentopd.types import Episode
+
+    runs = Path(a.runs_dir).resolve()
+    (runs / "passk").mkdir(exist_ok=True)
+    out: dict[str, dict[str, float]] = {}
+    for seed in res["seeds"]:
+        for name in ["cold", *res["arms_run"]]:
+            model = runs / f"cold-s{seed}" / "cold_start_model" if name == "cold" else (
+                runs / f"{name}-s{seed}"
+            )  # fmt: skip
+            file = runs / "passk" / f"{name}-s{seed}.jsonl"
+            args = ["eval", f"env={a.env}", f"model={model}", f"episodes={a.pass_k_episodes}"]
+            args += ["samples=4", "temperature=1", f"seed={seed}", f"cpu_threads={a.threads}"]
+            args += ["engine_cfg.dtype=bfloat16", f"output={file}"]
+            _agentopd(args, runs / "logs" / f"passk-{name}-s{seed}.log")
+            eps = [Episode.from_json(x) for x in file.read_text().splitlines() if x.strip()]
+            report = eval_report(eps, 4)
+            out[f"{name}/{seed}"] = {f"pass@{k}": report[f"pass@{k}"] for k in range(1, 5)}
+    return out
+
+
 def _diag(train: list[dict[str, Any]]) -> dict[str, Any]:
     """Overlap ratio and entropy gap per step; teacher KL per turn index (mean over steps)."""
     out: dict[str, Any] = {
@@ -251,6 +276,16 @@ def report(res: dict[str, Any], command: str) -> str:
             for i in turns
         )
         lines.append(f"| {arm} | {ends('overlap_ratio')} | {ends('entropy_gap')} | {kl} |")
+    if res.get("pass_k"):
+        lines += ["", "pass@k at temperature 1 (4 samples per task; mean over seeds):", ""]
+        lines += ["| model | pass@1 | pass@2 | pass@3 | pass@4 |", "|---|---|---|---|---|"]
+        for name in ["cold", *res["arms_run"]]:
+            vals = [res["pass_k"][f"{name}/{s}"] for s in seeds if f"{name}/{s}" in res["pass_k"]]
+            if vals:
+                cells = [
+                    f"{statistics.fmean(v[f'pass@{k}'] for v in vals):.1%}" for k in range(1, 5)
+                ]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "One OPD step by phase (median over steps and seeds; hf engine, in-process teacher):",
@@ -324,6 +359,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--runs-dir", default="runs/real-opd")
     p.add_argument("--docs", action="store_true", help="write the report into docs/results.md")
     p.add_argument("--quick", action="store_true", help="smoke run")
+    p.add_argument(
+        "--pass-k-episodes", type=int, default=0,
+        help="also measure pass@1..4 at temperature 1 on this many tasks (0: skip)",
+    )  # fmt: skip
+    p.add_argument(
+        "--report-only", action="store_true",
+        help="rebuild the report from RUNS_DIR/results.json (with --pass-k-episodes: add pass@k)",
+    )  # fmt: skip
     p.add_argument("extra", nargs="*", help="more agentopd train overrides")
     a = p.parse_args(argv)
     if a.quick:
@@ -332,9 +375,16 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/real_opd.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )
-    res = run_benchmark(a)
     runs = Path(a.runs_dir)
-    (runs / "results.json").write_text(json.dumps(res, indent=2))
+    if a.report_only:
+        res = json.loads((runs / "results.json").read_text())
+    else:
+        res = run_benchmark(a)
+        (runs / "results.json").write_text(json.dumps(res, indent=2))
+    if a.pass_k_episodes > 0:
+        res["pass_k"] = pass_at_k(a, res)
+        res["pass_k_episodes"] = a.pass_k_episodes
+        (runs / "results.json").write_text(json.dumps(res, indent=2))
     text = report(res, command)
     (runs / "real_opd.md").write_text(text + "\n")
     png = plot(res, runs / f"real-opd-{a.env}.png")
