@@ -378,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = Path(a.runs_dir)
     if a.report_only:
         res = json.loads((runs / "results.json").read_text())
+        for key in ("cold_start_success", "teacher_success"):  # JSON keys are strings
+            res[key] = {int(k): v for k, v in res[key].items()}
     else:
         res = run_benchmark(a)
         (runs / "results.json").write_text(json.dumps(res, indent=2))
