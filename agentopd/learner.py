@@ -22,6 +22,11 @@ from agentopd.schema import knob
 from agentopd.types import Episode
 
 
+class NonFiniteUpdateError(FloatingPointError):
+    """An update whose loss or gradient is NaN or infinite. It was not applied: the weights are
+    those of the previous update, and no checkpoint holds the bad values."""
+
+
 @dataclass
 class Batch:
     """Padded tensors for a group of segments (already shifted for next-token prediction)."""
@@ -381,7 +386,7 @@ class Learner:
                 (loss * weight).backward()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * (weight if k != "tokens" else 1.0)
-            grad_norm = self._apply_gradients()
+            grad_norm = self._apply_gradients(distributed.all_sum_dict(sums))
         # Weighted by global normalisers, the ranks' sums add up to the whole batch's metrics.
         out = self._finish(distributed.all_sum_dict(sums), grad_norm)
         out["learner/tokens"] = float(total_tokens)
@@ -427,20 +432,39 @@ class Learner:
             chunk_size=self.loss_cfg.chunk_size,
             bf16=sft.bf16_enabled(c.sft_bf16, self.device),
         )
-        return self._finish(distributed.all_sum_dict(sums), self._apply_gradients())
+        sums = distributed.all_sum_dict(sums)
+        return self._finish(sums, self._apply_gradients(sums))
 
-    def _apply_gradients(self) -> torch.Tensor:
+    def _apply_gradients(self, sums: dict[str, float] | None = None) -> torch.Tensor:
         """Clip and apply the accumulated gradient, summed over torchrun ranks first (both steps
-        normalise by counts over all ranks' shards); returns its norm."""
+        normalise by counts over all ranks' shards); returns its norm.
+
+        Raises:
+            NonFiniteUpdateError: The loss (in ``sums``) or the gradient norm is NaN or
+                infinite; the update is not applied (every rank sees the same summed values,
+                so under torchrun all of them raise).
+        """
         c = self.config
         if not self.sharded:  # sharded, FSDP's reduce-scatter summed them in the backward
             distributed.sum_gradients(self.model)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), c.grad_clip if c.grad_clip > 0 else float("inf")
         )
-        self.optimizer.step()
         full = getattr(grad_norm, "full_tensor", None)  # sharded: a DTensor
-        return full() if full is not None else grad_norm
+        grad_norm = full() if full is not None else grad_norm
+        bad = {k: v for k, v in (sums or {}).items() if k == "loss" and not math.isfinite(v)}
+        if bad or not math.isfinite(float(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            update = int(self.scheduler.last_epoch) + 1
+            what = f"loss {bad['loss']}" if bad else f"gradient norm {float(grad_norm)}"
+            raise NonFiniteUpdateError(
+                f"learner update {update}: the {what} is not finite, so the update was not "
+                "applied and the weights are unchanged. A NaN or infinite teacher score, or a "
+                "diverging loss, causes this; check the teacher and the learning rate, then "
+                "continue from the last checkpoint with resume=true."
+            )
+        self.optimizer.step()
+        return grad_norm
 
     def _finish(self, sums: dict[str, float], grad_norm: torch.Tensor) -> dict[str, float]:
         """Advance the schedule once per step; the step's ``learner/*`` metrics."""

@@ -13,6 +13,11 @@ Layout of ``runs/<name>/``::
         state.json       step, curriculum state, byte sizes of the logs at this point
     checkpoints/latest.json
 
+A checkpoint whose weights hold a NaN or an infinity is never written: the weights
+(``*.safetensors`` under it) are checked before it is renamed into place and ``latest.json``
+moves (:class:`NonFiniteCheckpointError`), so ``resume=true`` never continues from a destroyed
+model.
+
 Every file is written atomically (a temporary file, fsync, rename). The JSONL logs are appended
 and fsynced; a checkpoint records their sizes, and resuming truncates them back to those sizes,
 so steps after the last checkpoint are replayed without duplicating or losing a line.
@@ -21,6 +26,7 @@ so steps after the last checkpoint are replayed without duplicating or losing a 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -29,6 +35,54 @@ from typing import Any
 
 LOGS = ("metrics.jsonl", "episodes.jsonl", "episodes/index.jsonl")
 """Append-only logs a checkpoint records the sizes of (``episodes.jsonl``: older runs)."""
+
+
+def _constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def _finite_or_null(x: Any) -> Any:
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite_or_null(v) for v in x]
+    return x
+
+
+def strict_json_line(line: str) -> str:
+    """``line`` unchanged when it is strict JSON; with each NaN/Infinity as ``null`` otherwise.
+
+    Raises:
+        ValueError: The line is not JSON at all.
+    """
+    try:
+        json.loads(line, parse_constant=_constant)
+        return line
+    except ValueError:
+        obj = json.loads(line)  # a line that is not JSON at all raises here
+    return json.dumps(_finite_or_null(obj), allow_nan=False)
+
+
+class NonFiniteCheckpointError(FloatingPointError):
+    """A checkpoint's weights hold NaN or infinite values; it was not saved."""
+
+
+def non_finite_weights(directory: Path) -> tuple[str, int] | None:
+    """The first ``(file: tensor, count)`` holding NaN or infinite values among the
+    ``*.safetensors`` files under ``directory`` (read one tensor at a time), or None."""
+    from safetensors import safe_open
+
+    for f in sorted(directory.rglob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+                t = st.get_tensor(name)
+                if t.is_floating_point():
+                    bad = int(t.numel() - t.isfinite().sum())
+                    if bad:
+                        return f"{f.relative_to(directory)}: {name}", bad
+    return None
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -80,9 +134,12 @@ class RunDir:
         atomic_write_text(self.file("config.yaml"), yaml_text)
 
     def append_jsonl(self, name: str, lines: list[str]) -> None:
-        """Append lines and fsync them."""
+        """Append lines and fsync them. Every line written is strict JSON: a NaN or infinity
+        in a line (``json.dumps`` writes them as ``NaN``/``Infinity``, which JSON readers
+        reject) is written as ``null``."""
         if not lines:
             return
+        lines = [strict_json_line(line) for line in lines]
         with open(self.file(name), "a", encoding="utf-8") as f:
             f.write("".join(line.rstrip("\n") + "\n" for line in lines))
             f.flush()
@@ -131,6 +188,13 @@ class RunDir:
         tmp = Path(tempfile.mkdtemp(dir=self.checkpoints, prefix=f".step_{step:06d}."))
         try:
             write_payload(tmp)
+            bad = non_finite_weights(tmp)
+            if bad is not None:
+                raise NonFiniteCheckpointError(
+                    f"checkpoint of step {step} not saved: {bad[0]} holds {bad[1]:,} NaN or "
+                    f"infinite values. {self.checkpoints / 'latest.json'} still points to the "
+                    "last good checkpoint; continue from it with resume=true."
+                )
             full_state = {**state, "step": step, "log_sizes": self.log_sizes()}
             atomic_write_text(tmp / "state.json", json.dumps(full_state, indent=1))
             if final.exists():

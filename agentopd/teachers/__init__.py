@@ -33,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from agentopd.schema import knob
 from agentopd.types import Episode, TeacherScores
 
@@ -44,12 +46,20 @@ __all__ = [
     "TeacherFactory",
     "TeacherScores",
     "TokenizerMismatchError",
+    "UnusableScoresError",
+    "check_scores",
     "check_tokenizers",
 ]
 
 
 class TokenizerMismatchError(ValueError):
     """Teacher and student tokenizers differ, so the teacher cannot score the student's ids."""
+
+
+class UnusableScoresError(ValueError):
+    """A teacher backend returned scores that must not reach the learner: a NaN or infinite
+    value, or lists whose shape is not the one asked for. The message names the backend, the
+    episode, the segment and the position."""
 
 
 class BackendUnavailableError(RuntimeError):
@@ -126,6 +136,78 @@ class TeacherFactory(Protocol):
     def __call__(
         self, name: str, *, tokenizer: Any, config: TeacherConfig, device: Any
     ) -> Teacher: ...
+
+
+def _episode_name(i: int, ep: Episode) -> str:
+    return f"episode {i} of the batch (env {ep.env}, task {ep.task_id!r}, seed {ep.seed})"
+
+
+def check_scores(episodes: list[Episode], backend: str, k: int | None = None) -> None:
+    """Check every episode's ``teacher`` scores before they enter a batch.
+
+    Each segment's scores must cover exactly its mask-1 positions, with one sampled log-prob,
+    one entropy and one top-``k`` row of ids and log-probs per position, and every number must
+    be finite. Every backend's scores pass through here (a backend calls it at the end of its
+    ``score``), so a teacher that answers NaN or infinity stops the step with a clear error
+    instead of putting a NaN gradient into the weights.
+
+    Args:
+        episodes: The scored episodes (``episode.teacher`` set).
+        backend: Who scored them, for the message (``"server http://host:8000"``).
+        k: The top-k asked for (None: any, but the same in every row).
+
+    Raises:
+        UnusableScoresError: The first bad value or shape, naming the backend and the episode.
+    """
+    for i, ep in enumerate(episodes):
+        teacher = ep.teacher or []
+        if len(teacher) != len(ep.segments):
+            raise UnusableScoresError(
+                f"teacher backend {backend}: {_episode_name(i, ep)} has {len(ep.segments)} "
+                f"segments but {len(teacher)} scored"
+            )
+        for s, (seg, sc) in enumerate(zip(ep.segments, teacher, strict=True)):
+            where = f"teacher backend {backend}: {_episode_name(i, ep)}, segment {s}"
+            if sc is None:
+                raise UnusableScoresError(f"{where}: not scored")
+            want = [t for t, m in enumerate(seg.mask) if m]
+            if list(sc.positions) != want:
+                raise UnusableScoresError(
+                    f"{where}: scored {len(sc.positions)} positions, expected the segment's "
+                    f"{len(want)} sampled tokens"
+                )
+            n = len(want)
+            for name in ("logprobs", "topk_ids", "topk_logprobs", "entropy"):
+                got = len(getattr(sc, name))
+                if got != n:
+                    raise UnusableScoresError(f"{where}: {got} {name} for {n} positions")
+            if not n:
+                continue
+            width = k if k is not None else len(sc.topk_ids[0])
+            for j, (ids, lps) in enumerate(zip(sc.topk_ids, sc.topk_logprobs, strict=True)):
+                if len(ids) != width or len(lps) != width:
+                    raise UnusableScoresError(
+                        f"{where}, position {want[j]}: {len(ids)} top-k ids and {len(lps)} "
+                        f"log-probs, expected {width}"
+                    )
+            for name, values in (
+                ("sampled-token log-prob", sc.logprobs),
+                ("top-k log-prob", sc.topk_logprobs),
+                ("entropy", sc.entropy),
+            ):
+                try:
+                    arr = np.asarray(values, dtype=np.float64).reshape(n, -1)
+                except (TypeError, ValueError):
+                    arr = np.full((n, 1), np.nan)
+                bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
+                if len(bad):
+                    j = int(bad[0])
+                    value = values[j]
+                    raise UnusableScoresError(
+                        f"{where}, position {want[j]}: {name} is {value!r}, not a finite "
+                        f"number; {len(bad)} of {n} positions are bad. Check the teacher (a "
+                        "NaN here would put a NaN gradient into the student's weights)"
+                    )
 
 
 def check_tokenizers(student: Any, teacher: Any) -> None:

@@ -16,23 +16,37 @@ one scoring request at ``teacher_cfg.topk`` succeeds, so a top-k above the serve
 ``--max-logprobs`` is named as such. At run time a request that fails with a connection error,
 a timeout, 429 or a 5xx is retried ``retries`` times with exponential backoff; after that the
 step stops with :class:`TeacherServerError` (resume the run with ``resume=true`` once the server
-is back). ``concurrency`` requests are in flight at once. The API key, if any, is read from the
+is back). ``timeout_s`` bounds each request as a whole (connecting, sending, the headers and
+the whole body), so a server that drips its reply a byte at a time is cut off like a silent one.
+A reply that cannot be used (too few top-k entries, a wrong number of positions, a NaN or
+infinite score) is a :class:`TeacherServerError` naming the server and the episode; scores pass
+through :func:`agentopd.teachers.check_scores` before they reach a batch. ``concurrency`` requests are in flight at once. The API key, if any, is read from the
 environment variable named by ``api_key_env`` and sent as a bearer token.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import json
 import os
+import socket
+import threading
 import time
 import urllib.error
-import urllib.request
+import urllib.parse
 from typing import Any
 
 from agentopd.renderer import Renderer
 from agentopd.schema import ConfigError
-from agentopd.teachers import ServerConfig, TeacherConfig, TokenizerMismatchError, prefill
+from agentopd.teachers import (
+    ServerConfig,
+    TeacherConfig,
+    TokenizerMismatchError,
+    UnusableScoresError,
+    check_scores,
+    prefill,
+)
 from agentopd.types import Episode, TeacherScores
 
 PROBE_TEXT = "The teacher scores the student's token ids: 0123 <tool_call>{}</tool_call>"
@@ -72,18 +86,51 @@ class Client:
             self._headers["Authorization"] = f"Bearer {key}"
 
     def _once(self, path: str, payload: dict[str, Any] | None) -> Any:
+        """One request, bounded as a whole by ``timeout_s``: a watchdog shuts the socket at the
+        deadline, whatever state the exchange is in (a slow drip of bytes included)."""
         data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(
-            self.base + path,
-            data=data,
-            headers=self._headers,
-            method="GET" if data is None else "POST",
-        )
+        url = urllib.parse.urlsplit(self.base + path)
+        cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        timeout = self.config.timeout_s
+        conn = cls(url.netloc, timeout=timeout)
+        expired = threading.Event()
+        sockets: list[socket.socket] = []
+
+        def cut() -> None:
+            expired.set()
+            for sock in sockets:  # the connection hands its socket to the response: keep it
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        watchdog = threading.Timer(timeout, cut)
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            with urllib.request.urlopen(req, timeout=self.config.timeout_s) as resp:
-                return json.loads(resp.read().decode())
-        except urllib.error.HTTPError as e:
-            raise _HTTPError(e.code, e.read().decode(errors="replace")) from None
+            conn.connect()
+            if conn.sock is not None:
+                sockets.append(conn.sock)
+            if expired.is_set():
+                cut()
+            target = url.path + (f"?{url.query}" if url.query else "")
+            conn.request("GET" if data is None else "POST", target, data, self._headers)
+            resp = conn.getresponse()
+            body = resp.read()
+            if expired.is_set():
+                raise TimeoutError
+            if resp.status >= 400:
+                raise _HTTPError(resp.status, body.decode(errors="replace"))
+            # NaN / Infinity (bare constants, as vLLM may write them) parse to floats here and
+            # are refused by check_scores, which can name the episode.
+            return json.loads(body.decode())
+        except (OSError, http.client.HTTPException) as e:
+            if expired.is_set():
+                raise TimeoutError(f"no complete reply within timeout_s={timeout:g} s") from None
+            raise ConnectionError(f"{type(e).__name__}: {e}") from None
+        finally:
+            watchdog.cancel()
+            conn.close()
 
     def request(
         self, path: str, payload: dict[str, Any] | None = None, retries: int | None = None
@@ -104,6 +151,10 @@ class Client:
                 why = str(e)
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
                 why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except ValueError as e:  # not JSON, or NaN / Infinity written as bare constants
+                raise TeacherServerError(
+                    f"teacher server {self.base}{path} sent an unusable reply: {e}"
+                ) from None
             if attempt < retries:
                 time.sleep(delay)
                 delay *= 2
@@ -205,8 +256,8 @@ class ServerTeacher:
             ]
         except (KeyError, IndexError, TypeError, ValueError) as e:
             raise TeacherServerError(
-                f"teacher server reply has no usable prompt_logprobs ({type(e).__name__}: {e}); "
-                "is it a vLLM server?"
+                f"teacher server {self.client.base} reply has no usable prompt_logprobs "
+                f"({type(e).__name__}: {e}); is it a vLLM server?"
             ) from None
 
     def score(self, episodes: list[Episode]) -> list[list[TeacherScores]]:
@@ -219,5 +270,18 @@ class ServerTeacher:
             rows = list(pool.map(lambda r: self._prompt_logprobs(r.tokens), reqs))
         k = self.config.topk
         for req, r in zip(reqs, rows, strict=True):
-            episodes[req.episode].teacher[req.segment] = prefill.from_prompt_logprobs(req, r, k)
+            try:
+                scores = prefill.from_prompt_logprobs(req, r, k)
+            except ValueError as e:
+                ep = episodes[req.episode]
+                raise TeacherServerError(
+                    f"teacher server {self.client.base} ({self.model}) answered unusable scores "
+                    f"for episode {req.episode} of the batch (env {ep.env}, task "
+                    f"{ep.task_id!r}, seed {ep.seed}), segment {req.segment}: {e}"
+                ) from None
+            episodes[req.episode].teacher[req.segment] = scores
+        try:
+            check_scores(episodes, f"server {self.client.base} ({self.model})", k)
+        except UnusableScoresError as e:
+            raise TeacherServerError(str(e)) from None
         return [list(ep.teacher) for ep in episodes]  # type: ignore[arg-type]
