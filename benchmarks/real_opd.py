@@ -380,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
         res = json.loads((runs / "results.json").read_text())
         for key in ("cold_start_success", "teacher_success"):  # JSON keys are strings
             res[key] = {int(k): v for k, v in res[key].items()}
+        for arm in res["arms"].values():
+            arm["diag"]["kl_per_turn"] = {int(k): v for k, v in arm["diag"]["kl_per_turn"].items()}
     else:
         res = run_benchmark(a)
         (runs / "results.json").write_text(json.dumps(res, indent=2))
