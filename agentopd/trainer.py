@@ -558,13 +558,13 @@ class Trainer:
                 "time/rollout_s": t1 - t0,
                 "time/teacher_s": t2 - t1,
                 "time/learner_s": t3 - t2,
-                "time/step_s": time.perf_counter() - t_start,
                 "teacher_tokens": self.teacher_tokens,
                 "teacher_positions": self.teacher_positions,
             }
         )
         if self.world.is_main:
             self.run_dir.append_episodes(step, episodes)
+        row["time/step_s"] = time.perf_counter() - t_start  # writing the episodes included
         return row
 
     def _progress(self) -> Progress:
