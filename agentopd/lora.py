@@ -148,9 +148,15 @@ def load_adapter(model: Any, path: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    result = set_peft_model_state_dict(
-        model, load_file(str(Path(path) / "adapter_model.safetensors")), adapter_name=ADAPTER
-    )
+    try:
+        result = set_peft_model_state_dict(
+            model, load_file(str(Path(path) / "adapter_model.safetensors")), adapter_name=ADAPTER
+        )
+    except RuntimeError as e:  # shapes of another base model
+        first = str(e).strip().splitlines()
+        raise ValueError(
+            f"adapter in {path} does not fit the model: {first[1] if len(first) > 1 else e}"
+        ) from None
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"adapter in {path} does not fit the model: unexpected {unexpected[:5]}")

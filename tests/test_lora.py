@@ -110,3 +110,38 @@ def test_unknown_target_module_is_a_config_error(tmp_path, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert rc == 2 and "lora.target_modules" in err and "q_proj" in err, err
     assert not runs.exists() or not any(Path(runs).iterdir())
+
+
+def _saved_adapter(preset: str, path: Path) -> torch.nn.Module:
+    """A ``preset`` model with a random rank-4 adapter, saved as an expert adapter at ``path``."""
+    from agentopd.zoo.experts import save_adapter
+
+    model = zoo.build_model(preset, seed=0)
+    lora.apply(model, lora.LoraConfig(r=4, alpha=8.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    save_adapter(model, {"name": "test"}, path)
+    return model
+
+
+def test_load_merged_folds_a_saved_adapter_into_a_plain_model(tmp_path):
+    with_adapter = _saved_adapter("tiny", tmp_path / "adapter")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        want = with_adapter(ids).logits
+        base = zoo.build_model("tiny", seed=0)
+        plain = base(ids).logits
+        merged = lora.load_merged(base, tmp_path / "adapter")
+        got = merged(ids).logits
+    assert not lora.is_lora(merged)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert (want - plain).abs().max() > 1e-2  # the adapter changes the model
+    assert torch.allclose(got, want, atol=2e-3)  # float16-saved adapter, merged
+
+
+def test_an_adapter_of_another_base_is_refused(tmp_path):
+    _saved_adapter("tiny-teacher", tmp_path / "adapter")
+    with pytest.raises(ValueError, match="does not fit the model"):
+        lora.load_merged(zoo.build_model("tiny", seed=0), tmp_path / "adapter")
