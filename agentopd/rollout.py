@@ -455,6 +455,12 @@ def _after_step(lv: _Live, result: Any, renderer: Renderer, cfg: RolloutConfig) 
         _finish(lv, StopReason.MAX_TURNS)
         return
     bridge = renderer.bridge(lv.stream_text, lv.env.messages, lv.tools)
+    held = 0 if bridge.new_segment else len(ep.segments[-1].tokens)
+    if held + len(bridge.tokens) > cfg.max_episode_tokens:
+        # The observation does not fit the token budget: the episode ends here rather than
+        # growing past max_episode_tokens (its messages still hold the observation).
+        _finish(lv, StopReason.TOKEN_BUDGET)
+        return
     if bridge.new_segment:
         seg = Segment(prompt_len=len(bridge.tokens))
         seg.append(bridge.tokens, None, sampled=False)

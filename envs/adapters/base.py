@@ -22,6 +22,18 @@ tools) and optionally :meth:`ForeignEnv.foreign_tools`. Everything else is decid
 * **No scripted expert.** Foreign envs ship none; ``expert_unavailable`` says so and
   ``agentopd check-env`` reports the expert checks as skipped with that reason.
 
+* **Bounded calls.** Every call into the foreign env (reset, step, close) runs with a deadline,
+  ``call_timeout_s`` (120 s by default; ``null``: none). A call that overruns raises
+  :class:`ForeignTimeoutError`; the rollout loop ends that episode as ``env_error`` with the
+  reason and the batch goes on (``agentopd check-env`` reports a failed row). The stuck call is
+  left behind in a daemon thread, and the env refuses new calls until it returns.
+* **Bounded observations.** A text observation longer than ``max_observation_chars`` (16,000 by
+  default) is cut before it is tokenized, with a note the student sees that counts the cut
+  characters, as a tool's oversized output is. (The rollout also ends an episode whose next
+  observation would not fit its token budget, as ``token_budget``.)
+* **Finite rewards.** A reward that is not a finite number (NaN, an infinity, not a number) is
+  an error naming the env and the turn: the episode ends as ``env_error``.
+
 A foreign env that raises inside :meth:`step` is not caught here: the rollout loop ends that
 episode with an error stop reason and the batch goes on.
 """
@@ -30,9 +42,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import math
+import threading
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -41,14 +56,22 @@ from agentopd.config import ConfigError
 from agentopd.env import EVAL_SEED_OFFSET, AssistantTextSpace, Env
 from agentopd.parsing import parse_assistant
 from agentopd.registry import UnknownNameError
-from agentopd.tooling import Tool, Toolset
+from agentopd.tooling import TRUNCATION_MARKER, Tool, Toolset
 from agentopd.types import Message
 
 KNOWN_OPTIONS = frozenset({"seed", "task_index", "max_turns", "split", "replay"})
 """Reset options every adapter handles."""
 DEFAULT_MAX_TURNS = 8
 """Turn limit when neither the caller nor the foreign env names one."""
+DEFAULT_CALL_TIMEOUT_S = 120.0
+"""Seconds a foreign reset, step or close may take before the episode ends as ``env_error``."""
+DEFAULT_MAX_OBSERVATION_CHARS = 16_000
+"""Characters of one foreign observation kept; the rest is cut with a note."""
 _warned: set[tuple[str, str]] = set()
+
+
+class ForeignTimeoutError(TimeoutError):
+    """A call into the foreign env did not return within ``call_timeout_s``."""
 
 
 class MissingPackageError(ConfigError, ImportError):
@@ -128,6 +151,8 @@ class ForeignEnv(Env):
             foreign env reports no success flag.
         system_prompt: A system message put before the foreign env's opening messages
             (``None``: none, the foreign env's prompt is all the student sees).
+        call_timeout_s: Deadline of each foreign reset, step and close (``None``: none).
+        max_observation_chars: Longest foreign observation kept (the rest is cut, with a note).
         **kwargs: ``tool_timeout_s``, ``max_output_chars``, ``render_mode`` of :class:`Env`.
     """
 
@@ -155,8 +180,17 @@ class ForeignEnv(Env):
         max_turns: int | None = None,
         success_reward: float = 1.0,
         system_prompt: str | None = None,
+        call_timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S,
+        max_observation_chars: int = DEFAULT_MAX_OBSERVATION_CHARS,
         **kwargs: Any,
     ):
+        if call_timeout_s is not None and not float(call_timeout_s) > 0:
+            raise ConfigError(f"call_timeout_s must be > 0 or null, got {call_timeout_s!r}")
+        if int(max_observation_chars) < 1:
+            raise ConfigError(f"max_observation_chars must be >= 1, got {max_observation_chars!r}")
+        self.call_timeout_s = None if call_timeout_s is None else float(call_timeout_s)
+        self.max_observation_chars = int(max_observation_chars)
+        self._running: tuple[str, threading.Event] | None = None
         self.env_id = env_id
         self.success_reward = float(success_reward)
         self._explicit_max_turns = max_turns
@@ -208,9 +242,77 @@ class ForeignEnv(Env):
 
     def close(self) -> None:
         try:
-            self.foreign_close()
+            if self._running is None or self._running[1].is_set():
+                self._bounded("close", self.foreign_close)
         finally:
             super().close()
+
+    # ---------------------------------------------------------------- bounded foreign calls
+    def _bounded(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` with the ``call_timeout_s`` deadline (see the module docstring).
+
+        Raises:
+            ForeignTimeoutError: The call overran, or an earlier one is still running.
+        """
+        if self._running is not None:
+            earlier, done = self._running
+            if not done.is_set():
+                raise ForeignTimeoutError(
+                    f"{self.spec_name}: the {self.framework} env's {earlier} has not returned "
+                    f"(it overran call_timeout_s={self.call_timeout_s:g} s); this env cannot be "
+                    f"used until it does"
+                )
+            self._running = None
+        if self.call_timeout_s is None:
+            return fn(*args)
+        # A daemon thread: a foreign call that never returns must not keep the process alive.
+        outcome: dict[str, Any] = {}
+        done = threading.Event()
+
+        def target() -> None:
+            try:
+                outcome["value"] = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                outcome["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=target, name=f"{self.prefix}-{what}", daemon=True).start()
+        if not done.wait(self.call_timeout_s):
+            self._running = (what, done)
+            raise ForeignTimeoutError(
+                f"{self.spec_name}: the {self.framework} env's {what} did not return within "
+                f"call_timeout_s={self.call_timeout_s:g} s (env_kwargs.call_timeout_s raises "
+                "the limit)"
+            )
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    def _reward(self, value: Any) -> float:
+        """The foreign reward as a float, or an error naming the env and turn."""
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            x = math.nan
+        if isinstance(value, bool) or not math.isfinite(x):
+            raise ValueError(
+                f"{self.spec_name}: the {self.framework} env returned reward {value!r} on turn "
+                f"{self.turn}; a reward must be a finite number"
+            )
+        return x
+
+    def _cap(self, messages: list[Message]) -> list[Message]:
+        """``messages`` with each content cut to ``max_observation_chars`` (with a note)."""
+        limit = self.max_observation_chars
+        out = []
+        for m in messages:
+            content = m.content if isinstance(m.content, str) else str(m.content)
+            if len(content) > limit:
+                note = TRUNCATION_MARKER.format(dropped=len(content) - limit)
+                m = replace(m, content=content[:limit] + note)
+            out.append(m)
+        return out
 
     # ---------------------------------------------------------------- gymnasium API
     def reset(
@@ -237,12 +339,16 @@ class ForeignEnv(Env):
             base = int(self.np_random.integers(2**31 - EVAL_SEED_OFFSET - 1))
         foreign_seed = base + (EVAL_SEED_OFFSET if split == "eval" else 0)
         limit = options.get("max_turns", self._explicit_max_turns)
-        start = self.foreign_reset(
+        self.turn = 0
+        start = self._bounded(
+            "reset",
+            self.foreign_reset,
             foreign_seed,
             None if index is None else int(index),
             split,
             int(limit) if limit is not None else (self.foreign_max_turns() or DEFAULT_MAX_TURNS),
         )
+        start.messages = self._cap(list(start.messages))
         if limit is None:
             limit = self.foreign_max_turns() or DEFAULT_MAX_TURNS
         self._horizon = int(limit)
@@ -316,17 +422,17 @@ class ForeignEnv(Env):
                 outcome = getattr(self, "_last_tool_step", None)
                 self._last_tool_step = None
                 if isinstance(outcome, ForeignStep):
-                    reward += float(outcome.reward)
+                    reward += self._reward(outcome.reward)
                     foreign_info = outcome.info
-                    new.extend(outcome.messages)
+                    new.extend(self._cap(list(outcome.messages)))
                     if outcome.terminated or outcome.truncated:
                         terminated, truncated = outcome.terminated, outcome.truncated
                         break
         else:
-            out = self.foreign_step(text)
-            reward, terminated, truncated = float(out.reward), out.terminated, out.truncated
+            out = self._bounded("step", self.foreign_step, text)
+            reward, terminated, truncated = self._reward(out.reward), out.terminated, out.truncated
             foreign_info = out.info
-            new.extend(out.messages)
+            new.extend(self._cap(list(out.messages)))
         for kind in errors:
             self.error_counts[kind] += 1
         # A foreign env that says "terminated and truncated" was cut by its own limit.
