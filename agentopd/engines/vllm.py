@@ -251,7 +251,9 @@ def build(model: Any, *, renderer: Any, workdir: Any, config: Any = None) -> VLL
     max_len = min(context, config.max_model_len or MAX_LEN)
     cuda = torch.cuda.is_available()
     dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if cuda else "float32")
-    extra: dict[str, Any] = {"gpu_memory_utilization": config.gpu_memory_utilization} if cuda else {}
+    extra: dict[str, Any] = (
+        {"gpu_memory_utilization": config.gpu_memory_utilization} if cuda else {}
+    )
     return VLLMEngine(
         path,
         renderer.eot_id,
