@@ -69,7 +69,9 @@ class EvalConfig:
     before: bool = knob(True, "evaluate before training")
     after: bool = knob(True, "evaluate after training")
     teacher: bool = knob(
-        True, "also evaluate the teacher on the same held-out tasks (teacher_success)"
+        True,
+        "also evaluate the teacher on the same held-out tasks after training (teacher_success; "
+        "not with teacher_backend=server)",
     )
 
 

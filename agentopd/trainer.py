@@ -638,9 +638,12 @@ class Trainer:
         if cfg.eval.after and cfg.eval.episodes > 0:
             result["success_after"] = self.evaluate("after training", step=cfg.steps)
         if cfg.eval.teacher and cfg.eval.episodes > 0:
-            result["teacher_success"] = self.evaluate(
-                "teacher", step=cfg.steps, engine=self.teacher_engine()
-            )
+            if cfg.teacher_backend == "server":  # the model lives on the server, not here
+                self.console.print("teacher not evaluated: teacher_backend=server")
+            else:
+                result["teacher_success"] = self.evaluate(
+                    "teacher", step=cfg.steps, engine=self.teacher_engine()
+                )
         if "success_after" in result:
             stages = [
                 f"{label} {result[key]:.1%}"
