@@ -75,7 +75,7 @@ def bwrap_argv(limits_work_mb: int, python_prefix: str | None = None) -> list[st
     argv += ["--ro-bind-try", "/etc/alternatives", "/etc/alternatives"]
     if python_prefix and not python_prefix.startswith("/usr/"):
         argv += ["--ro-bind", python_prefix, python_prefix]
-    argv += ["--proc", "/proc", "--dev", "/dev"]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--mqueue", "/dev/mqueue"]
     argv += ["--size", str(SHM_MB << 20), "--perms", "1777", "--tmpfs", "/dev/shm"]
     argv += ["--size", str(limits_work_mb << 20), "--perms", "1777", "--tmpfs", "/work"]
     argv += ["--size", str(16 << 20), "--perms", "1777", "--tmpfs", "/tmp"]
@@ -141,7 +141,8 @@ class BwrapSandbox(Sandbox):
     def worker_config(self) -> dict[str, Any]:
         return super().worker_config() | {
             "cpus": self.limits.cpus,
-            "scratch": ["/work", "/tmp", "/dev/shm", "/dev"],  # --dev's tmpfs is writable too
+            # --dev's tmpfs is writable too; /dev/mqueue lists the POSIX message queues
+            "scratch": ["/work", "/tmp", "/dev/shm", "/dev", "/dev/mqueue"],
             "private_ipc": True,
             "own_userns": True,
             "private_net": True,

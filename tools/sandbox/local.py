@@ -4,8 +4,9 @@ The worker runs as a child process of the trainer with:
 
 * rlimits: address space, file size, open files, CPU time, processes (NPROC, counted per user
   namespace), no core dumps;
-* new user, network and PID namespaces when the kernel allows unprivileged user namespaces (no
-  network; it cannot signal the trainer by PID);
+* new user, network, IPC and PID namespaces when the kernel allows unprivileged user namespaces
+  (no network; it cannot signal the trainer by PID; its System V IPC objects and POSIX message
+  queues are its own, listed under ``/tmp/.mqueue``, removed by a reset and gone with it);
 * uid/gid ``nobody`` when the trainer runs as root (so files readable only by root are hidden
   and the process limit applies: the kernel does not enforce NPROC on root);
 * a scrubbed environment (the trainer's variables are not passed), a fresh temp work dir as cwd,
@@ -41,6 +42,7 @@ from agentopd.tools.sandbox.base import (
 )
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWPID = 0x20000000
@@ -51,6 +53,9 @@ PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 """Replaced by fresh tmpfs mounts in the sandbox's own mount namespace (where the kernel allows)."""
 WORK_DIR = "/tmp/work"
 """The work dir (cwd, HOME) inside the private ``/tmp``."""
+MQUEUE_DIR = "/tmp/.mqueue"
+"""Where the sandbox's own POSIX message queues are listed (an ``mqueue`` mount inside the
+private ``/tmp``), so a reset can remove them."""
 SYSTEM_DIRS = ("/", "/usr", "/bin", "/lib", "/lib64", "/sbin", "/etc", "/proc", "/dev", "/tmp")
 
 _NS_PROBE: tuple[int, str] | None = None
@@ -106,7 +111,8 @@ def isolate(flags: int, private: bool, work_mb: int, hide: list[str]) -> None:
     """
     uid, gid = os.getuid(), os.getgid()
     libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # a uid change cleared it: /proc/self/*_map needs it
-    _check(libc.unshare(flags | (CLONE_NEWNS if private else 0)), "unshare")
+    ipc = CLONE_NEWIPC if flags & CLONE_NEWUSER else 0  # its own System V IPC and mqueues
+    _check(libc.unshare(flags | ipc | (CLONE_NEWNS if private else 0)), "unshare")
     if not private:
         return
     for path, text in (
@@ -124,6 +130,12 @@ def isolate(flags: int, private: bool, work_mb: int, hide: list[str]) -> None:
     for d in hide:
         _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, "size=4k,mode=0555")
     os.mkdir(WORK_DIR, 0o700)
+    if ipc:
+        os.mkdir(MQUEUE_DIR, 0o755)
+        try:
+            _mount("mqueue", MQUEUE_DIR, "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except OSError:
+            os.rmdir(MQUEUE_DIR)  # queues stay private to the sandbox, but cannot be listed
     os.chdir(WORK_DIR)
     if flags & CLONE_NEWPID:
         pid = os.fork()
@@ -249,8 +261,13 @@ class LocalSandbox(Sandbox):
         config["pidns"] = bool(probe_namespaces()[0] & CLONE_NEWPID)
         config["cpus"] = self.limits.cpus
         flags = probe_namespaces()[0]
-        config["scratch"] = [WORK_DIR, *PRIVATE_DIRS] if probe_private()[0] else []
-        config["private_ipc"] = False  # no IPC namespace: System V IPC is the host's
+        private = probe_private()[0]
+        config["scratch"] = [WORK_DIR, *PRIVATE_DIRS] if private else []
+        if private and flags & CLONE_NEWUSER:
+            config["scratch"].append(MQUEUE_DIR)
+        # With a user namespace the sandbox has its own IPC namespace: its System V IPC objects
+        # and POSIX message queues are its own and vanish with it.
+        config["private_ipc"] = bool(flags & CLONE_NEWUSER)
         config["own_userns"] = bool(flags & CLONE_NEWUSER)
         config["private_net"] = bool(flags & CLONE_NEWNET)
         return config

@@ -8,7 +8,9 @@ anything from agentopd. Two processes:
   ptrace it or read its memory or descriptors) and, where the sandbox has a PID namespace, is its
   PID 1 (signals from inside do not reach it);
 * the **executor**, a child of the supervisor, keeps one globals dict across calls (like notebook
-  cells) and runs the model's code. Its descriptors: ``/dev/null`` as stdin, two pipes as stdout
+  cells) and runs the model's code. It is a fresh interpreter (the supervisor forks and execs
+  this source again with ``--executor``), so nothing of the supervisor's memory (its stack
+  frames, the last call's output buffers, the previous episode's requests) is in its reach. Its descriptors: ``/dev/null`` as stdin, two pipes as stdout
   and stderr (drained by the supervisor into bounded buffers: the first ``max_output`` bytes are
   kept, the rest counted), a request pipe and a done pipe. It cannot reach the host protocol.
 
@@ -38,6 +40,7 @@ Config keys: ``rlimits`` (name -> [soft, hard], set on the executor), ``max_outp
 """
 
 import ast
+import codecs
 import ctypes
 import errno
 import fcntl
@@ -69,7 +72,21 @@ noise (clock ticks) must not stop a single busy process under ``cpus=1``."""
 READ_SYSCALL = {"x86_64": 0, "aarch64": 63, "riscv64": 63, "ppc64le": 3, "s390x": 3}.get(
     os.uname().machine
 )
-CONTINUATION = bytes(range(0x80, 0xC0))
+EXECUTOR_FLAG = "--executor"
+"""``argv[1]`` of an exec'd executor: ``--executor CONFIG REQ DONE OUT ERR`` (fd numbers)."""
+SOURCE = None
+"""This file's source as the host passed it (``python3 ... -c SOURCE``), read at start-up from
+``/proc/self/cmdline``: what an executor is exec'd from."""
+
+
+def own_source():
+    """The ``-c`` program of this process's command line (None if it cannot be read)."""
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+        return args[args.index(b"-c") + 1].decode()
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return None
 
 
 class CellTimeout(BaseException):
@@ -306,14 +323,23 @@ def describe_status(status):
 
 # ---------------------------------------------------------------------------- supervisor
 class Capture:
-    """One output pipe: the first ``limit`` bytes kept, the rest counted (bytes and characters)."""
+    """One output pipe: the first ``limit`` bytes kept, the rest counted: bytes, and the
+    characters they decode to (UTF-8 with replacement, as the kept part is shown), so a note
+    counts what was cut for any bytes, binary included."""
 
     def __init__(self, fd, limit):
         self.fd, self.limit = fd, limit
         self.reset()
 
     def reset(self):
-        self.kept, self.dropped, self.dropped_chars = bytearray(), 0, 0
+        self.kept, self.dropped, self._chars = bytearray(), 0, 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    @property
+    def dropped_chars(self):
+        """Characters of the dropped bytes (a sequence split at the end is flushed here)."""
+        self._chars += len(self._decoder.decode(b"", True))
+        return self._chars
 
     def read(self):
         """Read what is there; False at end of file."""
@@ -331,7 +357,7 @@ class Capture:
             chunk = chunk[room:]
         if chunk:
             self.dropped += len(chunk)
-            self.dropped_chars += len(chunk.translate(None, CONTINUATION))
+            self._chars += len(self._decoder.decode(chunk))
         return True
 
     def drain(self):
@@ -362,6 +388,13 @@ class Executor:
         self.links = {fd: f"pipe:[{os.fstat(fd).st_ino}]" for fd in (req_r, done_w, out_w, err_w)}
         self.fds = {"request": req_r, "done": done_w, "stdout": out_w, "stderr": err_w}
         keep = (req_r, done_w, out_w, err_w)
+        if SOURCE is None:
+            for fd in (*keep, out_r, err_r, self.req_w, self.done_r):
+                os.close(fd)
+            raise Broken("cannot read this worker's source from /proc/self/cmdline to exec it")
+        python = sys.executable or "/usr/bin/python3"
+        argv = [python, "-I", "-S", "-u", "-c", SOURCE, EXECUTOR_FLAG, json.dumps(config)]
+        argv += [str(fd) for fd in keep]
         pid = os.fork()
         if pid == 0:
             try:
@@ -373,7 +406,12 @@ class Executor:
                             pass
                 os.dup2(out_w, 1)
                 os.dup2(err_w, 2)
-                executor_main(config, req_r, done_w, out_w, err_w)
+                for fd in keep:
+                    os.set_inheritable(fd, True)
+                ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # kept by exec
+                # A fresh interpreter, not this fork: the supervisor's frames and heap hold the
+                # previous episode's requests and outputs.
+                os.execv(python, argv)
             finally:
                 os._exit(5)
         self.pid = pid
@@ -1037,6 +1075,11 @@ def valid_request(req):
 
 
 def main():
+    global SOURCE
+    if len(sys.argv) == 7 and sys.argv[1] == EXECUTOR_FLAG:
+        req_fd, done_fd, out_fd, err_fd = map(int, sys.argv[3:7])
+        executor_main(json.loads(sys.argv[2]), req_fd, done_fd, out_fd, err_fd)
+    SOURCE = own_source()
     config = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
     libc = ctypes.CDLL(None, use_errno=True)
     if config.get("pidns") and os.getpid() != 1:
