@@ -19,6 +19,7 @@ import torch
 
 from agentopd import distributed, fsdp, losses, sft
 from agentopd.schema import knob
+from agentopd.teachers import check_scores
 from agentopd.types import Episode
 
 
@@ -296,6 +297,8 @@ class Learner:
         return self._step_opd(episodes)
 
     def _micro_batches(self, episodes: list[Episode], with_teacher: bool) -> list[Batch]:
+        if with_teacher:  # whatever backend scored them: nothing non-finite enters a batch
+            check_scores([ep for ep in episodes if ep.teacher is not None], "(any)")
         items = segments_of(episodes)
         mb = self.config.micro_batch
         batches = [

@@ -168,9 +168,11 @@ def check_scores(episodes: list[Episode], backend: str, k: int | None = None) ->
             )
         for s, (seg, sc) in enumerate(zip(ep.segments, teacher, strict=True)):
             where = f"teacher backend {backend}: {_episode_name(i, ep)}, segment {s}"
-            if sc is None:
-                raise UnusableScoresError(f"{where}: not scored")
             want = [t for t, m in enumerate(seg.mask) if m]
+            if sc is None:
+                if not want:
+                    continue  # nothing sampled: nothing to score
+                raise UnusableScoresError(f"{where}: not scored")
             if list(sc.positions) != want:
                 raise UnusableScoresError(
                     f"{where}: scored {len(sc.positions)} positions, expected the segment's "
