@@ -160,3 +160,12 @@ def test_a_small_cap_is_honoured(renderer):
     cut = [m.content for m in ep.messages if m.role == "user" and m.content.startswith("yyy")]
     assert cut and all(c == "y" * 500 + TRUNCATION_MARKER.format(dropped=HUGE - 500) for c in cut)
     assert ep.stop_reason == StopReason.MAX_TURNS
+
+
+def test_check_env_finishes_on_a_50_mb_observation(monkeypatch):
+    monkeypatch.setattr(f"{__name__}.HUGE", 50_000_000)
+    report = check_env_conformance(
+        "gym:MoodyTest-v0", n_episodes=1, env_kwargs={"mode": "huge_step"}
+    )
+    assert report.ok, [r for r in report.rows if not r.ok]
+    assert any(r.name == "rollout path" and r.ok for r in report.rows)
