@@ -116,53 +116,50 @@ class IndexRow:
             ValueError: ``d`` is not an object, lacks a field, or a field has the wrong type;
                 the message names the field.
         """
-        if not isinstance(d, dict):
-            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+        check_row(d)
         names = cls.__dataclass_fields__
-        kw = {k: v for k, v in d.items() if k in names}
-        for name, kinds in _ROW_TYPES.items():
-            if name not in kw:
-                if name in _ROW_REQUIRED:
-                    raise ValueError(f"missing field {name!r}")
-                continue
-            v = kw[name]
-            if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
-                want = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-                raise ValueError(f"field {name!r} is {v!r}: expected {want}")
-        errors = kw.get("tool_errors", {})
-        if not all(isinstance(k, str) and type(v) is int for k, v in errors.items()):
-            raise ValueError(f"field 'tool_errors' is {errors!r}: expected counts by kind")
-        return cls(**kw)
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
-_ROW_TYPES: dict[str, tuple[type, ...]] = {
-    "id": (str,),
-    "step": (int,),
-    "env": (str,),
-    "task_id": (str,),
-    "seed": (int, type(None)),
-    "reward": (int, float),
-    "success": (bool,),
-    "turns": (int,),
-    "stop_reason": (str,),
-    "tool_errors": (dict,),
-    "sampled_tokens": (int,),
-    "tokens": (int,),
-    "teacher_kl": (int, float, type(None)),
-    "shard": (str,),
-    "row": (int,),
+_MISSING = object()
+_ROW_TYPES: dict[str, frozenset[type]] = {
+    "id": frozenset({str}),
+    "step": frozenset({int}),
+    "env": frozenset({str}),
+    "task_id": frozenset({str}),
+    "seed": frozenset({int, type(None)}),
+    "reward": frozenset({int, float}),
+    "success": frozenset({bool}),
+    "turns": frozenset({int}),
+    "stop_reason": frozenset({str}),
+    "tool_errors": frozenset({dict}),
+    "sampled_tokens": frozenset({int}),
+    "tokens": frozenset({int}),
+    "teacher_kl": frozenset({int, float, type(None)}),
+    "shard": frozenset({str}),
+    "row": frozenset({int}),
 }
-_ROW_REQUIRED = (
-    "id",
-    "step",
-    "env",
-    "task_id",
-    "seed",
-    "reward",
-    "success",
-    "turns",
-    "stop_reason",
+_ROW_REQUIRED = frozenset(
+    {"id", "step", "env", "task_id", "seed", "reward", "success", "turns", "stop_reason"}
 )
+
+
+def check_row(d: Any) -> None:
+    """Raise ``ValueError`` naming the field unless ``d`` is an index line's JSON object: every
+    required field present, every field of its type (JSON's exact types: no bool for an int)."""
+    if type(d) is not dict:
+        raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+    for name, kinds in _ROW_TYPES.items():
+        v = d.get(name, _MISSING)
+        if v is _MISSING:
+            if name in _ROW_REQUIRED:
+                raise ValueError(f"missing field {name!r}")
+        elif type(v) not in kinds:
+            want = " or ".join(sorted("null" if k is type(None) else k.__name__ for k in kinds))
+            raise ValueError(f"field {name!r} is {v!r}: expected {want}")
+    errors = d.get("tool_errors")
+    if errors and not all(type(k) is str and type(v) is int for k, v in errors.items()):
+        raise ValueError(f"field 'tool_errors' is {errors!r}: expected counts by kind")
 
 
 def _teacher_kl(d: dict[str, Any]) -> float | None:
@@ -688,9 +685,18 @@ class EpisodeStore:
             return None
 
     def _parse_dict(self, i: int, line: bytes) -> dict[str, Any] | None:
-        """Line ``i`` as its JSON object, for filtering; None when the line is unreadable."""
-        row = self._parse(i, line)
-        return None if row is None else asdict(row)
+        """Line ``i`` as its checked JSON object, for filtering (no row object is built); None
+        (reported once) when the line is unreadable."""
+        if i in self._bad:
+            return None
+        try:
+            d = json.loads(line)
+            check_row(d)
+            return d
+        except (ValueError, TypeError, RecursionError) as e:
+            self._bad.add(i)
+            self._problem(f"{INDEX} line {i + 1}: {_short(e)}; skipped")
+            return None
 
     def row_at(self, i: int) -> IndexRow:
         """Index line ``i``.
