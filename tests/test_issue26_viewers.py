@@ -339,3 +339,20 @@ def test_legacy_episodes_jsonl_with_garbage(hostile_run: Path, tmp_path: Path, c
     rc, out, err = cli(capsys, "replay", str(run), "--episode", "1-1")
     assert rc == 0 and "result" in out, err
     assert len(EpisodeStore(run)) == 4
+
+
+def test_export_to_a_terminal_writes_no_raw_controls(hostile_run: Path, monkeypatch):
+    import io
+
+    from agentopd.replay.export import write_jsonl
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr("sys.stdout", term)
+    assert write_jsonl(EpisodeStore(hostile_run), "-") == 4
+    text = term.getvalue()
+    assert_no_raw_escapes(text)
+    assert json.loads(text.splitlines()[0])["task_id"] == TASK_ID  # the same data

@@ -26,11 +26,15 @@ def write_jsonl(store: EpisodeStore, out: str | Path, flt: Filter | None = None)
     """Write the episodes passing ``flt`` as JSON lines (``"-"``: stdout); returns the count."""
     n = 0
     f = sys.stdout if str(out) == "-" else open(out, "w", encoding="utf-8")  # noqa: SIM115
+    # On a terminal every non-ASCII character is a \u escape: no C1 control or bidi control
+    # the model wrote reaches the terminal (the JSON is the same data).
+    ascii_only = f is sys.stdout and sys.stdout.isatty()
     try:
         for row, d in store.readable(store.rows_at(store.matching(flt))):
             d = dict(d)
             d.pop("step", None)
-            f.write(json.dumps({"id": row.id, "step": row.step, **d}, ensure_ascii=False) + "\n")
+            line = json.dumps({"id": row.id, "step": row.step, **d}, ensure_ascii=ascii_only)
+            f.write(line + "\n")
             n += 1
     finally:
         if f is not sys.stdout:
