@@ -19,7 +19,7 @@ import torch
 
 from agentopd import distributed, fsdp, losses, sft
 from agentopd.schema import knob
-from agentopd.teachers import check_scores
+from agentopd.teachers import UnusableScoresError, check_scores
 from agentopd.types import Episode
 
 
@@ -297,8 +297,6 @@ class Learner:
         return self._step_opd(episodes)
 
     def _micro_batches(self, episodes: list[Episode], with_teacher: bool) -> list[Batch]:
-        if with_teacher:  # whatever backend scored them: nothing non-finite enters a batch
-            check_scores([ep for ep in episodes if ep.teacher is not None], "(any)")
         items = segments_of(episodes)
         mb = self.config.micro_batch
         batches = [
@@ -342,6 +340,17 @@ class Learner:
 
     def _step_opd(self, episodes: list[Episode]) -> dict[str, float]:
         c, lc = self.config, self.loss_cfg
+        # Whatever backend scored them, nothing non-finite enters a batch. Under torchrun the
+        # ranks agree first, so a bad score on one rank stops every rank, not only that one.
+        try:
+            check_scores([ep for ep in episodes if ep.teacher is not None], "(any)")
+            problem = None
+        except UnusableScoresError as e:
+            problem = e
+        if distributed.all_sum(int(problem is not None)):
+            raise problem or UnusableScoresError(
+                "another rank's teacher scores are not finite (its error says where)"
+            )
         batches = self._micro_batches(episodes, with_teacher=True)
         # Under torchrun a rank with an empty shard still takes part in every collective.
         if distributed.all_sum(len(batches)) == 0:
