@@ -329,6 +329,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_RUN_STOPPERS = frozenset(
+    {
+        "TeacherServerError",
+        "UnusableScoresError",
+        "NonFiniteUpdateError",
+        "NonFiniteCheckpointError",
+    }
+)
+"""Errors that stop a run with their message and exit 1, without a traceback."""
+
+
 def main(argv: list[str] | None = None) -> int:
     from agentopd.registry import UnknownNameError
     from agentopd.renderer import PrefixMismatchError
@@ -353,6 +364,15 @@ def main(argv: list[str] | None = None) -> int:
     except PrefixMismatchError as e:
         # The chat template rewrote history mid-run; checkpoints already written are kept.
         err_console.print(f"[red]error:[/] {e}")
+        return 1
+    except (RuntimeError, ValueError, ArithmeticError) as e:
+        # A teacher server that fails, unusable teacher scores, a non-finite update or
+        # checkpoint: the run stops with the reason (earlier checkpoints are kept).
+        if type(e).__name__ not in _RUN_STOPPERS:
+            raise
+        from rich.markup import escape
+
+        err_console.print(f"[red]error:[/] {escape(str(e))}")
         return 1
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")

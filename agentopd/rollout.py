@@ -19,6 +19,7 @@ engine passed as ``run_episodes(..., guide=...)`` or to the env's scripted exper
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import random
 import traceback
 from collections import Counter
@@ -435,6 +436,11 @@ def _after_step(lv: _Live, result: Any, renderer: Renderer, cfg: RolloutConfig) 
         _fail(lv, result)
         return
     new_messages, reward, terminated, truncated, info = result
+    if not math.isfinite(float(reward)):
+        raise ValueError(
+            f"env {ep.env!r} returned a non-finite reward ({reward!r}) at turn {turn.index}; "
+            "rewards must be finite numbers"
+        )
     assistant = lv.env.messages[-1 - len(new_messages)]
     turn.tool_calls = list(assistant.tool_calls)
     turn.tool_results = list(new_messages)

@@ -284,3 +284,33 @@ def test_each_engine_call_of_a_rollout_draws_fresh_random_numbers(renderer):
     assert again.seeds == first.seeds and again.draws == first.draws
     other = play(1)
     assert other.draws != first.draws
+
+
+def test_a_non_finite_reward_ends_the_episode_as_env_error(renderer):
+    """A built-in or user env that returns NaN / inf as reward: that episode ends as
+    env_error naming the reward; nothing non-finite reaches the episode's reward."""
+    from agentopd.envs.lookup_chain import LookupChainEnv
+
+    from agentopd.registry import envs as env_registry
+
+    class NanReward(LookupChainEnv):
+        def step(self, action):
+            obs, _, terminated, truncated, info = super().step(action)
+            return obs, float("nan"), terminated, truncated, info
+
+    env_registry.register("nan-reward-test", NanReward)
+    try:
+        eps = run_episodes(
+            [EpisodeJob("nan-reward-test", 1)],
+            _ProbeEngine(
+                HFEngine(zoo.build_model("tiny"), renderer.eot_id, renderer.pad_id), renderer
+            ),
+            renderer,
+            RolloutConfig(max_new_tokens=4),
+            seed=0,
+        )
+    finally:
+        env_registry.unregister("nan-reward-test")
+    assert eps[0].stop_reason == StopReason.ENV_ERROR
+    assert "non-finite reward" in eps[0].info["error"]
+    assert eps[0].reward == 0.0
