@@ -73,11 +73,16 @@ def _new_run_name(cfg: DictConfig) -> str:
     return name
 
 
-def _resume_target(cfg: DictConfig, console: Console) -> str:
+def _resume_target(cfg: DictConfig, console: Console) -> str | None:
     """The run ``resume=true`` continues: ``run_name``, or the newest ``<env>-<loss>-s<seed>[-N]``.
 
+    ``resume=true run_name=X`` is safe to put in a command that a preemptible machine reruns:
+    when no run ``X`` exists yet (and no existing run's name is close enough to be a typo of
+    it), it starts ``X`` (returns ``None``).
+
     Raises:
-        ConfigError: No such run (the message names the runs that exist).
+        ConfigError: ``run_name`` looks like a typo of an existing run, or without ``run_name``
+            no matching run exists (the message names the runs that exist).
     """
     root = Path(cfg.runs_dir)
     existing = sorted(p.name for p in root.glob("*") if (p / "config.yaml").is_file())
@@ -85,10 +90,12 @@ def _resume_target(cfg: DictConfig, console: Console) -> str:
         if cfg.run_name in existing:
             return cfg.run_name
         near = difflib.get_close_matches(cfg.run_name, existing, n=1)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
+        if not near:
+            console.print(f"[yellow]resume[/]: no run {cfg.run_name!r} in {root} yet; starting it")
+            return None
         raise ConfigError(
-            f"resume=true: no run {cfg.run_name!r} in {root}.{hint} "
-            f"Runs there: {', '.join(existing) or '(none)'}."
+            f"resume=true: no run {cfg.run_name!r} in {root}. Did you mean {near[0]!r}? "
+            f"Runs there: {', '.join(existing)}. (A name close to none of them starts a new run.)"
         )
     base = f"{cfg.env}-{cfg.loss}-s{cfg.seed}"
     pattern = re.compile(re.escape(base) + r"(-\d+)?")

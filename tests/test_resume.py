@@ -135,3 +135,16 @@ def test_resume_of_a_run_saved_before_newer_keys_existed(finished, tmp_path, cap
     err = " ".join(capsys.readouterr().err.split())
     # the first resume wrote the keys back with their defaults, so the change reads as one
     assert "engine_cfg.max_model_len: 0 -> 1024" in err and "resume_override=true" in err, err
+
+
+def test_resume_of_a_run_not_started_yet_starts_it(tmp_path):
+    """A preemptible machine reruns one command: resume=true run_name=X starts X the first time."""
+    rc, out = _train(tmp_path, "run_name=fresh", "resume=true", "steps=1", "cold_start.steps=0",
+                     "eval.episodes=0")  # fmt: skip
+    assert rc == 0, out
+    assert (
+        "no run 'fresh'" in " ".join(out.split()) and (tmp_path / "fresh" / "config.yaml").is_file()
+    )
+    rc, out = _train(tmp_path, "run_name=fresh", "resume=true", "steps=1", "cold_start.steps=0",
+                     "eval.episodes=0")  # fmt: skip
+    assert rc == 0, out  # the second time it continues (nothing left to do) instead
