@@ -434,7 +434,7 @@ def validate(cfg: DictConfig) -> None:
             )
     check_gpu_memory(getattr(obj, "gpu_memory_gib", 0), getattr(obj, "device", "auto"))
     if isinstance(obj, TrainConfig) and obj.steps > 0 and obj.gkd_lambda > 0:
-        check_opd_temperature(obj)
+        check_opd_temperature(obj, registry.losses.spec(obj.loss).load())
     cold = getattr(obj, "cold_start", None)
     if cold is not None and cold.data:
         path = Path(cold.data).expanduser()
@@ -458,26 +458,31 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("engine=... needs model=<a model>; the scripted expert needs no engine")
 
 
-def check_opd_temperature(cfg: TrainConfig) -> None:
-    """OPD samples the student at temperature 1 (or greedily); other temperatures are refused.
+def check_opd_temperature(cfg: TrainConfig, loss: Any) -> None:
+    """An objective that estimates from the sampled token needs the student's own samples.
 
-    The ``rkl-sampled`` advantage ``log q(y) - log p_old(y)`` and every divergence here compare
-    the teacher with the student's own distribution at the sampled ``y``. A turn sampled at
-    0 < T != 1 (or with top-p < 1) comes from another distribution, and a per-token importance
-    ratio does not make the sequence-level reverse-KL estimate right. So training rollouts are
-    sampled at T = 1; ``rollout.temperature=0`` (greedy, deterministic) stays allowed for
-    reproducibility checks. Evaluation (``eval.temperature``) may use any temperature.
+    ``rkl-sampled`` (and any loss with ``needs_support = False``) estimates the reverse KL from
+    ``log q(y) - log p_old(y)`` at the sampled ``y``: that estimate is unbiased only when ``y``
+    was drawn from the student's own distribution, i.e. at temperature 1 with top-p 1. A turn
+    sampled at another temperature comes from another distribution, and a per-token
+    importance ratio does not make the sequence-level estimate right, so such a loss refuses
+    ``rollout.temperature`` other than 1 (0, greedy, stays allowed for determinism checks),
+    temperature schedules and top-p below 1. The top-k objectives (``fkl-topk``, ``rkl-topk``,
+    ``jsd``) compute their divergence exactly over the support at every visited state: the
+    temperature only changes which states are visited, so they accept any temperature.
+    Evaluation (``eval.temperature``) may use any temperature.
 
     Raises:
-        ConfigError: ``rollout.temperature`` or ``temperature_end`` is neither 0 nor 1, they
-            differ (a schedule), or ``rollout.top_p`` is below 1.
+        ConfigError: One of those values with a sampled-token objective.
     """
+    if getattr(loss, "needs_support", False):
+        return
     start, end = cfg.rollout.temperature, cfg.temperature_end
     why = (
-        "on-policy distillation samples the student at temperature 1 (or greedily, 0): the "
-        "objective compares the teacher with the student's own log-probs at the sampled "
-        "tokens, and a tempered sample has no unbiased correction here. Set eval.temperature "
-        "for evaluation instead."
+        f"loss={cfg.loss} estimates the KL from the student's sampled tokens, which is unbiased "
+        "only for samples from the student's own distribution (temperature 1, top_p 1; 0, "
+        "greedy, is allowed for determinism checks). The top-k objectives (fkl-topk, rkl-topk, "
+        "jsd) accept any temperature; eval.temperature sets evaluation's."
     )
     if start not in (0.0, 1.0):
         raise ConfigError(
@@ -485,8 +490,8 @@ def check_opd_temperature(cfg: TrainConfig) -> None:
         )
     if end is not None and end != start:
         raise ConfigError(
-            f"bad value {end} for 'temperature_end': a temperature schedule is refused for OPD "
-            f"steps (gkd_lambda > 0); {why} Nearest valid value: null."
+            f"bad value {end} for 'temperature_end': a temperature schedule is refused here; "
+            f"{why} Nearest valid value: null."
         )
     if cfg.rollout.top_p != 1.0:
         raise ConfigError(

@@ -59,10 +59,10 @@ def run(seeds: list[int], a: argparse.Namespace) -> None:
     for seed in seeds:
         t0 = time.time()
         _train([*common, f"seed={seed}", "loss=fkl-topk", "optim.name=sgd", "optim.lr=0.1",
-                "rollout.temperature=1.0", f"steps={a.steps}", f"run_name=opd-s{seed}"])  # fmt: skip
+                "rollout.temperature=0.5", f"steps={a.steps}", f"run_name=opd-s{seed}"])  # fmt: skip
         budget = _teacher_tokens(runs / f"opd-s{seed}")
         _train([*common, f"seed={seed}", "gkd_lambda=0", "demo_source=teacher",
-                "optim.name=adamw", "optim.lr=1e-3", "rollout.temperature=1.0",
+                "optim.name=adamw", "optim.lr=1e-3", "rollout.temperature=0.5",
                 f"teacher_token_budget={budget}", f"steps={a.steps * 20}",
                 f"run_name=sft-s{seed}"])  # fmt: skip
         print(f"seed {seed}: {time.time() - t0:.0f} s, budget {budget} teacher tokens", flush=True)

@@ -41,6 +41,9 @@ CASES = [
     (["env_kwargs.no_such_kwarg=1"], "env_kwargs"),
     (["env_kwargs.distractors=99"], "distractors must be in 0..8"),
     (["stpes=3"], "Did you mean 'steps'"),
+    (["rollout.temperature=0.5"], "estimates the KL from the student's sampled tokens"),
+    (["temperature_end=0.5"], "temperature schedule is refused"),
+    (["rollout.top_p=0.9"], "rollout.top_p"),
 ]
 
 
@@ -100,3 +103,14 @@ def test_help_lists_every_key(capsys):
     for key in _all_keys(compose("train")):
         if not key.startswith(("env_kwargs.", "curriculum_kwargs.")):
             assert f"  {key} " in text or f"  {key}.*" in text, key
+
+
+def test_topk_objectives_accept_any_rollout_temperature():
+    """fkl-topk / rkl-topk / jsd are exact at every visited state: temperature only moves the
+    states, so compose accepts it; rkl-sampled does not (CASES above)."""
+    from agentopd.config import compose, validate
+
+    for loss in ("fkl-topk", "rkl-topk", "jsd"):
+        validate(compose("train", [*BASE, f"loss={loss}", "rollout.temperature=0.5"]))
+    validate(compose("train", [*BASE, "rollout.temperature=0"]))  # greedy: determinism checks
+    validate(compose("train", [*BASE, "gkd_lambda=0", "rollout.temperature=0.5"]))  # SFT only
