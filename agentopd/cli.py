@@ -92,7 +92,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from agentopd.config import compose
     from agentopd.metrics import evaluate
 
-    cfg = compose("eval", args.overrides)
+    overrides, taken = run_eval_defaults(args.overrides)
+    if taken:
+        console.print("from the run's config.yaml: " + "  ".join(taken), markup=False)
+    cfg = compose("eval", overrides)
     _warn_identical_samples(cfg)
     parts = build_policy(cfg, cfg.model)
     engine, renderer = parts.engine, parts.renderer
@@ -145,6 +148,61 @@ def _warn_identical_samples(cfg: Any) -> None:
             f"the same sample {cfg.samples} times, so pass@k equals pass@1. Set temperature "
             "(e.g. temperature=1.0) for a meaningful pass@k."
         )
+
+
+def _run_dir_of(model: str) -> Path | None:
+    """The training run directory ``model`` names: the run itself, or a checkpoint (or its
+    ``model/``) inside one; ``None`` for anything else (a zoo name, a save_pretrained dir)."""
+    path = Path(model).expanduser()
+    for d in [path, *list(path.parents)[:3]]:
+        if (d / "config.yaml").is_file() and (d / "checkpoints").is_dir():
+            return d
+    return None
+
+
+def run_eval_defaults(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``agentopd eval model=RUN`` evaluates as the run's own held-out evaluation did.
+
+    Unless the command line sets them, env, env_kwargs, every ``rollout.*``, ``engine`` and
+    ``engine_cfg.*``, ``seed``, ``episodes`` (the run's ``eval.episodes``), ``samples``
+    (``eval.pass_k``) and ``temperature`` (``eval.temperature``) come from the run's resolved
+    ``config.yaml``. Returns the overrides to compose (the run's first, so typed ones win) and
+    the ones taken from the run.
+    """
+    from omegaconf import OmegaConf
+
+    from agentopd.config import parse_overrides
+
+    pairs = parse_overrides(overrides)
+    model = dict(pairs).get("model")
+    run = _run_dir_of(model) if model else None
+    if run is None:
+        return overrides, []
+    saved = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
+    typed = {k for k, _ in pairs}
+
+    def free(key: str) -> bool:
+        return not any(
+            t == key or t.startswith(key + ".") or key.startswith(t + ".") for t in typed
+        )
+
+    taken: list[str] = []
+
+    def take(key: str, value: Any) -> None:
+        if free(key) and value is not None:
+            taken.append(f"{key}={json.dumps(value)}")
+
+    take("env", saved.get("env"))
+    for group in ("env_kwargs", "rollout", "engine_cfg"):
+        for k, v in (saved.get(group) or {}).items():
+            take(f"{group}.{k}", v)
+    take("engine", saved.get("engine"))
+    take("seed", saved.get("seed"))
+    ev = saved.get("eval") or {}
+    take("episodes", ev.get("episodes") or None)
+    take("samples", ev.get("pass_k"))
+    take("temperature", ev.get("temperature"))
+    return [*taken, *overrides], taken
 
 
 def _runs_root_of(model: str) -> Path:

@@ -269,8 +269,11 @@ def compose(command: str, overrides: list[str] | None = None) -> DictConfig:
         with open_dict(cfg):
             cfg.loss_cfg = OmegaConf.structured(_loss_config_class(loss_name))
     for key in GROUPS:
-        value = group_values.get(key)
-        if value is None or key not in cfg:
+        if key not in cfg:
+            continue
+        # A group file merges for the default value (env: code-sandbox) as for a typed one.
+        value = group_values.get(key, cfg.get(key))
+        if value is None:
             continue
         group_file = configs_dir() / key / f"{value}.yaml"
         if group_file.exists():

@@ -88,9 +88,7 @@ def test_train_two_steps_writes_run_dir(tmp_path):
         assert key in rows[0], key
     stored = list(EpisodeStore(run).iter_episodes())
     assert [row.step for row, _ in stored] == [0, 0, 1, 1]
-    assert all(
-        e.teacher and e.teacher[0].k == 16 for _, e in stored if e.segments[0].mask.count(1)
-    )
+    assert all(e.teacher and e.teacher[0].k == 16 for _, e in stored if e.segments[0].mask.count(1))
     latest = json.loads((run / "checkpoints" / "latest.json").read_text())
     assert latest["step"] == 1
     ckpt = run / "checkpoints" / latest["path"]
@@ -211,3 +209,28 @@ def test_gkd_lambda_zero_uses_demonstrations_and_temperature_schedule(tmp_path):
     assert rows[0]["demo/success"] == 1.0 and rows[0]["learner/loss"] > 0
     # Demonstration steps write no on-policy episodes.
     assert not (tmp_path / "gkd" / "episodes").exists()
+
+
+@pytest.mark.slow
+def test_eval_of_a_run_reproduces_its_held_out_number(tmp_path):
+    """`agentopd eval model=RUN` with no other option takes the run's env, env_kwargs, rollout
+    settings, seed, episode count and eval temperature, and gets training's number exactly."""
+    r = agentopd(
+        "train", "env=lookup-chain", "env_kwargs.min_hops=2", "env_kwargs.max_hops=3",
+        "student=tiny-teacher-lookup-chain", "steps=1", "episodes_per_step=2",
+        "cold_start.steps=0", "eval.before=false", "eval.teacher=false", "eval.episodes=12",
+        "eval.temperature=1.0", "seed=3", "rollout.max_new_tokens=40",
+        f"runs_dir={tmp_path}", "run_name=r", timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    trained = [json.loads(x) for x in lines if '"tag": "after training"' in x][0]
+    episodes = tmp_path / "eval.jsonl"
+    r = agentopd("eval", f"model={tmp_path / 'r'}", f"output={episodes}", timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = " ".join(r.stdout.split())
+    assert "from the run's config.yaml" in out and "env_kwargs.min_hops=2" in out
+    got = [json.loads(x) for x in episodes.read_text().splitlines() if x.strip()]
+    assert len(got) == 12
+    success = sum(bool(e["success"]) for e in got) / len(got)
+    assert success == trained["eval/success"], (success, trained["eval/success"])
