@@ -128,7 +128,12 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
             first_teacher = next(r["eval/success"] for r in rows if r["tag"] == "teacher")
         teacher_success[s] = first_teacher
     futures = {(s, n): pool.submit(arm, s, n) for s in a.seeds for n in a.arms}
-    arms = {f"{n}/{s}": f.result() for (s, n), f in futures.items()}
+    arms: dict[str, Any] = {}
+    partial = runs / "results.partial.json"
+    for (s, n), f in futures.items():  # in seed order: a cut-short run leaves whole seeds
+        arms[f"{n}/{s}"] = f.result()
+        partial.write_text(json.dumps({"arms": arms, "cold_start_success": cold_success,
+                                       "teacher_success": teacher_success}, indent=2))  # fmt: skip
     pool.shutdown()
     return {
         "env": a.env,

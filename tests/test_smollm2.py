@@ -165,3 +165,42 @@ def test_train_with_smollm2_student_and_teacher(smollm2_dir: Path, tmp_path: Pat
     assert any(r.get("phase") == "eval" for r in rows)
     config = (tmp_path / "r" / "config.yaml").read_text()
     assert "smollm2-135m" in config
+
+
+SHIPPED_EXPERTS = ["lookup-chain"]
+"""Envs whose ``smollm2-135m-<env>`` adapter ships in ``agentopd/zoo/assets/adapters``."""
+
+
+@pytest.mark.parametrize("env_name", SHIPPED_EXPERTS)
+def test_shipped_expert_adapter_loads_merged_and_knows_the_tool_format(
+    smollm2_dir: Path, renderer: Renderer, env_name: str
+) -> None:
+    """``teacher=smollm2-135m-<env>`` is the base with the shipped adapter merged in: a plain
+    model (no LoRA layers left) that puts far more probability on the expert's first action on
+    a held-out task than the base does; its ``zoo.json`` records how it was built and judged."""
+    import torch
+
+    from agentopd import lora
+
+    name = f"smollm2-135m-{env_name}"
+    where = zoo.expert_adapter_dir(name)
+    assert where is not None and zoo.ADAPTERS in where.parents, f"{name} is not shipped"
+    report = json.loads((where / "zoo.json").read_text())
+    assert report["name"] == name and report["eval"]["episodes"] >= 100
+    assert 0.0 <= report["eval"]["recovery"]["recovery_rate"] <= 1.0
+    teacher, _ = zoo.load(name)
+    base, _ = zoo.load("smollm2-135m")
+    assert not lora.is_lora(teacher)
+    env = make(env_name)
+    messages, info = env.reset(seed=10_000, options={"split": "eval"})
+    prompt, _ = renderer.initial_prompt(messages, info.get("tools"))
+    action = renderer.encode(env.expert_action(messages)) + [renderer.eot_id]
+    env.close()
+    ids = torch.tensor([prompt + action])
+
+    def logprob(model) -> float:
+        with torch.no_grad():
+            logp = model(ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+        return float(logp.gather(-1, torch.tensor(action)[:, None]).sum())
+
+    assert logprob(teacher) > logprob(base) + 10.0

@@ -98,6 +98,8 @@ class ExpertRecipe:
     twice as fast on a CPU); training and the saved adapter stay float32."""
     seed: int = 0
     """Seeds the task draws, the batch order and the rollouts."""
+    init_adapter: str = ""
+    """Continue from this saved adapter directory instead of a fresh adapter ("": fresh)."""
 
 
 RECIPES: dict[str, ExpertRecipe] = {
@@ -184,6 +186,8 @@ def build_expert(
 
     # ---------------------------------------------------------------- train
     lora.apply(model, recipe.lora)
+    if recipe.init_adapter:
+        lora.load_adapter(model, Path(recipe.init_adapter))
     total = recipe.sft_steps + recipe.dagger_rounds * recipe.dagger_steps
     learner = Learner(model, recipe.optim, renderer.pad_id, total_steps=total)
     rng = random.Random(recipe.seed)
@@ -299,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
               "dagger_episodes", "dagger_steps", "eval_episodes", "seed"):  # fmt: skip
         p.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--init-adapter", default=None, help="continue from this adapter directory")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
