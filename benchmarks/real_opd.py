@@ -91,7 +91,7 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
         args = ["train", *common, f"seed={seed}", f"run_name=cold-s{seed}", "steps=0"]
         args += [f"cold_start.episodes={a.cold_episodes}", f"cold_start.steps={a.cold_steps}"]
         args += [f"cold_start.batch_size={a.episodes_per_step}", f"cold_start.lr={a.cold_lr}"]
-        args += ["eval.teacher=false"]
+        args += ["eval.teacher=false", "eval.after=false"]  # steps=0: "after" is the cold start
         return _agentopd(args, runs / "logs" / f"cold-s{seed}.log")
 
     def teacher() -> float:
@@ -369,9 +369,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-every", type=int, default=4)
     p.add_argument("--eval-episodes", type=int, default=200)
     p.add_argument("--episodes-per-step", type=int, default=8)
-    p.add_argument("--cold-steps", type=int, default=3)
+    p.add_argument("--cold-steps", type=int, default=8)
     p.add_argument("--cold-episodes", type=int, default=64)
-    p.add_argument("--cold-lr", type=float, default=5e-4)
+    p.add_argument("--cold-lr", type=float, default=1e-3)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--lora-r", type=int, default=16)
