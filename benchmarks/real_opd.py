@@ -136,9 +136,9 @@ def run_benchmark(a: argparse.Namespace) -> dict[str, Any]:
         cold_success[s] = next(r["eval/success"] for r in rows if r["tag"] == "after cold start")
     if a.only_cold_starts:
         raise SystemExit(f"cold starts in {runs}: {cold_success}")
-    first_teacher = teacher()
-    teacher_success = {s: first_teacher for s in a.seeds}
+    teacher_f = pool.submit(teacher)  # beside the first arm
     futures = {(s, n): pool.submit(arm, s, n) for s in a.seeds for n in a.arms}
+    teacher_success = {s: teacher_f.result() for s in a.seeds}
     arms: dict[str, Any] = {}
     partial = runs / "results.partial.json"
     for (s, n), f in futures.items():  # in seed order: a cut-short run leaves whole seeds
