@@ -290,6 +290,8 @@ def save_adapter(model: Any, report: dict[str, Any], path: Path) -> None:
         save_file(tensors, str(tmp / "adapter_model.safetensors"))
         model._agentopd_lora_config.save_pretrained(str(tmp))
         (tmp / "zoo.json").write_text(json.dumps(report, indent=2))
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
