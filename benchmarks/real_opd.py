@@ -232,6 +232,7 @@ def report(res: dict[str, Any], command: str) -> str:
         return f"{m:.1%} ± {h:.1%}"
 
     lines = [
+        *([f"**Partial run** ({res['partial']}).", ""] if res.get("partial") else []),
         f"Command: `{command}`  ",
         f"Env {res['env']}, seeds {seeds}, {res['steps']} steps per arm; wall time "
         f"{res['wall_s'] / 60:.1f} min. Teacher (greedy, same tasks): {pct(teacher)}; "
@@ -402,7 +403,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     runs = Path(a.runs_dir)
     if a.report_only:
-        res = json.loads((runs / "results.json").read_text())
+        if (runs / "results.json").is_file():
+            res = json.loads((runs / "results.json").read_text())
+        else:  # a run cut short: the seeds whose every arm finished
+            res = json.loads((runs / "results.partial.json").read_text())
+            done = [s for s in a.seeds if all(f"{n}/{s}" in res["arms"] for n in a.arms)]
+            res.update(env=a.env, seeds=done, arms_run=a.arms, steps=a.steps, wall_s=float("nan"))
+            res["partial"] = f"cut short: seeds {done} of {a.seeds} finished"
         for key in ("cold_start_success", "teacher_success"):  # JSON keys are strings
             res[key] = {int(k): v for k, v in res[key].items()}
         for arm in res["arms"].values():
