@@ -71,7 +71,7 @@ class EvalConfig:
     teacher: bool = knob(
         True,
         "also evaluate the teacher on the same held-out tasks after training (teacher_success; "
-        "not with teacher_backend=server)",
+        "only with engine=hf and teacher_backend=hf)",
     )
 
 

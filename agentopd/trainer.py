@@ -645,8 +645,12 @@ class Trainer:
         if cfg.eval.after and cfg.eval.episodes > 0:
             result["success_after"] = self.evaluate("after training", step=cfg.steps)
         if cfg.eval.teacher and cfg.eval.episodes > 0:
-            if cfg.teacher_backend == "server":  # the model lives on the server, not here
-                self.console.print("teacher not evaluated: teacher_backend=server")
+            if cfg.teacher_backend != "hf" or cfg.engine != "hf":
+                # The teacher's model is on a server or in another engine: not loaded here.
+                self.console.print(
+                    f"teacher not evaluated (engine={cfg.engine}, "
+                    f"teacher_backend={cfg.teacher_backend}; only hf/hf loads it here)"
+                )
             else:
                 result["teacher_success"] = self.evaluate(
                     "teacher", step=cfg.steps, engine=self.teacher_engine()
