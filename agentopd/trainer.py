@@ -465,7 +465,8 @@ class Trainer:
         if self._demos is not None:
             demos = self._demos  # cold_start.data, checked by the builder
         else:
-            demos = self.demonstrations(cs.episodes, seed=7_000_000 + self.cfg.seed)
+            # Far-apart task ranges per run seed: seeds s and s+1 must not share demonstrations.
+            demos = self.demonstrations(cs.episodes, seed=7_000_000 + self.cfg.seed * 100_003)
         # Its own optimizer at cold_start.lr, constant: the OPD learner's schedule and AdamW
         # moments start fresh afterwards. (Setting the shared optimizer's lr did not hold: the
         # OPD scheduler reset it to optim.lr after the first step.)
@@ -509,7 +510,8 @@ class Trainer:
         jobs = self.curriculum.jobs(step, cfg.episodes_per_step)
         if step_rng.random() >= cfg.gkd_lambda:
             demos, generated, positions = self._demonstrations(
-                cfg.episodes_per_step, seed=8_000_000 + step * cfg.episodes_per_step
+                cfg.episodes_per_step,
+                seed=8_000_000 + cfg.seed * 100_003 + step * cfg.episodes_per_step,
             )
             row.update(self.learner.step_sft(distributed.shard(demos)))
             self._sync_engine()
