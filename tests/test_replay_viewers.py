@@ -138,7 +138,10 @@ def test_terminal_viewer_with_pilot(runs: Runs, tmp_path: Path):
     assert snapshot(runs.b) == before
 
 
-def test_print_one_episode_untruncated(runs: Runs, capsys: pytest.CaptureFixture[str]):
+def test_print_one_episode_untruncated(
+    runs: Runs, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("COLUMNS", "240")  # a wide terminal: no header is cut to an ellipsis
     store = EpisodeStore(runs.b)
     ep = store.episode("1-2")
     rc, out, err = cli(capsys, "replay", str(runs.b), "--episode", "1-2", "--tokens")
@@ -148,7 +151,8 @@ def test_print_one_episode_untruncated(runs: Runs, capsys: pytest.CaptureFixture
     for turn in ep.turns:
         for m in turn.tool_results:
             assert re.sub(r"\s+", "", m.content) in flat  # every result, in full
-    assert "sampled tokens of episode 1-2" in out and "teacher top-3" in out
+    # Layout-free: a narrow terminal may wrap the table's headers.
+    assert "sampledtokensofepisode1-2" in flat and "teachertop-3" in flat
     rc, _, err = cli(capsys, "replay", str(runs.b), "--episode", "7-7")
     assert rc == 2 and "no episode '7-7'" in err
 

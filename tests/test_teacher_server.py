@@ -19,6 +19,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -366,8 +367,8 @@ def test_server_dies_mid_run_then_resume_loses_and_repeats_nothing(tmp_path, cap
             "teacher_cfg.topk=4", "teacher_cfg.server.retries=2", "teacher_cfg.server.backoff_s=0.1",
             "steps=4", "episodes_per_step=2", "checkpoint_every=1", "rollout.max_new_tokens=16",
             "run_name=d"]  # fmt: skip
-    with pytest.raises(server_teacher.TeacherServerError, match="failed 3 times.*resume=true"):
-        _train(args, runs, capsys)
+    rc, err = _train(args, runs, capsys)  # the run stops with the reason, no traceback
+    assert rc == 1 and re.search("failed 3 times.*resume=true", err), (rc, err[-2000:])
     metrics = runs / "d" / "metrics.jsonl"
     steps = [json.loads(x).get("step") for x in metrics.read_text().splitlines()]
     assert steps == [0, 1], "steps 0 and 1 completed before the server died"
