@@ -385,7 +385,8 @@ class Trainer:
         )
         self.log(
             {
-                "phase": "eval",
+                # The teacher's row has a phase of its own: student curves read phase "eval".
+                "phase": "eval" if engine is None else "teacher_eval",
                 "tag": tag,
                 "step": step,
                 "teacher_tokens": self.teacher_tokens,
