@@ -47,6 +47,7 @@ from agentopd.renderer import Renderer
 from agentopd.rollout import EpisodeJob, RolloutConfig, run_episodes
 from agentopd.types import Episode
 from agentopd.zoo.bootstrap import (
+    add_recipe_flags,
     as_episode,
     held_out_recovery,
     held_out_success,
@@ -305,11 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("env")
     p.add_argument("--out", type=Path, default=None, help="target directory (default: cache)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    for f in ("sft_episodes", "recovery_episodes", "sft_steps", "batch_size", "dagger_rounds",
-              "dagger_episodes", "dagger_steps", "eval_episodes", "seed"):  # fmt: skip
-        p.add_argument("--" + f.replace("_", "-"), type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--init-adapter", default=None, help="continue from this adapter directory")
+    add_recipe_flags(p, ExpertRecipe, skip={"env_kwargs", "optim", "lora", "name"})
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
