@@ -65,9 +65,9 @@ if command -v agentopd >/dev/null 2>&1 && agentopd sandbox --help >/dev/null 2>&
 elif [ -x "$VENV/bin/agentopd" ] && "$VENV/bin/agentopd" sandbox --help >/dev/null 2>&1; then
     "$VENV/bin/agentopd" sandbox build-image
 else  # the top-level CLI does not expose `sandbox` yet: same code, module entry point
-    "$PY" -m agentopd.tools.sandbox.cli build-image
+    "$PY" -m agentopd.sandbox.cli build-image
 fi
 
 # ---------------------------------------------------------------- report
-"$PY" -m agentopd.tools.sandbox.cli check
+"$PY" -m agentopd.sandbox.cli check
 echo "== sandbox setup done in $(($(date +%s) - start)) s"

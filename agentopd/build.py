@@ -263,7 +263,7 @@ def _sandbox_backend(cfg: Any) -> str | None:
     kwargs = dict(cfg.env_kwargs)
     if cfg.env != "code-sandbox" and "backend" not in kwargs:
         return None
-    from agentopd.tools.sandbox import resolve_backend
+    from agentopd.sandbox import resolve_backend
 
     try:
         return resolve_backend(str(kwargs.get("backend", "auto")))

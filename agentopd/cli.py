@@ -320,7 +320,7 @@ def _keys_help(command: str) -> str:
     from agentopd.config import help_text
 
     return help_text(command) + (
-        "\n\nGroup files: env=NAME also merges configs/env/NAME.yaml where one ships."
+        "\n\nGroup files: env=NAME also merges agentopd/configs/env/NAME.yaml where one ships."
         if command == "train"
         else ""
     )
@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_zoo_fetch)
 
     try:
-        from agentopd.tools.sandbox.cli import register_cli
+        from agentopd.sandbox.cli import register_cli
     except ImportError:
         pass
     else:

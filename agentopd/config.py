@@ -306,7 +306,7 @@ def presets() -> list[str]:
 def _unknown_preset(name: str) -> str:
     near = difflib.get_close_matches(name, presets(), n=1, cutoff=0.5)
     hint = f" Did you mean {near[0]!r}?" if near else ""
-    return f"unknown preset {name!r}.{hint} Available: {', '.join(presets())} (configs/preset/)."
+    return f"unknown preset {name!r}.{hint} Available: {', '.join(presets())} (agentopd/configs/preset/)."
 
 
 def check_gpu_memory(need_gib: float, device: str) -> None:

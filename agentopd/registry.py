@@ -17,7 +17,7 @@ What each kind's entry point must be:
 - ``losses``: an object following :class:`agentopd.losses.Loss`.
 - ``engines``: a factory following :class:`agentopd.engines.EngineFactory`.
 - ``teachers``: a factory following :class:`agentopd.teachers.TeacherFactory`.
-- ``sandboxes``: a :class:`agentopd.tools.sandbox.base.Sandbox` subclass.
+- ``sandboxes``: a :class:`agentopd.sandbox.base.Sandbox` subclass.
 - ``models``: a callable returning ``(model, tokenizer)``.
 
 Example::

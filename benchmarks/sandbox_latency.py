@@ -10,7 +10,7 @@ For every available backend it measures, side by side in one run:
 * ``persistent``: one started sandbox, ``run("x = 1")`` repeated (what an episode pays per call);
 * ``fresh``: start a new sandbox, run the same call, stop it (what a per-call process would pay);
 * **episode start**: how long until an episode holds a ready sandbox, from a warm
-  :class:`~agentopd.tools.sandbox.pool.SandboxPool` (``acquire``; the previous episode's
+  :class:`~agentopd.sandbox.pool.SandboxPool` (``acquire``; the previous episode's
   sandbox was released and reset in the background meanwhile, as during a rollout) against a
   fresh sandbox (``start``), plus the background reset and the first call;
 * **concurrency**: the p50 of a trivial call when N episodes (N = 1 and ``--concurrency``) each
@@ -32,10 +32,11 @@ import sys
 import threading
 import time
 
-from agentopd.tools.sandbox import BACKENDS, Limits, availability, make_sandbox
-from agentopd.tools.sandbox.pool import SandboxPool
 from rich.console import Console
 from rich.table import Table
+
+from agentopd.sandbox import BACKENDS, Limits, availability, make_sandbox
+from agentopd.sandbox.pool import SandboxPool
 
 TARGET_P50_MS = 5.0
 TARGET_START_MS = 5.0

@@ -14,12 +14,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from agentopd.envs.adapters._endpoint import ChatEndpoint
 
 from agentopd import registry
 from agentopd.config import ConfigError
 from agentopd.conformance import check_env_conformance
 from agentopd.engines import Sample
+from agentopd.envs.adapters._endpoint import ChatEndpoint
 from agentopd.renderer import Renderer
 from agentopd.rollout import EpisodeJob, run_episodes
 from agentopd.types import StopReason

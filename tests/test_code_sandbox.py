@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+import agentopd
 from agentopd.envs.code_sandbox import (
     CodeSandboxEnv,
     TaskFileError,
@@ -18,16 +20,14 @@ from agentopd.envs.code_sandbox import (
     load_tasks_file,
     step_code,
 )
-from agentopd.tools.sandbox import availability
-from agentopd.tools.sandbox.pool import close_pools
-from agentopd.tools.sandbox.testing import (
+from agentopd.sandbox import availability
+from agentopd.sandbox.pool import close_pools
+from agentopd.sandbox.testing import (
     backend_params,
     leftovers,
     process_snapshot,
     require_backend,
 )
-
-import agentopd
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -63,9 +63,8 @@ def test_bad_schedule_is_refused():
 
 
 def test_curricula_return_rollout_jobs_and_b2f_caches_one_expert_episode_per_seed(monkeypatch):
-    from agentopd.curricula import schedules
-
     from agentopd import registry
+    from agentopd.curricula import schedules
 
     for name in registry.curricula.names():
         c = registry.curricula.make(name, env="lookup-chain", env_kwargs={"hops": 2}, seed=0)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from agentopd.envs.lookup_chain import LookupChainEnv
-from agentopd.envs.sql import SqlEnv
 from gymnasium.utils.env_checker import check_env
 
 import agentopd
 from agentopd.conformance import check_env_conformance
+from agentopd.envs.lookup_chain import LookupChainEnv
+from agentopd.envs.sql import SqlEnv
 from agentopd.registry import registry
 
 REGISTERED_ENVS = agentopd.list_registered("envs")

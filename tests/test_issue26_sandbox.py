@@ -19,9 +19,10 @@ import secrets
 from collections.abc import Iterator
 
 import pytest
-from agentopd.tools.sandbox import Limits
-from agentopd.tools.sandbox.pool import SandboxPool, close_pools
-from agentopd.tools.sandbox.testing import (
+
+from agentopd.sandbox import Limits
+from agentopd.sandbox.pool import SandboxPool, close_pools
+from agentopd.sandbox.testing import (
     backend_params,
     leftovers,
     process_snapshot,

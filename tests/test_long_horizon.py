@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from agentopd.tools.sandbox.testing import require_backend
 
 from agentopd import registry, zoo
 from agentopd.renderer import Renderer
 from agentopd.rollout import EpisodeJob, expert_episodes
+from agentopd.sandbox.testing import require_backend
 
 LONG_LOOKUP = {"min_hops": 8, "max_hops": 16, "distractors": 2}
 

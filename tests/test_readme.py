@@ -13,10 +13,6 @@ from agentopd.conformance import check_env_conformance
 README = Path(__file__).resolve().parent.parent / "README.md"
 TOP_DIRS = {
     "agentopd",
-    "envs",
-    "curricula",
-    "tools",
-    "configs",
     "benchmarks",
     "docs",
     "tests",

@@ -290,7 +290,6 @@ def test_a_non_finite_reward_ends_the_episode_as_env_error(renderer):
     """A built-in or user env that returns NaN / inf as reward: that episode ends as
     env_error naming the reward; nothing non-finite reaches the episode's reward."""
     from agentopd.envs.lookup_chain import LookupChainEnv
-
     from agentopd.registry import envs as env_registry
 
     class NanReward(LookupChainEnv):

@@ -20,9 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from agentopd.tools.sandbox import Limits, Sandbox, SandboxError, availability, make_sandbox
-from agentopd.tools.sandbox.pool import close_pools
-from agentopd.tools.sandbox.testing import (
+
+from agentopd.sandbox import Limits, Sandbox, SandboxError, availability, make_sandbox
+from agentopd.sandbox.pool import close_pools
+from agentopd.sandbox.testing import (
     backend_params,
     leftovers,
     process_snapshot,

@@ -30,20 +30,20 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from agentopd.build import check_env
+from agentopd.config import ConfigError
 from agentopd.envs.code_sandbox import CodeSandboxEnv
-from agentopd.tools.sandbox import Limits, SandboxError, availability
-from agentopd.tools.sandbox import pool as pool_module
-from agentopd.tools.sandbox.local import PRIVATE_DIRS, WORK_DIR, LocalSandbox
-from agentopd.tools.sandbox.pool import SandboxPool, close_pools, live_pools
-from agentopd.tools.sandbox.testing import (
+from agentopd.sandbox import Limits, SandboxError, availability
+from agentopd.sandbox import pool as pool_module
+from agentopd.sandbox.local import PRIVATE_DIRS, WORK_DIR, LocalSandbox
+from agentopd.sandbox.pool import SandboxPool, close_pools, live_pools
+from agentopd.sandbox.testing import (
     backend_params,
     leftovers,
     process_snapshot,
     require_backend,
 )
-
-from agentopd.build import check_env
-from agentopd.config import ConfigError
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -322,8 +322,8 @@ def test_acquire_takes_under_5_ms(backend: str) -> None:
 
 CHILD = """
 import sys, time
-from agentopd.tools.sandbox import Limits
-from agentopd.tools.sandbox.pool import SandboxPool
+from agentopd.sandbox import Limits
+from agentopd.sandbox.pool import SandboxPool
 pool = SandboxPool(sys.argv[1], size=3, limits=Limits(memory_mb=256, pids=32))
 assert pool.warm(wait_s=60) == 3
 box = pool.acquire()
@@ -356,7 +356,7 @@ def test_nothing_survives_the_trainer(backend: str, how: str) -> None:
             proc.kill()
     left = leftovers(before, wait_s=15)
     if left and backend == "docker" and how == "kill":  # what the next run's first sandbox does
-        from agentopd.tools.sandbox.docker_engine import remove_stale_containers
+        from agentopd.sandbox.docker_engine import remove_stale_containers
 
         remove_stale_containers()
         pytest.fail(f"containers outlived a killed trainer (the next run reaps them): {left}")

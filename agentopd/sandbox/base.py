@@ -12,7 +12,7 @@ the worker what a reset must restore through :meth:`Sandbox.worker_config` (``sc
 
 Example::
 
-    from agentopd.tools.sandbox import make_sandbox
+    from agentopd.sandbox import make_sandbox
 
     with make_sandbox("auto") as box:
         box.run("x = 6 * 7")

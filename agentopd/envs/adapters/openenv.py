@@ -48,7 +48,6 @@ from agentopd.envs.adapters.base import (
     require,
     warn_once,
 )
-
 from agentopd.registry import UnknownNameError
 from agentopd.tooling import Tool
 from agentopd.types import Message

@@ -3,7 +3,7 @@
 ``auto`` picks the strongest backend whose availability check passes (``docker`` > ``bwrap`` >
 ``local``) and logs its choice once per process; when that is ``local`` the log is a warning that
 names why the stronger ones could not be used. An explicitly requested backend that is not
-available raises :class:`~agentopd.tools.sandbox.base.SandboxError` with the reason.
+available raises :class:`~agentopd.sandbox.base.SandboxError` with the reason.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from agentopd.tools.sandbox.base import Limits, Sandbox, SandboxError
-from agentopd.tools.sandbox.bwrap import BwrapSandbox
-from agentopd.tools.sandbox.docker_engine import DockerSandbox
-from agentopd.tools.sandbox.local import LocalSandbox
+from agentopd.sandbox.base import Limits, Sandbox, SandboxError
+from agentopd.sandbox.bwrap import BwrapSandbox
+from agentopd.sandbox.docker_engine import DockerSandbox
+from agentopd.sandbox.local import LocalSandbox
 
 log = logging.getLogger("agentopd.sandbox")
 

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 from typing import Any
 
-from agentopd.tools.sandbox.base import (
+from agentopd.sandbox.base import (
     NOBODY,
     Channel,
     PipeChannel,

@@ -18,8 +18,8 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from agentopd.tools.sandbox.base import SandboxError
-from agentopd.tools.sandbox.docker_engine import _AVAILABLE, DEFAULT_IMAGE, get_client
+from agentopd.sandbox.base import SandboxError
+from agentopd.sandbox.docker_engine import _AVAILABLE, DEFAULT_IMAGE, get_client
 
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"

@@ -15,9 +15,9 @@ import argparse
 import sys
 import time
 
-from agentopd.tools.sandbox.base import Limits, SandboxError
-from agentopd.tools.sandbox.docker_engine import DEFAULT_IMAGE
-from agentopd.tools.sandbox.factory import BACKENDS, check_backends, resolve_backend
+from agentopd.sandbox.base import Limits, SandboxError
+from agentopd.sandbox.docker_engine import DEFAULT_IMAGE
+from agentopd.sandbox.factory import BACKENDS, check_backends, resolve_backend
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -40,7 +40,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
 
 
 def cmd_build_image(args: argparse.Namespace) -> int:
-    from agentopd.tools.sandbox.image import build_image
+    from agentopd.sandbox.image import build_image
 
     try:
         build_image(image=args.image, force=args.force)
@@ -87,7 +87,7 @@ def _smoke(backend: str, details: str) -> tuple[bool, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m agentopd.tools.sandbox.cli check``) for development."""
+    """Stand-alone entry (``python -m agentopd.sandbox.cli check``) for development."""
     parser = argparse.ArgumentParser(prog="agentopd")
     register_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["sandbox", *(argv if argv is not None else sys.argv[1:])])

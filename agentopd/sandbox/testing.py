@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agentopd.tools.sandbox.base import NOBODY
-from agentopd.tools.sandbox.factory import BACKENDS, availability
+from agentopd.sandbox.base import NOBODY
+from agentopd.sandbox.factory import BACKENDS, availability
 
 REQUIRE_ENV = "AGENTOPD_REQUIRE_BACKENDS"
 
@@ -97,7 +97,7 @@ def process_snapshot() -> set[tuple[int, str]]:
 def sandbox_containers() -> list[str]:
     """Sandbox containers known to the Docker daemon (empty if it is unreachable)."""
     try:
-        from agentopd.tools.sandbox.docker_engine import list_sandbox_containers
+        from agentopd.sandbox.docker_engine import list_sandbox_containers
 
         return [f"{c.short_id} {c.status}" for c in list_sandbox_containers()]
     except Exception:  # noqa: BLE001 - no daemon, no containers

@@ -17,13 +17,13 @@ The pool keeps at most ``size`` sandboxes ready. It refills in the background up
 :meth:`SandboxPool.warm` fills it ahead of time. Pools of the same configuration are shared
 within a process (:func:`shared_pool`); :func:`close_pools` stops them all and every sandbox
 they hold, and runs at interpreter exit, on SIGTERM / SIGHUP and after Ctrl-C (through
-:func:`agentopd.tools.sandbox.base.stop_all`). If the trainer is killed outright, the backends'
+:func:`agentopd.sandbox.base.stop_all`). If the trainer is killed outright, the backends'
 own clean-up applies (docker containers are labelled with their owner and reaped by the next
 run). See ``docs/sandbox.md`` for what a reset does and does not restore.
 
 Example::
 
-    from agentopd.tools.sandbox.pool import SandboxPool
+    from agentopd.sandbox.pool import SandboxPool
 
     pool = SandboxPool("bwrap", size=4)
     box = pool.acquire()
@@ -42,8 +42,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentopd.tools.sandbox.base import Limits, Sandbox, SandboxError, on_stop_all
-from agentopd.tools.sandbox.factory import make_sandbox, resolve_backend
+from agentopd.sandbox.base import Limits, Sandbox, SandboxError, on_stop_all
+from agentopd.sandbox.factory import make_sandbox, resolve_backend
 
 log = logging.getLogger("agentopd.sandbox")
 
@@ -103,7 +103,7 @@ class SandboxPool:
         reset_timeout_s: How long a reset may take before the sandbox is discarded.
         workers: Background threads that reset, health-check and start sandboxes.
         **options: Backend options (``image=`` for docker, ...), as for
-            :func:`~agentopd.tools.sandbox.factory.make_sandbox`.
+            :func:`~agentopd.sandbox.factory.make_sandbox`.
 
     Thread-safe. Sandboxes handed out are the caller's until :meth:`release`; the pool never
     touches them meanwhile.

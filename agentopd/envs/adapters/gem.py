@@ -29,8 +29,8 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import numpy as np
-from agentopd.envs.adapters.base import ForeignEnv, ForeignStart, ForeignStep, require, unknown_id
 
+from agentopd.envs.adapters.base import ForeignEnv, ForeignStart, ForeignStep, require, unknown_id
 from agentopd.types import Message
 
 SYNTAX = "gem:<env_id> (e.g. gem:game:GuessTheNumber-v0-easy)"

@@ -20,7 +20,6 @@ import re
 from typing import Any
 
 from agentopd.envs.adapters.base import ForeignEnv, ForeignStart, ForeignStep, unknown_id
-
 from agentopd.types import Message
 
 SYNTAX = "gym:<id> or gym:<module>:<id>"

@@ -62,10 +62,10 @@ from typing import Any
 
 import jsonschema
 import numpy as np
-from agentopd.tools.sandbox import Limits, Sandbox, make_sandbox, resolve_backend
-from agentopd.tools.sandbox.pool import SandboxPool, check_pool_size, shared_pool
 
 from agentopd.env import Env, Task, answered_call_log, answered_calls
+from agentopd.sandbox import Limits, Sandbox, make_sandbox, resolve_backend
+from agentopd.sandbox.pool import SandboxPool, check_pool_size, shared_pool
 from agentopd.tooling import Tool, ToolError, tool
 from agentopd.types import Message
 

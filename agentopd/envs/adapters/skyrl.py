@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from agentopd.envs.adapters.base import (
     ForeignEnv,
     ForeignStart,
@@ -35,7 +36,6 @@ from agentopd.envs.adapters.base import (
     unknown_id,
     warn_once,
 )
-
 from agentopd.types import Message
 
 SYNTAX = "skyrl-gym:<env_id> with env_kwargs.tasks=<file.jsonl>"

@@ -53,6 +53,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agentopd.config import ConfigError
 from agentopd.envs.adapters._endpoint import ChatEndpoint, ChatRequest
 from agentopd.envs.adapters._verifiers_harness import chat_program, harness_id
 from agentopd.envs.adapters.base import (
@@ -64,8 +65,6 @@ from agentopd.envs.adapters.base import (
     unknown_id,
     warn_once,
 )
-
-from agentopd.config import ConfigError
 from agentopd.registry import UnknownNameError
 from agentopd.types import Message
 

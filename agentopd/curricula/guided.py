@@ -28,7 +28,6 @@ import math
 from typing import Any
 
 from agentopd.curricula.schedules import Curriculum
-
 from agentopd.env import Env
 from agentopd.registry import make
 from agentopd.rollout import GUIDE_SOURCES

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any
 
-from agentopd.tools.sandbox.base import NOBODY, Channel, Sandbox, SandboxError
+from agentopd.sandbox.base import NOBODY, Channel, Sandbox, SandboxError
 
 DEFAULT_IMAGE = "agentopd-sandbox:latest"
 LABEL = "agentopd.sandbox"

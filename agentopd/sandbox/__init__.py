@@ -14,15 +14,15 @@ sandboxes and resets them between episodes (``pool.py``). See ``docs/sandbox.md`
 
 Example::
 
-    from agentopd.tools.sandbox import make_sandbox
+    from agentopd.sandbox import make_sandbox
 
     with make_sandbox("auto", timeout_s=5) as box:
         box.run("x = 2 ** 10")
         print(box.run("x + 1").to_text())  # 1025
 """
 
-from agentopd.tools.sandbox.base import ExecResult, Limits, Sandbox, SandboxError, stop_all
-from agentopd.tools.sandbox.factory import (
+from agentopd.sandbox.base import ExecResult, Limits, Sandbox, SandboxError, stop_all
+from agentopd.sandbox.factory import (
     BACKEND_NAMES,
     BACKENDS,
     Availability,
@@ -31,7 +31,7 @@ from agentopd.tools.sandbox.factory import (
     make_sandbox,
     resolve_backend,
 )
-from agentopd.tools.sandbox.pool import SandboxPool, close_pools, shared_pool
+from agentopd.sandbox.pool import SandboxPool, close_pools, shared_pool
 
 __all__ = [
     "BACKENDS",

@@ -30,7 +30,7 @@ import sys
 import tempfile
 from typing import Any
 
-from agentopd.tools.sandbox.base import (
+from agentopd.sandbox.base import (
     NOBODY,
     Channel,
     PipeChannel,
