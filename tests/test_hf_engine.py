@@ -49,3 +49,37 @@ def test_bfloat16_copy_follows_the_learner_weights_and_merges_lora():
     assert len(_greedy(copy)) > 0 and len(_greedy(shared)) > 0
     # auto / float32 keep sharing the learner's own parameters.
     assert not build(model, renderer=renderer, config=EngineConfig()).copy
+
+
+def _reference_logprobs(
+    model, prompt: list[int], tokens: list[int], temperature: float, top_p: float
+):
+    """The sampled tokens' log-probs recomputed from scratch: full forward pass, logits divided by
+    the temperature, nucleus (top-p) filtering, log-softmax."""
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float() / temperature
+    order = logits.sort(dim=-1, descending=True)
+    cum = order.values.softmax(-1).cumsum(-1)
+    drop_sorted = cum - order.values.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order.indices, drop_sorted)
+    logp = logits.masked_fill(drop, float("-inf")).log_softmax(-1)
+    return logp.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+
+
+def test_sampled_logprobs_are_those_of_the_distribution_sampled_from():
+    """The engine keeps one log-prob per decoding step (no [B, N, V] stack): each equals the
+    token's log-prob under the temperature- and top-p-processed distribution, for prompts of
+    different lengths in one left-padded batch."""
+    model = zoo.build_model("tiny", seed=0).eval()
+    renderer = Renderer(zoo.load_tokenizer())
+    engine = HFEngine(model, renderer.eot_id, renderer.pad_id)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
+    for temperature, top_p in ((1.0, 1.0), (0.7, 0.9)):
+        samples = engine.generate(prompts, SamplingParams(12, temperature, top_p=top_p, seed=3))
+        for prompt, sample in zip(prompts, samples, strict=True):
+            assert sample.tokens
+            want = _reference_logprobs(model, prompt, sample.tokens, temperature, top_p)
+            got = torch.tensor(sample.logprobs)
+            assert torch.isfinite(got).all()
+            assert (got - want).abs().max() < 1e-4, (temperature, top_p, got, want)

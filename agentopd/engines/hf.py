@@ -2,7 +2,9 @@
 
 Prompts are left-padded; the KV cache, temperature and top-p come from ``transformers``. The
 logprob stored per sampled token is the log-probability under the distribution actually sampled
-from (after temperature / top-p). With the learner's model passed in, ``load_weights`` is a no-op:
+from (after temperature / top-p). Only that one number per sequence is kept at each decoding step:
+the step's ``[B, V]`` scores are released as soon as it is read (:class:`_SampledLogprobs`), so
+generation holds no ``[B, N, V]`` stack however long the turn or large the vocabulary. With the learner's model passed in, ``load_weights`` is a no-op:
 engine and learner share parameters.
 
 With ``dtype=torch.bfloat16`` (``engine_cfg.dtype=bfloat16``) the engine generates with a
@@ -17,8 +19,27 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from agentopd.engines import Sample, SamplingParams
+
+
+class _SampledLogprobs(StoppingCriteria):
+    """A ``transformers`` stopping criterion that never stops: after each decoding step it reads
+    the log-probability of the token just chosen under that step's processed scores (the
+    distribution sampled from), keeps it (``[B]``), and frees the step's ``[B, V]`` scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        step = scores[-1]
+        logp_B_V = torch.log_softmax(step.float(), dim=-1)
+        self.steps.append(logp_B_V.gather(-1, input_ids[:, -1:].to(step.device)).squeeze(-1))
+        del logp_B_V
+        step.set_()  # release the storage the generate loop would keep until it returns
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 class HFEngine:
@@ -84,6 +105,7 @@ class HFEngine:
             ids[b, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             attn[b, width - len(p) :] = 1
         greedy = params.temperature <= 0
+        record = _SampledLogprobs()
         kwargs: dict[str, Any] = {
             "max_new_tokens": params.max_new_tokens,
             "do_sample": not greedy,
@@ -91,6 +113,7 @@ class HFEngine:
             "pad_token_id": self.pad_id,
             "output_scores": True,
             "return_dict_in_generate": True,
+            "stopping_criteria": StoppingCriteriaList([record]),
         }
         if not greedy:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
@@ -102,10 +125,7 @@ class HFEngine:
         if was_training:
             model.train()
         new_B_N = gen.sequences[:, width:].cpu()
-        logp_B_N = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in gen.scores], dim=1)
-        chosen_B_N = (
-            logp_B_N.gather(-1, new_B_N.unsqueeze(-1).to(logp_B_N.device)).squeeze(-1).cpu()
-        )
+        chosen_B_N = torch.stack(record.steps, dim=1).cpu()
         samples = []
         for b in range(len(prompts)):
             toks = new_B_N[b].tolist()
