@@ -88,6 +88,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from agentopd import seeds
     from agentopd.build import build_policy, rollout_config
     from agentopd.config import compose
     from agentopd.metrics import evaluate
@@ -108,7 +109,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samples=cfg.samples,
         temperature=cfg.temperature,
         rollout_config=rollout_config(cfg),
-        seed=HELD_OUT_SEED + cfg.seed,
+        # The held-out tasks of training's evaluations: a run's checkpoint reproduces its number.
+        seed=seeds.task_base(cfg.seed, "eval"),
     )
     table = Table(
         title=f"eval {cfg.model} on {cfg.env} ({report['tasks']} held-out tasks × {cfg.samples})"
@@ -134,11 +136,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(cfg.output).write_text("".join(e.to_json() + "\n" for e in episodes))
         console.print(f"episodes written to {cfg.output}")
     return 0
-
-
-HELD_OUT_SEED = 10_000
-"""Held-out tasks use seeds from ``HELD_OUT_SEED + seed``, as training's evaluation does
-(``Trainer.evaluate``), so ``agentopd eval`` on a run's checkpoint reproduces its number."""
 
 
 def _warn_identical_samples(cfg: Any) -> None:

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agentopd import distributed, fsdp, lora
+from agentopd import distributed, fsdp, lora, seeds
 from agentopd.build import build_train, load_model, make_engine, rollout_config, teacher_name
 from agentopd.config import ConfigError
 from agentopd.learner import Learner
@@ -381,7 +381,7 @@ class Trainer:
             samples=e.pass_k,
             temperature=e.temperature,
             rollout_config=rollout_config(self.cfg),
-            seed=10_000 + self.cfg.seed,
+            seed=seeds.task_base(self.cfg.seed, "eval"),
         )
         self.log(
             {
@@ -466,8 +466,9 @@ class Trainer:
         if self._demos is not None:
             demos = self._demos  # cold_start.data, checked by the builder
         else:
-            # Far-apart task ranges per run seed: seeds s and s+1 must not share demonstrations.
-            demos = self.demonstrations(cs.episodes, seed=7_000_000 + self.cfg.seed * 100_003)
+            demos = self.demonstrations(
+                cs.episodes, seed=seeds.task_base(self.cfg.seed, "cold_start")
+            )
         # Its own optimizer at cold_start.lr, constant: the OPD learner's schedule and AdamW
         # moments start fresh afterwards. (Setting the shared optimizer's lr did not hold: the
         # OPD scheduler reset it to optim.lr after the first step.)
@@ -482,7 +483,7 @@ class Trainer:
             topk=self.learner.topk,
             total_steps=cs.steps,
         )
-        rng = random.Random(self.cfg.seed)
+        rng = random.Random(seeds.seed_of(self.cfg.seed, "cold_start"))
         with self._progress() as progress:
             task = progress.add_task("cold start (SFT)", total=cs.steps, info="")
             for i in range(cs.steps):
@@ -507,12 +508,12 @@ class Trainer:
             "temperature": temp,
             **self.curriculum.describe(step),
         }
-        step_rng = random.Random(cfg.seed * 7919 + step)
+        step_rng = random.Random(seeds.seed_of(cfg.seed, "gkd", step))
         jobs = self.curriculum.jobs(step, cfg.episodes_per_step)
         if step_rng.random() >= cfg.gkd_lambda:
             demos, generated, positions = self._demonstrations(
                 cfg.episodes_per_step,
-                seed=8_000_000 + cfg.seed * 100_003 + step * cfg.episodes_per_step,
+                seed=seeds.task_base(cfg.seed, "demos") + step * cfg.episodes_per_step,
             )
             row.update(self.learner.step_sft(distributed.shard(demos)))
             self._sync_engine()
@@ -533,7 +534,7 @@ class Trainer:
             self.engine,
             self.renderer,
             rollout_config(cfg, temp),
-            seed=distributed.rank_seed(cfg.seed * 100_003 + step),
+            seed=seeds.seed_of(cfg.seed, "sampling", step, self.world.rank),
             # guided-opd: the teacher model plays the guide turns (mask 0).
             guide=self.teacher_engine()
             if getattr(self.curriculum, "guide_source", None) == "teacher"

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from omegaconf import OmegaConf
 
-    from agentopd import sft
+    from agentopd import seeds, sft
     from agentopd.build import load_model, student_name
     from agentopd.config import compose
     from agentopd.learner import Learner
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     renderer = Renderer(tokenizer)
     episodes = a.episodes or cs.episodes
     jobs = [
-        EpisodeJob(a.env, 7_000_000 + i, {"split": "train"}, dict(cfg.env_kwargs))
+        EpisodeJob(a.env, seeds.task_base(cfg.seed, "cold_start") + i, {"split": "train"}, dict(cfg.env_kwargs))
         for i in range(episodes)
     ]
     demos = [ep for ep in expert_episodes(jobs, renderer) if ep.success]

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from agentopd import zoo
+from agentopd import seeds, zoo
 from agentopd.build import rollout_config
 from agentopd.config import compose
 from agentopd.engines.hf import HFEngine
@@ -59,7 +59,7 @@ def _eval_model(
     engine = HFEngine(model, renderer.eot_id, renderer.pad_id)
     limits = rollout_config(compose("train", [f"env={env}"]))
     greedy, _ = evaluate(
-        env, env_kwargs, engine, renderer, episodes=n, temperature=0.0, seed=10_000 + seed,
+        env, env_kwargs, engine, renderer, episodes=n, temperature=0.0, seed=seeds.task_base(seed, "eval"),
         rollout_config=limits,
     )  # fmt: skip
     out = {
@@ -76,7 +76,7 @@ def _eval_model(
             episodes=max(1, n // 2),
             samples=samples,
             temperature=1.0,
-            seed=10_000 + seed,
+            seed=seeds.task_base(seed, "eval"),
             rollout_config=limits,
         )
         out["pass@k"] = {k: sampled[f"pass@{k}"] for k in range(1, samples + 1)}

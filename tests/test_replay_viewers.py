@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import agentopd
 
+from agentopd import seeds
 from agentopd.replay.store import EpisodeStore, parse_filter
 from agentopd.replay.view import Decoder, build_view, find_tokenizer
 
@@ -423,7 +424,8 @@ def test_eval_writes_its_own_run_and_reproduces_training(
     assert rc == 0, err
     eval_dir = runs.a.parent / "eval-lookup-chain-a-s0"  # beside the run it evaluated
     store = EpisodeStore(eval_dir)
-    assert len(store) == 4 and [r.seed for r in store.rows()] == [10_000 + i for i in range(4)]
+    first = seeds.task_base(0, "eval")  # training's held-out tasks for seed 0
+    assert len(store) == 4 and [r.seed for r in store.rows()] == [first + i for i in range(4)]
     mine = [json.loads(x) for x in (eval_dir / "metrics.jsonl").read_text().splitlines()]
     train = [json.loads(x) for x in (runs.a / "metrics.jsonl").read_text().splitlines()]
     after = [r for r in train if r.get("tag") == "after training"][-1]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from agentopd import seeds
 from agentopd.registry import make
 from agentopd.rollout import EpisodeJob
 
@@ -34,6 +35,8 @@ class Curriculum:
         self.env = env
         self.env_kwargs = dict(env_kwargs or {})
         self.seed = seed
+        self.first_task = seeds.task_base(seed, "curriculum")
+        """The first training task seed (the run seed's ``curriculum`` stream)."""
         self.step = 0
 
     def jobs(self, step: int, n: int) -> list[EpisodeJob]:
@@ -41,7 +44,7 @@ class Curriculum:
         self.step = step
         out = []
         for i in range(n):
-            seed = self.seed * 1_000_000 + step * n + i
+            seed = self.first_task + step * n + i
             out.append(self.job(seed, self.options_for(step, seed)))
         return out
 
@@ -86,7 +89,7 @@ class HorizonSorted(Curriculum):
         try:
             scored = []
             for i in range(pool_size):
-                s = seed * 1_000_000 + i
+                s = self.first_task + i
                 _, info = probe.reset(seed=s, options={"split": "train"})
                 scored.append((int(info.get("difficulty", 1)), s))
         finally:
