@@ -98,6 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         console.print("from the run's config.yaml: " + "  ".join(taken), markup=False)
     cfg = compose("eval", overrides)
     _warn_identical_samples(cfg)
+    root, name = _eval_run_target(cfg)  # refused before any model loads
     parts = build_policy(cfg, cfg.model)
     engine, renderer = parts.engine, parts.renderer
     report, episodes = evaluate(
@@ -130,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for r, n in report["stop_reasons"].items():
         table.add_row(f"stop/{r}", str(n))
     console.print(table)
-    run_dir = _write_eval_run(cfg, report, episodes)
+    run_dir = _write_eval_run(cfg, root, name, report, episodes)
     console.print(f"episodes → {run_dir.path} (agentopd replay {run_dir.path})")
     if cfg.output:
         Path(cfg.output).write_text("".join(e.to_json() + "\n" for e in episodes))
@@ -211,22 +212,40 @@ def _runs_root_of(model: str) -> Path:
     return Path("runs")
 
 
-def _write_eval_run(cfg: Any, report: dict[str, Any], episodes: list[Any]) -> Any:
-    """An eval run directory of its own: config, the report as a metrics row, the episodes."""
+def _eval_run_target(cfg: Any) -> tuple[Path, str]:
+    """Where ``agentopd eval`` writes: ``runs_dir`` (default beside the run evaluated) and
+    ``run_name`` (default ``eval-<env>-<model>-s<seed>``, numbered past existing ones). A
+    ``run_name`` that already holds a run is refused: an eval never writes into one."""
     import re
 
+    from agentopd.schema import ConfigError
+
+    root = Path(cfg.runs_dir or _runs_root_of(str(cfg.model)))
+    name = cfg.run_name
+    if name:
+        if (root / name).exists() and any((root / name).iterdir()):
+            raise ConfigError(
+                f"run_name={name!r}: {root / name} already holds a run, and an eval never "
+                "writes into one. Choose another run_name, or leave it out for a numbered "
+                "eval-<env>-<model>-s<seed> name."
+            )
+        return root, name
+    model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(cfg.model)).name) or "model"
+    base = f"eval-{cfg.env}-{model}-s{cfg.seed}"
+    name, i = base, 2
+    while (root / name).exists() and any((root / name).iterdir()):
+        name, i = f"{base}-{i}", i + 1
+    return root, name
+
+
+def _write_eval_run(
+    cfg: Any, root: Path, name: str, report: dict[str, Any], episodes: list[Any]
+) -> Any:
+    """An eval run directory of its own: config, the report as a metrics row, the episodes."""
     from omegaconf import OmegaConf
 
     from agentopd.runs import RunDir
 
-    root = Path(cfg.get("runs_dir", None) or _runs_root_of(str(cfg.model)))
-    name = cfg.get("run_name", None)
-    if not name:
-        model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(cfg.model)).name) or "model"
-        base = f"eval-{cfg.env}-{model}-s{cfg.seed}"
-        name, i = base, 2
-        while (root / name).exists() and any((root / name).iterdir()):
-            name, i = f"{base}-{i}", i + 1
     run_dir = RunDir(root, name)
     run_dir.write_config(OmegaConf.to_yaml(cfg))
     row = {"phase": "eval", "tag": "eval", "step": 0, "teacher_tokens": 0}

@@ -146,11 +146,17 @@ class EvalCommandConfig:
     episodes: int = knob(50, "held-out tasks", ge=1)
     samples: int = knob(1, "samples per task (pass@k)", ge=1)
     temperature: float = knob(0.0, "sampling temperature (0: greedy)", ge=0)
-    seed: int = knob(0, "seed; tasks use the held-out seeds 10000 + seed, as training does", ge=0)
+    seed: int = knob(0, "seed; tasks are the seed's held-out tasks, as in training", ge=0)
     device: str = knob("auto", "torch device", choices=DEVICES)
     cpu_threads: int = knob(1, "torch CPU threads (0: torch's default)", ge=0)
     rollout: RolloutConfig = knob(factory=RolloutConfig, help="rollout loop")
     output: str | None = knob(None, "also write the episodes as JSONL here")
+    runs_dir: str | None = knob(
+        None, "where the eval's run directory goes (default: beside the run evaluated, else runs)"
+    )
+    run_name: str | None = knob(
+        None, "the eval's run directory name (default: eval-<env>-<model>-s<seed>, numbered)"
+    )
 
 
 @dataclass

@@ -443,6 +443,27 @@ def test_eval_writes_its_own_run_and_reproduces_training(
     )
     assert rc == 0 and "pass@k equals pass@1" in err
     assert (runs.a.parent / "eval-lookup-chain-a-s0-2" / "episodes" / "index.jsonl").is_file()
+    # runs_dir and run_name place the eval run; a name that holds a run is refused up front
+    rc, _, err = cli(
+        capsys,
+        "eval",
+        f"model={runs.a}",
+        "episodes=1",
+        f"runs_dir={tmp_path / 'evals'}",
+        "run_name=mine",
+    )
+    assert rc == 0, err
+    assert (tmp_path / "evals" / "mine" / "metrics.jsonl").is_file()
+    rc, _, err = cli(
+        capsys,
+        "eval",
+        f"model={runs.a}",
+        "episodes=1",
+        f"runs_dir={tmp_path / 'evals'}",
+        "run_name=mine",
+    )
+    assert rc == 2 and "already holds a run" in " ".join(err.split())
+    assert len((tmp_path / "evals" / "mine" / "metrics.jsonl").read_text().splitlines()) == 1
     # a zoo model has no run directory: the eval run goes to runs/ under the working directory
     from agentopd.cli import _runs_root_of
 
