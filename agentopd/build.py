@@ -143,6 +143,12 @@ def make_teacher(cfg: Any, tokenizer: Any, device: torch.device) -> Teacher:
         resolve_model(name, "teacher")
     factory = registry.teachers.spec(cfg.teacher_backend).load()
     t_cfg = OmegaConf.to_object(cfg.teacher_cfg)
+    vocab = len(tokenizer)
+    if t_cfg.topk > vocab:  # checked before the (possibly long) load
+        raise ConfigError(
+            f"bad value {t_cfg.topk} for 'teacher_cfg.topk': expected at most the vocabulary "
+            f"size {vocab} (nearest valid: {vocab})"
+        )
     try:
         teacher = factory(name, tokenizer=tokenizer, config=t_cfg, device=device)
     except ConfigError:
@@ -155,13 +161,24 @@ def make_teacher(cfg: Any, tokenizer: Any, device: torch.device) -> Teacher:
         raise ConfigError(f"teacher={name}: {e}") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"teacher={name} could not be loaded: {type(e).__name__}: {e}") from None
-    vocab = len(tokenizer)
-    if t_cfg.topk > vocab:
-        raise ConfigError(
-            f"bad value {t_cfg.topk} for 'teacher_cfg.topk': expected at most the vocabulary "
-            f"size {vocab} (nearest valid: {vocab})"
-        )
     return teacher
+
+
+def make_teacher_engine(
+    cfg: Any, teacher: Teacher, renderer: Renderer, workdir: Path, device: torch.device
+) -> Engine:
+    """A rollout engine (``cfg.engine``) that plays the teacher model: demonstrations
+    (``demo_source=teacher``), ``guided-opd``'s guide turns, the teacher's evaluation and its
+    recovery rate. An in-process ``hf`` teacher lends its own model, so the teacher is in memory
+    once; other backends hold no local model, and it is loaded here."""
+    from agentopd.teachers.hf import HFTeacher
+
+    if isinstance(teacher, HFTeacher):
+        model = teacher.model
+    else:
+        model, _ = load_model(teacher_name(cfg), "teacher")
+        model.to(device).eval()
+    return make_engine(cfg.engine, model, renderer, workdir, cfg.engine_cfg)
 
 
 def build_train(cfg: DictConfig, workdir: Path | None = None) -> Parts:

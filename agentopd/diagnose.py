@@ -21,9 +21,8 @@ from rich.table import Table
 
 from agentopd.build import (
     build_policy,
-    load_model,
-    make_engine,
     make_teacher,
+    make_teacher_engine,
     rollout_config,
     student_name,
     teacher_name,
@@ -53,7 +52,7 @@ def diagnose(cfg: DictConfig, console: Console | None = None) -> dict[str, float
     metrics = {**episode_summary(episodes), **learner.measure(episodes)}
     if cfg.recovery_episodes > 0:
         with console.status(f"teacher recovery rate on {cfg.recovery_episodes} injected errors"):
-            metrics.update(teacher_recovery(cfg, parts))
+            metrics.update(teacher_recovery(cfg, parts, teacher))
 
     from agentopd.diagnostics import verdict
 
@@ -85,16 +84,14 @@ def diagnose(cfg: DictConfig, console: Console | None = None) -> dict[str, float
     return metrics
 
 
-def teacher_recovery(cfg: DictConfig, parts: Any) -> dict[str, float]:
+def teacher_recovery(cfg: DictConfig, parts: Any, teacher: Any) -> dict[str, float]:
     """The teacher model's greedy recovery rate (``diag/recovery_rate``, per error kind
     ``diag/recovery_rate/<kind>``) on ``cfg.recovery_episodes`` held-out tasks that start right
     after an injected error, played with the run's engine and rollout limits."""
     from agentopd.zoo.recovery import recovery_jobs, recovery_rate
 
-    model, _ = load_model(teacher_name(cfg), "teacher")
-    model.to(parts.device).eval()
     workdir = parts.workdir or Path(tempfile.mkdtemp(prefix="agentopd-engine-"))
-    engine = make_engine(cfg.engine, model, parts.renderer, workdir / "teacher", cfg.engine_cfg)
+    engine = make_teacher_engine(cfg, teacher, parts.renderer, workdir / "teacher", parts.device)
     jobs = recovery_jobs(
         cfg.env, dict(cfg.env_kwargs), range(cfg.seed, cfg.seed + cfg.recovery_episodes)
     )

@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agentopd import distributed, fsdp, lora, seeds
-from agentopd.build import build_train, load_model, make_engine, rollout_config, teacher_name
+from agentopd.build import build_train, make_engine, make_teacher_engine, rollout_config
 from agentopd.config import ConfigError
 from agentopd.learner import Learner
 from agentopd.metrics import episode_summary, evaluate
@@ -448,14 +448,8 @@ class Trainer:
         """A rollout engine around the teacher model (built once): it generates demonstrations
         (``demo_source=teacher``) and the guide turns of ``guided-opd``."""
         if self._teacher_engine is None:
-            model, _ = load_model(teacher_name(self.cfg), "teacher")
-            model.to(self.device).eval()
-            self._teacher_engine = make_engine(
-                self.cfg.engine,
-                model,
-                self.renderer,
-                self._scratch("teacher_engine"),
-                self.cfg.engine_cfg,
+            self._teacher_engine = make_teacher_engine(
+                self.cfg, self.teacher, self.renderer, self._scratch("teacher_engine"), self.device
             )
         return self._teacher_engine
 

@@ -259,3 +259,31 @@ def test_epochs_per_batch_makes_the_ppo_clip_act(episodes, renderer, teacher_mod
     assert three["learner/epochs"] == 3.0
     assert three["learner/ratio_mean"] != pytest.approx(1.0, abs=1e-4)
     assert three["learner/clip_frac"] > 0.0
+
+
+def test_an_hf_teacher_lends_its_model_to_the_teacher_engine(renderer, teacher_model, tmp_path):
+    """Scoring and generating (demonstrations, guided-opd, the teacher's evaluation and
+    recovery rate) share one copy of an in-process teacher."""
+    from omegaconf import OmegaConf
+
+    from agentopd.build import make_teacher_engine
+    from agentopd.config import compose
+
+    cfg = compose("train", ["env=lookup-chain"])
+    teacher = Teacher(teacher_model, renderer)
+    engine = make_teacher_engine(cfg, teacher, renderer, tmp_path, torch.device("cpu"))
+    assert engine.model is teacher_model
+    assert OmegaConf.select(cfg, "engine") == "hf"
+
+
+def test_teacher_topk_above_the_vocabulary_is_refused_before_the_teacher_loads(tok, monkeypatch):
+    from agentopd import build
+    from agentopd.config import ConfigError, compose
+
+    def never(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before teacher_cfg.topk was checked")
+
+    monkeypatch.setattr(zoo, "load", never)
+    cfg = compose("train", ["env=lookup-chain", "teacher_cfg.topk=100000"])
+    with pytest.raises(ConfigError, match="vocabulary size"):
+        build.make_teacher(cfg, tok, torch.device("cpu"))
