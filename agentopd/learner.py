@@ -109,11 +109,19 @@ def student_pass(
     support_B_S_K: torch.Tensor | None,
     student_topk: int,
     chunk_size: int,
+    mask_B_S: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor | None]:
-    """The learner's student pass: the decoder, then the chunked output projection at every
-    position (:func:`agentopd.losses.chunked_token_logprobs`, with entropy); the fields of its
-    :class:`~agentopd.losses.TokenLogprobs` as a dict, so that it can run as the forward of an
-    :class:`agentopd.fsdp.Passes` (bf16 autocast of the decoder on CUDA)."""
+    """The learner's student pass: the decoder, then the chunked output projection
+    (:func:`agentopd.losses.chunked_token_logprobs`, with entropy) at the mask-1 positions only
+    (every position without a mask); the fields of its :class:`~agentopd.losses.TokenLogprobs`
+    as a dict of ``[B, S]`` / ``[B, S, K]`` tensors, 0 at unprojected positions, so that it can
+    run as the forward of an :class:`agentopd.fsdp.Passes` (bf16 autocast of the decoder on
+    CUDA).
+
+    Agent episodes are mostly prompt, tool output and template tokens, so projecting only the
+    student's own tokens skips most of the output layer's work (its top-k and entropy
+    included); every consumer (losses, token selection, diagnostics) reads mask-1 positions
+    only."""
     head = model.get_output_embeddings()
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -122,17 +130,31 @@ def student_pass(
     )
     with autocast:
         hidden = model.base_model(input_ids=ids_B_T, attention_mask=attention_B_T).last_hidden_state
+    hidden_B_S_H = hidden[:, :-1]
+    where = None if mask_B_S is None else mask_B_S.to(hidden.device).nonzero(as_tuple=True)
+
+    def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+        return x if x is None or where is None else x[where][None]
+
     st = losses.chunked_token_logprobs(
-        hidden[:, :-1],
+        pick(hidden_B_S_H),
         head.weight,
-        target_B_S,
+        pick(target_B_S),
         lm_head_bias_V=getattr(head, "bias", None),
         chunk_size=chunk_size,
-        topk_ids_B_T_K=support_B_S_K,
+        topk_ids_B_T_K=pick(support_B_S_K),
         student_topk=student_topk,
         return_entropy=True,
     )
-    return {f.name: getattr(st, f.name) for f in fields(st)}
+    out = {f.name: getattr(st, f.name) for f in fields(st)}
+    if where is None:
+        return out
+    B, S = target_B_S.shape
+    for name, value in out.items():
+        if value is not None:  # [1, M(, K)] back to [B, S(, K)], zeros elsewhere
+            full = value.new_zeros((B, S, *value.shape[2:]))
+            out[name] = full.index_put(where, value[0])
+    return out
 
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -269,6 +291,7 @@ class Learner:
             None if support is None else support.to(self.device),
             self.topk if want_topk else 0,
             self.loss_cfg.chunk_size,
+            None if batch.mask_B_S is None else batch.mask_B_S.to(self.device),
         )
         return losses.TokenLogprobs(**out)
 

@@ -287,3 +287,40 @@ def test_teacher_topk_above_the_vocabulary_is_refused_before_the_teacher_loads(t
     cfg = compose("train", ["env=lookup-chain", "teacher_cfg.topk=100000"])
     with pytest.raises(ConfigError, match="vocabulary size"):
         build.make_teacher(cfg, tok, torch.device("cpu"))
+
+
+def test_the_student_pass_projects_only_sampled_tokens_with_the_same_values_and_gradients(
+    episodes, renderer
+):
+    """Projecting the output layer at mask-1 positions only gives, there, the values (log-prob,
+    support log-probs, top-k, entropy) and the parameter gradients of projecting everywhere."""
+    from agentopd.learner import student_pass
+
+    model = zoo.build_model("tiny", seed=0)
+    batch = make_batch(segments_of(episodes), renderer.pad_id, topk=4, with_teacher=False)
+    support = torch.randint(0, 50, (*batch.target_B_S.shape, 4))
+    args = (model, batch.input_ids_B_T, batch.attention_B_T, batch.target_B_S, support, 3, 64)
+    m = batch.mask_B_S
+    assert 0 < int(m.sum()) < m.numel()
+
+    def grads(out):
+        model.zero_grad()
+        loss = (
+            out["logprobs_B_T"][m].sum()
+            + out["support_logprobs_B_T_K"][m].sum()
+            + out["entropy_B_T"][m].sum()
+        )
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full = student_pass(*args)
+    g_full = grads(full)
+    picked = student_pass(*args, m)
+    g_picked = grads(picked)
+    for name, value in full.items():
+        if value is not None:
+            assert torch.allclose(picked[name][m].float(), value[m].float(), atol=1e-5), name
+            assert (picked[name][~m] == 0).all(), name  # nothing computed off the mask
+    assert g_full.keys() == g_picked.keys()
+    for n in g_full:
+        assert torch.allclose(g_full[n], g_picked[n], atol=1e-5), n
