@@ -31,12 +31,15 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from agentopd.schema import knob
 from agentopd.types import Episode, TeacherScores
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "BackendUnavailableError",
@@ -109,7 +112,7 @@ class TeacherConfig:
     server: ServerConfig = knob(factory=ServerConfig, help="teacher_backend=server endpoint")
 
 
-def teacher_dtype(mode: str, device: Any) -> Any:
+def teacher_dtype(mode: str, device: torch.device | str) -> torch.dtype:
     """The torch dtype ``teacher_cfg.dtype`` asks for on ``device`` (``auto``: bfloat16 on
     CUDA, where an 8B teacher then needs 16 GB instead of 32 GB; float32 elsewhere)."""
     import torch

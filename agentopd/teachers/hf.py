@@ -68,8 +68,7 @@ class HFTeacher:
     @torch.no_grad()
     def score(self, episodes: list[Episode]) -> list[list[TeacherScores]]:
         """Score every segment; sets ``episode.teacher`` and returns the scores per episode."""
-        for ep in episodes:
-            ep.teacher = [None] * len(ep.segments)  # type: ignore[list-item]
+        slots = prefill.empty_slots(episodes)
         reqs = prefill.requests(episodes, self.renderer, self.config)
         bs = max(1, self.config.batch_size)
         was_training = self.model.training
@@ -78,11 +77,11 @@ class HFTeacher:
             for i in range(0, len(reqs), bs):
                 batch = reqs[i : i + bs]
                 for req, sc in zip(batch, self._score_batch(batch), strict=True):
-                    episodes[req.episode].teacher[req.segment] = sc
+                    slots[req.episode][req.segment] = sc
         finally:
             if was_training:
                 self.model.train()
-        return [list(ep.teacher) for ep in episodes]  # type: ignore[arg-type]
+        return prefill.filled(slots)
 
     def _score_batch(self, reqs: list[prefill.Request]) -> list[TeacherScores]:
         """One forward pass to final hidden states; the vocabulary projection, top-k and
@@ -117,6 +116,9 @@ class HFTeacher:
             student_topk=k,
             return_entropy=True,
         )
+        # student_topk=k >= 1 and return_entropy=True: all three are filled in
+        assert out.topk_ids_B_T_K is not None and out.topk_logprobs_B_T_K is not None
+        assert out.entropy_B_T is not None
         chosen = out.logprobs_B_T[0].float().cpu().tolist()
         top_ids = out.topk_ids_B_T_K[0].cpu().tolist()
         top_lps = out.topk_logprobs_B_T_K[0].float().cpu().tolist()

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from agentopd.renderer import Renderer
 from agentopd.types import Episode, Message, TeacherScores
+
+if TYPE_CHECKING:
+    from agentopd.teachers import TeacherConfig
 
 
 @dataclass
@@ -43,7 +46,7 @@ class Request:
         return [self.tokens[p + self.shift] for p in self.positions]
 
 
-def teacher_prompt(renderer: Renderer, config: Any, episode: Episode) -> list[int] | None:
+def teacher_prompt(renderer: Renderer, config: TeacherConfig, episode: Episode) -> list[int] | None:
     """The opening prompt re-rendered for the teacher, or None to use the student's tokens.
 
     ``config`` is a :class:`~agentopd.teachers.TeacherConfig` (``system_prompt``,
@@ -70,7 +73,7 @@ def teacher_prompt(renderer: Renderer, config: Any, episode: Episode) -> list[in
     return tokens
 
 
-def requests(episodes: list[Episode], renderer: Renderer, config: Any) -> list[Request]:
+def requests(episodes: list[Episode], renderer: Renderer, config: TeacherConfig) -> list[Request]:
     """One :class:`Request` per segment of every episode, in order."""
     out = []
     for e, ep in enumerate(episodes):
@@ -83,6 +86,27 @@ def requests(episodes: list[Episode], renderer: Renderer, config: Any) -> list[R
             else:
                 tokens, shift = list(seg.tokens), 0
             out.append(Request(e, s, tokens, positions, shift))
+    return out
+
+
+def empty_slots(episodes: list[Episode]) -> list[list[TeacherScores | None]]:
+    """Set every episode's ``teacher`` to one empty slot per segment and return those lists
+    (the same objects), for the backend to fill as its requests are answered."""
+    slots = []
+    for ep in episodes:
+        ep.teacher = [None] * len(ep.segments)
+        slots.append(ep.teacher)
+    return slots
+
+
+def filled(slots: list[list[TeacherScores | None]]) -> list[list[TeacherScores]]:
+    """Copies of the slots once every one holds scores (:func:`requests` asks one per
+    segment, so an empty slot is a backend bug)."""
+    out = []
+    for row in slots:
+        scores = [s for s in row if s is not None]
+        assert len(scores) == len(row), "a segment was left without teacher scores"
+        out.append(scores)
     return out
 
 

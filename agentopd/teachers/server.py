@@ -178,7 +178,7 @@ def build(name: str, *, tokenizer: Any, config: TeacherConfig, device: Any) -> S
     model = config.server.model or (name if name in served else None)
     if model is None and len(served) == 1:
         model = served[0]
-    if model not in served:
+    if model is None or model not in served:
         raise ConfigError(
             f"teacher server {client.base} serves {served}; set teacher_cfg.server.model to one "
             "of them"
@@ -262,8 +262,7 @@ class ServerTeacher:
 
     def score(self, episodes: list[Episode]) -> list[list[TeacherScores]]:
         """Score every segment; sets ``episode.teacher`` and returns the scores per episode."""
-        for ep in episodes:
-            ep.teacher = [None] * len(ep.segments)  # type: ignore[list-item]
+        slots = prefill.empty_slots(episodes)
         reqs = prefill.requests(episodes, self.renderer, self.config)
         workers = max(1, min(self.config.server.concurrency, len(reqs)))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -279,9 +278,9 @@ class ServerTeacher:
                     f"for episode {req.episode} of the batch (env {ep.env}, task "
                     f"{ep.task_id!r}, seed {ep.seed}), segment {req.segment}: {e}"
                 ) from None
-            episodes[req.episode].teacher[req.segment] = scores
+            slots[req.episode][req.segment] = scores
         try:
             check_scores(episodes, f"server {self.client.base} ({self.model})", k)
         except UnusableScoresError as e:
             raise TeacherServerError(str(e)) from None
-        return [list(ep.teacher) for ep in episodes]  # type: ignore[arg-type]
+        return prefill.filled(slots)

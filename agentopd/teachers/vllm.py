@@ -70,11 +70,10 @@ class VLLMTeacher:
 
     def score(self, episodes: list[Episode]) -> list[list[TeacherScores]]:
         """Score every segment; sets ``episode.teacher`` and returns the scores per episode."""
-        for ep in episodes:
-            ep.teacher = [None] * len(ep.segments)  # type: ignore[list-item]
+        slots = prefill.empty_slots(episodes)
         reqs = prefill.requests(episodes, self.renderer, self.config)
         k = self.config.topk
         rows = self.engine.prompt_logprobs([r.tokens for r in reqs], k)
         for req, r in zip(reqs, rows, strict=True):
-            episodes[req.episode].teacher[req.segment] = prefill.from_prompt_logprobs(req, r, k)
-        return [list(ep.teacher) for ep in episodes]  # type: ignore[arg-type]
+            slots[req.episode][req.segment] = prefill.from_prompt_logprobs(req, r, k)
+        return prefill.filled(slots)
