@@ -16,7 +16,7 @@ import sys
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from agentopd.replay.store import EpisodeStore, Filter, IndexRow
 from agentopd.replay.view import pair_calls, read_config
@@ -48,8 +48,12 @@ def _tool_error(content: str) -> Any:
     if not content.startswith("Error ("):
         return None
     kind = content[len("Error (") :].split(")", 1)[0]
-    mapped = {"parse": "parsing", "timeout": "timeout", "oversized": "limit"}.get(kind, "unknown")
-    return ToolCallError(type=mapped, message=content)
+    mapped: dict[str, Literal["parsing", "timeout", "limit"]] = {
+        "parse": "parsing",
+        "timeout": "timeout",
+        "oversized": "limit",
+    }
+    return ToolCallError(type=mapped.get(kind, "unknown"), message=content)
 
 
 def sample_messages(d: dict[str, Any]) -> list[Any]:

@@ -232,7 +232,7 @@ def write_diff(
     eps: list[dict[str, Any]] = [{}, {}]
     pairs = []
     for k in keys:
-        views = []
+        views: list[EpisodeView | None] = []
         for s, store in enumerate((a, b)):
             row = sides[s].get(k)
             got = None if row is None else next(iter(store.readable([row])), None)
@@ -310,6 +310,7 @@ def make_server(
             self._send(json.dumps(obj, allow_nan=False).encode(), "application/json", code)
 
         def _host_ok(self) -> bool:
+            assert isinstance(self.server, ThreadingHTTPServer)  # the server made below
             bound = self.server.server_address[1]
             host = (self.headers.get("Host") or "").strip().lower()
             return host in (f"127.0.0.1:{bound}", f"localhost:{bound}")

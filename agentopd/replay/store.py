@@ -357,7 +357,8 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
+            # numpy's stubs let ``**kwds`` fill ``allow_pickle: bool``; the keys are array names
+            np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -704,6 +705,7 @@ class EpisodeStore:
         Raises:
             RunDirError: The line is damaged; the message names the file and line.
         """
+        row: IndexRow | None
         if self.format == "jsonl":
             row = self._legacy()[i]
         else:
@@ -740,7 +742,8 @@ class EpisodeStore:
         """Legacy ``episodes.jsonl``: one row per line; unreadable lines are reported and left
         as None-free gaps (the list holds only readable lines, in file order)."""
         if self._legacy_rows is None:
-            rows, counts = [], {}
+            rows: list[IndexRow] = []
+            counts: dict[int, int] = {}
             lines = self._read_lines(0, len(self)) if len(self) else []
             for i, line in enumerate(lines):
                 try:
@@ -984,5 +987,5 @@ def _empty_message(path: Path) -> str:
 def shard_bytes(arrays: dict[str, np.ndarray]) -> int:
     """Size in bytes of a shard written from ``arrays`` (for measurements)."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]  # as in _write_npz
     return buf.tell()

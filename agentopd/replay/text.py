@@ -110,14 +110,14 @@ def render_calls(turn: TurnView, side_by_side: bool = True) -> RenderableType | 
     table.add_column("tool call", ratio=1, overflow="fold")
     table.add_column("result", ratio=1, overflow="fold")
     for c in turn.calls:
-        call = (
+        call_cell = (
             Text("(no call)", style="dim") if c.name is None else plain(f"{c.name}({c.arguments})")
         )
         if c.result is None:
-            result = Text("(no result)", style="dim")
+            result_cell = Text("(no result)", style="dim")
         else:
-            result = plain(c.result, style="red" if c.error else "")
-        table.add_row(call, result)
+            result_cell = plain(c.result, style="red" if c.error else "")
+        table.add_row(call_cell, result_cell)
     if turn.parse_error and not any(c.error for c in turn.calls):
         table.add_row(Text("(parse error)", style="red"), plain(turn.parse_error, style="red"))
     return table

@@ -71,7 +71,7 @@ class ReplayApp(App[None]):
         self.store = store
         self.decoder = decoder
         self.flt = flt or Filter()
-        self.query = query
+        self.filter_query = query
         self.page_size = page_size
         self.page_number = 0
         self.first_episode = episode
@@ -82,7 +82,9 @@ class ReplayApp(App[None]):
     def compose(self) -> ComposeResult:
         with Horizontal():
             with Vertical(id="left"):
-                yield Input(value=self.query, placeholder=f"filter: {FILTER_HELP}", id="filter")
+                yield Input(
+                    value=self.filter_query, placeholder=f"filter: {FILTER_HELP}", id="filter"
+                )
                 yield Static(id="status")
                 yield DataTable(id="list", cursor_type="row", zebra_stripes=True)
             with VerticalScroll(id="right"):

@@ -226,7 +226,7 @@ def build_view(d: dict[str, Any], row: IndexRow, decode: Decoder, topk: int = 16
         {int(p): i for i, p in enumerate((t or {}).get("positions", []))} for t in teachers
     ]
     tops = [_topk_rows(t, topk) for t in teachers]
-    turns = []
+    turns: list[TurnView] = []
     for t in d.get("turns", []):
         s = int(t.get("segment", 0))
         seg = segments[s] if s < len(segments) else {}
