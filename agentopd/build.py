@@ -28,12 +28,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from agentopd import lora, registry, zoo
-from agentopd.config import ConfigError, resolve_model
+from agentopd.config import ConfigError, resolve_model, to_dataclass
 from agentopd.engines import Engine, EngineConfig
-from agentopd.learner import Learner
+from agentopd.learner import Learner, LearnerConfig
+from agentopd.losses import LossConfig
 from agentopd.renderer import Renderer
 from agentopd.rollout import RolloutConfig
-from agentopd.teachers import Teacher, TokenizerMismatchError
+from agentopd.teachers import Teacher, TeacherConfig, TokenizerMismatchError
 
 
 @dataclass
@@ -75,7 +76,7 @@ def teacher_name(cfg: Any) -> str:
 def rollout_config(cfg: Any, temperature: float | None = None) -> RolloutConfig:
     """The ``rollout`` node as a :class:`RolloutConfig` (optionally at another temperature)."""
     r = cfg.rollout
-    r = OmegaConf.to_object(r) if isinstance(r, DictConfig) else r
+    r = to_dataclass(r, RolloutConfig) if isinstance(r, DictConfig) else r
     return r if temperature is None else dataclasses.replace(r, temperature=temperature)
 
 
@@ -142,7 +143,7 @@ def make_teacher(cfg: Any, tokenizer: Any, device: torch.device) -> Teacher:
     if name not in zoo.PRESETS:
         resolve_model(name, "teacher")
     factory = registry.teachers.spec(cfg.teacher_backend).load()
-    t_cfg = OmegaConf.to_object(cfg.teacher_cfg)
+    t_cfg = to_dataclass(cfg.teacher_cfg, TeacherConfig)
     vocab = len(tokenizer)
     if t_cfg.topk > vocab:  # checked before the (possibly long) load
         raise ConfigError(
@@ -187,7 +188,7 @@ def build_train(cfg: DictConfig, workdir: Path | None = None) -> Parts:
     check_env(cfg)
     student, tokenizer = load_model(student_name(cfg), "student", cfg.seed)
     try:
-        lora.apply(student, OmegaConf.to_object(cfg.lora))
+        lora.apply(student, to_dataclass(cfg.lora, lora.LoraConfig))
     except ImportError as e:
         raise ConfigError(str(e)) from None
     student.to(device)
@@ -197,10 +198,10 @@ def build_train(cfg: DictConfig, workdir: Path | None = None) -> Parts:
     engine = make_engine(cfg.engine, student, renderer, workdir, cfg.engine_cfg)
     learner = Learner(
         student,
-        OmegaConf.to_object(cfg.optim),
+        to_dataclass(cfg.optim, LearnerConfig),
         renderer.pad_id,
         loss=cfg.loss,
-        loss_cfg=OmegaConf.to_object(cfg.loss_cfg),
+        loss_cfg=to_dataclass(cfg.loss_cfg, LossConfig),
         topk=cfg.teacher_cfg.topk,
         total_steps=cfg.steps,
     )

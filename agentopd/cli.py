@@ -177,6 +177,7 @@ def run_eval_defaults(overrides: list[str]) -> tuple[list[str], list[str]]:
     if run is None:
         return overrides, []
     saved = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
+    assert isinstance(saved, dict)  # a run's config.yaml is a mapping (_run_dir_of found it)
     typed = {k for k, _ in pairs}
 
     def free(key: str) -> bool:

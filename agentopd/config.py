@@ -22,7 +22,7 @@ import json
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
@@ -43,6 +43,8 @@ GROUPS = ("env", "loss", "curriculum", "preset")
 scale: models, sequence lengths, batch sizes) wins over the env's small-model defaults, and every
 ``key=value`` override wins over all of them."""
 DEVICES = ("auto", "cpu", "cuda")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -354,9 +356,11 @@ def _unknown_key(command: str, key: str, valid: list[str], cfg: DictConfig) -> s
 
 def _merge(cfg: DictConfig, other: Any, source: str) -> DictConfig:
     try:
-        return OmegaConf.merge(cfg, other)
+        merged = OmegaConf.merge(cfg, other)
     except OmegaConfBaseException as e:
         raise ConfigError(f"invalid config file {source}: {e}") from None
+    assert isinstance(merged, DictConfig)  # merged into the DictConfig ``cfg``
+    return merged
 
 
 YAML_BOOL_WORDS = frozenset({"on", "off", "yes", "no", "y", "n"})
@@ -402,6 +406,14 @@ def _type_name(tp: Any) -> str:
 def to_object(cfg: DictConfig) -> Any:
     """The typed dataclass instance of a composed config (nested dataclasses included)."""
     return OmegaConf.to_object(cfg)
+
+
+def to_dataclass(node: Any, cls: type[T]) -> T:
+    """A structured config node (``cfg.optim``, ``cfg.loss_cfg``, ...) as the dataclass its
+    schema declares; ``cls`` names that dataclass (or a base class of it)."""
+    obj = OmegaConf.to_object(node)
+    assert isinstance(obj, cls), f"expected a {cls.__name__} node, got {type(obj).__name__}"
+    return obj
 
 
 def validate(cfg: DictConfig) -> None:

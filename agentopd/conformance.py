@@ -34,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import json
 import traceback
 import warnings
@@ -335,7 +336,7 @@ def _check_rollout(env: Any, report: ConformanceReport) -> str:
         text = action.content if isinstance(action, Message) else str(action)
         if len(text) > ROLLOUT_MAX_CHARS:
             continue  # the huge cases only cost time here; "malformed actions" covers them
-        cases.append((label, lambda text=text: scripted_episode(env, renderer, 0, [text])))
+        cases.append((label, functools.partial(scripted_episode, env, renderer, 0, [text])))
     for label, play in cases:
         try:
             ep = play()

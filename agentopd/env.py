@@ -360,6 +360,7 @@ class Env(gymnasium.Env):
             # A plain-text reply is the final answer.
             self.answer = parsed.content
         else:
+            assert self.toolset is not None  # reset() built it before any action
             for call in parsed.tool_calls:
                 result = self.toolset.call(call)
                 if result.error:
@@ -373,6 +374,7 @@ class Env(gymnasium.Env):
         return new, errors, parsed.error
 
     def _safe_check(self, answer: str | None) -> bool:
+        assert self.task is not None  # step() refuses to run before reset()
         try:
             return bool(self.check_answer(self.task, "" if answer is None else str(answer)))
         except Exception:  # noqa: BLE001 - a bad answer is a wrong answer

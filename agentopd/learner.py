@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -80,11 +80,13 @@ def make_batch(
             if tr.segment == s:
                 turn[b, max(tr.start - 1, 0) : tr.end - 1] = tr.index
         if with_teacher:
-            if not ep.teacher or ep.teacher[s] is None:
+            assert t_lp is not None and t_ids is not None  # made above with_teacher
+            assert t_topk is not None and t_ent is not None
+            sc = ep.teacher[s] if ep.teacher else None
+            if sc is None:
                 raise ValueError(
                     f"episode {ep.task_id} segment {s} has no teacher scores; run teacher.score first"
                 )
-            sc = ep.teacher[s]
             if sc.positions != [t for t, m in enumerate(seg.mask) if m]:
                 raise ValueError(
                     f"teacher scores of episode {ep.task_id} do not match its mask (stale scores?)"
@@ -133,8 +135,8 @@ def student_pass(
     hidden_B_S_H = hidden[:, :-1]
     where = None if mask_B_S is None else mask_B_S.to(hidden.device).nonzero(as_tuple=True)
 
-    def pick(x: torch.Tensor | None) -> torch.Tensor | None:
-        return x if x is None or where is None else x[where][None]
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        return x if where is None else x[where][None]
 
     st = losses.chunked_token_logprobs(
         pick(hidden_B_S_H),
@@ -142,7 +144,7 @@ def student_pass(
         pick(target_B_S),
         lm_head_bias_V=getattr(head, "bias", None),
         chunk_size=chunk_size,
-        topk_ids_B_T_K=pick(support_B_S_K),
+        topk_ids_B_T_K=None if support_B_S_K is None else pick(support_B_S_K),
         student_topk=student_topk,
         return_entropy=True,
     )
@@ -245,7 +247,10 @@ class Learner:
         self.sharded = fsdp.is_sharded(self.passes)
         self.config = config = config or LearnerConfig()
         self.pad_id = pad_id
-        self.loss = registry.losses.spec(loss).load() if isinstance(loss, str) else loss
+        # The losses group holds Loss objects; registry entries themselves are untyped.
+        self.loss = (
+            cast(losses.Loss, registry.losses.spec(loss).load()) if isinstance(loss, str) else loss
+        )
         self.loss_cfg = loss_cfg if loss_cfg is not None else self.loss.Config()
         self.topk = topk
         self.total_steps = total_steps
@@ -344,9 +349,11 @@ class Learner:
             self._dummy_pass()
         for b, m in zip(batches, masks, strict=True):
             st = self._student(b, None, want_topk=lc.overlap_only)
+            assert st.entropy_B_T is not None  # student_pass always returns the entropy
             olds.append(st.logprobs_B_T.cpu())
             entropies.append(st.entropy_B_T.cpu())
             if lc.overlap_only:
+                assert st.topk_ids_B_T_K is not None and b.teacher_ids_B_S_K is not None
                 m &= losses.select_overlap_only(st.topk_ids_B_T_K.cpu(), b.teacher_ids_B_S_K, m)
         self.model.train(was_training)
         if lc.entropy_top_frac < 1.0 and batches:
@@ -397,6 +404,8 @@ class Learner:
                         self._dummy_pass().backward()
                     continue
                 batch = batches[b]
+                assert batch.teacher_lp_B_S is not None  # made with_teacher=True above
+                assert batch.teacher_topk_lp_B_S_K is not None
                 st = self._student(
                     batch,
                     batch.teacher_ids_B_S_K if self.loss.needs_support else None,
@@ -523,6 +532,11 @@ class Learner:
 
 
 def _diag_row(batch: Batch, st: losses.TokenLogprobs) -> dict[str, torch.Tensor]:
+    # An OPD batch (teacher scores in it) and a pass that asked for the student's top-k.
+    assert batch.teacher_lp_B_S is not None and batch.teacher_ids_B_S_K is not None
+    assert batch.teacher_topk_lp_B_S_K is not None and batch.teacher_entropy_B_S is not None
+    assert st.topk_ids_B_T_K is not None and st.topk_logprobs_B_T_K is not None
+    assert st.entropy_B_T is not None
     return {
         "mask": batch.mask_B_S,
         "turn": batch.turn_B_S,

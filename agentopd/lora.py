@@ -79,7 +79,7 @@ def apply(model: Any, config: LoraConfig) -> Any:
         )
     peft_cfg = peft.LoraConfig(
         r=config.r,
-        lora_alpha=config.alpha,
+        lora_alpha=config.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scales too
         lora_dropout=config.dropout,
         target_modules=list(config.target_modules),
         bias="none",

@@ -105,7 +105,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden_N_H: Tensor,
         weight_V_H: Tensor,
@@ -153,7 +153,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         return target_lp, support_lp, topk_ids, topk_lp, entropy
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any,
         g_target: Tensor | None,
         g_support: Tensor | None,
@@ -765,7 +765,7 @@ class Loss(Protocol):
 
 
 class _RklSampled:
-    Config = RklSampledConfig
+    Config: type[LossConfig] = RklSampledConfig
     needs_support = False
 
     def __call__(
@@ -805,7 +805,7 @@ class _Topk:
 
 
 class _Jsd(_Topk):
-    Config = JsdConfig
+    Config: type[LossConfig] = JsdConfig
 
 
 RKL_SAMPLED: Loss = _RklSampled()

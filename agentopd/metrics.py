@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from math import comb
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentopd.types import Episode, StopReason
+
+if TYPE_CHECKING:
+    from agentopd.renderer import Renderer
+    from agentopd.rollout import RolloutConfig
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -131,12 +135,12 @@ def evaluate(
     env: str,
     env_kwargs: dict[str, Any],
     engine: Any,
-    renderer: Any,
+    renderer: Renderer,
     *,
     episodes: int = 50,
     samples: int = 1,
     temperature: float = 0.0,
-    rollout_config: Any = None,
+    rollout_config: RolloutConfig | None = None,
     seed: int = 0,
 ) -> tuple[dict[str, Any], list[Episode]]:
     """Play ``episodes`` held-out tasks (``split="eval"``) ``samples`` times each at full horizon."""

@@ -71,8 +71,8 @@ def check_value(key: str, value: Any, meta: dict[str, Any]) -> None:
         return
     choices = meta.get("choices")
     if choices and value not in choices:
-        near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.3)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.3)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
             f"bad value {value!r} for {key!r}: expected one of {', '.join(map(str, choices))}.{hint}"
         )

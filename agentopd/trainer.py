@@ -41,6 +41,7 @@ from agentopd.learner import Learner
 from agentopd.metrics import episode_summary, evaluate
 from agentopd.rollout import EpisodeJob, expert_episodes, run_episodes
 from agentopd.runs import RunDir, atomic_write_text
+from agentopd.teachers import Teacher
 from agentopd.types import Episode, StopReason
 
 
@@ -202,17 +203,23 @@ class Trainer:
         self.device = parts.device
         self.student, self.tokenizer = parts.student, parts.tokenizer
         self.renderer, self.engine = parts.renderer, parts.engine
-        self.teacher, self.learner, self.curriculum = parts.teacher, parts.learner, parts.curriculum
+        # build_train makes every part a training run needs.
+        assert parts.teacher is not None and parts.learner is not None
+        self.teacher: Teacher = parts.teacher
+        self.learner: Learner = parts.learner
+        self.curriculum = parts.curriculum
         self._demos = parts.demos
         main = self.world.is_main
         if self.world.size > 1:  # every rank starts from rank 0's weights
             distributed.broadcast_parameters(self.student)
             self.engine.load_weights(lora.engine_weights(self.student))
         if sharded:
+            assert parts.workdir is not None  # build_train sets it
             self._shard(parts.workdir)
         # Rank 0 names the run and alone writes it; the other ranks only read it (resume).
         if name is None:
             name = distributed.broadcast_object(_new_run_name(cfg) if main else None)
+            assert name is not None  # rank 0's name
         self.run_dir = RunDir(cfg.runs_dir, name, create=main)
         if self._config_changes and main:
             self.run_dir.append_jsonl(
@@ -288,9 +295,11 @@ class Trainer:
         if self.overrides is None:
             effective = self.cfg
         else:
-            effective = OmegaConf.merge(base, saved)
+            merged = OmegaConf.merge(base, saved)
             if self.overrides:
-                effective = OmegaConf.merge(effective, OmegaConf.from_dotlist(self.overrides))
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(self.overrides))
+            assert isinstance(merged, DictConfig)  # merged into the DictConfig ``base``
+            effective = merged
             effective.run_name = path.name
             # resume_override says how this command resumes; the saved run's value (true if it
             # was once resumed with it) must not let later resumes change options silently.
@@ -370,7 +379,7 @@ class Trainer:
         the run's held-out tasks (under torchrun rank 0 evaluates, the others wait and get its
         number)."""
         if not self.world.is_main:
-            return float(distributed.broadcast_object(None))
+            return float(distributed.broadcast_object(0.0))  # replaced by rank 0's number
         e = self.cfg.eval
         report, _ = evaluate(
             self.cfg.env,

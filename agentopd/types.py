@@ -304,7 +304,7 @@ class Episode:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Episode:
-        info = dict(d.get("info", {}))
+        info: dict[str, Any] = dict(d.get("info", {}))
         teacher = d.get("teacher")
         return cls(
             env=d["env"],
@@ -319,9 +319,7 @@ class Episode:
             # Run directories written before these fields existed kept them in ``info``.
             n_prompt_messages=int(d.get("n_prompt_messages", info.pop("n_prompt_messages", 0))),
             tools=d.get("tools", info.pop("tools", [])),
-            privileged_context=d.get(
-                "privileged_context", info.pop("privileged_context", "")
-            ),
+            privileged_context=d.get("privileged_context", info.pop("privileged_context", "")),
             info=info,
             teacher=None
             if teacher is None

@@ -16,12 +16,16 @@ log-probs; only the sampler's precision changes.
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from agentopd.engines import Sample, SamplingParams
+from agentopd.engines import EngineConfig, Sample, SamplingParams
+
+if TYPE_CHECKING:
+    from agentopd.renderer import Renderer
 
 
 class _SampledLogprobs(StoppingCriteria):
@@ -68,7 +72,7 @@ class HFEngine:
         own = next(model.parameters()).dtype
         self.copy = dtype is not None and dtype != own
         """Whether generation runs on a copy of the model in ``dtype``."""
-        self.gen_model = _plain_copy(model, dtype) if self.copy else model
+        self.gen_model = _plain_copy(model, dtype) if dtype is not None and self.copy else model
 
     @property
     def device(self) -> torch.device:
@@ -157,7 +161,13 @@ def _plain_copy(model: Any, dtype: torch.dtype) -> Any:
     return copy.to(next(model.parameters()).device).eval()
 
 
-def build(model: Any, *, renderer: Any, workdir: Any = None, config: Any = None) -> HFEngine:
+def build(
+    model: Any,
+    *,
+    renderer: Renderer,
+    workdir: str | Path | None = None,
+    config: EngineConfig | None = None,
+) -> HFEngine:
     """The ``hf`` :class:`~agentopd.engines.EngineFactory`: shares the learner's parameters
     (no weight push needed), or with ``engine_cfg.dtype=bfloat16`` generates with a bfloat16
     copy that every ``load_weights`` refreshes; ``auto`` and ``float32`` share."""

@@ -32,9 +32,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentopd.engines import Sample, SamplingParams
+
+if TYPE_CHECKING:
+    from agentopd.engines import EngineConfig
+    from agentopd.renderer import Renderer
 
 INSTALL_HINT = (
     "VLLMEngine needs the optional vLLM backend: pip install 'agentopd[vllm]' "
@@ -224,7 +228,9 @@ MAX_LEN = 32768
 fill most of a GPU at ``MAX_BATCH`` sequences."""
 
 
-def build(model: Any, *, renderer: Any, workdir: Any, config: Any = None) -> VLLMEngine:
+def build(
+    model: Any, *, renderer: Renderer, workdir: str | Path, config: EngineConfig | None = None
+) -> VLLMEngine:
     """The ``vllm`` :class:`~agentopd.engines.EngineFactory`.
 
     Saves the student once into ``workdir / "vllm-model"`` (float32, so its logprobs match the
