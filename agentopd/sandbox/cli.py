@@ -20,7 +20,7 @@ from agentopd.sandbox.docker_engine import DEFAULT_IMAGE
 from agentopd.sandbox.factory import BACKENDS, check_backends, resolve_backend
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``sandbox`` subcommand (with ``build-image`` and ``check``) to ``subparsers``."""
     p = subparsers.add_parser(
         "sandbox", help="code sandboxes: build the docker image, check backends"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from agentopd.sandbox.base import Limits, Sandbox, SandboxError
 from agentopd.sandbox.bwrap import BwrapSandbox
@@ -98,7 +98,8 @@ def _backend_class(backend: str) -> type[Sandbox]:
     from agentopd import registry
 
     try:
-        return registry.sandboxes.spec(backend).load()
+        # registry entries are untyped callables; the sandboxes group holds Sandbox classes
+        return cast(type[Sandbox], registry.sandboxes.spec(backend).load())
     except KeyError:
         names = ", ".join(
             ["auto", *BACKENDS, *(n for n in registry.sandboxes.names() if n not in BACKENDS)]

@@ -297,7 +297,7 @@ def cpu_seconds(proc_pids):
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-REAPED = {}
+REAPED: dict[int, int] = {}
 """Wait status of every child reaped so far (the executor's is looked up here)."""
 
 

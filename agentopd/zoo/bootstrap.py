@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 
@@ -55,7 +55,15 @@ from agentopd.types import Episode, Segment
 from agentopd.zoo.models import build_model, cache_dir
 from agentopd.zoo.tokenizer import load_tokenizer
 
-R = TypeVar("R")
+
+class _RecipeLike(Protocol):
+    """A recipe dataclass: its own fields and an ``optim`` :class:`LearnerConfig`."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+    optim: LearnerConfig
+
+
+R = TypeVar("R", bound=_RecipeLike)
 
 
 def sft_optim(**changes: Any) -> LearnerConfig:
@@ -571,7 +579,7 @@ def build_artifact(
     t_eval = time.perf_counter() - t0 - t_data - t_train
 
     tokens = [sum(len(s.tokens) for s in ep.segments) for ep in episodes]
-    report = {
+    report: dict[str, Any] = {
         "name": name,
         "env": env_name,
         "recipe": asdict(recipe),

@@ -245,7 +245,7 @@ def build_expert(
         )  # fmt: skip
         evaluation["engine_dtype"] = str(gen_dtype or "float32")
     t_eval = time.perf_counter() - t0 - t_data - t_train
-    report = {
+    report: dict[str, Any] = {
         "name": name,
         "env": env_name,
         "base": zoo.EXPERT_BASE,

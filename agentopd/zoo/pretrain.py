@@ -128,9 +128,9 @@ def copy_accuracy(model: Any, tokenizer: Any, n: int, seed: int, skip: int = 4) 
         start = m.index(1)
         mask[b, start : start + skip] = 0
     pred = model(input_ids=tokens, attention_mask=attn).logits[:, :-1].argmax(-1)
-    m = mask[:, 1:]
+    scored = mask[:, 1:]
     model.train()
-    return float(((pred == tokens[:, 1:]).float() * m).sum() / m.sum().float())
+    return float(((pred == tokens[:, 1:]).float() * scored).sum() / scored.sum().float())
 
 
 def pretrain(

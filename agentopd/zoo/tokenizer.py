@@ -379,8 +379,8 @@ def main(argv: list[str] | None = None) -> None:
         tok = rebuild()
         print(f"wrote {TOKENIZER_FILE} (vocab {tok.get_vocab_size()})")
     else:
-        tok = load_tokenizer()
-        print(f"{TOKENIZER_FILE}: vocab {len(tok)}")
+        loaded = load_tokenizer()
+        print(f"{TOKENIZER_FILE}: vocab {len(loaded)}")
 
 
 if __name__ == "__main__":

@@ -234,7 +234,7 @@ class ChatEndpoint:
         if not ids:
             return {}
         lps = answer.get("logprobs") or []
-        content = [
+        content: list[dict[str, Any]] = [
             {"token": f"token_id:{t}", "logprob": lps[i] if lps else None, "bytes": None,
              "top_logprobs": []}
             for i, t in enumerate(ids)

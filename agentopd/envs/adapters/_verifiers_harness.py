@@ -120,7 +120,6 @@ def harness_id() -> str:
             return ProgramResult(exit_code=0, stdout="", stderr="")
 
     module = types.ModuleType(HARNESS_ID, "agentopd: verifiers' null harness, in process")
-    module.InProcessNullHarness = InProcessNullHarness
-    module.__all__ = ["InProcessNullHarness"]
+    vars(module).update(InProcessNullHarness=InProcessNullHarness, __all__=["InProcessNullHarness"])
     sys.modules[HARNESS_ID] = module
     return HARNESS_ID

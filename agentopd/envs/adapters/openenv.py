@@ -39,7 +39,7 @@ import importlib
 import inspect
 import json
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentopd.envs.adapters.base import (
     ForeignEnv,
@@ -51,6 +51,9 @@ from agentopd.envs.adapters.base import (
 from agentopd.registry import UnknownNameError
 from agentopd.tooling import Tool
 from agentopd.types import Message
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 SYNTAX = "openenv:<module>[:<EnvironmentClass>]"
 _OBS_BASE_FIELDS = {"done", "reward", "metadata"}
@@ -136,7 +139,7 @@ class OpenEnvEnv(ForeignEnv):
         self._reset_names = {
             n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
         }
-        self._action_cls = None if self._is_mcp else _action_type(cls)
+        self._action_cls: type[BaseModel] | None = None if self._is_mcp else _action_type(cls)
         self._text_field = _single_str_field(self._action_cls) if self._action_cls else None
         self._options: dict[str, Any] = {}
         super().__init__(env_id, **kwargs)
@@ -172,7 +175,9 @@ class OpenEnvEnv(ForeignEnv):
             return [self._mcp_tool(t.name, t.description, t.input_schema) for t in listed.tools]
         if self._text_field is not None:
             return []
-        schema = self._action_cls.model_json_schema()
+        action_cls = self._action_cls
+        assert action_cls is not None  # every env but an MCP one has its Action model
+        schema = action_cls.model_json_schema()
         props = {k: v for k, v in (schema.get("properties") or {}).items() if k != "metadata"}
         params = {
             "type": "object",
@@ -183,10 +188,10 @@ class OpenEnvEnv(ForeignEnv):
             params["$defs"] = schema["$defs"]
 
         def act(**arguments: Any) -> str:
-            action = self._action_cls(**arguments)
+            action = action_cls(**arguments)
             return self.tool_step(self._observe(self._env.step(action), "tool"))
 
-        doc = (self._action_cls.__doc__ or "").strip().splitlines()
+        doc = (action_cls.__doc__ or "").strip().splitlines()
         description = doc[0] if doc else f"Take one action in {self.env_id}."
         return [Tool("act", act, description, params)]
 
@@ -203,6 +208,7 @@ class OpenEnvEnv(ForeignEnv):
                 0.0,
                 False,
             )
+        assert self._action_cls is not None  # _text_field is one of its fields
         return self._observe(self._env.step(self._action_cls(**{self._text_field: action})), "user")
 
     def foreign_close(self) -> None:
@@ -243,7 +249,7 @@ class OpenEnvEnv(ForeignEnv):
         return json.dumps(data, default=str, ensure_ascii=False)
 
 
-def _action_type(cls: type) -> type:
+def _action_type(cls: Any) -> type[BaseModel]:
     try:
         hints = typing.get_type_hints(cls.step)
     except Exception:  # noqa: BLE001 - unresolvable annotations: fall through to the error below
@@ -254,10 +260,10 @@ def _action_type(cls: type) -> type:
             f"{cls.__name__}.step(action) must annotate its Action model (a pydantic Action "
             f"subclass) so the adapter knows what an action is; got {action!r}"
         )
-    return action
+    return typing.cast("type[BaseModel]", action)  # a class with pydantic's model API
 
 
-def _single_str_field(action_cls: type) -> str | None:
+def _single_str_field(action_cls: type[BaseModel]) -> str | None:
     fields = {k: f for k, f in action_cls.model_fields.items() if k != "metadata"}
     if len(fields) == 1:
         name, f = next(iter(fields.items()))
@@ -269,9 +275,9 @@ def _single_str_field(action_cls: type) -> str | None:
 def _tool_result_text(result: Any) -> str:
     content = getattr(result, "content", None)
     if isinstance(content, list):
-        parts = [getattr(c, "text", None) for c in content]
-        if all(isinstance(p, str) for p in parts):
-            return "\n".join(parts)
+        texts = [t for t in (getattr(c, "text", None) for c in content) if isinstance(t, str)]
+        if len(texts) == len(content):
+            return "\n".join(texts)
     if isinstance(result, dict) and "content" in result:
         return "\n".join(
             str(c.get("text", c)) if isinstance(c, dict) else str(c) for c in result["content"]

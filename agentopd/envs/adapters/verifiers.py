@@ -51,7 +51,7 @@ import threading
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentopd.config import ConfigError
 from agentopd.envs.adapters._endpoint import ChatEndpoint, ChatRequest
@@ -67,6 +67,9 @@ from agentopd.envs.adapters.base import (
 )
 from agentopd.registry import UnknownNameError
 from agentopd.types import Message
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 SYNTAX = "verifiers:<module>[:<TasksetClass>[:<EnvClass>]]"
 MODEL = "agentopd-student"
@@ -164,6 +167,7 @@ def resolve(env_id: str) -> tuple[type, type | None]:
     module = _import(parts[0], env_id)
     taskset = _pick(module, vf.Taskset, parts[1] if len(parts) > 1 else None, "Taskset", env_id)
     env_cls = _pick(module, vf.Env, parts[2] if len(parts) > 2 else None, "Env", env_id)
+    assert taskset is not None  # a Taskset is found or _pick raises
     return taskset, env_cls
 
 
@@ -176,7 +180,7 @@ def _plugin_id(taskset: type, env_cls: type | None) -> str:
         exported = [taskset] + ([env_cls] if env_cls is not None else [])
         for i, cls in enumerate(exported):
             setattr(module, f"export_{i}", cls)
-        module.__all__ = [f"export_{i}" for i in range(len(exported))]
+        vars(module)["__all__"] = [f"export_{i}" for i in range(len(exported))]
         sys.modules[name] = module
     return name
 
@@ -332,7 +336,9 @@ class _Runner:
         )
 
 
-def _taskset_config(env_id: str, config_cls: type, plugin: str, args: Mapping[str, Any]) -> Any:
+def _taskset_config(
+    env_id: str, config_cls: type[BaseModel], plugin: str, args: Mapping[str, Any]
+) -> Any:
     """``config_cls`` (the taskset's ``vf.TasksetConfig``) built from ``env_kwargs.taskset``.
 
     Raises:
