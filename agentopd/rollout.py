@@ -142,10 +142,7 @@ def run_episodes(
                 for i, sample in zip(idx, samples, strict=True):
                     out[i] = sample
         for i in by_source["expert"]:
-            lv = lives[i]
-            toks = _guarded(lv, lambda lv=lv: renderer.encode(_expert_text(lv)) + [renderer.eot_id])
-            toks = toks or []
-            out[i] = Sample(tokens=toks, logprobs=[0.0] * len(toks), finished=True)
+            out[i] = _expert_sample(lives[i], renderer)
         for i in by_source["teacher"]:
             info = lives[i].episode.info
             info["guide_tokens"] = info.get("guide_tokens", 0) + len(out[i].tokens)  # type: ignore[union-attr]
@@ -219,18 +216,21 @@ def expert_episodes(
     cfg = config or RolloutConfig(max_new_tokens=10_000, max_episode_tokens=100_000)
 
     def policy(lives: list[_Live]) -> list[Sample]:
-        out = []
-        for lv in lives:
-            toks = _guarded(lv, lambda lv=lv: renderer.encode(_expert_text(lv)) + [renderer.eot_id])
-            toks = toks or []  # a failed expert ended its episode (env_error)
-            out.append(Sample(tokens=toks, logprobs=[0.0] * len(toks), finished=True))
-        return out
+        return [_expert_sample(lv, renderer) for lv in lives]
 
     return _play(jobs, policy, renderer, cfg)
 
 
-def _expert_text(lv: _Live) -> str:
-    return lv.env.expert_action(list(lv.env.messages))
+def _expert_sample(lv: _Live, renderer: Renderer, guarded: bool = True) -> Sample:
+    """The env's scripted expert's next turn as a sample: the one place the rollout calls
+    ``expert_action`` (expert episodes, expert-guided turns). Guarded, an expert that raises
+    ends its episode as ``env_error`` and plays nothing; unguarded, the exception propagates."""
+
+    def tokens() -> list[int]:
+        return renderer.encode(lv.env.expert_action(list(lv.env.messages))) + [renderer.eot_id]
+
+    toks = (_guarded(lv, tokens) if guarded else tokens()) or []
+    return Sample(tokens=toks, logprobs=[0.0] * len(toks), finished=True)
 
 
 def expert_episode(
@@ -242,9 +242,7 @@ def expert_episode(
     cfg = RolloutConfig(max_new_tokens=10_000, max_episode_tokens=100_000)
 
     def policy(lives: list[_Live]) -> list[Sample]:
-        text = lives[0].env.expert_action(list(lives[0].env.messages))
-        toks = renderer.encode(text) + [renderer.eot_id]
-        return [Sample(tokens=toks, logprobs=[0.0] * len(toks), finished=True)]
+        return [_expert_sample(lives[0], renderer, guarded=False)]
 
     _loop([lv], policy, renderer, cfg, close=False)
     return lv.episode
