@@ -28,7 +28,7 @@ What the strategy changes elsewhere (see :mod:`agentopd.distributed`):
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -91,7 +91,8 @@ def shard(model: nn.Module) -> Passes:
 
     for layer in decoder_layers(model):
         fully_shard(layer)
-    root = fully_shard(Passes(model))
+    root = Passes(model)
+    fully_shard(root)  # in place: returns ``root`` itself, now also an FSDPModule
     for m in root.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
@@ -109,7 +110,8 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     # (cpu_offload would leave the whole dict on rank 0 alone.)
-    return get_model_state_dict(_inner(model), options=StateDictOptions(full_state_dict=True))
+    state = get_model_state_dict(_inner(model), options=StateDictOptions(full_state_dict=True))
+    return cast(dict[str, torch.Tensor], state)  # full_state_dict: every value a tensor
 
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -150,11 +152,12 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     if not by_name:  # not rank 0
         return {}
     index = {n: i for i, n in enumerate(_param_names(model))}
+    # The one-process layout: state per parameter name, a list of param-group dicts.
+    states = cast(dict[str, Any], by_name["state"])
+    groups = cast(list[dict[str, Any]], by_name["param_groups"])
     return {
-        "state": {index[n]: s for n, s in by_name["state"].items()},
-        "param_groups": [
-            {**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]
-        ],
+        "state": {index[n]: s for n, s in states.items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups],
     }
 
 
@@ -172,7 +175,7 @@ def load_full_optimizer_state_dict(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     names = _param_names(model)
-    by_name = {
+    by_name: dict[str, Any] = {
         "state": {names[i]: s for i, s in state["state"].items()},
         "param_groups": [
             {**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]
