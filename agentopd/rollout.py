@@ -13,7 +13,8 @@ Guided episodes (the ``guided-opd`` curriculum) mix policies within one episode:
 turn, with probability ``p`` (drawn per episode and turn index from ``seed``), to the teacher
 engine passed as ``run_episodes(..., guide=...)`` or to the env's scripted expert
 (``"source": "expert"``). Guide turns get mask 0 and their turn indices are listed in
-``episode.info["guided_turns"]``; only the student's own turns are distilled.
+``episode.guided_turns`` (the teacher's generated tokens in ``episode.guide_tokens``); only the
+student's own turns are distilled.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class _Live:
     pending: Sample | None = None
     guided: bool = False
     """The current turn is played by the guide (teacher or expert): it gets mask 0."""
+    guide: dict[str, Any] | None = None
+    """The job's guide spec (``options["guide"]``), checked by ``_check_guide_spec``."""
 
 
 Policy = Callable[[list["_Live"]], list[Sample]]
@@ -126,7 +129,7 @@ def run_episodes(
         temperature = cfg.temperature
         for i, lv in enumerate(lives):
             lv.guided = _guide_turn(lv)
-            spec = lv.episode.info.get("options", {}).get("guide") or {}
+            spec = lv.guide or {}
             by_source[spec.get("source", "teacher") if lv.guided else "student"].append(i)
             if lv.guided and spec.get("temperature") is not None:
                 temperature = float(spec["temperature"])
@@ -144,8 +147,9 @@ def run_episodes(
         for i in by_source["expert"]:
             out[i] = _expert_sample(lives[i], renderer)
         for i in by_source["teacher"]:
-            info = lives[i].episode.info
-            info["guide_tokens"] = info.get("guide_tokens", 0) + len(out[i].tokens)  # type: ignore[union-attr]
+            sample = out[i]
+            assert sample is not None  # every teacher-guided slot was filled above
+            lives[i].episode.guide_tokens += len(sample.tokens)
         return out  # type: ignore[return-value]
 
     return _play(jobs, policy, renderer, cfg)
@@ -199,13 +203,13 @@ def _check_guide_spec(job: EpisodeJob, guide: Engine | None) -> None:
 
 def _guide_turn(lv: _Live) -> bool:
     """Whether the guide plays this episode's next turn (deterministic in seed and turn index)."""
-    spec = lv.episode.info.get("options", {}).get("guide")
+    spec = lv.guide
     if not spec or float(spec["p"]) <= 0:
         return False
-    index = lv.episode.info.get("replayed_turns", 0) + len(lv.episode.turns)
+    index = lv.episode.replayed_turns + len(lv.episode.turns)
     if random.Random(f"guide:{int(spec['seed'])}:{index}").random() >= float(spec["p"]):
         return False
-    lv.episode.info.setdefault("guided_turns", []).append(index)
+    lv.episode.guided_turns.append(index)
     return True
 
 
@@ -285,9 +289,9 @@ def _start_with(env: Env, job: EpisodeJob, renderer: Renderer) -> _Live:
         task_id=str(info.get("task_id", "")),
         seed=job.seed,
         segments=[seg],
+        replayed_turns=int(info.get("replayed_turns", 0)),
         info={
             "difficulty": info.get("difficulty", 1),
-            "replayed_turns": info.get("replayed_turns", 0),
             "max_turns": info.get("max_turns"),
             "options": {k: v for k, v in job.options.items() if k != "replay"},
             "tool_errors": {},
@@ -296,7 +300,7 @@ def _start_with(env: Env, job: EpisodeJob, renderer: Renderer) -> _Live:
         tools=tools,
         privileged_context=env.privileged_context(),
     )
-    return _Live(env=env, episode=ep, tools=tools, stream_text=text)
+    return _Live(env=env, episode=ep, tools=tools, stream_text=text, guide=job.options.get("guide"))
 
 
 def _play(
@@ -398,7 +402,7 @@ def _record_turn(lv: _Live, sample: Sample, renderer: Renderer, cfg: RolloutConf
     text = renderer.decode(content)
     lv.stream_text += renderer.decode(tokens)
     turn = Turn(
-        index=ep.info.get("replayed_turns", 0) + len(ep.turns),
+        index=ep.replayed_turns + len(ep.turns),
         segment=len(ep.segments) - 1,
         start=start,
         end=start + len(tokens),

@@ -268,6 +268,13 @@ class Episode:
     privileged_context: str = ""
     """Context only a privileged teacher may see (``Env.privileged_context``); never rendered
     for the student."""
+    replayed_turns: int = 0
+    """Assistant turns replayed before the episode's first played turn (``options["replay"]``,
+    e.g. ``tcod-b2f``'s expert prefix); the played turns' indices start here."""
+    guided_turns: list[int] = field(default_factory=list)
+    """Indices of the turns a guide (teacher or expert, ``guided-opd``) played; mask 0."""
+    guide_tokens: int = 0
+    """Tokens the teacher generated as a guide (teacher compute, counted by the trainer)."""
     info: dict[str, Any] = field(default_factory=dict)
     """Free-form extras for people and metrics (task metadata, tool-error counts, curriculum
     knobs); nothing in the training path depends on them."""
@@ -296,6 +303,9 @@ class Episode:
             "n_prompt_messages": self.n_prompt_messages,
             "tools": self.tools,
             "privileged_context": self.privileged_context,
+            "replayed_turns": self.replayed_turns,
+            "guided_turns": self.guided_turns,
+            "guide_tokens": self.guide_tokens,
             "info": self.info,
             "teacher": None
             if self.teacher is None
@@ -320,6 +330,9 @@ class Episode:
             n_prompt_messages=int(d.get("n_prompt_messages", info.pop("n_prompt_messages", 0))),
             tools=d.get("tools", info.pop("tools", [])),
             privileged_context=d.get("privileged_context", info.pop("privileged_context", "")),
+            replayed_turns=int(d.get("replayed_turns", 0)),
+            guided_turns=[int(i) for i in d.get("guided_turns", [])],
+            guide_tokens=int(d.get("guide_tokens", 0)),
             info=info,
             teacher=None
             if teacher is None

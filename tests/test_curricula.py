@@ -32,7 +32,7 @@ def test_b2f_replays_all_but_the_last_k_expert_actions():
                 [EpisodeJob("lookup-chain", job.seed, job.options, c.env_kwargs)], renderer
             )
             assert ep.success
-            assert ep.info["replayed_turns"] == len(job.options["replay"])
+            assert ep.replayed_turns == len(job.options["replay"])
             assert ep.num_turns == full - len(job.options["replay"])  # the policy plays the rest
             assert sum(ep.segments[0].mask[: ep.segments[0].prompt_len]) == 0
 

@@ -54,7 +54,7 @@ def test_every_curriculum_trains_end_to_end(name, tmp_path, capsys):
         assert after["eval/mean_turns"] > 1.5
     if name == "tcod-b2f":
         episodes = [ep for _, ep in EpisodeStore(run).iter_episodes()]
-        replayed = [e for e in episodes if e.info.get("replayed_turns", 0) > 0]
+        replayed = [e for e in episodes if e.replayed_turns > 0]
         assert replayed, "k=1 on 1-3 hops must replay a prefix in some episode"
         for ep in replayed:
             seg = ep.segments[0]

@@ -57,7 +57,7 @@ def test_mask_is_zero_exactly_on_teacher_turns(renderer):
     episodes = run_episodes(jobs, student, renderer, guide=teacher)
     n_guided = n_student = 0
     for ep in episodes:
-        guided_turns = set(ep.info.get("guided_turns", []))
+        guided_turns = set(ep.guided_turns)
         assert ep.num_turns == 6  # hops + 2: nobody submits, the turn limit ends it
         for turn, mask in zip(ep.turns, _turn_masks(ep), strict=True):
             if turn.index in guided_turns:
@@ -70,13 +70,13 @@ def test_mask_is_zero_exactly_on_teacher_turns(renderer):
         assert sum(seg.mask) == sum(
             t.end - t.start for t in ep.turns if t.index not in guided_turns
         )
-        assert ep.info["guide_tokens"] == sum(
+        assert ep.guide_tokens == sum(
             t.end - t.start for t in ep.turns if t.index in guided_turns
         )
     assert n_guided > 5 and n_student > 5  # p = 0.5 over 48 turns: both kinds occur
     again = run_episodes(jobs, student, renderer, guide=teacher)
-    assert [e.info.get("guided_turns") for e in again] == [
-        e.info.get("guided_turns") for e in episodes
+    assert [e.guided_turns for e in again] == [
+        e.guided_turns for e in episodes
     ]
 
 
@@ -89,14 +89,14 @@ def test_expert_guide_turns_are_masked_and_move_the_episode_on(renderer):
     )
     [ep] = run_episodes([job], FixedEngine(renderer, STUDENT_TEXT), renderer)
     assert ep.success and ep.num_turns == 5 and ep.num_sampled_tokens == 0
-    assert ep.info["guided_turns"] == [0, 1, 2, 3, 4] and "guide_tokens" not in ep.info
+    assert ep.guided_turns == [0, 1, 2, 3, 4] and ep.guide_tokens == 0
 
 
 def test_p_zero_plays_only_the_student_and_teacher_guide_needs_an_engine(renderer):
     student = FixedEngine(renderer, STUDENT_TEXT)
     job = EpisodeJob("lookup-chain", 1, {"guide": {"p": 0.0, "seed": 1}}, ENV_KW)
     [ep] = run_episodes([job], student, renderer)
-    assert "guided_turns" not in ep.info and all(m == {1} for m in _turn_masks(ep))
+    assert not ep.guided_turns and all(m == {1} for m in _turn_masks(ep))
     with pytest.raises(ValueError, match="no guide engine"):
         run_episodes(
             [EpisodeJob("lookup-chain", 1, {"guide": {"p": 0.3, "seed": 1}}, ENV_KW)],
@@ -193,12 +193,12 @@ def test_train_two_steps_with_guided_opd(guided_run):
     episodes = [e for row, e in EpisodeStore(run).iter_episodes() if row.step == 0]
     guided_tokens = 0
     for ep in episodes:
-        turns = set(ep.info.get("guided_turns", []))
+        turns = set(ep.guided_turns)
         for t in ep.turns:
             assert set(ep.segments[t.segment].mask[t.start : t.end]) == (
                 {0} if t.index in turns else {1}
             )
-        guided_tokens += ep.info.get("guide_tokens", 0)
+        guided_tokens += ep.guide_tokens
     assert guided_tokens > 0  # p = 0.9: the teacher played turns
     assert train[0]["teacher_tokens"] == guided_tokens + sum(e.num_sampled_tokens for e in episodes)
     state = json.loads(next(Path(run / "checkpoints").glob("*/state.json")).read_text())
@@ -229,7 +229,7 @@ def test_resume_after_a_kill_restores_the_guided_curriculum(guided_run, tmp_path
     assert [row["step"] for row in train] == [0, 1]
     assert train[1]["curriculum/guide_p"] == pytest.approx(0.45)
     resumed, reference = _step_episodes(run, 1), _step_episodes(guided_run, 1)
-    assert [e.info.get("guided_turns", []) for e in resumed] == [
-        e.info.get("guided_turns", []) for e in reference
+    assert [e.guided_turns for e in resumed] == [
+        e.guided_turns for e in reference
     ]
     assert [e.segments[0].tokens for e in resumed] == [e.segments[0].tokens for e in reference]

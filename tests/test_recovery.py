@@ -78,9 +78,9 @@ def test_recovery_jobs_start_right_after_one_injected_error(renderer):
     episodes = expert_episodes(jobs, renderer, RolloutConfig(max_new_tokens=200))
     assert all(ep.success for ep in episodes)
     for ep, job in zip(episodes, jobs, strict=True):
-        assert ep.info["replayed_turns"] == len(job.options["replay"])
+        assert ep.replayed_turns == len(job.options["replay"])
         # The replayed prefix, the error included, is context (mask 0), never the policy's turn.
-        assert all(t.index >= ep.info["replayed_turns"] for t in ep.turns)
+        assert all(t.index >= ep.replayed_turns for t in ep.turns)
     rates = recovery_rate(episodes)
     assert rates["recovery_rate"] == 1.0 and rates["recovery_episodes"] == 24.0
     assert {k for k in rates if k.startswith("recovery_rate/")} == {

@@ -200,7 +200,7 @@ def test_replayed_prefix_has_mask_zero(renderer):
         [EpisodeJob("lookup-chain", 5, options={"replay": actions[:2]}, env_kwargs={"hops": 3})],
         renderer,
     )
-    assert ep.success and ep.info["replayed_turns"] == 2
+    assert ep.success and ep.replayed_turns == 2
     assert [t.index for t in ep.turns] == [2, 3]
     seg = ep.segments[0]
     prompt_text = renderer.decode(seg.tokens[: seg.prompt_len])
