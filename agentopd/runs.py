@@ -30,6 +30,8 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,28 @@ def non_finite_weights(directory: Path) -> tuple[str, int] | None:
                     if bad:
                         return f"{f.relative_to(directory)}: {name}", bad
     return None
+
+
+@contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Build a directory in a temporary sibling (yielded) that replaces ``path`` only when the
+    block finishes: readers see the old directory or the complete new one, never a half-written
+    one, and a failure leaves ``path`` as it was and no temporary behind. Files get mode 0644."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                f.chmod(0o644)
+        tmp.chmod(0o755)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            path.rename(old / path.name)
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

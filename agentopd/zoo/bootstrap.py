@@ -33,9 +33,7 @@ import functools
 import itertools
 import json
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -50,6 +48,7 @@ from agentopd.metrics import evaluate
 from agentopd.registry import make
 from agentopd.renderer import Renderer
 from agentopd.rollout import EpisodeJob, RolloutConfig, expert_episodes
+from agentopd.runs import atomic_directory
 from agentopd.sft import SftGroup
 from agentopd.types import Episode, Segment
 from agentopd.zoo.models import build_model, cache_dir
@@ -628,20 +627,10 @@ def initial_model(recipe: Recipe) -> Any:
 
 
 def _save_atomically(model: Any, tokenizer: Any, report: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "zoo.json").write_text(json.dumps(report, indent=2))
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            path.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
-        tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

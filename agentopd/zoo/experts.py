@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -45,6 +43,7 @@ from agentopd.learner import Learner, LearnerConfig
 from agentopd.registry import make
 from agentopd.renderer import Renderer
 from agentopd.rollout import EpisodeJob, RolloutConfig, run_episodes
+from agentopd.runs import atomic_directory
 from agentopd.types import Episode
 from agentopd.zoo.bootstrap import (
     add_recipe_flags,
@@ -279,11 +278,7 @@ def save_adapter(model: Any, report: dict[str, Any], path: Path) -> None:
     """Write the adapter of ``model`` (float16) and ``report`` to ``path`` atomically."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_directory(path) as tmp:
         tensors = {
             k: v.detach().to(torch.float16).cpu().contiguous()
             for k, v in lora.adapter_state_dict(model).items()
@@ -291,13 +286,6 @@ def save_adapter(model: Any, report: dict[str, Any], path: Path) -> None:
         save_file(tensors, str(tmp / "adapter_model.safetensors"))
         model._agentopd_lora_config.save_pretrained(str(tmp))
         (tmp / "zoo.json").write_text(json.dumps(report, indent=2))
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
