@@ -108,17 +108,6 @@ def check_env(cfg: Any) -> None:
         pass
 
 
-def _accepts(fn: Any, name: str) -> bool:
-    """Whether ``fn`` takes a keyword argument ``name`` (explicitly or through ``**kwargs``)."""
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
-
-
 def make_engine(
     name: str, model: Any, renderer: Renderer, workdir: Path, config: Any = None
 ) -> Engine:
@@ -126,11 +115,8 @@ def make_engine(
     factory = registry.engines.spec(name).load()
     if isinstance(config, DictConfig):
         config = OmegaConf.to_object(config)
-    kwargs: dict[str, Any] = {"renderer": renderer, "workdir": workdir}
-    if _accepts(factory, "config"):  # factories written before engine_cfg take no config
-        kwargs["config"] = config or EngineConfig()
     try:
-        return factory(model, **kwargs)
+        return factory(model, renderer=renderer, workdir=workdir, config=config or EngineConfig())
     except ImportError as e:
         raise ConfigError(f"engine={name} is not available: {e}") from None
 

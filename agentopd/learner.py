@@ -312,16 +312,14 @@ class Learner:
         batch = Batch(ids, torch.ones_like(ids), ids[:, 1:], *([None] * 6))  # type: ignore[arg-type]
         return self._student(batch, None, want_topk=False).logprobs_B_T.sum() * 0.0
 
-    def step(self, episodes: list[Episode], mode: str = "opd") -> dict[str, float]:
-        """One update on ``episodes`` (``mode``: ``"opd"`` or ``"sft"``).
+    def step(self, episodes: list[Episode]) -> dict[str, float]:
+        """One OPD update on ``episodes`` (scored by the teacher; :meth:`step_sft` for SFT).
 
         OPD: token selection (``entropy_top_frac``, ``overlap_only``) is decided over the whole
         batch before micro-batching, so the gradient does not depend on ``optim.micro_batch``.
         With ``optim.epochs_per_batch = E > 1`` the batch gets E optimizer updates; the student
         log-probs before the first one are ``p_old`` of the ``rkl-sampled`` ratio.
         """
-        if mode == "sft":
-            return self.step_sft(episodes)
         return self._step_opd(episodes)
 
     def _micro_batches(self, episodes: list[Episode], with_teacher: bool) -> list[Batch]:

@@ -6,8 +6,8 @@ This module owns everything between "per-token numbers" and "a scalar to call ``
   (sampled token, an arbitrary support such as the teacher's top-k, the student's own top-k,
   entropy) without ever materialising the whole ``[tokens x vocab]`` float32 logits, in the
   forward *or* the backward pass (a custom autograd function recomputes one chunk at a time).
-* Objectives as pure functions (``rkl_sampled``, ``rkl_topk``, ``fkl_topk``, ``jsd``, plus
-  :func:`sft_nll` for the off-policy cold start), each returning ``(loss, metrics)`` where
+* Objectives as pure functions (``rkl_sampled``, ``rkl_topk``, ``fkl_topk``, ``jsd``), each
+  returning ``(loss, metrics)`` where
   ``metrics`` is a dict of Python floats, and wrapped as :class:`Loss` objects with their own
   config dataclasses (registered in ``agentopd.registry.losses``).
 * Token selection: :func:`select_entropy_top_frac`, :func:`select_overlap_only`.
@@ -306,22 +306,6 @@ def chunked_token_logprobs(
     if return_entropy:
         out.entropy_B_T = entropy.reshape(B, T)
     return out
-
-
-def gather_support_logprobs(logprobs_B_T_V: Tensor, ids_B_T_K: Tensor) -> Tensor:
-    """Gather log-probs at given ids from a full distribution (small vocabularies, tests).
-
-    For real vocabularies pass the ids as ``topk_ids_B_T_K`` to :func:`chunked_token_logprobs`
-    instead, which never builds ``logprobs_B_T_V``.
-
-    Args:
-        logprobs_B_T_V: Full log-probabilities.
-        ids_B_T_K: Ids to gather, e.g. the teacher's top-k ids.
-
-    Returns:
-        ``[B, T, K]`` log-probs at ``ids_B_T_K``.
-    """
-    return logprobs_B_T_V.gather(-1, ids_B_T_K.long())
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,24 +625,6 @@ def jsd(
     return loss, _support_metrics(
         loss, student_logprobs_on_support_B_T_K, teacher_logprobs_on_support_B_T_K, mask
     )
-
-
-def sft_nll(
-    logprobs_B_T: Tensor, mask_B_T: Tensor, agg: str = "token-mean"
-) -> tuple[Tensor, dict[str, float]]:
-    """Negative log-likelihood for the off-policy cold start (SFT on teacher episodes).
-
-    Args:
-        logprobs_B_T: Student log-probs of the demonstration tokens (with grad).
-        mask_B_T: 1 on the tokens to imitate (the teacher's sampled tokens).
-        agg: Aggregation mode.
-
-    Returns:
-        ``(loss, metrics)``; metrics: ``loss``, ``tokens``.
-    """
-    mask = _bool_mask(mask_B_T)
-    loss = aggregate(-_masked(logprobs_B_T, mask), mask, agg)
-    return loss, {"loss": float(loss.detach()), "tokens": float(mask.sum())}
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,11 +33,6 @@ class StopReason(StrEnum):
     PREFIX_MISMATCH = "prefix_mismatch"
     """The chat template rewrote history and the renderer was configured to stop."""
 
-    @classmethod
-    def _missing_(cls, value: object) -> StopReason | None:
-        # Episodes written before ``env_error`` existed said ``error``.
-        return cls.ENV_ERROR if value == "error" else None
-
 
 @dataclass
 class ToolCall:
@@ -326,10 +321,9 @@ class Episode:
             reward=d.get("reward", 0.0),
             success=d.get("success", False),
             stop_reason=StopReason(d.get("stop_reason", "answer")),
-            # Run directories written before these fields existed kept them in ``info``.
-            n_prompt_messages=int(d.get("n_prompt_messages", info.pop("n_prompt_messages", 0))),
-            tools=d.get("tools", info.pop("tools", [])),
-            privileged_context=d.get("privileged_context", info.pop("privileged_context", "")),
+            n_prompt_messages=int(d.get("n_prompt_messages", 0)),
+            tools=d.get("tools", []),
+            privileged_context=d.get("privileged_context", ""),
             replayed_turns=int(d.get("replayed_turns", 0)),
             guided_turns=[int(i) for i in d.get("guided_turns", [])],
             guide_tokens=int(d.get("guide_tokens", 0)),

@@ -354,8 +354,9 @@ def test_episode_json_has_no_recursion_limit() -> None:
     assert inner["leaf"][0] == 1.5 and inner["leaf"][1] != inner["leaf"][1]  # NaN
 
 
-def test_old_error_stop_reason_still_loads() -> None:
-    assert StopReason("error") is StopReason.ENV_ERROR
+def test_an_unknown_stop_reason_is_refused() -> None:
+    with pytest.raises(ValueError, match="'error' is not a valid StopReason"):
+        StopReason("error")  # 0.1.0 reads only its own format ("env_error" since then)
 
 
 # ------------------------------------------------------------------ parser

@@ -109,13 +109,6 @@ def test_topk_kl_with_zero_teacher_probability_is_finite() -> None:
     assert L.fkl_topk(s, q, torch.ones(1, 1))[0].item() == pytest.approx(fkl, abs=1e-12)
 
 
-def test_sft_nll_hand_computed() -> None:
-    lp = _t([[math.log(0.5), math.log(0.25), 7.0]])
-    loss, m = L.sft_nll(lp, torch.tensor([[1, 1, 0]]))
-    assert loss.item() == pytest.approx((math.log(2) + math.log(4)) / 2)
-    assert m["tokens"] == 2.0
-
-
 # --------------------------------------------------------------------------------------------
 # JSD limits, tail bucket, aggregation
 # --------------------------------------------------------------------------------------------
@@ -413,13 +406,6 @@ def test_chunked_rejects_bad_arguments() -> None:
         L.chunked_token_logprobs(h, w, torch.zeros(1, 2, dtype=torch.long), chunk_size=0)
     with pytest.raises(ValueError, match="target_ids_B_T"):
         L.chunked_token_logprobs(h, w, torch.zeros(2, 2, dtype=torch.long))
-
-
-def test_gather_support_logprobs_at_teacher_topk() -> None:
-    lp = torch.log_softmax(torch.randn(1, 2, 6), -1)
-    ids = torch.tensor([[[5, 0], [2, 3]]])
-    got = L.gather_support_logprobs(lp, ids)
-    assert got[0, 0, 0] == lp[0, 0, 5] and got[0, 1, 1] == lp[0, 1, 3]
 
 
 # --------------------------------------------------------------------------------------------

@@ -95,8 +95,7 @@ class EngineFactory(Protocol):
     ``model`` is the learner's model (an in-process engine may share its parameters),
     ``renderer`` gives the end-of-turn and padding ids, ``workdir`` is a directory the
     engine may use (e.g. to save weights for an out-of-process server), and ``config`` holds
-    the ``engine_cfg.*`` settings (passed only to a factory that takes a ``config`` keyword, so
-    factories written without it keep working). Raise :class:`ImportError` with the
+    the ``engine_cfg.*`` settings (an :class:`EngineConfig`). Raise :class:`ImportError` with the
     ``pip install`` line when a needed package is missing.
 
     Example::

@@ -57,15 +57,6 @@ class HFTeacher:
         return prefill.teacher_prompt(self.renderer, self.config, episode)
 
     @torch.no_grad()
-    def full_logprobs(self, tokens: list[int]) -> torch.Tensor:
-        """The teacher's full next-token distribution at every position: ``[T, V]`` log-probs.
-
-        Row ``t`` is the distribution over token ``t + 1``. In-process only (large: T x V floats).
-        """
-        ids = torch.tensor([tokens], device=self.device)
-        return torch.log_softmax(self.model(input_ids=ids).logits[0].float(), dim=-1)
-
-    @torch.no_grad()
     def score(self, episodes: list[Episode]) -> list[list[TeacherScores]]:
         """Score every segment; sets ``episode.teacher`` and returns the scores per episode."""
         slots = prefill.empty_slots(episodes)
