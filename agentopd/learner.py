@@ -3,7 +3,7 @@
 Episodes become right-padded ``[B, T]`` batches of their segments. Position ``t`` of the shifted
 arrays predicts token ``t + 1``; the loss mask is the episode's mask there, so prompts, tool
 results and template tokens never carry loss. Student log-probs come from
-:func:`agentopd.losses.chunked_token_logprobs`, so ``[tokens x vocab]`` logits are never
+:func:`agentopd.logprobs.chunked_token_logprobs`, so ``[tokens x vocab]`` logits are never
 materialised for a whole batch. AdamW, gradient accumulation over micro-batches, clipping and a
 learning-rate schedule; CPU by default, CUDA with bf16 autocast when available.
 """
@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import torch
 
-from agentopd import distributed, fsdp, losses, sft
+from agentopd import distributed, fsdp, logprobs, losses, sft
 from agentopd.schema import knob
 from agentopd.teachers import UnusableScoresError, check_scores
 from agentopd.types import Episode
@@ -114,8 +114,8 @@ def student_pass(
     mask_B_S: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """The learner's student pass: the decoder, then the chunked output projection
-    (:func:`agentopd.losses.chunked_token_logprobs`, with entropy) at the mask-1 positions only
-    (every position without a mask); the fields of its :class:`~agentopd.losses.TokenLogprobs`
+    (:func:`agentopd.logprobs.chunked_token_logprobs`, with entropy) at the mask-1 positions only
+    (every position without a mask); the fields of its :class:`~agentopd.logprobs.TokenLogprobs`
     as a dict of ``[B, S]`` / ``[B, S, K]`` tensors, 0 at unprojected positions, so that it can
     run as the forward of an :class:`agentopd.fsdp.Passes` (bf16 autocast of the decoder on
     CUDA).
@@ -138,7 +138,7 @@ def student_pass(
     def pick(x: torch.Tensor) -> torch.Tensor:
         return x if where is None else x[where][None]
 
-    st = losses.chunked_token_logprobs(
+    st = logprobs.chunked_token_logprobs(
         pick(hidden_B_S_H),
         head.weight,
         pick(target_B_S),
@@ -287,7 +287,7 @@ class Learner:
 
     def _student(
         self, batch: Batch, support: torch.Tensor | None, want_topk: bool
-    ) -> losses.TokenLogprobs:
+    ) -> logprobs.TokenLogprobs:
         out = self.passes(
             student_pass,
             batch.input_ids_B_T.to(self.device),
@@ -298,7 +298,7 @@ class Learner:
             self.loss_cfg.chunk_size,
             None if batch.mask_B_S is None else batch.mask_B_S.to(self.device),
         )
-        return losses.TokenLogprobs(**out)
+        return logprobs.TokenLogprobs(**out)
 
     def _passes_to_run(self, n: int) -> int:
         """How many passes this rank runs for its ``n`` micro-batches: ``n``, or sharded (every
@@ -529,7 +529,7 @@ class Learner:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def _diag_row(batch: Batch, st: losses.TokenLogprobs) -> dict[str, torch.Tensor]:
+def _diag_row(batch: Batch, st: logprobs.TokenLogprobs) -> dict[str, torch.Tensor]:
     # An OPD batch (teacher scores in it) and a pass that asked for the student's top-k.
     assert batch.teacher_lp_B_S is not None and batch.teacher_ids_B_S_K is not None
     assert batch.teacher_topk_lp_B_S_K is not None and batch.teacher_entropy_B_S is not None

@@ -1,11 +1,8 @@
-"""Distillation objectives as pure functions, token selection, and chunked student log-probs.
+"""Distillation objectives as pure functions, and token selection.
 
-This module owns everything between "per-token numbers" and "a scalar to call ``backward`` on":
+This module owns everything between "per-token numbers" and "a scalar to call ``backward`` on"
+(the per-token numbers themselves come from :func:`agentopd.logprobs.chunked_token_logprobs`):
 
-* :func:`chunked_token_logprobs` turns final hidden states into per-token student log-probs
-  (sampled token, an arbitrary support such as the teacher's top-k, the student's own top-k,
-  entropy) without ever materialising the whole ``[tokens x vocab]`` float32 logits, in the
-  forward *or* the backward pass (a custom autograd function recomputes one chunk at a time).
 * Objectives as pure functions (``rkl_sampled``, ``rkl_topk``, ``fkl_topk``, ``jsd``), each
   returning ``(loss, metrics)`` where
   ``metrics`` is a dict of Python floats, and wrapped as :class:`Loss` objects with their own
@@ -37,6 +34,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from agentopd.logprobs import TokenLogprobs, at_least_f32
 from agentopd.schema import knob
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
@@ -49,263 +47,6 @@ probability of exactly 0 (``-inf``) yields ``0 * finite = 0`` instead of ``0 * -
 _TAIL_MAX_LOGMASS = -1.0e-7
 """The log of the summed top-k mass is clamped to at most this value before the tail bucket is
 formed, so the tail log-probability stays finite (about -16.1) when top-k holds all the mass."""
-
-
-# --------------------------------------------------------------------------------------------
-# Chunked student log-probs
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TokenLogprobs:
-    """Per-token student quantities returned by :func:`chunked_token_logprobs`.
-
-    All float tensors are float32 (float64 for float64 inputs) and differentiable w.r.t. the hidden states and lm_head.
-    """
-
-    logprobs_B_T: Tensor
-    """log p(target) at each position."""
-    support_logprobs_B_T_K: Tensor | None = None
-    """log p at the caller's ids (e.g. the teacher's top-k), if ``topk_ids_B_T_K`` was given."""
-    topk_ids_B_T_K: Tensor | None = None
-    """The student's own top-``student_topk`` ids (int64), if ``student_topk > 0``."""
-    topk_logprobs_B_T_K: Tensor | None = None
-    """The student's log-probs at its own top-``student_topk`` ids."""
-    entropy_B_T: Tensor | None = None
-    """Entropy of the full student distribution (nats), if ``return_entropy``."""
-
-
-def _at_least_f32(x: Tensor) -> Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def _chunk_logits(
-    hidden_C_H: Tensor,
-    weight_V_H: Tensor,
-    bias_V: Tensor | None,
-    temperature: float,
-    buffer_C_V: Tensor,
-) -> Tensor:
-    """One chunk's logits in at least float32, written into (a prefix of) ``buffer_C_V``."""
-    logits = torch.mm(hidden_C_H, weight_V_H.T, out=buffer_C_V[: hidden_C_H.shape[0]])
-    if bias_V is not None:
-        logits.add_(bias_V)
-    logits = _at_least_f32(logits)
-    if temperature != 1.0:
-        logits.div_(temperature)
-    return logits
-
-
-class _ChunkedLogprobs(torch.autograd.Function):
-    """Chunked log-softmax statistics with a hand-written, chunk-recomputing backward.
-
-    Forward keeps only the per-token log-normaliser (and entropy); backward recomputes one
-    chunk's logits at a time and forms ``d/dlogits`` analytically:
-    ``sum_j g_j (e_{id_j} - p) - g_H p (log p + H)`` for the gathered log-probs and entropy.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        hidden_N_H: Tensor,
-        weight_V_H: Tensor,
-        bias_V: Tensor | None,
-        target_N: Tensor,
-        support_N_K: Tensor,
-        chunk_size: int,
-        temperature: float,
-        student_topk: int,
-        return_entropy: bool,
-        compute_dtype: torch.dtype,
-    ) -> tuple[Tensor, ...]:
-        N, V = hidden_N_H.shape[0], weight_V_H.shape[0]
-        out_dtype = torch.promote_types(compute_dtype, torch.float32)
-        h, w = hidden_N_H.to(compute_dtype), weight_V_H.to(compute_dtype)
-        b = None if bias_V is None else bias_V.to(compute_dtype)
-        new = hidden_N_H.new_empty
-        target_lp = new(N, dtype=out_dtype)
-        lse = new(N, dtype=out_dtype)
-        support_lp = new(N, support_N_K.shape[1], dtype=out_dtype)
-        topk_lp = new(N, student_topk, dtype=out_dtype)
-        topk_ids = new(N, student_topk, dtype=torch.long)
-        entropy = new(N if return_entropy else 0, dtype=out_dtype)
-        buffer = new(min(chunk_size, N), V, dtype=compute_dtype)
-        for s in range(0, N, chunk_size):
-            e = min(s + chunk_size, N)
-            logits = _chunk_logits(h[s:e], w, b, temperature, buffer)
-            lse_c = torch.logsumexp(logits, -1)
-            lse[s:e] = lse_c
-            target_lp[s:e] = logits.gather(-1, target_N[s:e, None]).squeeze(-1) - lse_c
-            if support_N_K.shape[1]:
-                support_lp[s:e] = logits.gather(-1, support_N_K[s:e]) - lse_c[:, None]
-            if student_topk:
-                values, ids = logits.topk(student_topk, -1)
-                topk_lp[s:e], topk_ids[s:e] = values - lse_c[:, None], ids
-            if return_entropy:
-                logprobs = logits.sub_(lse_c[:, None])
-                entropy[s:e] = -(logprobs.exp() * logprobs).sum(-1)
-        ctx.save_for_backward(
-            hidden_N_H, weight_V_H, bias_V, target_N, support_N_K, topk_ids, lse, entropy
-        )
-        ctx.config = (chunk_size, temperature, compute_dtype)
-        ctx.mark_non_differentiable(topk_ids)
-        ctx.set_materialize_grads(False)
-        return target_lp, support_lp, topk_ids, topk_lp, entropy
-
-    @staticmethod
-    def backward(
-        ctx: Any,
-        g_target: Tensor | None,
-        g_support: Tensor | None,
-        _g_topk_ids: Tensor | None,
-        g_topk: Tensor | None,
-        g_entropy: Tensor | None,
-    ) -> tuple[Tensor | None, ...]:
-        hidden_N_H, weight_V_H, bias_V, target_N, support_N_K, topk_ids, lse, entropy = (
-            ctx.saved_tensors
-        )
-        chunk_size, temperature, compute_dtype = ctx.config
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        N, V = hidden_N_H.shape[0], weight_V_H.shape[0]
-        acc = lse.dtype
-        h, w = hidden_N_H.to(compute_dtype), weight_V_H.to(compute_dtype)
-        b = None if bias_V is None else bias_V.to(compute_dtype)
-        grad_h = hidden_N_H.new_zeros(N, h.shape[1], dtype=acc) if need_h else None
-        grad_w = weight_V_H.new_zeros(V, w.shape[1], dtype=acc) if need_w else None
-        grad_b = weight_V_H.new_zeros(V, dtype=acc) if need_b else None
-        if g_support is not None and not support_N_K.shape[1]:
-            g_support = None
-        if g_topk is not None and not topk_ids.shape[1]:
-            g_topk = None
-        if g_entropy is not None and not entropy.numel():
-            g_entropy = None
-        buffer = hidden_N_H.new_empty(min(chunk_size, N), V, dtype=compute_dtype)
-        for s in range(0, N, chunk_size):
-            e = min(s + chunk_size, N)
-            logprobs = _chunk_logits(h[s:e], w, b, temperature, buffer).sub_(lse[s:e, None])
-            # coefficient of -p in d/dlogits: the sum of upstream grads of gathered log-probs
-            coef = torch.zeros(e - s, dtype=acc, device=lse.device)
-            for g in (g_target, g_support, g_topk):
-                if g is not None:
-                    coef += g[s:e] if g.dim() == 1 else g[s:e].sum(-1)
-            if g_entropy is not None:
-                p = logprobs.exp()
-                logprobs.add_(entropy[s:e, None]).mul_(g_entropy[s:e, None]).add_(coef[:, None])
-                grad = p.mul_(logprobs).neg_()
-            else:
-                grad = logprobs.exp_().mul_(-coef[:, None])
-            if g_target is not None:
-                grad.scatter_add_(1, target_N[s:e, None], g_target[s:e, None].to(acc))
-            if g_support is not None:
-                grad.scatter_add_(1, support_N_K[s:e], g_support[s:e].to(acc))
-            if g_topk is not None:
-                grad.scatter_add_(1, topk_ids[s:e], g_topk[s:e].to(acc))
-            if temperature != 1.0:
-                grad.div_(temperature)
-            grad_c = grad.to(compute_dtype)
-            if grad_h is not None:
-                grad_h[s:e] = grad_c @ w
-            if grad_w is not None and compute_dtype == acc:
-                grad_w.addmm_(grad_c.T, h[s:e])
-            elif grad_w is not None:
-                grad_w += (grad_c.T @ h[s:e]).to(acc)
-            if grad_b is not None:
-                grad_b += grad.sum(0)
-        return (
-            None if grad_h is None else grad_h.to(hidden_N_H.dtype),
-            None if grad_w is None else grad_w.to(weight_V_H.dtype),
-            None if grad_b is None else grad_b.to(bias_V.dtype),
-            *([None] * 7),
-        )
-
-
-def chunked_token_logprobs(
-    hidden_B_T_H: Tensor,
-    lm_head_weight_V_H: Tensor,
-    target_ids_B_T: Tensor,
-    *,
-    lm_head_bias_V: Tensor | None = None,
-    chunk_size: int = 1024,
-    topk_ids_B_T_K: Tensor | None = None,
-    student_topk: int = 0,
-    return_entropy: bool = False,
-    temperature: float = 1.0,
-) -> TokenLogprobs:
-    """Student log-probs from final hidden states, one chunk of tokens at a time.
-
-    The ``B*T`` tokens are flattened and processed ``chunk_size`` at a time through one reused
-    ``chunk_size x V`` buffer, so the full ``[tokens x vocab]`` logits never exist. A custom
-    autograd function keeps only each token's log-normaliser (and entropy) for backward, which
-    recomputes one chunk's logits at a time and writes ``d/dlogits`` analytically into the same
-    kind of buffer (the cost is one extra lm_head matmul, like activation checkpointing).
-    Log-softmax runs in at least float32; under autocast the matmuls use the autocast dtype
-    (e.g. bf16) and gradients accumulate in float32. Double backward is not supported.
-
-    Args:
-        hidden_B_T_H: Final hidden states (after the last norm), any float dtype.
-        lm_head_weight_V_H: Output projection weight.
-        target_ids_B_T: Token whose log-prob is wanted at each position (usually the next token).
-        lm_head_bias_V: Optional output projection bias.
-        chunk_size: Tokens per chunk. Smaller saves memory; very small chunks cost time.
-        topk_ids_B_T_K: Optional ids at which to also evaluate the student, e.g. the teacher's
-            top-k (this is how the student's log-probs on the teacher's support are gathered).
-        student_topk: If > 0, also return the student's own top-``student_topk`` ids and
-            log-probs.
-        return_entropy: Also return the entropy of the full student distribution.
-        temperature: Logits are divided by this before the softmax.
-
-    Returns:
-        A :class:`TokenLogprobs`; tensors have shapes ``[B, T]`` or ``[B, T, K]``.
-
-    Raises:
-        ValueError: On a non-positive ``chunk_size`` or ``temperature``, or mismatched shapes.
-    """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    B, T, H = hidden_B_T_H.shape
-    if target_ids_B_T.shape != (B, T):
-        raise ValueError(
-            f"target_ids_B_T has shape {tuple(target_ids_B_T.shape)}, expected {(B, T)} "
-            "to match hidden_B_T_H"
-        )
-    if topk_ids_B_T_K is not None and topk_ids_B_T_K.shape[:2] != (B, T):
-        raise ValueError(
-            f"topk_ids_B_T_K has shape {tuple(topk_ids_B_T_K.shape)}, expected ({B}, {T}, K)"
-        )
-    device = hidden_B_T_H.device.type
-    if torch.is_autocast_enabled(device):
-        compute_dtype = torch.get_autocast_dtype(device)
-    else:
-        compute_dtype = torch.promote_types(hidden_B_T_H.dtype, lm_head_weight_V_H.dtype)
-    N = B * T
-    if topk_ids_B_T_K is None:
-        support_N_K = target_ids_B_T.new_zeros(N, 0, dtype=torch.long)
-    else:
-        support_N_K = topk_ids_B_T_K.reshape(N, -1).long()
-    with torch.autocast(device, enabled=False):
-        target_lp, support_lp, topk_ids, topk_lp, entropy = _ChunkedLogprobs.apply(
-            hidden_B_T_H.reshape(N, H),
-            lm_head_weight_V_H,
-            lm_head_bias_V,
-            target_ids_B_T.reshape(N).long(),
-            support_N_K,
-            chunk_size,
-            temperature,
-            student_topk,
-            return_entropy,
-            compute_dtype,
-        )
-    out = TokenLogprobs(logprobs_B_T=target_lp.reshape(B, T))
-    if topk_ids_B_T_K is not None:
-        out.support_logprobs_B_T_K = support_lp.reshape(B, T, -1)
-    if student_topk > 0:
-        out.topk_ids_B_T_K = topk_ids.reshape(B, T, student_topk)
-        out.topk_logprobs_B_T_K = topk_lp.reshape(B, T, student_topk)
-    if return_entropy:
-        out.entropy_B_T = entropy.reshape(B, T)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,8 +244,8 @@ def _support_pair(
         )
     K = student_B_T_K.shape[-1]
     fill = -math.log(K + 1)  # a valid sub-distribution at masked positions
-    student = _masked(_at_least_f32(student_B_T_K), mask, fill).clamp(min=LOG_FLOOR)
-    teacher = _masked(_at_least_f32(teacher_B_T_K.detach()), mask, fill).clamp(min=LOG_FLOOR)
+    student = _masked(at_least_f32(student_B_T_K), mask, fill).clamp(min=LOG_FLOOR)
+    teacher = _masked(at_least_f32(teacher_B_T_K.detach()), mask, fill).clamp(min=LOG_FLOOR)
     if tail:
         return with_tail(student), with_tail(teacher)
     return (
@@ -522,8 +263,8 @@ def _support_metrics(
     loss: Tensor, student_B_T_K: Tensor, teacher_B_T_K: Tensor, mask: Tensor
 ) -> dict[str, float]:
     with torch.no_grad():
-        s = _masked(_at_least_f32(student_B_T_K.detach()), mask).clamp(min=LOG_FLOOR)
-        t = _masked(_at_least_f32(teacher_B_T_K.detach()), mask).clamp(min=LOG_FLOOR)
+        s = _masked(at_least_f32(student_B_T_K.detach()), mask).clamp(min=LOG_FLOOR)
+        t = _masked(at_least_f32(teacher_B_T_K.detach()), mask).clamp(min=LOG_FLOOR)
         return {
             "loss": float(loss.detach()),
             "student_support_mass": _token_mean(s.exp().sum(-1), mask),

@@ -18,7 +18,7 @@ gradient beyond float rounding (``tests/test_sft.py`` checks both against a padd
   (:func:`pack_rows`), with a block-diagonal causal mask (a token sees its own sequence only)
   and positions that restart after the prefix.
 - **Trained positions only.** The vocabulary projection runs only where a target is trained
-  (through :func:`agentopd.losses.chunked_token_logprobs`, chunked over tokens).
+  (through :func:`agentopd.logprobs.chunked_token_logprobs`, chunked over tokens).
 
 ``packed=False`` is the plain padded pass the learner ran before (every sequence right-padded,
 log-probs at every position); it is kept as the reference for tests and
@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from agentopd import distributed, fsdp, losses
+from agentopd import distributed, fsdp, logprobs, losses
 from agentopd.types import Episode, Segment
 
 MIN_SHARED_PREFIX = 8
@@ -335,7 +335,7 @@ def _nll_at(
     if hidden_N_H.shape[0] == 0:
         return hidden_N_H.sum() * 0.0
     head = model.get_output_embeddings()
-    lp_N = losses.chunked_token_logprobs(
+    lp_N = logprobs.chunked_token_logprobs(
         hidden_N_H[None],
         head.weight,
         target_N[None],

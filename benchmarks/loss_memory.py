@@ -5,7 +5,7 @@ log-probs (and, with ``--topk``, of ``rkl-topk`` on a teacher top-16 support wit
 Qwen-sized vocabulary (151,936) and 4,096 tokens with a small hidden size, for:
 
 * ``naive``: ``log_softmax(hidden @ W.T)`` over all tokens at once, then gather;
-* ``chunked``: :func:`agentopd.losses.chunked_token_logprobs` at each ``--chunk-sizes`` value.
+* ``chunked``: :func:`agentopd.logprobs.chunked_token_logprobs` at each ``--chunk-sizes`` value.
 
 With ``--teacher`` it also measures teacher scoring as the ``hf`` teacher does it (no grad: the
 sampled token's log-prob, top-16 and entropy per token), full logits against chunks; for that
@@ -51,7 +51,8 @@ from pathlib import Path
 
 import torch
 
-from agentopd.losses import chunked_token_logprobs, rkl_sampled, rkl_topk
+from agentopd.logprobs import chunked_token_logprobs
+from agentopd.losses import rkl_sampled, rkl_topk
 
 TEACHER_TOPK = 16
 

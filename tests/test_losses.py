@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from agentopd import logprobs as LP
 from agentopd import losses as L
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def test_mask_end_to_end_through_chunked_logprobs() -> None:
 
     def run(teacher_B_T: torch.Tensor):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        lp = L.chunked_token_logprobs(h, w, targets, chunk_size=3).logprobs_B_T
+        lp = LP.chunked_token_logprobs(h, w, targets, chunk_size=3).logprobs_B_T
         loss, _ = L.rkl_sampled(lp, lp.detach(), teacher_B_T, mask)
         loss.backward()
         return loss.detach(), h.grad, w.grad
@@ -316,7 +317,7 @@ def test_chunked_matches_naive_values_and_gradients(chunk_size: int, with_bias: 
         if b is not None:
             leaves.append(b)
         if chunked:
-            out = L.chunked_token_logprobs(
+            out = LP.chunked_token_logprobs(
                 leaves[0],
                 leaves[1],
                 targets,
@@ -359,7 +360,7 @@ def test_chunked_float32_matches_naive_to_1e5() -> None:
     torch.manual_seed(8)
     hidden, weight = torch.randn(2, 9, 16), torch.randn(300, 16) * 0.3
     targets = torch.randint(0, 300, (2, 9))
-    got = L.chunked_token_logprobs(hidden, weight, targets, chunk_size=4).logprobs_B_T
+    got = LP.chunked_token_logprobs(hidden, weight, targets, chunk_size=4).logprobs_B_T
     ref = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[..., None]).squeeze(-1)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
@@ -368,7 +369,7 @@ def test_chunked_float32_matches_naive_to_1e5() -> None:
 def test_chunked_without_grad_builds_no_graph() -> None:
     hidden, weight = torch.randn(1, 4, 3, requires_grad=True), torch.randn(5, 3)
     with torch.no_grad():
-        out = L.chunked_token_logprobs(hidden, weight, torch.zeros(1, 4, dtype=torch.long))
+        out = LP.chunked_token_logprobs(hidden, weight, torch.zeros(1, 4, dtype=torch.long))
     assert out.logprobs_B_T.grad_fn is None
     assert out.support_logprobs_B_T_K is None and out.entropy_B_T is None
 
@@ -379,7 +380,7 @@ def test_chunked_under_bf16_autocast_returns_float32() -> None:
     weight = torch.randn(50, 16, requires_grad=True)
     targets = torch.randint(0, 50, (2, 6))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        lp = L.chunked_token_logprobs(hidden, weight, targets, chunk_size=5).logprobs_B_T
+        lp = LP.chunked_token_logprobs(hidden, weight, targets, chunk_size=5).logprobs_B_T
     assert lp.dtype == torch.float32
     lp.sum().backward()
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
@@ -394,7 +395,7 @@ def test_chunked_under_bf16_autocast_on_cuda() -> None:
     weight = torch.randn(1000, 32, device="cuda", requires_grad=True)
     targets = torch.randint(0, 1000, (2, 64), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        lp = L.chunked_token_logprobs(hidden, weight, targets, chunk_size=48).logprobs_B_T
+        lp = LP.chunked_token_logprobs(hidden, weight, targets, chunk_size=48).logprobs_B_T
     assert lp.dtype == torch.float32
     lp.sum().backward()
     assert torch.isfinite(weight.grad).all()
@@ -403,9 +404,9 @@ def test_chunked_under_bf16_autocast_on_cuda() -> None:
 def test_chunked_rejects_bad_arguments() -> None:
     h, w = torch.randn(1, 2, 3), torch.randn(4, 3)
     with pytest.raises(ValueError, match="chunk_size"):
-        L.chunked_token_logprobs(h, w, torch.zeros(1, 2, dtype=torch.long), chunk_size=0)
+        LP.chunked_token_logprobs(h, w, torch.zeros(1, 2, dtype=torch.long), chunk_size=0)
     with pytest.raises(ValueError, match="target_ids_B_T"):
-        L.chunked_token_logprobs(h, w, torch.zeros(2, 2, dtype=torch.long))
+        LP.chunked_token_logprobs(h, w, torch.zeros(2, 2, dtype=torch.long))
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,7 +531,7 @@ def test_kl_discount_is_a_validated_config_key_that_reaches_the_loss() -> None:
     old = _t([[math.log(0.4), math.log(0.2)]])
     teacher = _t([[math.log(0.2), math.log(0.4)]])
     inputs = L.LossInputs(torch.ones(1, 2, dtype=torch.bool), old, teacher, teacher[..., None])
-    student = L.TokenLogprobs(logprobs_B_T=old.clone().requires_grad_())
+    student = LP.TokenLogprobs(logprobs_B_T=old.clone().requires_grad_())
     plain, _ = L.RKL_SAMPLED(inputs, student, L.RklSampledConfig())
     discounted, _ = L.RKL_SAMPLED(inputs, student, L.RklSampledConfig(kl_discount=0.5))
     a0, a1 = math.log(0.5), math.log(2.0)

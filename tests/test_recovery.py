@@ -111,7 +111,7 @@ def test_recovery_build_data_never_trains_on_an_injected_token(renderer, monkeyp
     no position of an injected error is ever a trained target."""
     import copy
 
-    from agentopd import losses
+    from agentopd import logprobs
     from agentopd.learner import Learner
     from agentopd.zoo import bootstrap
 
@@ -141,13 +141,13 @@ def test_recovery_build_data_never_trains_on_an_injected_token(renderer, monkeyp
                 seg.tokens[t.start : t.end] = [canary] * (t.end - t.start)
 
     targets: list[int] = []
-    real = losses.chunked_token_logprobs
+    real = logprobs.chunked_token_logprobs
 
     def spy(hidden, weight, target_ids, **kw):
         targets.extend(target_ids.flatten().tolist())
         return real(hidden, weight, target_ids, **kw)
 
-    monkeypatch.setattr(losses, "chunked_token_logprobs", spy)
+    monkeypatch.setattr(logprobs, "chunked_token_logprobs", spy)
 
     def trained_targets(episodes) -> list[int]:
         targets.clear()

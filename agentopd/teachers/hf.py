@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from agentopd.losses import chunked_token_logprobs
+from agentopd.logprobs import chunked_token_logprobs
 from agentopd.renderer import Renderer
 from agentopd.teachers import TeacherConfig, check_tokenizers, prefill, teacher_dtype
 from agentopd.types import Episode, TeacherScores
@@ -77,7 +77,7 @@ class HFTeacher:
     def _score_batch(self, reqs: list[prefill.Request]) -> list[TeacherScores]:
         """One forward pass to final hidden states; the vocabulary projection, top-k and
         entropy then run ``config.chunk_size`` scored positions at a time
-        (:func:`agentopd.losses.chunked_token_logprobs`), so ``[B, T, V]`` logits never exist."""
+        (:func:`agentopd.logprobs.chunked_token_logprobs`), so ``[B, T, V]`` logits never exist."""
         width = max(len(r.tokens) for r in reqs)
         ids = torch.full((len(reqs), width), self.renderer.pad_id, dtype=torch.long)
         attn = torch.zeros((len(reqs), width), dtype=torch.long)
