@@ -9,10 +9,10 @@ The same loop plays scripted experts (:func:`expert_episodes`): their text is en
 treated as "sampled" (mask 1), which is what cold-start SFT trains on.
 
 Guided episodes (the ``guided-opd`` curriculum) mix policies within one episode: a job whose
-``options["guide"]`` is a guide spec (``{"p": 0.4, "seed": 7, "source": "teacher"}``) hands each
-turn, with probability ``p`` (drawn per episode and turn index from ``seed``), to the teacher
-engine passed as ``run_episodes(..., guide=...)`` or to the env's scripted expert
-(``"source": "expert"``). Guide turns get mask 0 and their turn indices are listed in
+``guide`` is a :class:`GuideSpec` (e.g. ``GuideSpec(p=0.4, seed=7, source="teacher")``) hands
+each turn, with probability ``p`` (drawn per episode and turn index from ``seed``), to the
+teacher engine passed as ``run_episodes(..., guide=...)`` or to the env's scripted expert
+(source ``expert``). Guide turns get mask 0 and their turn indices are listed in
 ``episode.guided_turns`` (the teacher's generated tokens in ``episode.guide_tokens``); only the
 student's own turns are distilled.
 """
@@ -67,6 +67,30 @@ class RolloutConfig:
 
 
 @dataclass
+class GuideSpec:
+    """Who else plays a guided episode's turns (``guided-opd``), and how often.
+
+    Each turn is the guide's with probability ``p``, decided from ``seed`` and the turn index
+    (so a rerun mixes the same turns). ``source`` ``teacher``: the teacher model generates it
+    (at ``temperature``, default the rollout's); ``expert``: the env's scripted expert writes it.
+    Guide turns get mask 0.
+    """
+
+    p: float
+    seed: int
+    source: str = "teacher"
+    temperature: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.p) <= 1.0:
+            raise ValueError(f"guide p must be in [0, 1], got {self.p!r}")
+        if self.source not in GUIDE_SOURCES:
+            raise ValueError(f"guide source must be one of {GUIDE_SOURCES}, got {self.source!r}")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"guide temperature must be >= 0, got {self.temperature!r}")
+
+
+@dataclass
 class EpisodeJob:
     """What to play: an env, its constructor kwargs, a seed and reset options."""
 
@@ -78,6 +102,8 @@ class EpisodeJob:
     """Reset options (task choice, ``max_turns``, ``replay``, ``split``)."""
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     """Constructor kwargs."""
+    guide: GuideSpec | None = None
+    """Guided episode (``guided-opd``): who else plays its turns; None: the student alone."""
 
 
 @dataclass
@@ -90,8 +116,8 @@ class _Live:
     pending: Sample | None = None
     guided: bool = False
     """The current turn is played by the guide (teacher or expert): it gets mask 0."""
-    guide: dict[str, Any] | None = None
-    """The job's guide spec (``options["guide"]``), checked by ``_check_guide_spec``."""
+    guide: GuideSpec | None = None
+    """The job's guide spec."""
 
 
 Policy = Callable[[list["_Live"]], list[Sample]]
@@ -108,13 +134,12 @@ def run_episodes(
 ) -> list[Episode]:
     """Play ``jobs`` with the engine's policy; returns one token-exact episode per job.
 
-    Jobs with ``options["guide"]`` (see the module docstring) are guided: each of their turns is
-    played, with the spec's probability, by ``guide`` (``"source": "teacher"``, sampling with the
-    spec's ``temperature``, default the rollout's) or by the env's scripted expert
-    (``"source": "expert"``), and gets mask 0.
+    Jobs with a :class:`GuideSpec` are guided: each of their turns is played, with the spec's
+    probability, by ``guide`` (source ``teacher``, sampling at the spec's ``temperature``,
+    default the rollout's) or by the env's scripted expert (source ``expert``), and gets mask 0.
 
     Raises:
-        ValueError: A job asks for a teacher guide and ``guide`` is None, or its spec is malformed.
+        ValueError: A job asks for a teacher guide and ``guide`` is None.
     """
     cfg = config or RolloutConfig()
     for job in jobs:
@@ -129,10 +154,10 @@ def run_episodes(
         temperature = cfg.temperature
         for i, lv in enumerate(lives):
             lv.guided = _guide_turn(lv)
-            spec = lv.guide or {}
-            by_source[spec.get("source", "teacher") if lv.guided else "student"].append(i)
-            if lv.guided and spec.get("temperature") is not None:
-                temperature = float(spec["temperature"])
+            spec = lv.guide
+            by_source[spec.source if lv.guided and spec else "student"].append(i)
+            if lv.guided and spec and spec.temperature is not None:
+                temperature = float(spec.temperature)
         groups: list[tuple[str, Any, SamplingParams]] = [("student", engine, params)]
         if by_source["teacher"]:
             t_seed = None if call_seed is None else call_seed ^ _GUIDE_SEED_SALT
@@ -179,35 +204,21 @@ def call_seed_stream(seed: int | None) -> Iterator[int | None]:
 
 
 def _check_guide_spec(job: EpisodeJob, guide: Engine | None) -> None:
-    spec = job.options.get("guide")
-    if spec is None:
-        return
-    if not isinstance(spec, dict) or "p" not in spec or "seed" not in spec:
+    spec = job.guide
+    if spec is not None and spec.source == "teacher" and guide is None and spec.p > 0:
         raise ValueError(
-            f"options['guide'] of job seed {job.seed}: expected a dict with 'p' and 'seed' "
-            f"(e.g. {{'p': 0.4, 'seed': 7, 'source': 'teacher'}}), got {spec!r}"
-        )
-    if not 0.0 <= float(spec["p"]) <= 1.0:
-        raise ValueError(f"options['guide']['p'] must be in [0, 1], got {spec['p']!r}")
-    source = spec.get("source", "teacher")
-    if source not in GUIDE_SOURCES:
-        raise ValueError(
-            f"options['guide']['source'] must be one of {GUIDE_SOURCES}, got {source!r}"
-        )
-    if source == "teacher" and guide is None and float(spec["p"]) > 0:
-        raise ValueError(
-            "a job asks for teacher-guided turns (options['guide']['source'] = 'teacher') but "
-            "run_episodes got no guide engine; pass guide=<teacher engine> or use source 'expert'"
+            "a job asks for teacher-guided turns (GuideSpec source 'teacher') but run_episodes "
+            "got no guide engine; pass guide=<teacher engine> or use source 'expert'"
         )
 
 
 def _guide_turn(lv: _Live) -> bool:
     """Whether the guide plays this episode's next turn (deterministic in seed and turn index)."""
     spec = lv.guide
-    if not spec or float(spec["p"]) <= 0:
+    if spec is None or spec.p <= 0:
         return False
     index = lv.episode.replayed_turns + len(lv.episode.turns)
-    if random.Random(f"guide:{int(spec['seed'])}:{index}").random() >= float(spec["p"]):
+    if random.Random(f"guide:{int(spec.seed)}:{index}").random() >= float(spec.p):
         return False
     lv.episode.guided_turns.append(index)
     return True
@@ -300,7 +311,7 @@ def _start_with(env: Env, job: EpisodeJob, renderer: Renderer) -> _Live:
         tools=tools,
         privileged_context=env.privileged_context(),
     )
-    return _Live(env=env, episode=ep, tools=tools, stream_text=text, guide=job.options.get("guide"))
+    return _Live(env=env, episode=ep, tools=tools, stream_text=text, guide=job.guide)
 
 
 def _play(

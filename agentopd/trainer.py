@@ -540,7 +540,7 @@ class Trainer:
             seed=seeds.seed_of(cfg.seed, "sampling", step, self.world.rank),
             # guided-opd: the teacher model plays the guide turns (mask 0).
             guide=self.teacher_engine()
-            if getattr(self.curriculum, "guide_source", None) == "teacher"
+            if any(j.guide and j.guide.source == "teacher" and j.guide.p > 0 for j in jobs)
             else None,
         )
         t1 = time.perf_counter()

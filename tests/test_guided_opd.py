@@ -12,7 +12,7 @@ from agentopd import registry, zoo
 from agentopd.engines import Sample, SamplingParams
 from agentopd.renderer import Renderer
 from agentopd.replay.store import EpisodeStore
-from agentopd.rollout import EpisodeJob, run_episodes
+from agentopd.rollout import EpisodeJob, GuideSpec, run_episodes
 
 ENV_KW = {"hops": 4}
 STUDENT_TEXT = '<tool_call>{"name": "lookup", "arguments": {"key": "s00"}}</tool_call>'
@@ -50,7 +50,7 @@ def _turn_masks(ep) -> list[set[int]]:
 
 def test_mask_is_zero_exactly_on_teacher_turns(renderer):
     jobs = [
-        EpisodeJob("lookup-chain", s, {"split": "train", "guide": {"p": 0.5, "seed": s}}, ENV_KW)
+        EpisodeJob("lookup-chain", s, {"split": "train"}, ENV_KW, GuideSpec(p=0.5, seed=s))
         for s in range(8)
     ]
     student, teacher = FixedEngine(renderer, STUDENT_TEXT), FixedEngine(renderer, TEACHER_TEXT)
@@ -70,22 +70,19 @@ def test_mask_is_zero_exactly_on_teacher_turns(renderer):
         assert sum(seg.mask) == sum(
             t.end - t.start for t in ep.turns if t.index not in guided_turns
         )
-        assert ep.guide_tokens == sum(
-            t.end - t.start for t in ep.turns if t.index in guided_turns
-        )
+        assert ep.guide_tokens == sum(t.end - t.start for t in ep.turns if t.index in guided_turns)
     assert n_guided > 5 and n_student > 5  # p = 0.5 over 48 turns: both kinds occur
     again = run_episodes(jobs, student, renderer, guide=teacher)
-    assert [e.guided_turns for e in again] == [
-        e.guided_turns for e in episodes
-    ]
+    assert [e.guided_turns for e in again] == [e.guided_turns for e in episodes]
 
 
 def test_expert_guide_turns_are_masked_and_move_the_episode_on(renderer):
     job = EpisodeJob(
         "lookup-chain",
         3,
-        {"split": "train", "guide": {"p": 1.0, "seed": 3, "source": "expert"}},
+        {"split": "train"},
         ENV_KW,
+        GuideSpec(p=1.0, seed=3, source="expert"),
     )
     [ep] = run_episodes([job], FixedEngine(renderer, STUDENT_TEXT), renderer)
     assert ep.success and ep.num_turns == 5 and ep.num_sampled_tokens == 0
@@ -94,26 +91,24 @@ def test_expert_guide_turns_are_masked_and_move_the_episode_on(renderer):
 
 def test_p_zero_plays_only_the_student_and_teacher_guide_needs_an_engine(renderer):
     student = FixedEngine(renderer, STUDENT_TEXT)
-    job = EpisodeJob("lookup-chain", 1, {"guide": {"p": 0.0, "seed": 1}}, ENV_KW)
+    job = EpisodeJob("lookup-chain", 1, {}, ENV_KW, GuideSpec(p=0.0, seed=1))
     [ep] = run_episodes([job], student, renderer)
     assert not ep.guided_turns and all(m == {1} for m in _turn_masks(ep))
     with pytest.raises(ValueError, match="no guide engine"):
         run_episodes(
-            [EpisodeJob("lookup-chain", 1, {"guide": {"p": 0.3, "seed": 1}}, ENV_KW)],
+            [EpisodeJob("lookup-chain", 1, {}, ENV_KW, GuideSpec(p=0.3, seed=1))],
             student,
             renderer,
         )
-    with pytest.raises(ValueError, match="'p' and 'seed'"):
-        run_episodes(
-            [EpisodeJob("lookup-chain", 1, {"guide": {"p": 0.3}}, ENV_KW)], student, renderer
-        )
+    with pytest.raises(ValueError, match=r"guide p must be in \[0, 1\], got 1.5"):
+        GuideSpec(p=1.5, seed=1)
+    with pytest.raises(ValueError, match="guide source must be one of"):
+        GuideSpec(p=0.3, seed=1, source="oracle")
 
 
 def test_guide_temperature_is_the_specs(renderer):
     student, teacher = FixedEngine(renderer, STUDENT_TEXT), FixedEngine(renderer, TEACHER_TEXT)
-    job = EpisodeJob(
-        "lookup-chain", 2, {"guide": {"p": 1.0, "seed": 2, "temperature": 0.0}}, ENV_KW
-    )
+    job = EpisodeJob("lookup-chain", 2, {}, ENV_KW, GuideSpec(p=1.0, seed=2, temperature=0.0))
     run_episodes([job], student, renderer, guide=teacher)
     assert teacher.temperatures and set(teacher.temperatures) == {0.0} and not student.temperatures
 
@@ -129,8 +124,8 @@ def test_p_decays_to_zero_and_jobs_stop_carrying_a_guide(schedule):
         assert ps[5] == pytest.approx(0.4)
     else:
         assert ps[5] == pytest.approx(0.08)
-    assert all(j.options["guide"]["p"] == pytest.approx(ps[3]) for j in c.jobs(step=3, n=3))
-    assert all("guide" not in j.options for j in c.jobs(step=10, n=3))
+    assert all(j.guide and j.guide.p == pytest.approx(ps[3]) for j in c.jobs(step=3, n=3))
+    assert all(j.guide is None for j in c.jobs(step=10, n=3))
     assert c.describe(5) == {"curriculum/guide_p": pytest.approx(ps[5])}
 
 
@@ -229,7 +224,5 @@ def test_resume_after_a_kill_restores_the_guided_curriculum(guided_run, tmp_path
     assert [row["step"] for row in train] == [0, 1]
     assert train[1]["curriculum/guide_p"] == pytest.approx(0.45)
     resumed, reference = _step_episodes(run, 1), _step_episodes(guided_run, 1)
-    assert [e.guided_turns for e in resumed] == [
-        e.guided_turns for e in reference
-    ]
+    assert [e.guided_turns for e in resumed] == [e.guided_turns for e in reference]
     assert [e.segments[0].tokens for e in resumed] == [e.segments[0].tokens for e in reference]

@@ -30,7 +30,7 @@ from typing import Any
 from agentopd.curricula.schedules import Curriculum
 from agentopd.env import Env
 from agentopd.registry import make
-from agentopd.rollout import GUIDE_SOURCES
+from agentopd.rollout import GUIDE_SOURCES, GuideSpec
 
 SCHEDULES = ("linear", "exponential")
 
@@ -92,11 +92,6 @@ class GuidedOPD(Curriculum):
         self.schedule, self.source = schedule, source
         self.temperature = None if temperature is None else float(temperature)
 
-    @property
-    def guide_source(self) -> str:
-        """Who plays guide turns (``teacher`` or ``expert``); the trainer reads it."""
-        return self.source
-
     def p(self, step: int) -> float:
         """Probability that a turn at training step ``step`` is played by the guide."""
         if step >= self.decay_steps:
@@ -106,14 +101,11 @@ class GuidedOPD(Curriculum):
             return self.p_start * (1.0 - frac)
         return self.p_start * math.pow(0.01, frac)
 
-    def options_for(self, step: int, seed: int) -> dict[str, Any]:
+    def guide_for(self, step: int, seed: int) -> GuideSpec | None:
         p = self.p(step)
         if p <= 0:
-            return {"split": "train"}
-        guide: dict[str, Any] = {"p": p, "seed": seed, "source": self.source}
-        if self.temperature is not None:
-            guide["temperature"] = self.temperature
-        return {"split": "train", "guide": guide}
+            return None
+        return GuideSpec(p=p, seed=seed, source=self.source, temperature=self.temperature)
 
     def describe(self, step: int) -> dict[str, Any]:
         return {"curriculum/guide_p": self.p(step)}

@@ -19,7 +19,7 @@ from typing import Any
 
 from agentopd import seeds
 from agentopd.registry import make
-from agentopd.rollout import EpisodeJob
+from agentopd.rollout import EpisodeJob, GuideSpec
 
 
 class Curriculum:
@@ -45,7 +45,9 @@ class Curriculum:
         out = []
         for i in range(n):
             seed = self.first_task + step * n + i
-            out.append(self.job(seed, self.options_for(step, seed)))
+            job = self.job(seed, self.options_for(step, seed))
+            job.guide = self.guide_for(step, seed)
+            out.append(job)
         return out
 
     def job(self, seed: int, options: dict[str, Any]) -> EpisodeJob:
@@ -53,7 +55,12 @@ class Curriculum:
         return EpisodeJob(self.env, seed, options, dict(self.env_kwargs))
 
     def options_for(self, step: int, seed: int) -> dict[str, Any]:
+        """The env's reset options for task ``seed`` at ``step``."""
         return {"split": "train"}
+
+    def guide_for(self, step: int, seed: int) -> GuideSpec | None:
+        """Who else plays task ``seed``'s turns at ``step`` (``guided-opd``); None: nobody."""
+        return None
 
     def describe(self, step: int) -> dict[str, Any]:
         """Scalar knobs at ``step`` for the metrics log."""
