@@ -17,12 +17,18 @@ def _greedy(engine: HFEngine) -> list[int]:
 
 
 def test_bfloat16_copy_follows_the_learner_weights_and_merges_lora():
+    # Seeded, with adapter updates small enough that attention does not saturate: with large
+    # random deltas a near-tie in one attention row flips between the merged and the unmerged
+    # float32 computation, whatever the engine does (found when test order changed the draws).
+    g = torch.Generator().manual_seed(0)
     model = zoo.build_model("tiny", seed=0)
     lora.apply(model, lora.LoraConfig(r=4, alpha=8.0))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(std=0.5)
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+            elif "lora_A" in name:  # not lora.apply's initialisation, which uses the global RNG
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
     renderer = Renderer(zoo.load_tokenizer())
     shared = HFEngine(model, renderer.eot_id, renderer.pad_id)
     copy = build(model, renderer=renderer, config=EngineConfig(dtype="bfloat16"))
@@ -38,14 +44,16 @@ def test_bfloat16_copy_follows_the_learner_weights_and_merges_lora():
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_A" in name:
-                p.add_(torch.randn_like(p))
+                p.add_(0.5 * torch.randn(p.shape, generator=g))
         want = model(ids).logits.float()
         stale = copy.gen_model(ids).logits.float()
-    assert (stale - want).abs().max() > 0.1 * want.abs().max()
+    stale_err = (stale - want).abs().max()
+    assert stale_err > 0.2 * want.abs().max()  # the update is visible to the learner only
     copy.load_weights(lora.engine_weights(model))
     with torch.no_grad():
         fresh = copy.gen_model(ids).logits.float()
-    assert (fresh - want).abs().max() < 0.1 * want.abs().max()
+    fresh_err = (fresh - want).abs().max()  # bfloat16 rounding only
+    assert fresh_err < 0.2 * want.abs().max() and fresh_err < 0.5 * stale_err
     assert len(_greedy(copy)) > 0 and len(_greedy(shared)) > 0
     # auto / float32 keep sharing the learner's own parameters.
     assert not build(model, renderer=renderer, config=EngineConfig()).copy

@@ -241,7 +241,7 @@ class CountingEngine(HFEngine):
         return super().generate(prompts, params)
 
 
-def build_engine(model, *, renderer, workdir):
+def build_engine(model, *, renderer, workdir, config):
     return CountingEngine(model, renderer.eot_id, renderer.pad_id)
 '''
 

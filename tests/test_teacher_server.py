@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from agentopd import cli, zoo
 from agentopd.renderer import Renderer
@@ -326,7 +327,9 @@ class _FakeVLLM(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         tokens, k = req["prompt"], req["prompt_logprobs"]
-        logp = cls.teacher.full_logprobs(tokens)
+        with torch.no_grad():  # row t: the teacher's distribution over token t + 1
+            logits = cls.teacher.model(torch.tensor([tokens])).logits[0].float()
+        logp = torch.log_softmax(logits, -1)
         rows = [None]
         for t in range(1, len(tokens)):
             lp = logp[t - 1]
