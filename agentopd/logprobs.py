@@ -21,6 +21,13 @@ def at_least_f32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+CHUNK_LOGITS = 1 << 25
+"""At most this many logits (32 Mi: 128 MiB in float32) in one chunk: ``chunk_size`` positions,
+fewer when the vocabulary is large (220 positions at Qwen3's 151,936), so a chunk's buffers stay
+bounded whatever the vocabulary. Chunking changes values by float rounding only (each position
+is computed on its own; only the matmul's blocking differs)."""
+
+
 @dataclass
 class TokenLogprobs:
     """Per-token student quantities returned by :func:`chunked_token_logprobs`.
@@ -207,7 +214,8 @@ def chunked_token_logprobs(
         lm_head_weight_V_H: Output projection weight.
         target_ids_B_T: Token whose log-prob is wanted at each position (usually the next token).
         lm_head_bias_V: Optional output projection bias.
-        chunk_size: Tokens per chunk. Smaller saves memory; very small chunks cost time.
+        chunk_size: Tokens per chunk, at most; capped so that one chunk holds at most
+            :data:`CHUNK_LOGITS` logits. Smaller saves memory; very small chunks cost time.
         topk_ids_B_T_K: Optional ids at which to also evaluate the student, e.g. the teacher's
             top-k (this is how the student's log-probs on the teacher's support are gathered).
         student_topk: If > 0, also return the student's own top-``student_topk`` ids and
@@ -252,7 +260,7 @@ def chunked_token_logprobs(
             lm_head_bias_V,
             target_ids_B_T.reshape(N).long(),
             support_N_K,
-            chunk_size,
+            max(1, min(chunk_size, CHUNK_LOGITS // lm_head_weight_V_H.shape[0])),
             temperature,
             student_topk,
             return_entropy,

@@ -384,7 +384,12 @@ class LossConfig:
     overlap_only: bool = knob(
         False, "train only on tokens whose student and teacher top-k intersect"
     )
-    chunk_size: int = knob(1024, "positions per chunk of the student's vocabulary projection", ge=1)
+    chunk_size: int = knob(
+        1024,
+        "positions per chunk of the student's vocabulary projection, at most (also capped at "
+        "32 Mi logits a chunk)",
+        ge=1,
+    )
 
 
 @dataclass

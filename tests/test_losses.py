@@ -576,3 +576,34 @@ def test_mask_parse_errors_keeps_a_malformed_turn_out_of_the_loss_batch() -> Non
         good_pos = set(range(second.start, second.end))
         bad_pos = set(range(first.start, first.end))
         assert trained == (good_pos if flag else good_pos | bad_pos)
+
+
+def test_chunks_are_capped_in_logits_and_give_the_same_values(monkeypatch) -> None:
+    """With a large vocabulary a chunk holds at most CHUNK_LOGITS logits (fewer positions than
+    chunk_size); values and gradients match the uncapped computation up to float rounding."""
+    g = torch.Generator().manual_seed(0)
+    V, H = 5_000, 8
+    h = torch.randn(2, 30, H, generator=g, requires_grad=True)
+    w = torch.randn(V, H, generator=g, requires_grad=True)
+    t = torch.randint(0, V, (2, 30), generator=g)
+    seen: list[int] = []
+    real = LP._chunk_logits
+
+    def spy(hidden, *args, **kw):
+        seen.append(hidden.shape[0])
+        return real(hidden, *args, **kw)
+
+    def run() -> list[torch.Tensor]:
+        o = LP.chunked_token_logprobs(h, w, t, chunk_size=1024, student_topk=3, return_entropy=True)
+        grads = torch.autograd.grad(o.logprobs_B_T.sum() + o.entropy_B_T.sum(), (h, w))
+        return [o.logprobs_B_T.detach(), o.entropy_B_T.detach(), *grads]
+
+    monkeypatch.setattr(LP, "_chunk_logits", spy)
+    uncapped = run()
+    assert max(seen) == 60  # every position in one chunk
+    seen.clear()
+    monkeypatch.setattr(LP, "CHUNK_LOGITS", 7 * V)
+    capped = run()
+    assert max(seen) == 7 and sum(seen) == 2 * 60  # forward and backward, 7 positions a chunk
+    for a, b in zip(uncapped, capped, strict=True):
+        assert torch.allclose(a, b, atol=1e-4)

@@ -101,7 +101,9 @@ class TeacherConfig:
     )
     batch_size: int = knob(16, "segments per teacher forward pass", ge=1)
     chunk_size: int = knob(
-        512, "scored positions per vocabulary projection (hf: bounds memory to chunk x V)", ge=1
+        512,
+        "scored positions per vocabulary projection, at most (hf; also capped at 32 Mi logits)",
+        ge=1,
     )
     dtype: str = knob(
         "auto",
