@@ -5,10 +5,16 @@ token's, those at an arbitrary support such as the teacher's top-k, the model's 
 entropy) without ever materialising the whole ``[tokens x vocab]`` float32 logits, in the
 forward *or* the backward pass (a custom autograd function recomputes one chunk at a time).
 The OPD learner, SFT and the in-process teacher all project through it.
+
+:func:`chunked_divergence` is its two-model counterpart: the exact reverse KL, forward KL or
+generalised JSD between the student's and an in-process teacher's *full* next-token
+distributions at given positions, both heads projected one chunk of positions at a time (the
+full-vocabulary objectives and the ``diag/true_rkl`` metric).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,3 +281,258 @@ def chunked_token_logprobs(
     if return_entropy:
         out.entropy_B_T = entropy.reshape(B, T)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Exact full-vocabulary divergence between two models' next-token distributions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """A causal LM's output layer as the divergence kernel applies it:
+    ``logits = softcap(scale * (h @ weight.T + bias))``, with
+    ``softcap(x) = c * tanh(x / c)`` when ``softcap = c`` is set."""
+
+    weight_V_H: Tensor
+    """Output projection weight (``[vocab, hidden]``)."""
+    bias_V: Tensor | None = None
+    """Output projection bias, if the model has one."""
+    scale: float = 1.0
+    """Logits are multiplied by this (Cohere's ``logit_scale``; ``1 / logits_scaling`` for
+    Granite)."""
+    softcap: float | None = None
+    """Final-logit soft-capping (Gemma 2's ``final_logit_softcapping``)."""
+
+    @property
+    def vocab(self) -> int:
+        """Rows of the projection: the size of the distribution."""
+        return int(self.weight_V_H.shape[0])
+
+
+def output_head(model: Any) -> OutputHead:
+    """The :class:`OutputHead` of a transformers causal LM (its ``get_output_embeddings()``
+    plus the logit scaling and soft-capping its config declares)."""
+    head = model.get_output_embeddings()
+    config = model.config
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    divide = getattr(config, "logits_scaling", None)
+    if divide:
+        scale /= float(divide)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return OutputHead(head.weight, getattr(head, "bias", None), scale, float(cap) if cap else None)
+
+
+def _head_logits(
+    hidden_C_H: Tensor,
+    weight_V_H: Tensor,
+    bias_V: Tensor | None,
+    scale: float,
+    softcap: float | None,
+    buffer_C_V: Tensor,
+) -> Tensor:
+    """One chunk's final logits (scaled, soft-capped) in at least float32."""
+    logits = _chunk_logits(hidden_C_H, weight_V_H, bias_V, 1.0, buffer_C_V)
+    if scale != 1.0:
+        logits.mul_(scale)
+    if softcap is not None:
+        logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
+
+
+def _divergences(
+    student_lp_C_V: Tensor, teacher_lp_C_V: Tensor, beta: float
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per row: the objective ``JSD_beta`` (beta 1: KL(p||q), 0: KL(q||p)), KL(p||q), and the
+    mixture's log-probs (only for ``0 < beta < 1``)."""
+    lp, lq = student_lp_C_V, teacher_lp_C_V
+    rkl = (lp.exp() * (lp - lq)).sum(-1)
+    if beta == 1.0:
+        return rkl, rkl, None
+    if beta == 0.0:
+        return (lq.exp() * (lq - lp)).sum(-1), rkl, None
+    lm = torch.logaddexp(lq + math.log(beta), lp + math.log1p(-beta))
+    div = beta * (lq.exp() * (lq - lm)).sum(-1) + (1.0 - beta) * (lp.exp() * (lp - lm)).sum(-1)
+    return div, rkl, lm
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Per-position divergence of the student's full distribution from the teacher's, one chunk
+    of positions at a time, with a chunk-recomputing analytic backward (student side only).
+
+    With ``z`` the student's final logits, ``p = softmax(z)``, ``q`` the teacher's and ``D`` the
+    row's value: ``dKL(p||q)/dz = p (log p - log q - D)``, ``dKL(q||p)/dz = p - q`` and
+    ``dJSD_beta/dz = (1 - beta) p (log p - log m - KL(p||m))`` with
+    ``m = beta q + (1 - beta) p``; soft-capping and scaling are chained on top.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden_N_H: Tensor,
+        weight_V_H: Tensor,
+        bias_V: Tensor | None,
+        teacher_hidden_N_H: Tensor,
+        teacher_weight_V_H: Tensor,
+        teacher_bias_V: Tensor | None,
+        heads: tuple[float, float | None, float, float | None],
+        beta: float,
+        chunk_size: int,
+        dtypes: tuple[torch.dtype, torch.dtype],
+    ) -> tuple[Tensor, Tensor]:
+        N, V = hidden_N_H.shape[0], weight_V_H.shape[0]
+        s_scale, s_cap, t_scale, t_cap = heads
+        s_dtype, t_dtype = dtypes
+        out_dtype = torch.promote_types(s_dtype, torch.float32)
+        h, w = hidden_N_H.to(s_dtype), weight_V_H.to(s_dtype)
+        b = None if bias_V is None else bias_V.to(s_dtype)
+        ht, wt = teacher_hidden_N_H.to(t_dtype), teacher_weight_V_H.to(t_dtype)
+        bt = None if teacher_bias_V is None else teacher_bias_V.to(t_dtype)
+        div = hidden_N_H.new_empty(N, dtype=out_dtype)
+        rkl = hidden_N_H.new_empty(N, dtype=out_dtype)
+        buf_s = hidden_N_H.new_empty(min(chunk_size, N), V, dtype=s_dtype)
+        buf_t = hidden_N_H.new_empty(min(chunk_size, N), V, dtype=t_dtype)
+        for s in range(0, N, chunk_size):
+            e = min(s + chunk_size, N)
+            lp = _head_logits(h[s:e], w, b, s_scale, s_cap, buf_s).log_softmax(-1)
+            lq = _head_logits(ht[s:e], wt, bt, t_scale, t_cap, buf_t).log_softmax(-1)
+            d, r, _ = _divergences(lp.to(out_dtype), lq.to(out_dtype), beta)
+            div[s:e], rkl[s:e] = d, r
+        ctx.save_for_backward(
+            hidden_N_H, weight_V_H, bias_V, teacher_hidden_N_H, teacher_weight_V_H, teacher_bias_V
+        )
+        ctx.config = (heads, beta, chunk_size, dtypes)
+        ctx.mark_non_differentiable(rkl)
+        ctx.set_materialize_grads(False)
+        return div, rkl
+
+    @staticmethod
+    def backward(
+        ctx: Any, g_div: Tensor | None, _g_rkl: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        none = (None,) * 10
+        if g_div is None:
+            return none
+        hidden_N_H, weight_V_H, bias_V, t_hidden, t_weight, t_bias = ctx.saved_tensors
+        (s_scale, s_cap, t_scale, t_cap), beta, chunk_size, (s_dtype, t_dtype) = ctx.config
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        N, V = hidden_N_H.shape[0], weight_V_H.shape[0]
+        acc = torch.promote_types(s_dtype, torch.float32)
+        h, w = hidden_N_H.to(s_dtype), weight_V_H.to(s_dtype)
+        b = None if bias_V is None else bias_V.to(s_dtype)
+        ht, wt = t_hidden.to(t_dtype), t_weight.to(t_dtype)
+        bt = None if t_bias is None else t_bias.to(t_dtype)
+        grad_h = hidden_N_H.new_zeros(N, h.shape[1], dtype=acc) if need_h else None
+        grad_w = weight_V_H.new_zeros(V, w.shape[1], dtype=acc) if need_w else None
+        grad_b = weight_V_H.new_zeros(V, dtype=acc) if need_b else None
+        buf_s = hidden_N_H.new_empty(min(chunk_size, N), V, dtype=s_dtype)
+        buf_t = hidden_N_H.new_empty(min(chunk_size, N), V, dtype=t_dtype)
+        for s in range(0, N, chunk_size):
+            e = min(s + chunk_size, N)
+            z = _head_logits(h[s:e], w, b, s_scale, s_cap, buf_s).to(acc)
+            lp = z.log_softmax(-1)
+            lq = _head_logits(ht[s:e], wt, bt, t_scale, t_cap, buf_t).to(acc).log_softmax(-1)
+            d, _, lm = _divergences(lp, lq, beta)
+            p = lp.exp()
+            if beta == 1.0:
+                grad = p * (lp - lq - d[:, None])
+            elif beta == 0.0:
+                grad = p - lq.exp()
+            else:
+                assert lm is not None  # 0 < beta < 1
+                kl_pm = (p * (lp - lm)).sum(-1, keepdim=True)
+                grad = (1.0 - beta) * p * (lp - lm - kl_pm)
+            grad.mul_(g_div[s:e, None].to(acc))
+            if s_cap is not None:
+                grad.mul_(1.0 - (z / s_cap).square())
+            if s_scale != 1.0:
+                grad.mul_(s_scale)
+            grad_c = grad.to(s_dtype)
+            if grad_h is not None:
+                grad_h[s:e] = grad_c @ w
+            if grad_w is not None:
+                grad_w += (grad_c.T @ h[s:e]).to(acc)
+            if grad_b is not None:
+                grad_b += grad.sum(0)
+        return (
+            None if grad_h is None else grad_h.to(hidden_N_H.dtype),
+            None if grad_w is None else grad_w.to(weight_V_H.dtype),
+            None if grad_b is None or bias_V is None else grad_b.to(bias_V.dtype),
+            *((None,) * 7),
+        )
+
+
+def chunked_divergence(
+    hidden_N_H: Tensor,
+    head: OutputHead,
+    teacher_hidden_N_H: Tensor,
+    teacher_head: OutputHead,
+    *,
+    beta: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """Exact divergence between the student's and the teacher's full next-token distributions
+    at ``N`` positions, never holding more than one chunk of either's logits.
+
+    Both heads are projected ``chunk_size`` positions at a time (capped so that one chunk of
+    one head holds at most :data:`CHUNK_LOGITS` logits); the backward pass recomputes one
+    chunk at a time and writes the student's gradient analytically, so no ``[N x V]`` tensor
+    exists in the forward or the backward pass. Gradients flow to the student's hidden states
+    and head only: the teacher's inputs are constants. Log-softmax runs in at least float32;
+    the student's matmuls use the autocast dtype under autocast, the teacher's its own dtype.
+
+    Args:
+        hidden_N_H: Student final hidden states at the positions (after the last norm).
+        head: The student's output head (:func:`output_head`).
+        teacher_hidden_N_H: The teacher's final hidden states at the same positions (its
+            hidden size may differ from the student's).
+        teacher_head: The teacher's output head; same vocabulary size as the student's.
+        beta: Which divergence is returned first: 1 the reverse KL(p || q), 0 the forward
+            KL(q || p), in between the generalised JSD
+            ``beta KL(q || m) + (1 - beta) KL(p || m)`` with ``m = beta q + (1 - beta) p``.
+        chunk_size: Positions per chunk, at most.
+
+    Returns:
+        ``(divergence_N, reverse_kl_N)``: the ``beta`` divergence (differentiable w.r.t. the
+        student) and the exact reverse KL(p || q) (no gradient), both float32 (float64 for
+        float64 inputs).
+
+    Raises:
+        ValueError: On mismatched vocabularies or position counts, a non-positive
+            ``chunk_size`` or a ``beta`` outside ``[0, 1]``.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if head.vocab != teacher_head.vocab:
+        raise ValueError(
+            f"student and teacher output heads differ in vocabulary size: {head.vocab} vs "
+            f"{teacher_head.vocab}; a full-vocabulary divergence needs the same token ids"
+        )
+    if hidden_N_H.shape[0] != teacher_hidden_N_H.shape[0]:
+        raise ValueError(
+            f"{hidden_N_H.shape[0]} student positions but {teacher_hidden_N_H.shape[0]} teacher "
+            "positions; both must be the same (mask-1) positions in the same order"
+        )
+    device = hidden_N_H.device.type
+    if torch.is_autocast_enabled(device):
+        s_dtype = torch.get_autocast_dtype(device)
+    else:
+        s_dtype = torch.promote_types(hidden_N_H.dtype, head.weight_V_H.dtype)
+    t_dtype = torch.promote_types(teacher_hidden_N_H.dtype, teacher_head.weight_V_H.dtype)
+    t_bias = teacher_head.bias_V
+    with torch.autocast(device, enabled=False):
+        div, rkl = _ChunkedDivergence.apply(
+            hidden_N_H,
+            head.weight_V_H,
+            head.bias_V,
+            teacher_hidden_N_H.detach().to(hidden_N_H.device),
+            teacher_head.weight_V_H.detach().to(hidden_N_H.device),
+            None if t_bias is None else t_bias.detach().to(hidden_N_H.device),
+            (head.scale, head.softcap, teacher_head.scale, teacher_head.softcap),
+            beta,
+            max(1, min(chunk_size, CHUNK_LOGITS // max(1, head.vocab))),
+            (s_dtype, t_dtype),
+        )
+    return div, rkl
