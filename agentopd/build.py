@@ -31,7 +31,8 @@ from agentopd import lora, registry, zoo
 from agentopd.config import ConfigError, resolve_model, to_dataclass
 from agentopd.engines import Engine, EngineConfig
 from agentopd.learner import Learner, LearnerConfig
-from agentopd.losses import LossConfig
+from agentopd.logprobs import OutputHead, output_head
+from agentopd.losses import LossConfig, full_vocab_beta
 from agentopd.renderer import Renderer
 from agentopd.rollout import RolloutConfig
 from agentopd.teachers import Teacher, TeacherConfig, TokenizerMismatchError
@@ -151,6 +152,45 @@ def make_teacher(cfg: Any, tokenizer: Any, device: torch.device) -> Teacher:
     return teacher
 
 
+def full_vocab_head(cfg: Any, student: Any, teacher: Teacher) -> OutputHead | None:
+    """The teacher's output head when it is in process (an ``hf`` teacher), which is then asked
+    to keep its hidden states at the scored tokens: every step reports the exact reverse KL
+    (``diag/true_rkl``) and the full-vocabulary objectives can train. None for other backends.
+
+    Raises:
+        ConfigError: A full-vocabulary ``loss`` (``rkl-full``, ``fkl-full``, ``jsd-full``) with
+            a teacher that is not in process, or whose output layer's vocabulary differs from
+            the student's.
+    """
+    from agentopd.teachers.hf import HFTeacher
+
+    full = "loss" in cfg and (
+        full_vocab_beta(registry.losses.spec(cfg.loss).load(), cfg.loss_cfg) is not None
+    )
+    topk_losses = "rkl-sampled, rkl-topk, fkl-topk or jsd"
+    if not isinstance(teacher, HFTeacher):
+        if full:
+            raise ConfigError(
+                f"bad value {cfg.loss!r} for 'loss': a full-vocabulary objective needs the "
+                f"teacher's whole next-token distribution, which teacher_backend="
+                f"{cfg.teacher_backend} ({type(teacher).__name__}) does not give; expected "
+                f"teacher_backend=hf. Valid options: teacher_backend=hf, or loss={topk_losses}"
+            )
+        return None
+    head = teacher.output_head()
+    if full:
+        vocab = output_head(student).vocab
+        if vocab != head.vocab:
+            raise ConfigError(
+                f"bad value {cfg.loss!r} for 'loss': the student's output layer has {vocab} "
+                f"rows and the teacher's {head.vocab}; a full-vocabulary objective compares the "
+                "two distributions token by token, so they must be equal. Valid options: "
+                f"loss={topk_losses} (they read the teacher's scores of the student's token ids)"
+            )
+    teacher.keep_hidden = True
+    return head
+
+
 def make_teacher_engine(
     cfg: Any, teacher: Teacher, renderer: Renderer, workdir: Path, device: torch.device
 ) -> Engine:
@@ -190,6 +230,7 @@ def build_train(cfg: DictConfig, workdir: Path | None = None) -> Parts:
         loss_cfg=to_dataclass(cfg.loss_cfg, LossConfig),
         topk=cfg.teacher_cfg.topk,
         total_steps=cfg.steps,
+        teacher_head=full_vocab_head(cfg, student, teacher),
     )
     curriculum = registry.curricula.make(
         cfg.curriculum,

@@ -456,6 +456,8 @@ def validate(cfg: DictConfig) -> None:
     check_gpu_memory(getattr(obj, "gpu_memory_gib", 0), getattr(obj, "device", "auto"))
     if isinstance(obj, TrainConfig) and obj.steps > 0 and obj.gkd_lambda > 0:
         check_opd_temperature(obj, registry.losses.spec(obj.loss).load())
+    if isinstance(obj, TrainConfig):
+        check_full_vocab_backend(obj, registry.losses.spec(obj.loss).load())
     cold = getattr(obj, "cold_start", None)
     if cold is not None and cold.data:
         path = Path(cold.data).expanduser()
@@ -479,6 +481,26 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("engine=... needs model=<a model>; the scripted expert needs no engine")
 
 
+def check_full_vocab_backend(cfg: TrainConfig, loss: Any) -> None:
+    """A full-vocabulary objective (``rkl-full``, ``fkl-full``, ``jsd-full``) needs the
+    teacher's whole next-token distribution at every student token, which only an in-process
+    teacher (``teacher_backend=hf``) gives: vLLM and a server return top-k log-probs. (That
+    both output layers have the same vocabulary is checked once the models are loaded.)
+
+    Raises:
+        ConfigError: Such a loss with another teacher backend.
+    """
+    if not getattr(loss, "full_vocab", False) or cfg.teacher_backend == "hf":
+        return
+    raise ConfigError(
+        f"bad value {cfg.teacher_backend!r} for 'teacher_backend': loss={cfg.loss} is a "
+        "full-vocabulary objective and needs the teacher's whole next-token distribution, "
+        "which only an in-process teacher gives; expected teacher_backend=hf. Valid options: "
+        "teacher_backend=hf, or keep this backend with loss=rkl-sampled, rkl-topk, fkl-topk or "
+        "jsd (they read top-k scores)."
+    )
+
+
 def check_opd_temperature(cfg: TrainConfig, loss: Any) -> None:
     """An objective that estimates from the sampled token needs the student's own samples.
 
@@ -490,20 +512,21 @@ def check_opd_temperature(cfg: TrainConfig, loss: Any) -> None:
     ``rollout.temperature`` other than 1 (0, greedy, stays allowed for determinism checks),
     temperature schedules and top-p below 1. The top-k objectives (``fkl-topk``, ``rkl-topk``,
     ``jsd``) compute their divergence exactly over the support at every visited state: the
-    temperature only changes which states are visited, so they accept any temperature.
-    Evaluation (``eval.temperature``) may use any temperature.
+    temperature only changes which states are visited, so they accept any temperature; so do
+    the full-vocabulary objectives (``rkl-full``, ``fkl-full``, ``jsd-full``). Evaluation (``eval.temperature``) may use any temperature.
 
     Raises:
         ConfigError: One of those values with a sampled-token objective.
     """
-    if getattr(loss, "needs_support", False):
+    if getattr(loss, "needs_support", False) or getattr(loss, "full_vocab", False):
         return
     start, end = cfg.rollout.temperature, cfg.temperature_end
     why = (
         f"loss={cfg.loss} estimates the KL from the student's sampled tokens, which is unbiased "
         "only for samples from the student's own distribution (temperature 1, top_p 1; 0, "
         "greedy, is allowed for determinism checks). The top-k objectives (fkl-topk, rkl-topk, "
-        "jsd) accept any temperature; eval.temperature sets evaluation's."
+        "jsd) and the full-vocabulary ones (rkl-full, fkl-full, jsd-full) accept any "
+        "temperature; eval.temperature sets evaluation's."
     )
     if start not in (0.0, 1.0):
         raise ConfigError(

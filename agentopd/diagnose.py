@@ -1,8 +1,10 @@
 """``agentopd diagnose``: is this teacher likely to help this student?
 
 Rolls out the student on training tasks, scores its tokens with the teacher and reports, on the
-student's own states: top-k overlap ratio, overlap-token advantage, entropy gap, sampled-token KL
-and teacher KL per turn index, with a plain-language verdict. Then it measures whether the
+student's own states: top-k overlap ratio, overlap-token advantage, entropy gap, sampled-token KL,
+the exact reverse KL over the whole vocabulary (``diag/true_rkl``; an in-process ``hf`` teacher
+only, else it says it is unavailable) and teacher KL per turn index, with a plain-language
+verdict. Then it measures whether the
 teacher can act on states after a mistake: its greedy **recovery rate**, the fraction of
 ``recovery_episodes`` held-out tasks it still solves when it takes over right after an injected
 error (:func:`agentopd.zoo.recovery.recovery_jobs`: the expert plays up to a random turn, that
@@ -21,6 +23,7 @@ from rich.table import Table
 
 from agentopd.build import (
     build_policy,
+    full_vocab_head,
     make_teacher,
     make_teacher_engine,
     rollout_config,
@@ -30,6 +33,7 @@ from agentopd.build import (
 from agentopd.learner import Learner
 from agentopd.metrics import episode_summary
 from agentopd.rollout import EpisodeJob, run_episodes
+from agentopd.types import drop_teacher_hidden
 
 
 def diagnose(cfg: DictConfig, console: Console | None = None) -> dict[str, float]:
@@ -37,6 +41,7 @@ def diagnose(cfg: DictConfig, console: Console | None = None) -> dict[str, float
     console = console or Console()
     parts = build_policy(cfg, student_name(cfg))
     teacher = make_teacher(cfg, parts.tokenizer, parts.device)
+    teacher_head = full_vocab_head(cfg, parts.student, teacher)  # hf: keeps its hidden states
     student, renderer, engine = parts.student, parts.renderer, parts.engine
     jobs = [
         EpisodeJob(
@@ -48,8 +53,11 @@ def diagnose(cfg: DictConfig, console: Console | None = None) -> dict[str, float
         episodes = run_episodes(jobs, engine, renderer, rollout_config(cfg), seed=cfg.seed)
     with console.status("scoring with the teacher"):
         teacher.score(episodes)
-    learner = Learner(student, pad_id=renderer.pad_id, topk=cfg.teacher_cfg.topk)
+    learner = Learner(
+        student, pad_id=renderer.pad_id, topk=cfg.teacher_cfg.topk, teacher_head=teacher_head
+    )
     metrics = {**episode_summary(episodes), **learner.measure(episodes)}
+    drop_teacher_hidden(episodes)
     if cfg.recovery_episodes > 0:
         with console.status(f"teacher recovery rate on {cfg.recovery_episodes} injected errors"):
             metrics.update(teacher_recovery(cfg, parts, teacher))
@@ -65,6 +73,10 @@ def diagnose(cfg: DictConfig, console: Console | None = None) -> dict[str, float
         if key.startswith("diag/kl_turn/"):
             continue
         table.add_row(key, f"{metrics[key]:.4f}")
+    if "diag/true_rkl" not in metrics:
+        table.add_row(
+            "diag/true_rkl", f"unavailable (teacher_backend={cfg.teacher_backend}; needs hf)"
+        )
     console.print(table)
     per_turn = sorted(
         (int(k.rsplit("/", 1)[1]), v) for k, v in metrics.items() if k.startswith("diag/kl_turn/")

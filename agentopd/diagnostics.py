@@ -15,6 +15,9 @@ Metrics (``E_t`` is the mean over positions with ``mask_B_T`` = 1):
 * ``entropy_gap`` = ``E_t |H(q_t) - H(p_t)|``.
 * ``sampled_kl`` = ``E_t (log p(y_t) - log q(y_t))`` on the sampled token: a one-sample estimate
   of the reverse KL the ``rkl-sampled`` objective minimises.
+* ``true_rkl`` = ``E_t KL(p_t || q_t)`` over the whole vocabulary, exact (only with an
+  in-process teacher, whose full distribution the learner projects; see
+  :func:`agentopd.logprobs.chunked_divergence`). ``sampled_kl`` is its one-sample estimate.
 * ``kl_per_turn``: the same estimate per turn index (it grows with the index when errors
   compound).
 * ``recovery_rate`` (measured by playing, not from top-k data; see
@@ -229,16 +232,18 @@ def compatibility(
     turn_index_B_T: Tensor | None = None,
     student_entropy_B_T: Tensor | None = None,
     teacher_entropy_B_T: Tensor | None = None,
+    reverse_kl_B_T: Tensor | None = None,
 ) -> dict[str, float]:
     """All diagnostics in one flat dict (ready for ``metrics.jsonl`` and :func:`verdict`).
 
     Entropies default to :func:`topk_entropy` (top-k + tail) when not given. The sampled-token
     metrics are included only when both sampled log-probs are given; ``kl_turn/<i>`` keys only
-    when ``turn_index_B_T`` is given too.
+    when ``turn_index_B_T`` is given too; ``true_rkl`` only with ``reverse_kl_B_T`` (the exact
+    per-token reverse KL over the whole vocabulary).
 
     Returns:
         Keys ``overlap_ratio``, ``overlap_advantage``, ``entropy_gap``, optionally
-        ``sampled_kl`` and ``kl_turn/<i>``.
+        ``sampled_kl``, ``kl_turn/<i>`` and ``true_rkl``.
     """
     if student_entropy_B_T is None:
         student_entropy_B_T = topk_entropy(student_topk_logprobs_B_T_K)
@@ -264,6 +269,8 @@ def compatibility(
                 student_logprobs_B_T, teacher_logprobs_B_T, turn_index_B_T, mask_B_T
             )
             metrics.update({f"kl_turn/{t}": v for t, v in per_turn.items()})
+    if reverse_kl_B_T is not None:
+        metrics["true_rkl"] = _masked_mean(reverse_kl_B_T, mask_B_T)
     return metrics
 
 

@@ -41,6 +41,9 @@ class Batch:
     teacher_ids_B_S_K: torch.Tensor | None
     teacher_topk_lp_B_S_K: torch.Tensor | None
     teacher_entropy_B_S: torch.Tensor | None
+    teacher_hidden_M_H: torch.Tensor | None = None
+    """The teacher's final hidden states at the ``M`` mask-1 positions, in the row-major order
+    of ``mask_B_S.nonzero()`` (None unless every segment's scores carry them)."""
 
     @property
     def tokens(self) -> int:
@@ -70,6 +73,7 @@ def make_batch(
     t_ids = torch.zeros((B, S, topk), dtype=torch.long) if with_teacher else None
     t_topk = torch.zeros((B, S, topk)) if with_teacher else None
     t_ent = torch.zeros((B, S)) if with_teacher else None
+    hidden: list[torch.Tensor] | None = [] if with_teacher else None
     for b, (ep, s) in enumerate(items):
         seg = ep.segments[s]
         n = len(seg.tokens)
@@ -100,7 +104,13 @@ def make_batch(
                 if k < topk:
                     t_topk[b, pos, k:] = losses.LOG_FLOOR
                 t_ent[b, pos] = torch.tensor(sc.entropy)
-    return Batch(ids, attn, ids[:, 1:], mask, turn, t_lp, t_ids, t_topk, t_ent)
+                if hidden is not None and sc.hidden_M_H is not None:
+                    # position 0 predicts nothing: it is not in mask_B_S either
+                    hidden.append(sc.hidden_M_H[torch.tensor(sc.positions) >= 1])
+                else:
+                    hidden = None
+    t_hidden = torch.cat(hidden) if hidden else None
+    return Batch(ids, attn, ids[:, 1:], mask, turn, t_lp, t_ids, t_topk, t_ent, t_hidden)
 
 
 def student_pass(
@@ -112,6 +122,9 @@ def student_pass(
     student_topk: int,
     chunk_size: int,
     mask_B_S: torch.Tensor | None = None,
+    teacher_hidden_M_H: torch.Tensor | None = None,
+    teacher_head: logprobs.OutputHead | None = None,
+    beta: float | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """The learner's student pass: the decoder, then the chunked output projection
     (:func:`agentopd.logprobs.chunked_token_logprobs`, with entropy) at the mask-1 positions only
@@ -119,6 +132,11 @@ def student_pass(
     as a dict of ``[B, S]`` / ``[B, S, K]`` tensors, 0 at unprojected positions, so that it can
     run as the forward of an :class:`agentopd.fsdp.Passes` (bf16 autocast of the decoder on
     CUDA).
+
+    Given the teacher's hidden states at the mask-1 positions and its head, it also projects
+    both models' full distributions there (:func:`agentopd.logprobs.chunked_divergence`): the
+    exact reverse KL (``reverse_kl_B_T``, no grad) always, and with ``beta`` set the
+    full-vocabulary objective's divergence (``divergence_B_T``, with grad).
 
     Agent episodes are mostly prompt, tool output and template tokens, so projecting only the
     student's own tokens skips most of the output layer's work (its top-k and entropy
@@ -149,6 +167,21 @@ def student_pass(
         return_entropy=True,
     )
     out = {f.name: getattr(st, f.name) for f in fields(st)}
+    if teacher_hidden_M_H is not None and teacher_head is not None:
+        if where is None:
+            raise ValueError("the full-vocabulary projection needs mask_B_S (the teacher's rows)")
+        student_M_H = pick(hidden_B_S_H)[0]
+        with torch.set_grad_enabled(beta is not None and torch.is_grad_enabled()):
+            div, rkl = logprobs.chunked_divergence(
+                student_M_H if beta is not None else student_M_H.detach(),
+                logprobs.output_head(model),
+                teacher_hidden_M_H.to(hidden.device),
+                teacher_head,
+                beta=1.0 if beta is None else beta,
+                chunk_size=chunk_size,
+            )
+        out["divergence_B_T"] = None if beta is None else div[None]
+        out["reverse_kl_B_T"] = rkl[None]
     if where is None:
         return out
     B, S = target_B_S.shape
@@ -226,6 +259,12 @@ class Learner:
         loss_cfg: The loss's config (default: ``loss.Config()``).
         topk: Teacher top-k width that batches carry.
         total_steps: Length of the learning-rate schedule, in :meth:`step` calls.
+        teacher_head: The output head of an in-process teacher whose scores carry its hidden
+            states (``HFTeacher(keep_hidden=True)``): every step then reports the exact
+            reverse KL (``diag/true_rkl``), and the full-vocabulary objectives can train.
+
+    Raises:
+        ValueError: A full-vocabulary loss without ``teacher_head``.
     """
 
     def __init__(
@@ -238,6 +277,7 @@ class Learner:
         loss_cfg: losses.LossConfig | None = None,
         topk: int = 16,
         total_steps: int = 100,
+        teacher_head: logprobs.OutputHead | None = None,
     ):
         from agentopd import registry
 
@@ -252,6 +292,14 @@ class Learner:
             cast(losses.Loss, registry.losses.spec(loss).load()) if isinstance(loss, str) else loss
         )
         self.loss_cfg = loss_cfg if loss_cfg is not None else self.loss.Config()
+        self.beta = losses.full_vocab_beta(self.loss, self.loss_cfg)
+        """The full-vocabulary objective's ``beta`` (None: the loss is not one)."""
+        self.teacher_head = teacher_head
+        if self.beta is not None and teacher_head is None:
+            raise ValueError(
+                "a full-vocabulary loss needs the teacher's output head (teacher_head=...): "
+                "only an in-process hf teacher (teacher_backend=hf) gives its full distribution"
+            )
         self.topk = topk
         self.total_steps = total_steps
         self.device = next(model.parameters()).device
@@ -286,8 +334,15 @@ class Learner:
         return 1.0
 
     def _student(
-        self, batch: Batch, support: torch.Tensor | None, want_topk: bool
+        self,
+        batch: Batch,
+        support: torch.Tensor | None,
+        want_topk: bool,
+        full_vocab: bool = False,
     ) -> logprobs.TokenLogprobs:
+        """One student pass; with ``full_vocab`` (and the teacher's hidden states in the
+        batch) also the exact reverse KL and, for a full-vocabulary loss, its divergence."""
+        hidden = batch.teacher_hidden_M_H if full_vocab and self.teacher_head is not None else None
         out = self.passes(
             student_pass,
             batch.input_ids_B_T.to(self.device),
@@ -297,6 +352,9 @@ class Learner:
             self.topk if want_topk else 0,
             self.loss_cfg.chunk_size,
             None if batch.mask_B_S is None else batch.mask_B_S.to(self.device),
+            hidden,
+            self.teacher_head if hidden is not None else None,
+            self.beta,
         )
         return logprobs.TokenLogprobs(**out)
 
@@ -380,6 +438,12 @@ class Learner:
                 "another rank's teacher scores are not finite (its error says where)"
             )
         batches = self._micro_batches(episodes, with_teacher=True)
+        if self.beta is not None and any(b.teacher_hidden_M_H is None for b in batches):
+            raise ValueError(
+                "a full-vocabulary loss needs the teacher's hidden states at the scored tokens; score the episodes with an "
+                "in-process hf teacher built with keep_hidden=True (the builder does), in this "
+                "step (they are dropped after each step)"
+            )
         # Under torchrun a rank with an empty shard still takes part in every collective.
         if distributed.all_sum(len(batches)) == 0:
             return {"learner/tokens": 0.0}
@@ -408,6 +472,7 @@ class Learner:
                     batch,
                     batch.teacher_ids_B_S_K if self.loss.needs_support else None,
                     want_topk=epoch == 0,
+                    full_vocab=self.beta is not None or epoch == 0,
                 )
                 old = olds[b].to(self.device) if olds else st.logprobs_B_T.detach()
                 inputs = losses.LossInputs(
@@ -443,7 +508,7 @@ class Learner:
         """Diagnostics (overlap, entropy gap, KL per turn index) without updating anything."""
         rows = []
         for batch in self._micro_batches(episodes, with_teacher=True):
-            st = self._student(batch, batch.teacher_ids_B_S_K, want_topk=True)
+            st = self._student(batch, batch.teacher_ids_B_S_K, want_topk=True, full_vocab=True)
             rows.append(_diag_row(batch, st))
         return _diagnostics(rows) if rows else {}
 
@@ -535,7 +600,9 @@ def _diag_row(batch: Batch, st: logprobs.TokenLogprobs) -> dict[str, torch.Tenso
     assert batch.teacher_topk_lp_B_S_K is not None and batch.teacher_entropy_B_S is not None
     assert st.topk_ids_B_T_K is not None and st.topk_logprobs_B_T_K is not None
     assert st.entropy_B_T is not None
+    true_rkl = {} if st.reverse_kl_B_T is None else {"true_rkl": st.reverse_kl_B_T.detach().cpu()}
     return {
+        **true_rkl,
         "mask": batch.mask_B_S,
         "turn": batch.turn_B_S,
         "student_lp": st.logprobs_B_T.detach().cpu(),
@@ -563,6 +630,8 @@ def _diagnostics(rows: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Overlap, entropy gap and teacher KL per turn index on the student's own tokens."""
     from agentopd import diagnostics
 
+    if not all("true_rkl" in r for r in rows):  # some batch's teacher kept no hidden states
+        rows = [{k: v for k, v in r.items() if k != "true_rkl"} for r in rows]
     flat: dict[str, list[torch.Tensor]] = {}
     for r in rows:
         m = r["mask"]
@@ -582,5 +651,6 @@ def _diagnostics(rows: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         turn_index_B_T=cat["turn"],
         student_entropy_B_T=cat["student_entropy"],
         teacher_entropy_B_T=cat["teacher_entropy"],
+        reverse_kl_B_T=cat.get("true_rkl"),
     )
     return {f"diag/{k}": float(v) for k, v in metrics.items()}

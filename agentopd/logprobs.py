@@ -51,6 +51,12 @@ class TokenLogprobs:
     """The student's log-probs at its own top-``student_topk`` ids."""
     entropy_B_T: Tensor | None = None
     """Entropy of the full student distribution (nats), if ``return_entropy``."""
+    divergence_B_T: Tensor | None = None
+    """The full-vocabulary objective's per-token divergence to the teacher (with grad), when
+    the learner's pass computed one (:func:`chunked_divergence`)."""
+    reverse_kl_B_T: Tensor | None = None
+    """The exact per-token reverse KL(p || q) to the teacher (no grad), when the pass had the
+    teacher's hidden states."""
 
 
 def _chunk_logits(

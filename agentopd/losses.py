@@ -7,6 +7,11 @@ This module owns everything between "per-token numbers" and "a scalar to call ``
   returning ``(loss, metrics)`` where
   ``metrics`` is a dict of Python floats, and wrapped as :class:`Loss` objects with their own
   config dataclasses (registered in ``agentopd.registry.losses``).
+* The full-vocabulary objectives (``rkl-full``, ``fkl-full``, ``jsd-full``): the exact
+  divergence over the whole vocabulary at every student token, against an in-process teacher.
+  Their per-token values come from the student pass
+  (:func:`agentopd.logprobs.chunked_divergence`, ``TokenLogprobs.divergence_B_T``); the loss
+  aggregates them.
 * Token selection: :func:`select_entropy_top_frac`, :func:`select_overlap_only`.
 
 Notation: student p, teacher q, both on the student's own prefix; ``mask_B_T`` is 1 exactly on
@@ -421,6 +426,18 @@ class JsdConfig(TopkConfig):
 
 
 @dataclass
+class FullConfig(LossConfig):
+    """``rkl-full`` / ``fkl-full``: exact KL over the whole vocabulary (in-process teacher)."""
+
+
+@dataclass
+class JsdFullConfig(FullConfig):
+    """``jsd-full``: generalised Jensen-Shannon divergence over the whole vocabulary."""
+
+    beta: float = knob(0.5, "JSD mixing weight: 0 = forward KL, 1 = reverse KL", ge=0, le=1)
+
+
+@dataclass
 class LossInputs:
     """Everything an objective may read, on the shifted ``[B, T]`` grid of one micro-batch.
 
@@ -446,6 +463,12 @@ class Loss(Protocol):
     ``student`` holds the current student's log-probs (with grad): ``logprobs_B_T`` of the
     sampled tokens and, when ``needs_support`` is true, ``support_logprobs_B_T_K`` at the
     teacher's top-k ids. ``Config`` is the loss's config dataclass (``loss_cfg.*`` keys).
+
+    A full-vocabulary objective also sets ``full_vocab = True`` and defines
+    ``beta(cfg) -> float``: the student pass then fills ``student.divergence_B_T`` with the
+    exact divergence ``JSD_beta`` (1: reverse KL, 0: forward KL) between the student's and the
+    teacher's whole distributions (:func:`full_vocab_beta`). ``full_vocab`` is optional
+    (absent: false).
     Register an instance in the ``agentopd.losses`` entry-point group (or with
     ``agentopd.register(name, obj, kind="losses")``).
 
@@ -520,10 +543,63 @@ class _Jsd(_Topk):
     Config: type[LossConfig] = JsdConfig
 
 
+def _full_metrics(loss: Tensor, student: TokenLogprobs, mask: Tensor) -> dict[str, float]:
+    out = {"loss": float(loss.detach()), "tokens": float(mask.sum())}
+    if student.reverse_kl_B_T is not None:
+        out["true_rkl"] = _token_mean(student.reverse_kl_B_T, mask)
+    return out
+
+
+class _Full:
+    """An exact full-vocabulary divergence: the loss aggregates the student pass's
+    ``divergence_B_T`` (computed with :meth:`beta`) over the loss mask. Like the top-k
+    objectives it is exact at every visited state, so it needs no importance ratio and accepts
+    any rollout temperature; ``p_old`` is not read."""
+
+    Config: type[LossConfig] = FullConfig
+    needs_support = False
+    full_vocab = True
+
+    def __init__(self, beta: float | None):
+        self._beta = beta
+
+    def beta(self, cfg: Any) -> float:
+        """1 for the reverse KL, 0 for the forward KL, ``loss_cfg.beta`` for ``jsd-full``."""
+        return float(cfg.beta) if self._beta is None else self._beta
+
+    def __call__(
+        self, inputs: LossInputs, student: TokenLogprobs, cfg: Any
+    ) -> tuple[Tensor, dict[str, float]]:
+        if student.divergence_B_T is None:
+            raise ValueError(
+                "a full-vocabulary loss needs the student pass's divergence_B_T: the learner "
+                "computes it when it holds the teacher's output head and the batch carries the "
+                "teacher's hidden states (an in-process hf teacher with keep_hidden)"
+            )
+        mask = _bool_mask(inputs.mask_B_T)
+        loss = aggregate(student.divergence_B_T, mask, cfg.agg)
+        return loss, _full_metrics(loss, student, mask)
+
+
+class _JsdFull(_Full):
+    Config: type[LossConfig] = JsdFullConfig
+
+
+def full_vocab_beta(loss: Any, cfg: Any) -> float | None:
+    """The ``beta`` of the full-vocabulary divergence ``loss`` trains on (see :class:`Loss`),
+    or None when ``loss`` is not a full-vocabulary objective."""
+    if not getattr(loss, "full_vocab", False):
+        return None
+    return float(loss.beta(cfg))
+
+
 RKL_SAMPLED: Loss = _RklSampled()
 RKL_TOPK: Loss = _Topk(rkl_topk)
 FKL_TOPK: Loss = _Topk(fkl_topk)
 JSD: Loss = _Jsd(jsd)
+RKL_FULL: Loss = _Full(1.0)
+FKL_FULL: Loss = _Full(0.0)
+JSD_FULL: Loss = _JsdFull(None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from agentopd.metrics import episode_summary, evaluate
 from agentopd.rollout import EpisodeJob, expert_episodes, run_episodes
 from agentopd.runs import RunDir, atomic_write_text
 from agentopd.teachers import Teacher
-from agentopd.types import Episode, StopReason
+from agentopd.types import Episode, StopReason, drop_teacher_hidden
 
 
 def _seed_everything(seed: int) -> None:
@@ -239,6 +239,11 @@ class Trainer:
         self.console.print(
             "choices: " + "  ".join(f"{k}={v}" for k, v in parts.choices.items() if v is not None)
         )
+        if self.learner.teacher_head is None:
+            self.console.print(
+                f"diag/true_rkl: unavailable with teacher_backend={cfg.teacher_backend} (the "
+                "exact reverse KL needs the teacher's full distribution: teacher_backend=hf)"
+            )
         self.start_step = 0
         self.cold_start_done = False
         self.teacher_tokens = 0
@@ -270,6 +275,7 @@ class Trainer:
             loss_cfg=old.loss_cfg,
             topk=old.topk,
             total_steps=old.total_steps,
+            teacher_head=old.teacher_head,
         )
 
     def _sync_engine(self) -> None:
@@ -485,6 +491,7 @@ class Trainer:
             loss_cfg=self.learner.loss_cfg,
             topk=self.learner.topk,
             total_steps=cs.steps,
+            teacher_head=self.learner.teacher_head,
         )
         rng = random.Random(seeds.seed_of(self.cfg.seed, "cold_start"))
         with self._progress() as progress:
@@ -549,6 +556,7 @@ class Trainer:
         self.teacher.score(trainable)
         t2 = time.perf_counter()
         row.update(self.learner.step(trainable))
+        drop_teacher_hidden(trainable)  # training-time only: not kept, gathered or stored
         self._sync_engine()
         t3 = time.perf_counter()
         # Counts over all ranks, so every rank takes the same teacher-token budget decision.

@@ -12,7 +12,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -217,6 +217,12 @@ class TeacherScores:
     """Teacher log-probabilities at ``topk_ids``."""
     entropy: list[float] = field(default_factory=list)
     """Entropy (nats) of the teacher's full next-token distribution per position."""
+    hidden_M_H: Any = field(default=None, repr=False, compare=False)
+    """Training-time only: the teacher's final hidden states at ``positions`` (a ``[M, H]``
+    tensor on the teacher's device), from which the learner projects the teacher's full
+    distribution (the full-vocabulary objectives, ``diag/true_rkl``). Only an in-process
+    teacher that was asked to keep them sets it; never serialized (:meth:`to_dict` leaves it
+    out) and dropped once the step used it (:func:`drop_teacher_hidden`)."""
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -227,11 +233,21 @@ class TeacherScores:
         return len(self.topk_ids[0]) if self.topk_ids else 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The JSON-able fields (the hidden states are not stored)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hidden_M_H"}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TeacherScores:
-        return cls(**{k: d.get(k, []) for k in cls.__dataclass_fields__})
+        return cls(**{k: d.get(k, []) for k in cls.__dataclass_fields__ if k != "hidden_M_H"})
+
+
+def drop_teacher_hidden(episodes: list[Episode]) -> None:
+    """Release the teacher's hidden states (:attr:`TeacherScores.hidden_M_H`) of ``episodes``:
+    they serve one learner step and must not outlive it."""
+    for ep in episodes:
+        for sc in ep.teacher or []:
+            if sc is not None:
+                sc.hidden_M_H = None
 
 
 @dataclass

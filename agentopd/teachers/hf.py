@@ -7,6 +7,12 @@ are never materialised (at a 151,936-token vocabulary they would be ~20 GB in bf
 4,096 tokens). The teacher may see its own system prompt or
 privileged context: the opening prompt is then re-rendered for the teacher and positions are
 realigned so each student token gets the teacher's distribution at that token.
+
+With ``keep_hidden`` set (the builder sets it for training and ``diagnose``), the teacher also
+hands over its final hidden states at the scored positions (``TeacherScores.hidden_M_H``,
+``[M, H]``: 576 numbers a token for SmolLM2 against a 49,152-token vocabulary) and lends its
+output head (:meth:`HFTeacher.output_head`), so the learner can project the teacher's *full*
+distribution next to the student's (the full-vocabulary objectives, ``diag/true_rkl``).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any
 
 import torch
 
-from agentopd.logprobs import chunked_token_logprobs
+from agentopd.logprobs import OutputHead, chunked_token_logprobs, output_head
 from agentopd.renderer import Renderer
 from agentopd.teachers import TeacherConfig, check_tokenizers, prefill, teacher_dtype
 from agentopd.types import Episode, TeacherScores
@@ -41,12 +47,26 @@ class HFTeacher:
         model: The teacher causal LM.
         renderer: A renderer over the teacher's tokenizer (used to re-render the opening prompt).
         config: Scoring options.
+        keep_hidden: Also return the final hidden states at the scored positions
+            (``TeacherScores.hidden_M_H``), for the learner's full-vocabulary projection.
     """
 
-    def __init__(self, model: Any, renderer: Renderer, config: TeacherConfig | None = None):
+    def __init__(
+        self,
+        model: Any,
+        renderer: Renderer,
+        config: TeacherConfig | None = None,
+        *,
+        keep_hidden: bool = False,
+    ):
         self.model = model
         self.renderer = renderer
         self.config = config or TeacherConfig()
+        self.keep_hidden = keep_hidden
+
+    def output_head(self) -> OutputHead:
+        """The teacher's output head (frozen weights), to project ``hidden_M_H`` with."""
+        return output_head(self.model)
 
     @property
     def device(self) -> torch.device:
@@ -98,8 +118,9 @@ class HFTeacher:
         )[None]
         head = self.model.get_output_embeddings()
         k = min(self.config.topk, head.weight.shape[0])
+        scored_N_H = hidden_B_T_H[b_idx, t_idx]
         out = chunked_token_logprobs(
-            hidden_B_T_H[b_idx, t_idx][None],
+            scored_N_H[None],
             head.weight,
             target_1_N,
             lm_head_bias_V=getattr(head, "bias", None),
@@ -124,6 +145,7 @@ class HFTeacher:
                     topk_ids=top_ids[n : n + m],
                     topk_logprobs=top_lps[n : n + m],
                     entropy=entropy[n : n + m],
+                    hidden_M_H=scored_N_H[n : n + m] if self.keep_hidden else None,
                 )
                 if m
                 else TeacherScores()
