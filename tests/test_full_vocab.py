@@ -331,3 +331,48 @@ def test_train_two_steps_with_rkl_full(tmp_path):
         t is None or t.hidden_M_H is None for _, e in stored for t in e.teacher or []
     )
     assert "hidden" not in (run / "episodes").joinpath("index.jsonl").read_text()
+
+
+class _ScoresOnly:
+    """A teacher backend that is not in process: it hands over top-k scores only."""
+
+    def __init__(self, teacher: HFTeacher):
+        self.inner, self.config = teacher, teacher.config
+
+    def score(self, episodes):
+        return self.inner.score(episodes)
+
+
+def _scores_only(name, *, tokenizer, config, device):
+    from agentopd.teachers import hf
+
+    return _ScoresOnly(hf.build(name, tokenizer=tokenizer, config=config, device=device))
+
+
+DIAGNOSE = [
+    "diagnose",
+    "env=lookup-chain",
+    "student=tiny",
+    "teacher=tiny-teacher",
+    "episodes=2",
+    "recovery_episodes=0",
+    "rollout.max_new_tokens=12",
+]
+
+
+def test_diagnose_reports_the_true_reverse_kl_or_says_it_is_unavailable(capsys):
+    import agentopd
+    from agentopd import registry
+
+    assert main(DIAGNOSE) == 0
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    value = float(out.split("diag/true_rkl ")[1].split()[0])
+    assert value > 0
+    agentopd.register("scores-only", _scores_only, kind="teachers")
+    try:
+        assert main([*DIAGNOSE, "teacher_backend=scores-only"]) == 0
+    finally:
+        registry.teachers.unregister("scores-only")
+    out = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "diag/true_rkl unavailable (teacher_backend=scores-only; needs hf)" in out
+    assert "diag/sampled_kl" in out
