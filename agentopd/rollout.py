@@ -89,6 +89,12 @@ class GuideSpec:
         if self.temperature is not None and self.temperature < 0:
             raise ValueError(f"guide temperature must be >= 0, got {self.temperature!r}")
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the teacher model may play some turns, so that :func:`run_episodes` needs a
+        guide engine around it."""
+        return self.source == "teacher" and self.p > 0
+
 
 @dataclass
 class EpisodeJob:
@@ -205,7 +211,7 @@ def call_seed_stream(seed: int | None) -> Iterator[int | None]:
 
 def _check_guide_spec(job: EpisodeJob, guide: Engine | None) -> None:
     spec = job.guide
-    if spec is not None and spec.source == "teacher" and guide is None and spec.p > 0:
+    if spec is not None and spec.needs_teacher and guide is None:
         raise ValueError(
             "a job asks for teacher-guided turns (GuideSpec source 'teacher') but run_episodes "
             "got no guide engine; pass guide=<teacher engine> or use source 'expert'"

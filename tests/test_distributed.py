@@ -360,8 +360,8 @@ def test_torchrun_keys_are_validated():
 )
 def test_fsdp2_refuses_what_it_does_not_do(override, message):
     from agentopd.config import ConfigError, compose
-    from agentopd.trainer import _check_fsdp2
+    from agentopd.build import check_fsdp2
 
-    _check_fsdp2(compose("train", ["distributed.strategy=fsdp2"]))
+    check_fsdp2(compose("train", ["distributed.strategy=fsdp2"]))
     with pytest.raises(ConfigError, match=message):
-        _check_fsdp2(compose("train", ["distributed.strategy=fsdp2", override]))
+        check_fsdp2(compose("train", ["distributed.strategy=fsdp2", override]))

@@ -107,11 +107,11 @@ def test_resume_without_run_name_picks_the_newest_matching_run(tmp_path, capsys)
     from rich.console import Console
 
     from agentopd.config import compose
-    from agentopd.trainer import _resume_target
+    from agentopd.resume import resume_target
 
     cfg = compose("train", ["env=lookup-chain", f"runs_dir={runs}", "resume=true"])
     console = Console(record=True)
-    assert _resume_target(cfg, console) == "lookup-chain-rkl-sampled-s0-2"
+    assert resume_target(cfg, console) == "lookup-chain-rkl-sampled-s0-2"
     assert "most recent matching run" in console.export_text()
 
 
