@@ -304,7 +304,9 @@ class Trainer:
             rollout_config(cfg, temp),
             seed=seeds.seed_of(cfg.seed, "sampling", step, self.world.rank),
             # guided-opd: the teacher model plays the guide turns (mask 0).
-            guide=self.teacher_engine() if any(j.guide and j.guide.needs_teacher for j in jobs) else None,
+            guide=self.teacher_engine()
+            if any(j.guide and j.guide.needs_teacher for j in jobs)
+            else None,
         )
         t1 = time.perf_counter()
         # An episode an env/tool/serialization error ended is kept for inspection, never trained.
