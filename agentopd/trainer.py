@@ -11,6 +11,11 @@ Run it with ``agentopd train env=lookup-chain`` (see ``agentopd.config.TrainConf
 
 With ``gkd_lambda < 1`` a step is, with probability ``1 - gkd_lambda``, an SFT step on expert
 demonstrations instead (GKD-style mixing). ``resume=true`` continues from the last checkpoint.
+
+What the loop runs with is built by :func:`agentopd.build.build_train` (torchrun's DDP/FSDP2
+set-up included); which run it writes, and with which config, is decided by
+:func:`agentopd.resume.start`; callers observe its named points through
+:class:`agentopd.hooks.TrainerHooks`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from agentopd import distributed, resume, seeds
 from agentopd.build import build_train, make_teacher_engine, rollout_config
 from agentopd.config import TrainConfig, to_object
+from agentopd.engines import Engine
 from agentopd.hooks import TrainerHooks
 from agentopd.metrics import episode_summary, evaluate
 from agentopd.rollout import EpisodeJob, expert_episodes, run_episodes
@@ -52,9 +58,11 @@ class Trainer:
     """The existing run to continue (``resume=true``); None: a new run."""
     config_changes: list[str] = field(default_factory=list)
     """Options ``resume_override=true`` changed, recorded in ``config_changes.jsonl``."""
-    _teacher_engine: Any = None
+    _teacher_engine: Engine | None = None
 
     def setup(self) -> None:
+        """Build the parts, open the run directory (rank 0 writes it) and, with
+        ``resume=true``, load the last checkpoint."""
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own progress bars; no per-save shard bars
@@ -226,7 +234,7 @@ class Trainer:
             return self.run_dir.path / name
         return Path(tempfile.mkdtemp(prefix=f"agentopd-{name}-"))
 
-    def teacher_engine(self) -> Any:
+    def teacher_engine(self) -> Engine:
         """A rollout engine around the teacher model (built once): it generates demonstrations
         (``demo_source=teacher``) and the guide turns of ``guided-opd``."""
         if self._teacher_engine is None:
