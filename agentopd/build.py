@@ -6,9 +6,14 @@ mismatch, ``teacher_cfg.topk`` above the vocabulary, env kwargs the env rejects)
 before the caller creates a run directory. :func:`choices` says what was actually picked (the
 sandbox backend, engine, teacher backend, package versions, git commit) for the run to record.
 
+Under ``torchrun`` (:func:`build_train` with a ``world`` of several ranks) every rank starts
+from rank 0's weights; with ``distributed.strategy=fsdp2`` the student is sharded over the ranks
+(:func:`agentopd.fsdp.shard`), the learner holds this rank's shards, and the rollout engine
+samples from a full copy of its own (:attr:`Parts.replica`, :meth:`Parts.sync_engine`).
+
 Example::
 
-    cfg = compose("train", ["env=lookup-chain", "steps=2"])
+    cfg = to_object(compose("train", ["env=lookup-chain", "steps=2"]))
     parts = build_train(cfg)
     episodes = run_episodes(jobs, parts.engine, parts.renderer, rollout_config(cfg))
     parts.teacher.score(episodes)
@@ -17,23 +22,25 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from agentopd import lora, registry, zoo
-from agentopd.config import ConfigError, resolve_model, to_dataclass
+from agentopd import distributed, fsdp, lora, registry, zoo
+from agentopd.config import ConfigError, TrainConfig, resolve_model, to_dataclass
+from agentopd.curriculum import METHODS, Curriculum
 from agentopd.engines import Engine, EngineConfig
-from agentopd.learner import Learner, LearnerConfig
+from agentopd.learner import Learner
 from agentopd.logprobs import OutputHead, output_head
-from agentopd.losses import LossConfig, full_vocab_beta
-from agentopd.renderer import Renderer
+from agentopd.losses import full_vocab_beta
+from agentopd.renderer import MismatchPolicy, Renderer
 from agentopd.rollout import RolloutConfig
 from agentopd.teachers import Teacher, TeacherConfig, TokenizerMismatchError
 
@@ -49,11 +56,44 @@ class Parts:
     engine: Engine
     teacher: Teacher | None = None
     learner: Learner | None = None
-    curriculum: Any = None
+    curriculum: Curriculum | None = None
     choices: dict[str, Any] = field(default_factory=dict)
     workdir: Path | None = None
     demos: list[Any] | None = None
     """Successful episodes of ``cold_start.data``, when that is set."""
+    replica: Any = None
+    """Under ``distributed.strategy=fsdp2``: the full, plain copy of the student the rollout
+    engine samples from and checkpoints are written from (see :meth:`sync_engine`)."""
+
+    def full_model(self) -> Any:
+        """The student with every weight in one place: the engine's replica under ``fsdp2``
+        (synced after every update), else the student itself."""
+        return self.replica if self.replica is not None else self.student
+
+    def save_model(self, directory: Path) -> None:
+        """Write the student (its LoRA adapter too) and tokenizer in ``save_pretrained`` format."""
+        lora.save_pretrained(self.full_model(), self.tokenizer, directory)
+
+    def load_model(self, checkpoint: Path) -> None:
+        """Load the student's weights from a checkpoint directory (its ``model/``, or with LoRA
+        its ``adapter/``), into the shards under ``fsdp2`` (then call :meth:`sync_engine`)."""
+        from transformers import AutoModelForCausalLM
+
+        if lora.is_lora(self.student):
+            lora.load_adapter(self.student, checkpoint / "adapter")
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(checkpoint / "model")
+            fsdp.load_full_state_dict(self.student, loaded.state_dict())
+
+    def sync_engine(self) -> None:
+        """Give the rollout engine the learner's current weights (after every update and a
+        resume): pushed to an engine with weights of its own (vLLM), a no-op for an ``hf``
+        engine that shares the student's parameters. Under ``fsdp2`` the full weights are
+        gathered (a collective every rank calls here) into the engine's replica."""
+        if self.replica is not None:
+            self.engine.load_weights(fsdp.full_state_dict(self.student))
+        else:
+            self.engine.load_weights(lora.engine_weights(self.student))
 
 
 def resolve_device(name: str, cpu_threads: int = 0) -> torch.device:
@@ -130,7 +170,8 @@ def make_teacher(cfg: Any, tokenizer: Any, device: torch.device) -> Teacher:
     if name not in zoo.PRESETS:
         resolve_model(name, "teacher")
     factory = registry.teachers.spec(cfg.teacher_backend).load()
-    t_cfg = to_dataclass(cfg.teacher_cfg, TeacherConfig)
+    t_cfg = cfg.teacher_cfg
+    t_cfg = t_cfg if isinstance(t_cfg, TeacherConfig) else to_dataclass(t_cfg, TeacherConfig)
     vocab = len(tokenizer)
     if t_cfg.topk > vocab:  # checked before the (possibly long) load
         raise ConfigError(
@@ -152,10 +193,13 @@ def make_teacher(cfg: Any, tokenizer: Any, device: torch.device) -> Teacher:
     return teacher
 
 
-def full_vocab_head(cfg: Any, student: Any, teacher: Teacher) -> OutputHead | None:
+def full_vocab_head(
+    cfg: Any, student: Any, teacher: Teacher, loss: str | None = None
+) -> OutputHead | None:
     """The teacher's output head when it is in process (an ``hf`` teacher), which is then asked
     to keep its hidden states at the scored tokens: every step reports the exact reverse KL
     (``diag/true_rkl``) and the full-vocabulary objectives can train. None for other backends.
+    ``loss`` is the objective that trains (None: no training, as in ``agentopd diagnose``).
 
     Raises:
         ConfigError: A full-vocabulary ``loss`` (``rkl-full``, ``fkl-full``, ``jsd-full``) with
@@ -164,14 +208,14 @@ def full_vocab_head(cfg: Any, student: Any, teacher: Teacher) -> OutputHead | No
     """
     from agentopd.teachers.hf import HFTeacher
 
-    full = "loss" in cfg and (
-        full_vocab_beta(registry.losses.spec(cfg.loss).load(), cfg.loss_cfg) is not None
+    full = loss is not None and (
+        full_vocab_beta(registry.losses.spec(loss).load(), cfg.loss_cfg) is not None
     )
     topk_losses = "rkl-sampled, rkl-topk, fkl-topk or jsd"
     if not isinstance(teacher, HFTeacher):
         if full:
             raise ConfigError(
-                f"bad value {cfg.loss!r} for 'loss': a full-vocabulary objective needs the "
+                f"bad value {loss!r} for 'loss': a full-vocabulary objective needs the "
                 f"teacher's whole next-token distribution, which teacher_backend="
                 f"{cfg.teacher_backend} ({type(teacher).__name__}) does not give; expected "
                 f"teacher_backend=hf. Valid options: teacher_backend=hf, or loss={topk_losses}"
@@ -182,7 +226,7 @@ def full_vocab_head(cfg: Any, student: Any, teacher: Teacher) -> OutputHead | No
         vocab = output_head(student).vocab
         if vocab != head.vocab:
             raise ConfigError(
-                f"bad value {cfg.loss!r} for 'loss': the student's output layer has {vocab} "
+                f"bad value {loss!r} for 'loss': the student's output layer has {vocab} "
                 f"rows and the teacher's {head.vocab}; a full-vocabulary objective compares the "
                 "two distributions token by token, so they must be equal. Valid options: "
                 f"loss={topk_losses} (they read the teacher's scores of the student's token ids)"
@@ -208,30 +252,81 @@ def make_teacher_engine(
     return make_engine(cfg.engine, model, renderer, workdir, cfg.engine_cfg)
 
 
-def build_train(cfg: DictConfig, workdir: Path | None = None) -> Parts:
-    """Everything ``agentopd train`` runs with; raises :class:`ConfigError` on bad values."""
+def check_fsdp2(cfg: Any) -> None:
+    """Refuse what ``distributed.strategy=fsdp2`` does not do (before anything is built).
+
+    Raises:
+        ConfigError: LoRA adapters, or a rollout engine other than ``hf``.
+    """
+    if cfg.lora.r > 0:
+        raise ConfigError(
+            f"distributed.strategy=fsdp2 does not support LoRA (lora.r={cfg.lora.r}): the "
+            "adapters are small, so replicate them with distributed.strategy=ddp"
+        )
+    if cfg.engine != "hf":
+        raise ConfigError(
+            f"distributed.strategy=fsdp2 runs with engine=hf only, got engine={cfg.engine}; "
+            "use distributed.strategy=ddp"
+        )
+
+
+def build_train(
+    cfg: TrainConfig, world: distributed.World | None = None, workdir: Path | None = None
+) -> Parts:
+    """Everything ``agentopd train`` runs with, on this torchrun rank of ``world`` (None: one
+    process); raises :class:`ConfigError` on bad values."""
+    world = world or distributed.World()
+    sharded = world.size > 1 and cfg.distributed.strategy == "fsdp2"
+    if sharded:
+        check_fsdp2(cfg)
     device = resolve_device(cfg.device, cfg.cpu_threads)
     check_env(cfg)
     student, tokenizer = load_model(student_name(cfg), "student", cfg.seed)
     try:
-        lora.apply(student, to_dataclass(cfg.lora, lora.LoraConfig))
+        lora.apply(student, cfg.lora)
     except ImportError as e:
         raise ConfigError(str(e)) from None
     student.to(device)
-    renderer = Renderer(tokenizer, on_prefix_mismatch=cfg.rollout.on_prefix_mismatch)
+    # rollout.on_prefix_mismatch is one of the MismatchPolicy values (checked at compose time).
+    policy = cast(MismatchPolicy, cfg.rollout.on_prefix_mismatch)
+    renderer = Renderer(tokenizer, on_prefix_mismatch=policy)
     teacher = make_teacher(cfg, tokenizer, device)
     workdir = workdir or Path(tempfile.mkdtemp(prefix="agentopd-engine-"))
     engine = make_engine(cfg.engine, student, renderer, workdir, cfg.engine_cfg)
+    if world.size > 1:  # every rank starts from rank 0's weights
+        distributed.broadcast_parameters(student)
+        engine.load_weights(lora.engine_weights(student))
+    replica = None
+    if sharded:
+        # The engine samples from a full copy of its own; the learner's optimizer holds this
+        # rank's shard of the state.
+        replica = copy.deepcopy(student).requires_grad_(False).eval()
+        engine = make_engine(cfg.engine, replica, renderer, workdir, cfg.engine_cfg)
     learner = Learner(
-        student,
-        to_dataclass(cfg.optim, LearnerConfig),
+        fsdp.shard(student) if sharded else student,
+        cfg.optim,
         renderer.pad_id,
         loss=cfg.loss,
-        loss_cfg=to_dataclass(cfg.loss_cfg, LossConfig),
+        loss_cfg=cfg.loss_cfg,
         topk=cfg.teacher_cfg.topk,
         total_steps=cfg.steps,
-        teacher_head=full_vocab_head(cfg, student, teacher),
+        teacher_head=full_vocab_head(cfg, student, teacher, cfg.loss),
     )
+    curriculum = make_curriculum(cfg)
+    parts = Parts(device, student, tokenizer, renderer, engine, teacher, learner, curriculum)
+    parts.workdir, parts.replica = workdir, replica
+    if cfg.cold_start.data and cfg.cold_start.steps > 0:
+        parts.demos = load_demos(cfg.cold_start.data)
+    parts.choices = choices(cfg)
+    return parts
+
+
+def make_curriculum(cfg: TrainConfig) -> Curriculum:
+    """The registered curriculum ``cfg.curriculum`` with ``curriculum_kwargs``.
+
+    Raises:
+        ConfigError: The registered object does not implement :class:`Curriculum`.
+    """
     curriculum = registry.curricula.make(
         cfg.curriculum,
         env=cfg.env,
@@ -239,12 +334,13 @@ def build_train(cfg: DictConfig, workdir: Path | None = None) -> Parts:
         seed=cfg.seed,
         **dict(cfg.curriculum_kwargs),
     )
-    parts = Parts(device, student, tokenizer, renderer, engine, teacher, learner, curriculum)
-    parts.workdir = workdir
-    if cfg.cold_start.data and cfg.cold_start.steps > 0:
-        parts.demos = load_demos(cfg.cold_start.data)
-    parts.choices = choices(cfg)
-    return parts
+    if not isinstance(curriculum, Curriculum):
+        missing = [m for m in METHODS if not callable(getattr(curriculum, m, None))]
+        raise ConfigError(
+            f"curriculum={cfg.curriculum} made a {type(curriculum).__name__}, which lacks "
+            f"{', '.join(missing)} of agentopd.curriculum.Curriculum"
+        )
+    return curriculum
 
 
 def load_demos(path: str) -> list[Any]:

@@ -76,12 +76,13 @@ def cmd_check_env(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from agentopd import distributed
+    from agentopd import distributed, hooks
     from agentopd.config import compose
     from agentopd.trainer import train
 
     cfg = compose("train", args.overrides)
-    result = train(cfg, console, overrides=args.overrides)
+    # Crash tests kill the process at a named point of the loop (AGENTOPD_KILL_AT).
+    result = train(cfg, console, overrides=args.overrides, hooks=hooks.from_env())
     if distributed.launched_rank() == 0:  # under torchrun, one result
         console.print_json(json.dumps(result))
     return 0

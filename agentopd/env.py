@@ -18,6 +18,10 @@ how many), ``split`` (``"train"`` or ``"eval"``; held-out tasks come from a disj
 A subclass implements :meth:`new_task`, :meth:`build_tools`, :meth:`check_answer` and
 :meth:`expert_action`; a ``submit(answer)`` tool is added automatically.
 
+Optional part: what the rollout loop reads or sets beyond ``reset``/``step``
+(:class:`RolloutEnv`): the tool-call parser, the sampled tokens of each turn and the message
+history. :class:`Env` implements all of it; the rollout reaches it through :func:`rollout_env`.
+
 Example::
 
     from agentopd import Env, Task, tool
@@ -49,7 +53,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import gymnasium
 import numpy as np
@@ -117,6 +121,44 @@ def answered_call_log(
         elif m.role == "tool" and m.name == tool_name and m.tool_call_id in pending:
             log.append((pending[m.tool_call_id], m.content))
     return log
+
+
+@runtime_checkable
+class RolloutEnv(Protocol):
+    """What the rollout loop (:mod:`agentopd.rollout`) uses of an env besides Gymnasium's
+    ``reset``/``step``/``close``. :class:`Env` provides every member (``observe_sampled`` as a
+    no-op), so a subclass only overrides what it needs; an env built otherwise must have them.
+    """
+
+    tool_parser: str
+    """How the env reads tool calls in a turn's text (``"lenient"`` or ``"vllm-hermes"``). The
+    rollout sets it from ``rollout.tool_parser`` before ``reset``."""
+
+    messages: list[Message]
+    """The conversation so far, updated by ``reset`` and ``step``: after ``step`` the assistant
+    message of the turn (with the tool calls the env parsed) is followed by exactly the new
+    messages ``step`` returned. The rollout renders the next prompt's bridge tokens from it and
+    stores it in the episode."""
+
+    def observe_sampled(self, token_ids: list[int], logprobs: list[float]) -> None:
+        """The exact token ids and log-probs the policy sampled for the turn that the next
+        ``step`` receives as text (called just before that ``step``). An env that hands the
+        turn to a foreign loop (verifiers) passes them on; others ignore them."""
+
+
+def rollout_env(env: Any) -> RolloutEnv:
+    """``env`` as the rollout loop uses it (see :class:`RolloutEnv`).
+
+    Raises:
+        TypeError: ``env`` lacks a member of :class:`RolloutEnv`.
+    """
+    if isinstance(env, RolloutEnv):
+        return env
+    missing = [m for m in ("tool_parser", "messages", "observe_sampled") if not hasattr(env, m)]
+    raise TypeError(
+        f"{type(env).__name__} lacks {', '.join(missing)} of agentopd.env.RolloutEnv, which the "
+        "rollout loop uses; derive the env from agentopd.Env"
+    )
 
 
 class MessagesSpace(gymnasium.Space):
@@ -187,7 +229,7 @@ class Env(gymnasium.Env):
     tool_parser: str = "lenient"
     """How tool calls are read: ``"lenient"`` or ``"vllm-hermes"`` (exactly what vLLM's Hermes
     tool parser extracts; see ``docs/parsing.md``). The rollout loop sets it from
-    ``rollout.tool_parser``."""
+    ``rollout.tool_parser`` (:class:`RolloutEnv`)."""
 
     def __init__(
         self,
@@ -240,6 +282,10 @@ class Env(gymnasium.Env):
 
     def close_episode(self) -> None:
         """Release per-episode resources (sandboxes, database handles). Called on reset/close."""
+
+    def observe_sampled(self, token_ids: list[int], logprobs: list[float]) -> None:
+        """The sampled token ids and log-probs of the turn the next :meth:`step` receives
+        (:class:`RolloutEnv`); ignored here."""
 
     def privileged_context(self) -> str:
         """Extra context a teacher may see (e.g. for self-distillation): the reference answer."""

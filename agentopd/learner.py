@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, cast
 
 import torch
@@ -320,6 +320,24 @@ class Learner:
         else:
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {config.name!r}")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+    def cold_start(self, lr: float, steps: int) -> Learner:
+        """The cold start's SFT learner: the same model (under ``fsdp2``: the same shards), loss
+        and batches, with an optimizer of its own, AdamW at a constant ``lr`` for ``steps``
+        steps. This learner's schedule and AdamW moments are untouched, so OPD starts them fresh
+        afterwards. (Setting the shared optimizer's lr did not hold: the OPD scheduler reset it
+        to ``optim.lr`` after the first step.)"""
+        config = replace(self.config, name="adamw", lr=lr, schedule="constant", warmup_steps=0)
+        return Learner(
+            self.passes,
+            config,
+            self.pad_id,
+            loss=self.loss,
+            loss_cfg=self.loss_cfg,
+            topk=self.topk,
+            total_steps=steps,
+            teacher_head=self.teacher_head,
+        )
 
     def _lr_factor(self, step: int) -> float:
         c = self.config

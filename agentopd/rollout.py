@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from agentopd.engines import Engine, Sample, SamplingParams
-from agentopd.env import Env
+from agentopd.env import Env, RolloutEnv, rollout_env
 from agentopd.parsing import PARSER_MODES
 from agentopd.registry import make
 from agentopd.renderer import PrefixMismatchError, Renderer
@@ -89,6 +89,12 @@ class GuideSpec:
         if self.temperature is not None and self.temperature < 0:
             raise ValueError(f"guide temperature must be >= 0, got {self.temperature!r}")
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the teacher model may play some turns, so that :func:`run_episodes` needs a
+        guide engine around it."""
+        return self.source == "teacher" and self.p > 0
+
 
 @dataclass
 class EpisodeJob:
@@ -118,6 +124,10 @@ class _Live:
     """The current turn is played by the guide (teacher or expert): it gets mask 0."""
     guide: GuideSpec | None = None
     """The job's guide spec."""
+
+    def __post_init__(self) -> None:
+        self.io: RolloutEnv = rollout_env(self.env)
+        """The env's rollout part: tool parser, sampled-token observation, message history."""
 
 
 Policy = Callable[[list["_Live"]], list[Sample]]
@@ -205,7 +215,7 @@ def call_seed_stream(seed: int | None) -> Iterator[int | None]:
 
 def _check_guide_spec(job: EpisodeJob, guide: Engine | None) -> None:
     spec = job.guide
-    if spec is not None and spec.source == "teacher" and guide is None and spec.p > 0:
+    if spec is not None and spec.needs_teacher and guide is None:
         raise ValueError(
             "a job asks for teacher-guided turns (GuideSpec source 'teacher') but run_episodes "
             "got no guide engine; pass guide=<teacher engine> or use source 'expert'"
@@ -242,7 +252,7 @@ def _expert_sample(lv: _Live, renderer: Renderer, guarded: bool = True) -> Sampl
     ends its episode as ``env_error`` and plays nothing; unguarded, the exception propagates."""
 
     def tokens() -> list[int]:
-        return renderer.encode(lv.env.expert_action(list(lv.env.messages))) + [renderer.eot_id]
+        return renderer.encode(lv.env.expert_action(list(lv.io.messages))) + [renderer.eot_id]
 
     toks = (_guarded(lv, tokens) if guarded else tokens()) or []
     return Sample(tokens=toks, logprobs=[0.0] * len(toks), finished=True)
@@ -321,7 +331,7 @@ def _play(
     try:
         for job in jobs:
             env = make(job.env, **job.env_kwargs)
-            env.tool_parser = cfg.tool_parser
+            rollout_env(env).tool_parser = cfg.tool_parser
             lives.append(_start_or_fail(env, job, renderer))
         _loop(lives, policy, renderer, cfg, close=True)
     finally:
@@ -394,7 +404,7 @@ def _loop(
                 result = fut.result()
                 _guarded(lv, _after_step, lv, result, renderer, cfg)
     for lv in lives:
-        lv.episode.messages = list(lv.env.messages)
+        lv.episode.messages = list(lv.io.messages)
         if close:
             _close(lv)
 
@@ -430,12 +440,12 @@ def _record_turn(lv: _Live, sample: Sample, renderer: Renderer, cfg: RolloutConf
 def _step(lv: _Live) -> tuple[Any, ...] | BaseException:
     try:
         turn = lv.episode.turns[-1]
-        observe = getattr(lv.env, "observe_sampled", None)
-        if observe is not None:
-            # An env that hands the turn to a foreign loop (verifiers) also passes on the exact
-            # sampled ids and their log-probs; every other env gets the text only.
-            seg = lv.episode.segments[turn.segment]
-            observe(seg.tokens[turn.start : turn.end], seg.logprobs[turn.start : turn.end])
+        # An env that hands the turn to a foreign loop (verifiers) also passes on the exact
+        # sampled ids and their log-probs; every other env ignores them.
+        seg = lv.episode.segments[turn.segment]
+        lv.io.observe_sampled(
+            seg.tokens[turn.start : turn.end], seg.logprobs[turn.start : turn.end]
+        )
         return lv.env.step(turn.text)
     except Exception as e:  # noqa: BLE001 - an env bug ends this episode, not the batch
         e.__traceback_text__ = traceback.format_exc()  # type: ignore[attr-defined]
@@ -454,7 +464,7 @@ def _after_step(lv: _Live, result: Any, renderer: Renderer, cfg: RolloutConfig) 
             f"env {ep.env!r} returned a non-finite reward ({reward!r}) at turn {turn.index}; "
             "rewards must be finite numbers"
         )
-    assistant = lv.env.messages[-1 - len(new_messages)]
+    assistant = lv.io.messages[-1 - len(new_messages)]
     turn.tool_calls = list(assistant.tool_calls)
     turn.tool_results = list(new_messages)
     turn.parse_error = info.get("parse_error")
@@ -473,7 +483,7 @@ def _after_step(lv: _Live, result: Any, renderer: Renderer, cfg: RolloutConfig) 
     if truncated:
         _finish(lv, StopReason.MAX_TURNS)
         return
-    bridge = renderer.bridge(lv.stream_text, lv.env.messages, lv.tools)
+    bridge = renderer.bridge(lv.stream_text, lv.io.messages, lv.tools)
     held = 0 if bridge.new_segment else len(ep.segments[-1].tokens)
     if held + len(bridge.tokens) > cfg.max_episode_tokens:
         # The observation does not fit the token budget: the episode ends here rather than

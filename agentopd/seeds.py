@@ -17,11 +17,18 @@ Streams:
 * ``gkd``: the coin that decides, per step, between a demonstration and an on-policy batch;
 * ``curriculum``: the training tasks a curriculum hands out;
 * ``sampling``: the sampler's random numbers, one sub-stream per step (and per rank).
+
+The process-wide generators (Python's ``random``, NumPy's and torch's) are seeded with the run
+seed once (:func:`seed_everything`); their state is part of a checkpoint (:func:`rng_state`).
 """
 
 from __future__ import annotations
 
+import random
+from typing import Any
+
 import numpy as np
+import torch
 
 STREAMS: dict[str, int] = {
     "eval": 1,
@@ -49,3 +56,26 @@ def seed_of(seed: int, name: str, *keys: int) -> int:
 def task_base(seed: int, name: str) -> int:
     """The first task seed of stream ``name`` for run ``seed``; its tasks are ``base + i``."""
     return seed_of(seed, name) % _TASK_SPAN
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's process-wide generators with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The process-wide generators' state, for a checkpoint (:func:`set_rng_state`)."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the state :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])

@@ -109,8 +109,7 @@ def overhead(args: argparse.Namespace, engine: str) -> dict[str, float]:
         ],  # fmt: skip
     )
     try:
-        t = trainer_mod.Trainer(cfg)
-        t.run()
+        trainer_mod.train(cfg)
     finally:
         trainer_mod.Trainer.train_step = original  # type: ignore[method-assign]
     starts.append(time.perf_counter())  # the end of the last step (after its log/checkpoint)

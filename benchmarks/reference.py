@@ -43,7 +43,7 @@ from agentopd.config import compose
 from agentopd.engines.hf import HFEngine
 from agentopd.metrics import evaluate
 from agentopd.renderer import Renderer
-from agentopd.trainer import Trainer
+from agentopd.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = ("sft-only", "opd-rkl-sampled", "opd-rkl-topk")
@@ -85,8 +85,7 @@ def _eval_model(
 
 def _run(overrides: list[str]) -> tuple[dict[str, Any], Path]:
     cfg = compose("train", overrides)
-    trainer = Trainer(cfg)
-    result = trainer.run()
+    result = train(cfg)
     return result, Path(result["run_dir"])
 
 

@@ -77,3 +77,27 @@ def test_curricula_return_rollout_jobs_and_b2f_caches_one_expert_episode_per_see
     monkeypatch.setattr(schedules, "make", lambda *a, **k: made.append(1) or real_make(*a, **k))
     first = b2f.expert_actions(5)
     assert b2f.expert_actions(5) == first and len(made) == 1
+
+
+def test_every_registered_curriculum_implements_the_protocol_and_a_stranger_is_refused(
+    monkeypatch,
+):
+    from agentopd.build import make_curriculum
+    from agentopd.config import ConfigError, compose, to_object
+    from agentopd.curriculum import Curriculum
+
+    for name in registry.curricula.names():
+        c = registry.curricula.make(name, env="lookup-chain", env_kwargs={"hops": 2}, seed=0)
+        assert isinstance(c, Curriculum), name
+
+    class NoState:
+        def __init__(self, env, env_kwargs=None, seed=0):
+            pass
+
+        def jobs(self, step, n):
+            return []
+
+    monkeypatch.setattr(registry.curricula, "make", lambda name, **kw: NoState(**kw))
+    cfg = to_object(compose("train", ["env=lookup-chain"]))
+    with pytest.raises(ConfigError, match="describe, state_dict, load_state_dict"):
+        make_curriculum(cfg)

@@ -359,9 +359,9 @@ def test_torchrun_keys_are_validated():
     ("override", "message"), [("lora.r=8", "does not support LoRA"), ("engine=vllm", "engine=hf")]
 )
 def test_fsdp2_refuses_what_it_does_not_do(override, message):
+    from agentopd.build import check_fsdp2
     from agentopd.config import ConfigError, compose
-    from agentopd.trainer import _check_fsdp2
 
-    _check_fsdp2(compose("train", ["distributed.strategy=fsdp2"]))
+    check_fsdp2(compose("train", ["distributed.strategy=fsdp2"]))
     with pytest.raises(ConfigError, match=message):
-        _check_fsdp2(compose("train", ["distributed.strategy=fsdp2", override]))
+        check_fsdp2(compose("train", ["distributed.strategy=fsdp2", override]))

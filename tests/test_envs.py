@@ -418,3 +418,17 @@ def test_sql_names_tokenize_as_the_query_writes_them():
                 literal,
             )
     env.close()
+
+
+def test_rollout_env_accepts_every_env_and_names_what_a_stranger_lacks() -> None:
+    from agentopd.env import rollout_env
+
+    env = agentopd.make("lookup-chain")
+    assert rollout_env(env) is env
+    env.observe_sampled([1, 2], [-0.1, -0.2])  # Env's default: ignored
+
+    class Bare:
+        messages: list = []
+
+    with pytest.raises(TypeError, match="tool_parser, observe_sampled"):
+        rollout_env(Bare())

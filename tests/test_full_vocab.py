@@ -282,9 +282,9 @@ def test_full_vocab_loss_refuses_different_vocabularies(renderer, teacher_model)
     wider = copy.deepcopy(teacher_model)
     wider.resize_token_embeddings(V + 8)
     with pytest.raises(ConfigError, match=rf"'loss'.*has {V} rows and the teacher's {V + 8}"):
-        full_vocab_head(cfg, student, HFTeacher(wider, renderer))
+        full_vocab_head(cfg, student, HFTeacher(wider, renderer), cfg.loss)
     teacher = HFTeacher(teacher_model, renderer)
-    assert full_vocab_head(cfg, student, teacher) is not None and teacher.keep_hidden
+    assert full_vocab_head(cfg, student, teacher, cfg.loss) is not None and teacher.keep_hidden
 
 
 def test_full_vocab_losses_accept_any_rollout_temperature(tmp_path, capsys):

@@ -226,3 +226,9 @@ def test_resume_after_a_kill_restores_the_guided_curriculum(guided_run, tmp_path
     resumed, reference = _step_episodes(run, 1), _step_episodes(guided_run, 1)
     assert [e.guided_turns for e in resumed] == [e.guided_turns for e in reference]
     assert [e.segments[0].tokens for e in resumed] == [e.segments[0].tokens for e in reference]
+
+
+def test_a_guide_needs_the_teacher_only_when_the_teacher_may_play():
+    assert GuideSpec(p=0.3, seed=1).needs_teacher
+    assert not GuideSpec(p=0.0, seed=1).needs_teacher
+    assert not GuideSpec(p=0.3, seed=1, source="expert").needs_teacher

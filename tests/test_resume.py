@@ -107,11 +107,11 @@ def test_resume_without_run_name_picks_the_newest_matching_run(tmp_path, capsys)
     from rich.console import Console
 
     from agentopd.config import compose
-    from agentopd.trainer import _resume_target
+    from agentopd.resume import resume_target
 
     cfg = compose("train", ["env=lookup-chain", f"runs_dir={runs}", "resume=true"])
     console = Console(record=True)
-    assert _resume_target(cfg, console) == "lookup-chain-rkl-sampled-s0-2"
+    assert resume_target(cfg, console) == "lookup-chain-rkl-sampled-s0-2"
     assert "most recent matching run" in console.export_text()
 
 
@@ -148,3 +148,33 @@ def test_resume_of_a_run_not_started_yet_starts_it(tmp_path):
     rc, out = _train(tmp_path, "run_name=fresh", "resume=true", "steps=1", "cold_start.steps=0",
                      "eval.episodes=0")  # fmt: skip
     assert rc == 0, out  # the second time it continues (nothing left to do) instead
+
+
+def test_the_loop_reaches_its_named_points_in_order(tmp_path):
+    """The points a crash test may kill at (agentopd.hooks), as the loop reaches them."""
+    from rich.console import Console
+
+    from agentopd.config import compose
+    from agentopd.hooks import TrainerHooks
+    from agentopd.trainer import train
+
+    class Record(TrainerHooks):
+        def __init__(self):
+            self.seen: list[str] = []
+
+        def point(self, where: str) -> None:
+            self.seen.append(where)
+
+    cfg = compose("train", [*ARGS, "steps=2", "eval.every=0", "eval.teacher=false",
+                            f"runs_dir={tmp_path}", "run_name=h"])  # fmt: skip
+    hooks = Record()
+    train(cfg, Console(quiet=True), hooks=hooks)
+    assert hooks.seen == [
+        "eval:before training",
+        *(f"cold_start:{i}" for i in range(3)),
+        "eval:after cold start",
+        "train:0",
+        "train:1",
+        "checkpoint:1",
+        "eval:after training",
+    ]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from agentopd.curricula.schedules import Curriculum
+from agentopd.curricula.schedules import SeededCurriculum
 from agentopd.env import Env
 from agentopd.registry import make
 from agentopd.rollout import GUIDE_SOURCES, GuideSpec
@@ -35,7 +35,7 @@ from agentopd.rollout import GUIDE_SOURCES, GuideSpec
 SCHEDULES = ("linear", "exponential")
 
 
-class GuidedOPD(Curriculum):
+class GuidedOPD(SeededCurriculum):
     """Mix guide (teacher or expert) turns into training episodes with probability p(step).
 
     Args:

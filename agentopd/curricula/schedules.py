@@ -1,7 +1,8 @@
 """Temporal curricula (TCOD) and plain baselines: which tasks, and how many turns, at each step.
 
-A curriculum turns a training step into episode jobs (seed + reset options). Its state is a
-small dict saved in every checkpoint, so a resumed run continues the same schedule.
+A curriculum turns a training step into episode jobs (seed + reset options); the contract is
+:class:`agentopd.curriculum.Curriculum`. Its state is a small dict saved in every checkpoint, so
+a resumed run continues the same schedule.
 
 * ``uniform``: full horizon, fresh seeded tasks every step.
 * ``horizon-sorted``: a fixed pool of tasks, ordered short to long, walked through in order.
@@ -18,12 +19,15 @@ from __future__ import annotations
 from typing import Any
 
 from agentopd import seeds
+from agentopd.curriculum import Curriculum
 from agentopd.registry import make
 from agentopd.rollout import EpisodeJob, GuideSpec
 
 
-class Curriculum:
-    """Base class. Subclasses override :meth:`options_for`.
+class SeededCurriculum(Curriculum):
+    """Base class of the built-in curricula (a :class:`~agentopd.curriculum.Curriculum`): step
+    ``n``'s tasks are fresh seeds of the run's ``curriculum`` stream. Subclasses override
+    :meth:`options_for` (and :meth:`guide_for`).
 
     Args:
         env: Registry name of the environment.
@@ -73,11 +77,11 @@ class Curriculum:
         self.step = int(state.get("step", 0))
 
 
-class Uniform(Curriculum):
+class Uniform(SeededCurriculum):
     """Full horizon on fresh tasks every step."""
 
 
-class HorizonSorted(Curriculum):
+class HorizonSorted(SeededCurriculum):
     """A pool of tasks ordered by difficulty (short to long), visited in order.
 
     Args:
@@ -111,7 +115,7 @@ class HorizonSorted(Curriculum):
         ]
 
 
-class _Temporal(Curriculum):
+class _Temporal(SeededCurriculum):
     """Shared schedule of the TCOD curricula: k = k_start + floor(step / eta)."""
 
     name = "tcod"
