@@ -78,15 +78,27 @@ class EvalConfig:
 
 
 @dataclass
-class TrainConfig:
+class PolicyConfig:
+    """What every command shares: the env the policy plays, the engine that generates its turns,
+    the rollout loop's limits, the seed and the device. The command schemas below extend it."""
+
+    env: str = knob("lookup-chain", "registered environment (agentopd envs)")
+    env_kwargs: dict[str, Any] = knob(factory=dict, help="env constructor kwargs")
+    engine: str = knob("hf", "rollout engine (registry kind engines: hf, vllm)")
+    engine_cfg: EngineConfig = knob(factory=EngineConfig, help="rollout engine settings (vllm)")
+    rollout: RolloutConfig = knob(factory=RolloutConfig, help="rollout loop")
+    seed: int = knob(0, "seed of everything the command draws", ge=0)
+    device: str = knob("auto", "torch device (auto: cuda when available)", choices=DEVICES)
+    cpu_threads: int = knob(1, "torch CPU threads (0: torch's default)", ge=0)
+
+
+@dataclass
+class TrainConfig(PolicyConfig):
     """Everything ``agentopd train`` needs."""
 
     env: str = knob("code-sandbox", "registered environment (agentopd envs)")
-    env_kwargs: dict[str, Any] = knob(factory=dict, help="env constructor kwargs")
     student: str = knob("auto", "student model: zoo name, save_pretrained dir or run dir")
     teacher: str = knob("auto", "teacher model (auto: tiny-teacher-<env>)")
-    engine: str = knob("hf", "student rollout engine (registry kind engines: hf, vllm)")
-    engine_cfg: EngineConfig = knob(factory=EngineConfig, help="rollout engine settings (vllm)")
     teacher_backend: str = knob("hf", "teacher scoring backend (hf, vllm, server)")
     loss: str = knob("rkl-sampled", "objective (registry kind losses)")
     curriculum: str = knob("uniform", "curriculum (registry kind curricula)")
@@ -99,7 +111,6 @@ class TrainConfig:
     resume_override: bool = knob(
         False, "with resume: accept options that differ from the saved config (recorded)"
     )
-    seed: int = knob(0, "seed of everything", ge=0)
     steps: int = knob(30, "OPD steps", ge=0)
     episodes_per_step: int = knob(16, "episodes per OPD step", ge=1)
     gkd_lambda: float = knob(
@@ -113,8 +124,6 @@ class TrainConfig:
         None, "anneal rollout.temperature linearly to this by the last step", ge=0
     )
     checkpoint_every: int = knob(5, "steps between checkpoints", ge=1)
-    device: str = knob("auto", "torch device (auto: cuda when available)", choices=DEVICES)
-    cpu_threads: int = knob(1, "torch CPU threads (0: torch's default)", ge=0)
     preset: str | None = knob(
         None, "a named setup from configs/preset/ (e.g. qwen3-1.7b-from-8b); null: none"
     )
@@ -124,7 +133,6 @@ class TrainConfig:
         "before anything loads (0: no check)",
         ge=0,
     )
-    rollout: RolloutConfig = knob(factory=RolloutConfig, help="rollout loop")
     teacher_cfg: TeacherConfig = knob(factory=TeacherConfig, help="teacher scoring")
     loss_cfg: LossConfig = knob(factory=LossConfig, help="the chosen loss's settings")
     optim: LearnerConfig = knob(factory=LearnerConfig, help="OPD optimizer")
@@ -137,21 +145,14 @@ class TrainConfig:
 
 
 @dataclass
-class EvalCommandConfig:
+class EvalCommandConfig(PolicyConfig):
     """Everything ``agentopd eval`` needs."""
 
-    env: str = knob("lookup-chain", "registered environment")
-    env_kwargs: dict[str, Any] = knob(factory=dict, help="env constructor kwargs")
     model: str = knob("tiny", "model: zoo name, save_pretrained dir or run dir (latest checkpoint)")
-    engine: str = knob("hf", "rollout engine (hf, vllm)")
-    engine_cfg: EngineConfig = knob(factory=EngineConfig, help="rollout engine settings (vllm)")
     episodes: int = knob(50, "held-out tasks", ge=1)
     samples: int = knob(1, "samples per task (pass@k)", ge=1)
     temperature: float = knob(0.0, "sampling temperature (0: greedy)", ge=0)
     seed: int = knob(0, "seed; tasks are the seed's held-out tasks, as in training", ge=0)
-    device: str = knob("auto", "torch device", choices=DEVICES)
-    cpu_threads: int = knob(1, "torch CPU threads (0: torch's default)", ge=0)
-    rollout: RolloutConfig = knob(factory=RolloutConfig, help="rollout loop")
     output: str | None = knob(None, "also write the episodes as JSONL here")
     runs_dir: str | None = knob(
         None, "where the eval's run directory goes (default: beside the run evaluated, else runs)"
@@ -162,44 +163,29 @@ class EvalCommandConfig:
 
 
 @dataclass
-class DiagnoseConfig:
+class DiagnoseConfig(PolicyConfig):
     """Everything ``agentopd diagnose`` needs."""
 
-    env: str = knob("lookup-chain", "registered environment")
-    env_kwargs: dict[str, Any] = knob(factory=dict, help="env constructor kwargs")
     student: str = knob("auto", "student model (auto: tiny-base)")
     teacher: str = knob("auto", "teacher model (auto: tiny-teacher-<env>)")
-    engine: str = knob("hf", "student rollout engine")
-    engine_cfg: EngineConfig = knob(factory=EngineConfig, help="rollout engine settings (vllm)")
     teacher_backend: str = knob("hf", "teacher scoring backend")
     episodes: int = knob(16, "student episodes to diagnose", ge=1)
     recovery_episodes: int = knob(
         16, "held-out tasks the teacher plays on from an injected error (0: skip)", ge=0
     )
-    seed: int = knob(0, "seed", ge=0)
-    device: str = knob("auto", "torch device", choices=DEVICES)
-    cpu_threads: int = knob(1, "torch CPU threads (0: torch's default)", ge=0)
-    rollout: RolloutConfig = knob(factory=RolloutConfig, help="rollout loop")
     teacher_cfg: TeacherConfig = knob(factory=TeacherConfig, help="teacher scoring")
 
 
 @dataclass
-class CollectConfig:
+class CollectConfig(PolicyConfig):
     """Everything ``agentopd collect`` needs."""
 
-    env: str = knob("lookup-chain", "registered environment")
-    env_kwargs: dict[str, Any] = knob(factory=dict, help="env constructor kwargs")
     model: str = knob("expert", "expert (the env's scripted expert) or a model")
     engine: str = knob("hf", "rollout engine when model is a model")
-    engine_cfg: EngineConfig = knob(factory=EngineConfig, help="rollout engine settings (vllm)")
     episodes: int = knob(100, "episodes to play", ge=1)
     only_successful: bool = knob(True, "keep only solved episodes")
-    seed: int = knob(0, "seed", ge=0)
     output: str = knob("teacher_episodes.jsonl", "JSONL file to write")
     temperature: float = knob(1.0, "sampling temperature", ge=0)
-    device: str = knob("auto", "torch device", choices=DEVICES)
-    cpu_threads: int = knob(1, "torch CPU threads (0: torch's default)", ge=0)
-    rollout: RolloutConfig = knob(factory=RolloutConfig, help="rollout loop")
 
 
 SCHEMAS: dict[str, type] = {

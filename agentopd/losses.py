@@ -278,6 +278,23 @@ def _support_metrics(
         }
 
 
+def _support_kl(
+    student_B_T_K: Tensor,
+    teacher_B_T_K: Tensor,
+    mask_B_T: Tensor,
+    *,
+    tail: bool,
+    agg: str,
+    reverse: bool,
+) -> tuple[Tensor, dict[str, float]]:
+    """KL between the two models on a top-k support: reverse KL(p || q) when ``reverse``, else
+    forward KL(q || p); see :func:`rkl_topk`."""
+    mask = _bool_mask(mask_B_T)
+    s, t = _support_pair(student_B_T_K, teacher_B_T_K, mask, tail)
+    loss = aggregate(_kl(s, t) if reverse else _kl(t, s), mask, agg)
+    return loss, _support_metrics(loss, student_B_T_K, teacher_B_T_K, mask)
+
+
 def rkl_topk(
     student_logprobs_on_support_B_T_K: Tensor,
     teacher_logprobs_on_support_B_T_K: Tensor,
@@ -305,13 +322,13 @@ def rkl_topk(
         ``(loss, metrics)``; metrics: ``loss``, ``student_support_mass``,
         ``teacher_support_mass``, ``tokens``.
     """
-    mask = _bool_mask(mask_B_T)
-    s, t = _support_pair(
-        student_logprobs_on_support_B_T_K, teacher_logprobs_on_support_B_T_K, mask, tail
-    )
-    loss = aggregate(_kl(s, t), mask, agg)
-    return loss, _support_metrics(
-        loss, student_logprobs_on_support_B_T_K, teacher_logprobs_on_support_B_T_K, mask
+    return _support_kl(
+        student_logprobs_on_support_B_T_K,
+        teacher_logprobs_on_support_B_T_K,
+        mask_B_T,
+        tail=tail,
+        agg=agg,
+        reverse=True,
     )
 
 
@@ -324,13 +341,13 @@ def fkl_topk(
     agg: str = "token-mean",
 ) -> tuple[Tensor, dict[str, float]]:
     """Exact forward KL(q || p) on a top-k support; arguments as in :func:`rkl_topk`."""
-    mask = _bool_mask(mask_B_T)
-    s, t = _support_pair(
-        student_logprobs_on_support_B_T_K, teacher_logprobs_on_support_B_T_K, mask, tail
-    )
-    loss = aggregate(_kl(t, s), mask, agg)
-    return loss, _support_metrics(
-        loss, student_logprobs_on_support_B_T_K, teacher_logprobs_on_support_B_T_K, mask
+    return _support_kl(
+        student_logprobs_on_support_B_T_K,
+        teacher_logprobs_on_support_B_T_K,
+        mask_B_T,
+        tail=tail,
+        agg=agg,
+        reverse=False,
     )
 
 

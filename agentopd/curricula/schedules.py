@@ -16,6 +16,7 @@ Evaluation never goes through a curriculum: it always uses the full horizon.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from agentopd import seeds
@@ -121,7 +122,12 @@ class _Temporal(SeededCurriculum):
     name = "tcod"
 
     def __init__(
-        self, env: str, env_kwargs: dict[str, Any] | None, seed: int, k_start: int, eta: int
+        self,
+        env: str,
+        env_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+        k_start: int = 1,
+        eta: int = 5,
     ):
         super().__init__(env, env_kwargs, seed)
         if k_start < 1 or eta < 1:
@@ -139,21 +145,14 @@ class TcodF2B(_Temporal):
 
     name = "tcod-f2b"
 
-    def __init__(
-        self,
-        env: str,
-        env_kwargs: dict[str, Any] | None = None,
-        seed: int = 0,
-        k_start: int = 1,
-        eta: int = 5,
-        max_turns: int | None = None,
-    ):
-        super().__init__(env, env_kwargs, seed, k_start, eta)
-        if max_turns is None:
-            probe = make(env, **self.env_kwargs)
-            max_turns = probe.max_turns
+    @functools.cached_property
+    def max_turns(self) -> int:
+        """The env's own turn limit, which caps the horizon."""
+        probe = make(self.env, **self.env_kwargs)
+        try:
+            return int(probe.max_turns)
+        finally:
             probe.close()
-        self.max_turns = int(max_turns)
 
     def horizon(self, step: int) -> int:
         return min(self.k(step), self.max_turns)
@@ -170,16 +169,10 @@ class TcodB2F(_Temporal):
 
     name = "tcod-b2f"
 
-    def __init__(
-        self,
-        env: str,
-        env_kwargs: dict[str, Any] | None = None,
-        seed: int = 0,
-        k_start: int = 1,
-        eta: int = 5,
-    ):
-        super().__init__(env, env_kwargs, seed, k_start, eta)
-        self._expert_cache: dict[int, list[str]] = {}
+    @functools.cached_property
+    def _expert_cache(self) -> dict[int, list[str]]:
+        """The expert's actions per task seed (filled by :meth:`expert_actions`)."""
+        return {}
 
     def expert_actions(self, seed: int) -> list[str]:
         """The expert's actions on task ``seed``, from one successful episode cached per seed.

@@ -89,6 +89,17 @@ def own_source():
         return None
 
 
+def _read_some(fd, n):
+    """Up to ``n`` bytes from the non-blocking ``fd``: None when none are there yet, ``b""`` at
+    end of file or when the descriptor fails."""
+    try:
+        return os.read(fd, n)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 class CellTimeout(BaseException):
     """Raised inside the running cell when its time is up."""
 
@@ -343,12 +354,9 @@ class Capture:
 
     def read(self):
         """Read what is there; False at end of file."""
-        try:
-            chunk = os.read(self.fd, 1 << 20)
-        except BlockingIOError:
+        chunk = _read_some(self.fd, 1 << 20)
+        if chunk is None:
             return True
-        except OSError:
-            return False
         if not chunk:
             return False
         room = self.limit - len(self.kept)
@@ -459,12 +467,9 @@ class Executor:
                 return self.take_frames()
 
     def read_done(self):
-        try:
-            chunk = os.read(self.done_r, 1 << 16)
-        except BlockingIOError:
+        chunk = _read_some(self.done_r, 1 << 16)
+        if chunk is None:
             return True
-        except OSError:
-            return False
         if not chunk:
             return False
         self.done_buf += chunk

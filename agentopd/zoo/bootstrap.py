@@ -441,42 +441,31 @@ def held_out_success(
     env_kwargs: dict[str, Any] | None = None,
     max_new_tokens: int = 96,
     dtype: torch.dtype | None = None,
+    *,
+    recovery: bool = False,
 ) -> dict[str, Any]:
     """Greedy :func:`agentopd.metrics.evaluate` report on ``episodes`` held-out tasks (seeds
     ``0..episodes-1`` of ``split="eval"``) with the ``hf`` engine: ``success``,
     ``success_by_difficulty``, ``mean_turns``, ``stop_reasons``, ...; ``dtype``: generate with
-    a copy of the model in that dtype (see :class:`HFEngine`)."""
-    renderer = Renderer(tokenizer)
-    engine = HFEngine(model, renderer.eot_id, renderer.pad_id, max_batch_size=64, dtype=dtype)
-    limits = RolloutConfig(max_new_tokens=max_new_tokens, max_episode_tokens=2048)
-    report, _ = evaluate(
-        env_name, env_kwargs or {}, engine, renderer, episodes=episodes, temperature=0.0,
-        rollout_config=limits,
-    )  # fmt: skip
-    return report
+    a copy of the model in that dtype (see :class:`HFEngine`).
 
-
-def held_out_recovery(
-    model: Any,
-    tokenizer: Any,
-    env_name: str,
-    episodes: int,
-    env_kwargs: dict[str, Any] | None = None,
-    max_new_tokens: int = 96,
-    dtype: torch.dtype | None = None,
-) -> dict[str, float]:
-    """Greedy recovery rate on ``episodes`` held-out tasks (seeds ``0..episodes-1`` of
-    ``split="eval"``): each starts right after one injected error
-    (:func:`agentopd.zoo.recovery.recovery_jobs`); keys as
-    :func:`agentopd.zoo.recovery.recovery_rate`."""
+    With ``recovery``, ``report["recovery"]`` is the greedy recovery rate on the same tasks, each
+    started right after one injected error (:func:`agentopd.zoo.recovery.recovery_jobs`; keys
+    as :func:`agentopd.zoo.recovery.recovery_rate`)."""
     from agentopd.rollout import run_episodes
     from agentopd.zoo.recovery import recovery_jobs, recovery_rate
 
     renderer = Renderer(tokenizer)
     engine = HFEngine(model, renderer.eot_id, renderer.pad_id, max_batch_size=64, dtype=dtype)
     limits = RolloutConfig(max_new_tokens=max_new_tokens, max_episode_tokens=2048, temperature=0.0)
-    jobs = recovery_jobs(env_name, env_kwargs or {}, range(episodes), split="eval")
-    return recovery_rate(run_episodes(jobs, engine, renderer, limits, seed=0))
+    report, _ = evaluate(
+        env_name, env_kwargs or {}, engine, renderer, episodes=episodes, temperature=0.0,
+        rollout_config=limits,
+    )  # fmt: skip
+    if recovery:
+        jobs = recovery_jobs(env_name, env_kwargs or {}, range(episodes), split="eval")
+        report["recovery"] = recovery_rate(run_episodes(jobs, engine, renderer, limits, seed=0))
+    return report
 
 
 # ---------------------------------------------------------------------------- build
@@ -568,13 +557,9 @@ def build_artifact(
             task = bar.add_task(f"{name}: greedy eval", total=1, loss="")
             evaluation = held_out_success(
                 model, tokenizer, env_name, recipe.eval_episodes, recipe.env_kwargs,
-                recipe.max_new_tokens,
+                recipe.max_new_tokens, recovery=True,
             )  # fmt: skip
             bar.update(task, advance=1, loss=f"success {evaluation['success']:.1%}")
-            evaluation["recovery"] = held_out_recovery(
-                model, tokenizer, env_name, recipe.eval_episodes, recipe.env_kwargs,
-                recipe.max_new_tokens,
-            )  # fmt: skip
     t_eval = time.perf_counter() - t0 - t_data - t_train
 
     tokens = [sum(len(s.tokens) for s in ep.segments) for ep in episodes]

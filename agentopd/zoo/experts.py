@@ -48,7 +48,6 @@ from agentopd.types import Episode
 from agentopd.zoo.bootstrap import (
     add_recipe_flags,
     as_episode,
-    held_out_recovery,
     held_out_success,
     play_experts,
     with_overrides,
@@ -236,11 +235,7 @@ def build_expert(
     if recipe.eval_episodes > 0:
         evaluation = held_out_success(
             model, tokenizer, env_name, recipe.eval_episodes, recipe.env_kwargs,
-            recipe.max_new_tokens, gen_dtype,
-        )  # fmt: skip
-        evaluation["recovery"] = held_out_recovery(
-            model, tokenizer, env_name, recipe.eval_episodes, recipe.env_kwargs,
-            recipe.max_new_tokens, gen_dtype,
+            recipe.max_new_tokens, gen_dtype, recovery=True,
         )  # fmt: skip
         evaluation["engine_dtype"] = str(gen_dtype or "float32")
     t_eval = time.perf_counter() - t0 - t_data - t_train

@@ -28,13 +28,12 @@ def ship(src: Path, name: str, env: str | None = None, episodes: int = 64) -> Pa
     report = json.loads((Path(src) / "zoo.json").read_text())
     report["name"] = name
     if env is not None:
-        from agentopd.zoo.bootstrap import held_out_recovery, held_out_success
+        from agentopd.zoo.bootstrap import held_out_success
 
         back, _ = _from_pretrained(tmp)
         kwargs = report.get("recipe", {}).get("env_kwargs", {})
-        report["shipped_eval"] = held_out_success(back, tokenizer, env, episodes, kwargs)
-        report["shipped_eval"]["recovery"] = held_out_recovery(
-            back, tokenizer, env, episodes, kwargs
+        report["shipped_eval"] = held_out_success(
+            back, tokenizer, env, episodes, kwargs, recovery=True
         )
     (tmp / "zoo.json").write_text(json.dumps(report, indent=2))
     shutil.rmtree(dst, ignore_errors=True)
