@@ -41,7 +41,7 @@ Run it with::
 
 Limits: with ``ddp`` the model is replicated on every rank; with ``fsdp2`` each rank still
 holds the engine's full replica (the saving is in gradients and optimizer state), and the
-packed SFT pass shares no prompt prefix (see :func:`agentopd.sft._packed_nll`). Batch-wide
+packed SFT pass shares no prompt prefix (see :func:`agentopd.sft._nll`). Batch-wide
 token selection (``loss_cfg.entropy_top_frac``, ``overlap_only``) is decided per rank over
 that rank's shard.
 With a sampling temperature above 0 a sharded rollout draws different (equally valid) samples

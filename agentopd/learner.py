@@ -1,10 +1,11 @@
 """The learner: masked distillation (or SFT) updates on token-exact episodes.
 
-Episodes become right-padded ``[B, T]`` batches of their segments. Position ``t`` of the shifted
-arrays predicts token ``t + 1``; the loss mask is the episode's mask there, so prompts, tool
-results and template tokens never carry loss. Student log-probs come from
-:func:`agentopd.logprobs.chunked_token_logprobs`, so ``[tokens x vocab]`` logits are never
-materialised for a whole batch. AdamW, gradient accumulation over micro-batches, clipping and a
+Each micro-batch of segments is packed once (:class:`agentopd.batch.TokenBatch`: several
+segments a row, the shared prompt prefix run once) and goes through the one forward pass,
+:func:`agentopd.batch.forward_logprobs`, which projects onto the vocabulary (chunked) at the
+student's sampled tokens only. The losses read ``[B, S]`` views: position ``t`` predicts token
+``t + 1`` of segment ``b``; the loss mask is the episode's mask there, so prompts, tool results
+and template tokens never carry loss. AdamW, gradient accumulation over micro-batches, clipping and a
 learning-rate schedule; CPU by default, CUDA with bf16 autocast when available.
 """
 
@@ -18,6 +19,7 @@ from typing import Any, cast
 import torch
 
 from agentopd import distributed, fsdp, logprobs, losses, sft
+from agentopd.batch import TokenBatch, forward_logprobs, pack, packs
 from agentopd.schema import knob
 from agentopd.teachers import UnusableScoresError, check_scores
 from agentopd.types import Episode
@@ -30,12 +32,12 @@ class NonFiniteUpdateError(FloatingPointError):
 
 @dataclass
 class Batch:
-    """Padded tensors for a group of segments (already shifted for next-token prediction)."""
+    """A group of segments: their :class:`~agentopd.batch.TokenBatch` (what the forward pass
+    reads) and the loss's ``[B, S]`` views (position ``t`` of row ``b`` predicts token
+    ``t + 1`` of segment ``b``)."""
 
-    input_ids_B_T: torch.Tensor
-    attention_B_T: torch.Tensor
-    target_B_S: torch.Tensor
-    mask_B_S: torch.Tensor
+    packed: TokenBatch
+    """The segments' tokens, packed; its ``mask_B_S`` is the loss mask."""
     turn_B_S: torch.Tensor
     teacher_lp_B_S: torch.Tensor | None
     teacher_ids_B_S_K: torch.Tensor | None
@@ -44,6 +46,24 @@ class Batch:
     teacher_hidden_M_H: torch.Tensor | None = None
     """The teacher's final hidden states at the ``M`` mask-1 positions, in the row-major order
     of ``mask_B_S.nonzero()`` (None unless every segment's scores carry them)."""
+
+    @property
+    def mask_B_S(self) -> torch.Tensor:
+        """Loss mask: 1 where the next token was sampled by the student."""
+        return self.packed.mask_B_S
+
+    @property
+    def input_ids_B_T(self) -> torch.Tensor:
+        """The segments right-padded (the dense layout, for references)."""
+        return self.packed.dense()[0]
+
+    @property
+    def attention_B_T(self) -> torch.Tensor:
+        return self.packed.dense()[1]
+
+    @property
+    def target_B_S(self) -> torch.Tensor:
+        return self.input_ids_B_T[:, 1:]
 
     @property
     def tokens(self) -> int:
@@ -60,14 +80,25 @@ def segments_of(episodes: list[Episode]) -> list[tuple[Episode, int]]:
 
 
 def make_batch(
-    items: list[tuple[Episode, int]], pad_id: int, topk: int, with_teacher: bool
+    items: list[tuple[Episode, int]],
+    pad_id: int,
+    topk: int,
+    with_teacher: bool,
+    *,
+    share_prefix: bool = True,
+    packed: bool = True,
 ) -> Batch:
-    """Pad segments into a :class:`Batch`. With ``with_teacher``, episodes must be scored."""
-    T = max(len(ep.segments[s].tokens) for ep, s in items)
-    B, S = len(items), T - 1
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, T), dtype=torch.long)
-    mask = torch.zeros((B, S), dtype=torch.bool)
+    """The :class:`Batch` of segments (``share_prefix`` and ``packed``: see
+    :func:`agentopd.batch.pack`). With ``with_teacher``, episodes must be scored."""
+    segs = [ep.segments[s] for ep, s in items]
+    tb = pack(
+        [seg.tokens for seg in segs],
+        [seg.mask for seg in segs],
+        pad_id=pad_id,
+        packed=packed,
+        share_prefix=share_prefix,
+    )
+    B, S = tb.mask_B_S.shape
     turn = torch.full((B, S), -1, dtype=torch.long)
     t_lp = torch.zeros((B, S)) if with_teacher else None
     t_ids = torch.zeros((B, S, topk), dtype=torch.long) if with_teacher else None
@@ -76,10 +107,6 @@ def make_batch(
     hidden: list[torch.Tensor] | None = [] if with_teacher else None
     for b, (ep, s) in enumerate(items):
         seg = ep.segments[s]
-        n = len(seg.tokens)
-        ids[b, :n] = torch.tensor(seg.tokens)
-        attn[b, :n] = 1
-        mask[b, : n - 1] = torch.tensor(seg.mask[1:], dtype=torch.bool)
         for tr in ep.turns:
             if tr.segment == s:
                 turn[b, max(tr.start - 1, 0) : tr.end - 1] = tr.index
@@ -110,7 +137,57 @@ def make_batch(
                 else:
                     hidden = None
     t_hidden = torch.cat(hidden) if hidden else None
-    return Batch(ids, attn, ids[:, 1:], mask, turn, t_lp, t_ids, t_topk, t_ent, t_hidden)
+    return Batch(tb, turn, t_lp, t_ids, t_topk, t_ent, t_hidden)
+
+
+def packed_student_pass(
+    model: Any,
+    batch: TokenBatch,
+    support_M_K: torch.Tensor | None,
+    student_topk: int,
+    chunk_size: int,
+    teacher_hidden_M_H: torch.Tensor | None = None,
+    teacher_head: logprobs.OutputHead | None = None,
+    beta: float | None = None,
+    entropy: bool = True,
+) -> dict[str, torch.Tensor | None]:
+    """The learner's student pass: :func:`agentopd.batch.forward_logprobs` (the projection,
+    top-k and entropy at the batch's mask-1 positions only), as a dict of ``[1, M]`` /
+    ``[1, M, K]`` tensors so that it can run as the forward of an
+    :class:`agentopd.fsdp.Passes` (bf16 autocast of the decoder on CUDA).
+
+    Given the teacher's hidden states at the mask-1 positions and its head, it also projects
+    both models' full distributions there (:func:`agentopd.logprobs.chunked_divergence`): the
+    exact reverse KL (``reverse_kl_B_T``, no grad) always, and with ``beta`` set the
+    full-vocabulary objective's divergence (``divergence_B_T``, with grad).
+
+    Agent episodes are mostly prompt, tool output and template tokens, so projecting only the
+    student's own tokens skips most of the output layer's work; every consumer (losses, token
+    selection, diagnostics) reads mask-1 positions only."""
+    cuda = batch.tokens_R_W.device.type == "cuda"
+    st, student_M_H = forward_logprobs(
+        model,
+        batch,
+        support_M_K=support_M_K,
+        topk=student_topk,
+        entropy=entropy,
+        chunk_size=chunk_size,
+        autocast=torch.bfloat16 if cuda else None,
+    )
+    out = {f.name: getattr(st, f.name) for f in fields(st)}
+    if teacher_hidden_M_H is not None and teacher_head is not None:
+        with torch.set_grad_enabled(beta is not None and torch.is_grad_enabled()):
+            div, rkl = logprobs.chunked_divergence(
+                student_M_H if beta is not None else student_M_H.detach(),
+                logprobs.output_head(model),
+                teacher_hidden_M_H.to(student_M_H.device),
+                teacher_head,
+                beta=1.0 if beta is None else beta,
+                chunk_size=chunk_size,
+            )
+        out["divergence_B_T"] = None if beta is None else div[None]
+        out["reverse_kl_B_T"] = rkl[None]
+    return out
 
 
 def student_pass(
@@ -122,74 +199,21 @@ def student_pass(
     student_topk: int,
     chunk_size: int,
     mask_B_S: torch.Tensor | None = None,
-    teacher_hidden_M_H: torch.Tensor | None = None,
-    teacher_head: logprobs.OutputHead | None = None,
-    beta: float | None = None,
 ) -> dict[str, torch.Tensor | None]:
-    """The learner's student pass: the decoder, then the chunked output projection
-    (:func:`agentopd.logprobs.chunked_token_logprobs`, with entropy) at the mask-1 positions only
-    (every position without a mask); the fields of its :class:`~agentopd.logprobs.TokenLogprobs`
-    as a dict of ``[B, S]`` / ``[B, S, K]`` tensors, 0 at unprojected positions, so that it can
-    run as the forward of an :class:`agentopd.fsdp.Passes` (bf16 autocast of the decoder on
-    CUDA).
-
-    Given the teacher's hidden states at the mask-1 positions and its head, it also projects
-    both models' full distributions there (:func:`agentopd.logprobs.chunked_divergence`): the
-    exact reverse KL (``reverse_kl_B_T``, no grad) always, and with ``beta`` set the
-    full-vocabulary objective's divergence (``divergence_B_T``, with grad).
-
-    Agent episodes are mostly prompt, tool output and template tokens, so projecting only the
-    student's own tokens skips most of the output layer's work (its top-k and entropy
-    included); every consumer (losses, token selection, diagnostics) reads mask-1 positions
-    only."""
-    head = model.get_output_embeddings()
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if ids_B_T.device.type == "cuda"
-        else torch.autocast("cpu", enabled=False)
-    )
-    with autocast:
-        hidden = model.base_model(input_ids=ids_B_T, attention_mask=attention_B_T).last_hidden_state
-    hidden_B_S_H = hidden[:, :-1]
-    where = None if mask_B_S is None else mask_B_S.to(hidden.device).nonzero(as_tuple=True)
-
-    def pick(x: torch.Tensor) -> torch.Tensor:
-        return x if where is None else x[where][None]
-
-    st = logprobs.chunked_token_logprobs(
-        pick(hidden_B_S_H),
-        head.weight,
-        pick(target_B_S),
-        lm_head_bias_V=getattr(head, "bias", None),
-        chunk_size=chunk_size,
-        topk_ids_B_T_K=None if support_B_S_K is None else pick(support_B_S_K),
-        student_topk=student_topk,
-        return_entropy=True,
-    )
-    out = {f.name: getattr(st, f.name) for f in fields(st)}
-    if teacher_hidden_M_H is not None and teacher_head is not None:
-        if where is None:
-            raise ValueError("the full-vocabulary projection needs mask_B_S (the teacher's rows)")
-        student_M_H = pick(hidden_B_S_H)[0]
-        with torch.set_grad_enabled(beta is not None and torch.is_grad_enabled()):
-            div, rkl = logprobs.chunked_divergence(
-                student_M_H if beta is not None else student_M_H.detach(),
-                logprobs.output_head(model),
-                teacher_hidden_M_H.to(hidden.device),
-                teacher_head,
-                beta=1.0 if beta is None else beta,
-                chunk_size=chunk_size,
-            )
-        out["divergence_B_T"] = None if beta is None else div[None]
-        out["reverse_kl_B_T"] = rkl[None]
-    if where is None:
-        return out
-    B, S = target_B_S.shape
-    for name, value in out.items():
-        if value is not None:  # [1, M(, K)] back to [B, S(, K)], zeros elsewhere
-            full = value.new_zeros((B, S, *value.shape[2:]))
-            out[name] = full.index_put(where, value[0])
-    return out
+    """:func:`packed_student_pass` on right-padded rows (``target_B_S`` must be
+    ``ids_B_T[:, 1:]``): the rows are packed, and its values come back as ``[B, S]`` /
+    ``[B, S, K]`` tensors, 0 off ``mask_B_S`` (every real position without one)."""
+    lengths = attention_B_T.sum(-1).tolist()
+    valid_B_S = attention_B_T[:, 1:].bool()
+    mask = valid_B_S if mask_B_S is None else mask_B_S.bool() & valid_B_S
+    batch = pack(
+        [ids_B_T[b, :n].tolist() for b, n in enumerate(lengths)],
+        [[0, *mask[b, : n - 1].long().tolist()] for b, n in enumerate(lengths)],
+        pad_id=0,
+    ).to(ids_B_T.device)
+    support = None if support_B_S_K is None else support_B_S_K[mask]
+    out = packed_student_pass(model, batch, support, student_topk, chunk_size)
+    return {k: None if v is None else batch.scatter(v) for k, v in out.items()}
 
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -357,24 +381,29 @@ class Learner:
         support: torch.Tensor | None,
         want_topk: bool,
         full_vocab: bool = False,
+        want_entropy: bool | None = None,
     ) -> logprobs.TokenLogprobs:
-        """One student pass; with ``full_vocab`` (and the teacher's hidden states in the
-        batch) also the exact reverse KL and, for a full-vocabulary loss, its divergence."""
+        """One student pass (:func:`packed_student_pass`), its values as ``[B, S]`` tensors (0
+        off the mask); the entropy when ``want_entropy`` (default: with the top-k); with
+        ``full_vocab`` (and the teacher's hidden states in the batch) also the exact reverse
+        KL and, for a full-vocabulary loss, its divergence."""
         hidden = batch.teacher_hidden_M_H if full_vocab and self.teacher_head is not None else None
+        tb = batch.packed.to(self.device)
         out = self.passes(
-            student_pass,
-            batch.input_ids_B_T.to(self.device),
-            batch.attention_B_T.to(self.device),
-            batch.target_B_S.to(self.device),
-            None if support is None else support.to(self.device),
+            packed_student_pass,
+            tb,
+            None if support is None else support[batch.mask_B_S].to(self.device),
             self.topk if want_topk else 0,
             self.loss_cfg.chunk_size,
-            None if batch.mask_B_S is None else batch.mask_B_S.to(self.device),
             hidden,
             self.teacher_head if hidden is not None else None,
             self.beta,
+            want_topk if want_entropy is None else want_entropy,
         )
-        return logprobs.TokenLogprobs(**out)
+        lp = out.pop("logprobs_B_T")
+        assert lp is not None  # the pass always computes the target's log-prob
+        rest = {k: None if v is None else tb.scatter(v) for k, v in out.items()}
+        return logprobs.TokenLogprobs(tb.scatter(lp), **rest)
 
     def _passes_to_run(self, n: int) -> int:
         """How many passes this rank runs for its ``n`` micro-batches: ``n``, or sharded (every
@@ -384,9 +413,11 @@ class Learner:
     def _dummy_pass(self) -> torch.Tensor:
         """A pass over two padding tokens whose loss (returned) is 0 times the model's output:
         it takes part in a sharded model's collectives and changes no gradient."""
-        ids = torch.full((1, 2), self.pad_id, dtype=torch.long)
-        batch = Batch(ids, torch.ones_like(ids), ids[:, 1:], *([None] * 6))  # type: ignore[arg-type]
-        return self._student(batch, None, want_topk=False).logprobs_B_T.sum() * 0.0
+        tb = pack([[self.pad_id] * 2], [[0, 1]], pad_id=self.pad_id, share_prefix=False)
+        out = self.passes(
+            packed_student_pass, tb.to(self.device), None, 0, 1, None, None, None, False
+        )
+        return out["logprobs_B_T"].sum() * 0.0
 
     def step(self, episodes: list[Episode]) -> dict[str, float]:
         """One OPD update on ``episodes`` (scored by the teacher; :meth:`step_sft` for SFT).
@@ -401,8 +432,18 @@ class Learner:
     def _micro_batches(self, episodes: list[Episode], with_teacher: bool) -> list[Batch]:
         items = segments_of(episodes)
         mb = self.config.micro_batch
+        # The prefix's cache needs the layers' activations (checkpointing drops them) and,
+        # sharded, their weights after FSDP freed them: nothing is shared then.
+        share = not (self.gradient_checkpointing or self.sharded)
         batches = [
-            make_batch(items[i : i + mb], self.pad_id, self.topk, with_teacher=with_teacher)
+            make_batch(
+                items[i : i + mb],
+                self.pad_id,
+                self.topk,
+                with_teacher,
+                share_prefix=share,
+                packed=packs(self.model),
+            )
             for i in range(0, len(items), mb)
         ]
         return [b for b in batches if b.tokens > 0]
@@ -422,10 +463,12 @@ class Learner:
         for _ in range(self._passes_to_run(len(batches)) - len(batches)):
             self._dummy_pass()
         for b, m in zip(batches, masks, strict=True):
-            st = self._student(b, None, want_topk=lc.overlap_only)
-            assert st.entropy_B_T is not None  # student_pass always returns the entropy
+            want_entropy = lc.entropy_top_frac < 1.0
+            st = self._student(b, None, want_topk=lc.overlap_only, want_entropy=want_entropy)
             olds.append(st.logprobs_B_T.cpu())
-            entropies.append(st.entropy_B_T.cpu())
+            if want_entropy:
+                assert st.entropy_B_T is not None  # asked for above
+                entropies.append(st.entropy_B_T.cpu())
             if lc.overlap_only:
                 assert st.topk_ids_B_T_K is not None and b.teacher_ids_B_S_K is not None
                 m &= losses.select_overlap_only(st.topk_ids_B_T_K.cpu(), b.teacher_ids_B_S_K, m)

@@ -1,6 +1,6 @@
 """The learner's student pass with the output layer projected everywhere or at sampled tokens only.
 
-One forward + backward of :func:`agentopd.learner.student_pass` (decoder, then the chunked
+One forward + backward of :func:`agentopd.learner.student_pass` (packed decoder, then the chunked
 vocabulary projection with the teacher's top-k support, the student's top-k and entropy) on the
 same padded batch, side by side in one run: ``everywhere`` (no mask, the learner before
 2026-12-07) against ``sampled`` (mask-1 positions only, the learner now). The batch mimics an

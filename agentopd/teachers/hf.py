@@ -1,9 +1,11 @@
 """In-process transformers teacher (``teacher_backend=hf``).
 
-One batched forward pass to the final hidden states per group of segments; the projection onto
-the vocabulary, the top-k, the sampled token's log-prob and the entropy are then computed one
-chunk of scored positions at a time (``teacher_cfg.chunk_size``), so the ``[B, T, V]`` logits
-are never materialised (at a 151,936-token vocabulary they would be ~20 GB in bf16 for 16 x
+Each group of segments is packed (:func:`agentopd.batch.pack`: several a row, the shared
+prompt prefix once) and goes through the one forward pass,
+:func:`agentopd.batch.forward_logprobs`: the decoder, then the projection onto the vocabulary,
+the top-k, the sampled token's log-prob and the entropy one chunk of scored positions at a time
+(``teacher_cfg.chunk_size``) at the scored positions only, so the ``[B, T, V]`` logits are
+never materialised (at a 151,936-token vocabulary they would be ~20 GB in bf16 for 16 x
 4,096 tokens). The teacher may see its own system prompt or
 privileged context: the opening prompt is then re-rendered for the teacher and positions are
 realigned so each student token gets the teacher's distribution at that token.
@@ -21,7 +23,8 @@ from typing import Any
 
 import torch
 
-from agentopd.logprobs import OutputHead, chunked_token_logprobs, output_head
+from agentopd.batch import forward_logprobs, pack, packs
+from agentopd.logprobs import OutputHead, output_head
 from agentopd.renderer import Renderer
 from agentopd.teachers import TeacherConfig, check_tokenizers, prefill, teacher_dtype
 from agentopd.types import Episode, TeacherScores
@@ -95,40 +98,30 @@ class HFTeacher:
         return prefill.filled(slots)
 
     def _score_batch(self, reqs: list[prefill.Request]) -> list[TeacherScores]:
-        """One forward pass to final hidden states; the vocabulary projection, top-k and
-        entropy then run ``config.chunk_size`` scored positions at a time
-        (:func:`agentopd.logprobs.chunked_token_logprobs`), so ``[B, T, V]`` logits never exist."""
-        width = max(len(r.tokens) for r in reqs)
-        ids = torch.full((len(reqs), width), self.renderer.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(reqs), width), dtype=torch.long)
-        for b, r in enumerate(reqs):
-            ids[b, : len(r.tokens)] = torch.tensor(r.tokens)
-            attn[b, : len(r.tokens)] = 1
-        hidden_B_T_H = self.model.base_model(
-            input_ids=ids.to(self.device), attention_mask=attn.to(self.device)
-        ).last_hidden_state
-        # The distribution over token t lives at position t - 1 (next-token prediction).
-        rows = [(b, p + r.shift - 1) for b, r in enumerate(reqs) for p in r.positions]
-        if not rows:
+        """The requests packed into one :class:`~agentopd.batch.TokenBatch` (shared prompt
+        prefix once), one :func:`~agentopd.batch.forward_logprobs` pass: the vocabulary
+        projection, top-k and entropy at the scored positions only, ``config.chunk_size`` at a
+        time, so ``[B, T, V]`` logits never exist."""
+        masks = []
+        for r in reqs:
+            # The distribution over token t lives at position t - 1 (next-token prediction).
+            at = [p + r.shift for p in r.positions]
+            if any(t < 1 for t in at):
+                raise ValueError("a scored token at position 0 has no prediction to score it")
+            mask = [0] * len(r.tokens)
+            for t in at:
+                mask[t] = 1
+            masks.append(mask)
+        if not any(r.positions for r in reqs):
             return [TeacherScores() for _ in reqs]
-        b_idx = torch.tensor([b for b, _ in rows], device=hidden_B_T_H.device)
-        t_idx = torch.tensor([t for _, t in rows], device=hidden_B_T_H.device)
-        target_1_N = torch.tensor(
-            [t for r in reqs for t in r.targets()], device=hidden_B_T_H.device
-        )[None]
-        head = self.model.get_output_embeddings()
-        k = min(self.config.topk, head.weight.shape[0])
-        scored_N_H = hidden_B_T_H[b_idx, t_idx]
-        out = chunked_token_logprobs(
-            scored_N_H[None],
-            head.weight,
-            target_1_N,
-            lm_head_bias_V=getattr(head, "bias", None),
-            chunk_size=self.config.chunk_size,
-            student_topk=k,
-            return_entropy=True,
+        tb = pack(
+            [r.tokens for r in reqs], masks, pad_id=self.renderer.pad_id, packed=packs(self.model)
         )
-        # student_topk=k >= 1 and return_entropy=True: all three are filled in
+        k = min(self.config.topk, self.model.get_output_embeddings().weight.shape[0])
+        out, scored_N_H = forward_logprobs(
+            self.model, tb.to(self.device), topk=k, entropy=True, chunk_size=self.config.chunk_size
+        )
+        # topk=k >= 1 and entropy=True: all three are filled in
         assert out.topk_ids_B_T_K is not None and out.topk_logprobs_B_T_K is not None
         assert out.entropy_B_T is not None
         chosen = out.logprobs_B_T[0].float().cpu().tolist()
