@@ -240,6 +240,24 @@ def _loss_config_class(name: str) -> type:
     return cls
 
 
+def _chosen_loss(cfg: DictConfig, group_values: dict[str, str]) -> str:
+    """The loss a composed config will train with: ``loss=`` when given, else the last group
+    file (env, curriculum, preset, in merge order) that names one, else the command's default.
+    Its settings class (``loss_cfg``) must be in place before any file sets ``loss_cfg`` keys."""
+    if "loss" in group_values:
+        return group_values["loss"]
+    chosen = str(cfg.loss)
+    for key in GROUPS:
+        value = group_values.get(key, cfg.get(key)) if key in cfg else None
+        if key == "loss" or value is None:
+            continue
+        group_file = configs_dir() / key / f"{value}.yaml"
+        group = OmegaConf.load(group_file) if group_file.exists() else None
+        if isinstance(group, DictConfig) and group.get("loss") is not None:
+            chosen = str(group.loss)
+    return chosen
+
+
 def compose(command: str, overrides: list[str] | None = None) -> DictConfig:
     """Build and validate the config of ``command`` from defaults, group files and overrides.
 
@@ -258,7 +276,7 @@ def compose(command: str, overrides: list[str] | None = None) -> DictConfig:
     if "loss" in cfg:
         from agentopd import registry
 
-        loss_name = group_values.get("loss", cfg.loss)
+        loss_name = _chosen_loss(cfg, group_values)
         registry.losses.spec(loss_name)  # unknown loss: did-you-mean, before anything else
         with open_dict(cfg):
             cfg.loss_cfg = OmegaConf.structured(_loss_config_class(loss_name))

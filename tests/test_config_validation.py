@@ -114,3 +114,22 @@ def test_topk_objectives_accept_any_rollout_temperature():
         validate(compose("train", [*BASE, f"loss={loss}", "rollout.temperature=0.5"]))
     validate(compose("train", [*BASE, "rollout.temperature=0"]))  # greedy: determinism checks
     validate(compose("train", [*BASE, "gkd_lambda=0", "rollout.temperature=0.5"]))  # SFT only
+
+
+def test_a_group_file_may_choose_the_loss_and_its_settings(tmp_path, monkeypatch):
+    """An env (or preset) file that names a loss gets that loss's settings class, so it may also
+    set the loss's own keys; ``loss=`` on the command line still wins over it."""
+    import shutil
+
+    from agentopd import config
+
+    root = tmp_path / "configs"
+    shutil.copytree(config.configs_dir(), root)
+    (root / "env" / "lookup-chain.yaml").write_text(
+        "loss: fkl-topk\nloss_cfg:\n  tail: false\n", encoding="utf-8"
+    )
+    monkeypatch.setattr(config, "configs_dir", lambda: root)
+    cfg = config.compose("train", ["env=lookup-chain"])
+    assert cfg.loss == "fkl-topk" and cfg.loss_cfg.tail is False
+    assert config.compose("train", ["env=sql"]).loss == "rkl-sampled"
+    assert config.compose("train", ["env=lookup-chain", "loss=rkl-topk"]).loss == "rkl-topk"
