@@ -182,8 +182,10 @@ class TcodB2F(_Temporal):
     (matched by seed, in an order drawn from the run's ``curriculum`` seed stream, cycled).
 
     Args:
+        *args: ``env``, ``env_kwargs``, ``seed``, ``k_start``, ``eta`` as for ``tcod-f2b``.
         episodes: JSONL of episodes of this env written by ``agentopd collect``. Required when
             the env has no scripted expert.
+        **kwargs: The same, by name.
 
     Raises:
         ConfigError: No ``episodes`` and the env has no scripted expert; or the file is missing,
@@ -192,16 +194,8 @@ class TcodB2F(_Temporal):
 
     name = "tcod-b2f"
 
-    def __init__(
-        self,
-        env: str,
-        env_kwargs: dict[str, Any] | None = None,
-        seed: int = 0,
-        k_start: int = 1,
-        eta: int = 5,
-        episodes: str | None = None,
-    ):
-        super().__init__(env, env_kwargs, seed, k_start, eta)
+    def __init__(self, *args: Any, episodes: str | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
         self.episodes = episodes
         self.stored: dict[int, Episode] | None = None
         """The stored episode replayed on each task seed (None: the scripted expert plays)."""
@@ -209,8 +203,8 @@ class TcodB2F(_Temporal):
         if episodes is None:
             self._require_expert()
             return
-        self.stored = _stored_episodes(env, str(episodes))
-        order = np.random.default_rng(seeds.seed_of(seed, "curriculum")).permutation(
+        self.stored = _stored_episodes(self.env, str(episodes))
+        order = np.random.default_rng(seeds.seed_of(self.seed, "curriculum")).permutation(
             len(self.stored)
         )
         tasks = sorted(self.stored)
