@@ -115,3 +115,22 @@ def test_refuses_episodes_of_other_tasks(expert_file, tmp_path):
     c = make(episodes=_rewrite(expert_file, tmp_path / "other.jsonl", task_id="elsewhere"))
     with pytest.raises(ConfigError, match="same env_kwargs"):
         c.jobs(step=0, n=2)
+
+
+@pytest.mark.slow
+def test_train_with_stored_episodes_on_an_env_without_expert(expert_file, tmp_path, monkeypatch):
+    from agentopd.replay.store import EpisodeStore
+
+    monkeypatch.setattr(LookupChainEnv, "expert_action", Env.expert_action)
+    args = ["train", "env=lookup-chain", "env_kwargs.min_hops=1", "env_kwargs.max_hops=3",
+            "student=tiny-teacher-lookup-chain", "steps=2", "episodes_per_step=2",
+            "cold_start.steps=0", "eval.episodes=2", "eval.before=false",
+            "rollout.max_new_tokens=40", "curriculum=tcod-b2f", "curriculum_kwargs.k_start=1",
+            f"curriculum_kwargs.episodes={expert_file}", f"runs_dir={tmp_path}", "run_name=r"]  # fmt: skip
+    rc = cli.main(args)
+    assert rc == 0
+    episodes = [ep for _, ep in EpisodeStore(tmp_path / "r").iter_episodes()]
+    train = [e for e in episodes if e.seed is not None and e.seed < 6 and e.replayed_turns > 0]
+    assert train, "k=1 on 1-3 hops must replay a prefix in some training episode"
+    for ep in train:
+        assert sum(ep.segments[0].mask[: ep.segments[0].prompt_len]) == 0 and ep.num_turns == 1
