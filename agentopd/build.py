@@ -43,6 +43,7 @@ from agentopd.losses import full_vocab_beta
 from agentopd.renderer import MismatchPolicy, Renderer
 from agentopd.rollout import RolloutConfig
 from agentopd.teachers import Teacher, TeacherConfig, TokenizerMismatchError
+from agentopd.types import Episode
 
 
 @dataclass
@@ -343,24 +344,36 @@ def make_curriculum(cfg: TrainConfig) -> Curriculum:
     return curriculum
 
 
-def load_demos(path: str) -> list[Any]:
-    """The successful episodes of a JSONL file written by ``agentopd collect``."""
-    from agentopd.types import Episode
+def load_demos(path: str, key: str = "cold_start.data") -> list[Episode]:
+    """The successful episodes of a JSONL file written by ``agentopd collect``.
 
+    Args:
+        path: The file.
+        key: The config key that named it, for error messages.
+
+    Raises:
+        ConfigError: The file is missing, a line is not an episode, or no episode is successful.
+    """
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(
+            f"{key}={path}: no such file; expected a JSONL of episodes written by "
+            "`agentopd collect`"
+        )
     demos = []
-    for n, line in enumerate(Path(path).expanduser().read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             ep = Episode.from_json(line)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(
-                f"cold_start.data={path}: line {n} is not an episode ({type(e).__name__}: {e})"
+                f"{key}={path}: line {n} is not an episode ({type(e).__name__}: {e})"
             ) from None
         if ep.success:
             demos.append(ep)
     if not demos:
-        raise ConfigError(f"cold_start.data={path} holds no successful episodes")
+        raise ConfigError(f"{key}={path} holds no successful episodes")
     return demos
 
 

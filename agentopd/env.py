@@ -443,3 +443,17 @@ class Env(gymnasium.Env):
 
     def _tool_names_hint(self) -> list[str]:
         return [self.answer_tool or "submit"]
+
+
+def missing_expert(env: Any) -> str | None:
+    """Why ``env`` has no scripted expert, or None when it has one.
+
+    An env says it has none with an ``expert_unavailable`` reason (the foreign-env adapters) or
+    by leaving :meth:`Env.expert_action` unimplemented.
+    """
+    reason = getattr(env, "expert_unavailable", None)
+    if reason:
+        return str(reason)
+    if getattr(type(env), "expert_action", Env.expert_action) is Env.expert_action:
+        return f"{type(env).__name__} does not implement expert_action"
+    return None

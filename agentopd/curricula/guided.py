@@ -28,7 +28,7 @@ import math
 from typing import Any
 
 from agentopd.curricula.schedules import SeededCurriculum
-from agentopd.env import Env
+from agentopd.env import missing_expert
 from agentopd.registry import make
 from agentopd.rollout import GUIDE_SOURCES, GuideSpec
 
@@ -80,13 +80,13 @@ class GuidedOPD(SeededCurriculum):
         if source == "expert":
             probe = make(env, **self.env_kwargs)
             try:
-                scripted = type(probe).expert_action is not Env.expert_action
+                reason = missing_expert(probe)
             finally:
                 probe.close()
-            if not scripted:
+            if reason:
                 raise ValueError(
-                    f"guided-opd: source='expert' but env {env!r} has no scripted expert; "
-                    "use source='teacher'"
+                    f"guided-opd: source='expert' but env {env!r} has no scripted expert "
+                    f"({reason}); use source='teacher'"
                 )
         self.p_start, self.decay_steps = float(p_start), int(decay_steps)
         self.schedule, self.source = schedule, source

@@ -8,8 +8,10 @@ a resumed run continues the same schedule.
 * ``horizon-sorted``: a fixed pool of tasks, ordered short to long, walked through in order.
 * ``tcod-f2b``: at step n the student plays only the first k = min(k_start + ⌊n/η⌋, max_turns)
   turns of each episode (``options["max_turns"] = k``); only those turns are distilled.
-* ``tcod-b2f``: from a successful expert episode of length L, replay its first L − k actions
-  (they enter the prompt with mask 0) and let the student play from turn L − k to the end.
+* ``tcod-b2f``: from a successful episode of length L, replay its first L − k actions (they
+  enter the prompt with mask 0) and let the student play from turn L − k to the end. The
+  episodes are the env's scripted expert's, or stored teacher or expert episodes
+  (``episodes=<JSONL written by agentopd collect>``), which envs without a scripted expert need.
 
 Evaluation never goes through a curriculum: it always uses the full horizon.
 """
@@ -19,10 +21,15 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import numpy as np
+
 from agentopd import seeds
+from agentopd.config import ConfigError
 from agentopd.curriculum import Curriculum
+from agentopd.env import missing_expert
 from agentopd.registry import make
 from agentopd.rollout import EpisodeJob, GuideSpec
+from agentopd.types import Episode
 
 
 class SeededCurriculum(Curriculum):
@@ -49,11 +56,16 @@ class SeededCurriculum(Curriculum):
         self.step = step
         out = []
         for i in range(n):
-            seed = self.first_task + step * n + i
+            seed = self.task_seed(step * n + i)
             job = self.job(seed, self.options_for(step, seed))
             job.guide = self.guide_for(step, seed)
             out.append(job)
         return out
+
+    def task_seed(self, index: int) -> int:
+        """The seed of the ``index``-th training task handed out (step ``n``'s ``i``-th job of
+        ``m`` per step is task ``n * m + i``)."""
+        return self.first_task + index
 
     def job(self, seed: int, options: dict[str, Any]) -> EpisodeJob:
         """One rollout job on this curriculum's env."""
@@ -108,12 +120,8 @@ class HorizonSorted(SeededCurriculum):
             probe.close()
         self.pool = [s for _, s in sorted(scored)]
 
-    def jobs(self, step: int, n: int) -> list[EpisodeJob]:
-        self.step = step
-        return [
-            self.job(self.pool[(step * n + i) % len(self.pool)], {"split": "train"})
-            for i in range(n)
-        ]
+    def task_seed(self, index: int) -> int:
+        return self.pool[index % len(self.pool)]
 
 
 class _Temporal(SeededCurriculum):
@@ -165,9 +173,95 @@ class TcodF2B(_Temporal):
 
 
 class TcodB2F(_Temporal):
-    """Back-to-front: replay all but the last k expert actions; k grows like ``tcod-f2b``."""
+    """Back-to-front: replay all but the last k actions of a successful episode of each task; k
+    grows like ``tcod-f2b``.
+
+    Without ``episodes`` the env's scripted expert plays each fresh training task once (cached).
+    With ``episodes``, the successful episodes of that file (teacher or expert, as written by
+    ``agentopd collect``) are replayed instead, and the training tasks are the tasks they solved
+    (matched by seed, in an order drawn from the run's ``curriculum`` seed stream, cycled).
+
+    Args:
+        *args: ``env``, ``env_kwargs``, ``seed``, ``k_start``, ``eta`` as for ``tcod-f2b``.
+        episodes: JSONL of episodes of this env written by ``agentopd collect``. Required when
+            the env has no scripted expert.
+        **kwargs: The same, by name.
+
+    Raises:
+        ConfigError: No ``episodes`` and the env has no scripted expert; or the file is missing,
+            holds episodes of another env, or no whole successful episode.
+    """
 
     name = "tcod-b2f"
+
+    def __init__(self, *args: Any, episodes: str | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.episodes = episodes
+        self.stored: dict[int, Episode] | None = None
+        """The stored episode replayed on each task seed (None: the scripted expert plays)."""
+        self._verified: set[int] = set()
+        if episodes is None:
+            self._require_expert()
+            return
+        self.stored = _stored_episodes(self.env, str(episodes))
+        order = np.random.default_rng(seeds.seed_of(self.seed, "curriculum")).permutation(
+            len(self.stored)
+        )
+        tasks = sorted(self.stored)
+        self.pool = [tasks[i] for i in order]
+        """The training tasks: the seeds of the stored episodes, in the order they are handed out."""
+
+    def _require_expert(self) -> None:
+        probe = make(self.env, **self.env_kwargs)
+        try:
+            reason = missing_expert(probe)
+        finally:
+            probe.close()
+        if reason:
+            raise ConfigError(
+                f"tcod-b2f: env {self.env} has no scripted expert ({reason}), and no stored "
+                "episodes were given; set curriculum_kwargs.episodes=<JSONL of successful "
+                f"episodes of {self.env}>, made with `agentopd collect env={self.env} "
+                "model=<teacher> output=episodes.jsonl` (same env_kwargs)"
+            )
+
+    def task_seed(self, index: int) -> int:
+        if self.stored is None:
+            return super().task_seed(index)
+        return self.pool[index % len(self.pool)]
+
+    def jobs(self, step: int, n: int) -> list[EpisodeJob]:
+        out = super().jobs(step, n)
+        if self.stored is not None:
+            self._verify_tasks([j.seed for j in out])
+        return out
+
+    def _verify_tasks(self, task_seeds: list[int]) -> None:
+        """Check once per task that the env's task on that seed is the stored episode's (they
+        differ when the episodes were collected with other ``env_kwargs``).
+
+        Raises:
+            ConfigError: A task differs.
+        """
+        assert self.stored is not None
+        todo = [s for s in dict.fromkeys(task_seeds) if s not in self._verified]
+        if not todo:
+            return
+        env = make(self.env, **self.env_kwargs)
+        try:
+            for s in todo:
+                _, info = env.reset(seed=s, options={"split": "train"})
+                stored = self.stored[s].task_id
+                if str(info.get("task_id", "")) != stored:
+                    raise ConfigError(
+                        f"tcod-b2f: curriculum_kwargs.episodes={self.episodes}: the episode of "
+                        f"seed {s} is task {stored!r}, but {self.env} gives task "
+                        f"{info.get('task_id')!r} on that seed; collect the episodes with the "
+                        "same env_kwargs as training"
+                    )
+                self._verified.add(s)
+        finally:
+            env.close()
 
     @functools.cached_property
     def _expert_cache(self) -> dict[int, list[str]]:
@@ -175,12 +269,21 @@ class TcodB2F(_Temporal):
         return {}
 
     def expert_actions(self, seed: int) -> list[str]:
-        """The expert's actions on task ``seed``, from one successful episode cached per seed.
+        """The replayed actions of task ``seed``: the stored episode's assistant turns, or the
+        scripted expert's actions from one successful episode cached per seed.
 
         Raises:
+            KeyError: Stored episodes are replayed and none is of task ``seed``.
             RuntimeError: The expert did not solve the task, so there is no teacher episode to
                 replay from.
         """
+        if self.stored is not None:
+            if seed not in self.stored:
+                raise KeyError(
+                    f"tcod-b2f: curriculum_kwargs.episodes={self.episodes} holds no successful "
+                    f"episode of task seed {seed}"
+                )
+            return [t.text for t in self.stored[seed].turns]
         if seed in self._expert_cache:
             return self._expert_cache[seed]
         env = make(self.env, **self.env_kwargs)
@@ -211,3 +314,34 @@ class TcodB2F(_Temporal):
 
     def describe(self, step: int) -> dict[str, Any]:
         return {"curriculum/k": self.k(step)}
+
+
+def _stored_episodes(env: str, path: str) -> dict[int, Episode]:
+    """The first whole successful episode of each task seed in ``path`` (``tcod-b2f``'s
+    ``episodes``).
+
+    Raises:
+        ConfigError: The file is missing or unreadable, holds episodes of another env, or no
+            successful episode that starts at turn 0 and records its seed.
+    """
+    from agentopd.build import load_demos
+
+    key = "curriculum_kwargs.episodes"
+    how = f"`agentopd collect env={env} model=<teacher or expert> output={path}`"
+    episodes = load_demos(path, key)
+    others = sorted({e.env for e in episodes} - {env})
+    if others:
+        raise ConfigError(
+            f"tcod-b2f: {key}={path} holds episodes of {', '.join(others)}, but training is on "
+            f"env={env}; expected episodes of {env}, made with {how}"
+        )
+    by_seed: dict[int, Episode] = {}
+    for ep in episodes:
+        if ep.seed is not None and ep.turns and ep.replayed_turns == 0:
+            by_seed.setdefault(int(ep.seed), ep)
+    if not by_seed:
+        raise ConfigError(
+            f"tcod-b2f: {key}={path} holds no whole successful episode with a task seed (every "
+            f"one replays a prefix or lacks its seed); expected episodes made with {how}"
+        )
+    return by_seed
