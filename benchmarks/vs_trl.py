@@ -12,8 +12,10 @@ Phases of one step, as wall time and as the process's resident-set high-water ma
 * **agentopd**: ``generation`` = :meth:`agentopd.engines.hf.HFEngine.generate` plus building the
   single-turn episodes from its samples; ``teacher`` = :meth:`agentopd.teachers.hf.HFTeacher.score`
   (backbone, vocabulary projection at sampled tokens, top-16, entropy); ``learner`` = one
-  :meth:`agentopd.learner.Learner.step` (OPD, ``rkl-sampled`` or ``rkl-topk`` with k = 16,
-  ``optim.micro_batch`` = the batch so both sides make one pass, AdamW, clip 1.0).
+  :meth:`agentopd.learner.Learner.step` (OPD, ``rkl-sampled``, ``rkl-topk`` with k = 16, or
+  ``rkl-full``, the exact full-vocabulary reverse KL, for which the teacher keeps its hidden
+  states and the learner gets its output head; ``optim.micro_batch`` = the batch so both sides
+  make one pass, AdamW, clip 1.0).
 * **TRL**: its own ``training_step`` (which generates through ``_prepare_inputs``, then runs the
   fused student/teacher chunked divergence, ``beta=1``: full-vocabulary reverse KL, and the
   backward) followed by what its training loop does next (clip 1.0, AdamW step, schedule step,
@@ -42,11 +44,18 @@ Run (TRL is an optional dependency of this benchmark only)::
 The children pin glibc's mmap threshold (``--malloc fixed``, see ``MMAP_THRESHOLD``) so that the
 RSS follows live buffers; ``--malloc default`` measures the allocator as it comes.
 
+True reverse KL (outside the timed phases): on each timed step's own batch, the student's exact
+full-vocabulary reverse KL to the teacher, nats per completion token, is computed before the
+update (right after generation) and after it (:func:`true_rkl`, the same code for both sides,
+float64, no grad); the tables give its drop per step. With ``LR`` = 1e-6 the drops are small;
+they say how directly one update of each objective descends the exact reverse KL.
+
 Each child runs one tiny warm-up step (which also allocates the optimizer's state), then
 ``--repeats`` timed steps; the tables show medians of the timed steps, and the largest high-water
 mark of any of them. Limits: a shared CPU makes seconds noisy (the ratios matter); the objectives
-differ (agentopd's are sampled-token / top-k estimates, TRL's is the exact full-vocabulary
-divergence), so the learner ratio compares each framework's own OPD update, not one formula.
+differ (agentopd's ``rkl-sampled`` / ``rkl-topk`` are sampled-token / top-k estimates, TRL's and
+agentopd's ``rkl-full`` the exact full-vocabulary divergence), so the learner ratio compares each
+framework's own OPD update, not one formula.
 """
 
 from __future__ import annotations
@@ -98,8 +107,12 @@ COMMON = {
     "max_position_embeddings": 4096,
     "tie_word_embeddings": True,
 }
-SIDES = ("trl", "rkl-sampled", "rkl-topk")
-"""The children per setting: TRL, and agentopd with each of its two losses."""
+SIDES = ("trl", "rkl-sampled", "rkl-topk", "rkl-full")
+"""The children per setting: TRL, and agentopd with each of its losses."""
+FULL_VOCAB = ("rkl-full",)
+"""agentopd losses that need the teacher's hidden states and output head."""
+UNTIMED = "measure"
+"""A phase left out of the step's time and peak (the true-RKL measurement inside TRL's step)."""
 TOPK = 16
 LR = 1e-6
 PAD, EOS, FIRST_WORD = 0, 1, 3
@@ -164,10 +177,11 @@ class Phases:
             self._stack.pop()
 
     def result(self) -> dict[str, Any]:
+        timed = [k for k in self.seconds if k != UNTIMED]
         return {
             "seconds": self.seconds,
-            "step_seconds": sum(self.seconds.values()),
-            "peak_mb": max(self.peak_mb.values()),
+            "step_seconds": sum(self.seconds[k] for k in timed),
+            "peak_mb": max(self.peak_mb[k] for k in timed),
             "extra_mb": self.extra_mb,
         }
 
@@ -232,6 +246,30 @@ def force_length(generation_config: Any, new: int) -> None:
     generation_config.min_new_tokens = new
 
 
+def true_rkl(
+    student: Any, teacher: Any, prompts: list[list[int]], completions: list[list[int]]
+) -> float:
+    """The student's exact reverse KL to the teacher, ``sum_v p_s (log p_s - log p_t)`` over the
+    whole vocabulary, at every completion token, mean over tokens (nats), in float64."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, completion in zip(prompts, completions, strict=True):
+            ids = torch.tensor([prompt + completion])
+            m = len(completion)
+            logits = [  # positions predicting the completion tokens
+                model(input_ids=ids, logits_to_keep=m + 1).logits[0, :-1]
+                for model in (student, teacher)
+            ]
+            for a in range(0, m, 64):
+                ls = torch.log_softmax(logits[0][a : a + 64].double(), -1)
+                lt = torch.log_softmax(logits[1][a : a + 64].double(), -1)
+                total += float((ls.exp() * (ls - lt)).sum())
+            count += m
+    return total / max(1, count)
+
+
 # --------------------------------------------------------------------------------------------
 # agentopd: engine.generate, teacher.score, learner.step
 # --------------------------------------------------------------------------------------------
@@ -248,16 +286,21 @@ class AgentopdStep:
         from agentopd.teachers.hf import HFTeacher
 
         self.student, teacher_model = build_models(s.vocab)
+        self.teacher_model = teacher_model
         self.renderer = Renderer(build_tokenizer(s.vocab))
         assert (self.renderer.eot_id, self.renderer.pad_id) == (EOS, PAD)
         self.engine = HFEngine(self.student, self.renderer.eot_id, self.renderer.pad_id)
-        self.teacher = HFTeacher(teacher_model, self.renderer, TeacherConfig(topk=TOPK))
+        full = loss in FULL_VOCAB
+        self.teacher = HFTeacher(
+            teacher_model, self.renderer, TeacherConfig(topk=TOPK), keep_hidden=full
+        )
         self.learner = Learner(
             self.student,
             LearnerConfig(lr=LR, micro_batch=s.batch, grad_clip=1.0),
             pad_id=self.renderer.pad_id,
             loss=loss,
             topk=TOPK,
+            teacher_head=self.teacher.output_head() if full else None,
         )
 
     def __call__(self, prompts: list[list[int]], new: int, phases: Phases) -> dict[str, float]:
@@ -285,13 +328,19 @@ class AgentopdStep:
                     )
                 )
         assert all(len(x.tokens) == new for x in samples), "a sequence stopped early"
+        completions = [list(x.tokens) for x in samples]
+        before = true_rkl(self.student, self.teacher_model, prompts, completions)  # untimed
         with phases("teacher"):
             self.teacher.score(episodes)
         with phases("learner"):
             metrics = self.learner.step(episodes)
+        after = true_rkl(self.student, self.teacher_model, prompts, completions)
         return {
             "loss": metrics.get("learner/loss", float("nan")),
             "tokens": metrics["learner/tokens"],
+            "rkl_before": before,
+            "rkl_after": after,
+            "learner_true_rkl": metrics.get("diag/true_rkl", float("nan")),
         }
 
 
@@ -344,6 +393,8 @@ class TrlStep:
         self.teacher_model = teacher_model
         self.phases: Phases | None = None
         self.new = s.new
+        self.batch: tuple[list[list[int]], list[list[int]]] | None = None
+        self.rkl_before = float("nan")
         generate, hidden = t._generate_and_score_completions, t._get_last_hidden_state
 
         def timed_generate(inputs: Any) -> Any:
@@ -351,6 +402,9 @@ class TrlStep:
             with self.phases("generation"):
                 out = generate(inputs)
             assert (out["completion_mask"].sum(-1) == self.new).all(), "a sequence stopped early"
+            with self.phases(UNTIMED):  # the true reverse KL before the update
+                self.batch = (out["prompt_ids"].tolist(), out["completion_ids"].tolist())
+                self.rkl_before = true_rkl(self.student, self.teacher_model, *self.batch)
             return out
 
         def timed_hidden(model: Any, *args: Any, **kwargs: Any) -> Any:
@@ -379,7 +433,9 @@ class TrlStep:
             t.lr_scheduler.step()
             t.model.zero_grad()
         self.phases = None
-        return {"loss": float(loss)}
+        assert self.batch is not None and self.batch[0][0] == prompts[0]
+        after = true_rkl(self.student, self.teacher_model, *self.batch)
+        return {"loss": float(loss), "rkl_before": self.rkl_before, "rkl_after": after}
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,6 +490,9 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         "gen_extra_mb": med(lambda s: s["extra_mb"].get("generation", 0.0)),
         "teacher_extra_mb": med(lambda s: s["extra_mb"].get("teacher", 0.0)),
         "learner_extra_mb": med(lambda s: s["extra_mb"].get("learner", 0.0)),
+        "rkl_before": med(lambda s: s["rkl_before"]),
+        "rkl_drop": med(lambda s: s["rkl_before"] - s["rkl_after"]),
+        "rkl_drop_rel": med(lambda s: (s["rkl_before"] - s["rkl_after"]) / s["rkl_before"]),
         "setup_mb": result["setup_mb"],
         "baseline_mb": result["baseline_mb"],
         "steps": steps,
@@ -443,8 +502,9 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
 def tables(rows: list[dict[str, Any]]) -> str:
     out = [
         "| setting | agentopd loss | step time agentopd/TRL | learner agentopd/TRL "
-        "| peak memory agentopd/TRL | generation extra MB agentopd / TRL |",
-        "|---|---|---|---|---|---|",
+        "| peak memory agentopd/TRL | generation extra MB agentopd / TRL "
+        "| true-RKL drop per step agentopd/TRL |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         trl = r["trl"]
@@ -455,7 +515,8 @@ def tables(rows: list[dict[str, Any]]) -> str:
             out.append(
                 f"| {r['setting']} | {loss} | {a['step_s'] / trl['step_s']:.2f} "
                 f"| {a['learner_s'] / trl['learner_s']:.2f} | {a['peak_mb'] / trl['peak_mb']:.2f} "
-                f"| {a['gen_extra_mb']:.1f} / {trl['gen_extra_mb']:.1f} |"
+                f"| {a['gen_extra_mb']:.1f} / {trl['gen_extra_mb']:.1f} "
+                f"| {a['rkl_drop'] / trl['rkl_drop']:.2f} |"
             )
     out += [
         "",
@@ -476,6 +537,21 @@ def tables(rows: list[dict[str, Any]]) -> str:
                 f"| {x['teacher_s']:.2f} | {x['learner_s']:.2f} | {x['peak_mb']:.0f} "
                 f"| {x['baseline_mb']:.0f} | {x['gen_extra_mb']:.0f}, {x['teacher_extra_mb']:.0f}, "
                 f"{x['learner_extra_mb']:.0f} |"
+            )
+    out += [
+        "",
+        "| setting | side | true RKL before (nats/token) | drop per step (nats/token) | relative |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for side in SIDES:
+            if side not in r:
+                continue
+            x = r[side]
+            name = "TRL" if side == "trl" else f"agentopd {side}"
+            out.append(
+                f"| {r['setting']} | {name} | {x['rkl_before']:.4f} | {x['rkl_drop']:.3e} "
+                f"| {x['rkl_drop_rel']:.2e} |"
             )
     return "\n".join(out)
 
