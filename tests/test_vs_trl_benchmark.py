@@ -30,10 +30,11 @@ def test_quick_comparison_prints_the_table(tmp_path):
     assert [line.split(" | ")[1] for line in lines if line.startswith("| quick | rkl-")] == [
         "rkl-sampled",
         "rkl-topk",
+        "rkl-full",
     ]
-    assert sum(line.startswith("| quick | 8,192, 4, 96 + 32 | ") for line in lines) == 3
+    assert sum(line.startswith("| quick | 8,192, 4, 96 + 32 | ") for line in lines) == 4
     (row,) = json.loads(out.read_text())["rows"]
-    for side in ("trl", "rkl-sampled", "rkl-topk"):
+    for side in ("trl", "rkl-sampled", "rkl-topk", "rkl-full"):
         r = row[side]
         assert r["step_s"] > 0 and r["generation_s"] > 0 and r["learner_s"] > 0, side
         assert r["peak_mb"] >= r["baseline_mb"] > 0, side
