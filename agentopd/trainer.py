@@ -435,9 +435,15 @@ class Trainer:
                 if key in result
             ]
             teacher = result.get("teacher_success")
+            start = result.get("success_after_cold_start", result.get("success_before"))
+            closed = ""
+            if teacher is not None and start is not None and teacher > start:
+                # The share of the student's distance to the teacher that training removed.
+                result["gap_closed"] = (result["success_after"] - start) / (teacher - start)
+                closed = f"; training closed {result['gap_closed']:.0%} of the gap"
             self.console.print(
                 f"[bold green]held-out success: {' → '.join(stages)}[/]"
-                + (f" [bold](teacher: {teacher:.1%})[/]" if teacher is not None else "")
+                + (f" [bold](teacher: {teacher:.1%}{closed})[/]" if teacher is not None else "")
             )
         return result
 

@@ -133,3 +133,26 @@ def test_a_group_file_may_choose_the_loss_and_its_settings(tmp_path, monkeypatch
     assert cfg.loss == "fkl-topk" and cfg.loss_cfg.tail is False
     assert config.compose("train", ["env=sql"]).loss == "rkl-sampled"
     assert config.compose("train", ["env=lookup-chain", "loss=rkl-topk"]).loss == "rkl-topk"
+
+
+def test_an_env_file_serves_every_command_and_still_refuses_typos(tmp_path, monkeypatch):
+    """The main job's env file sets train-only keys (student, cold_start, loss, optim): the other
+    commands compose the same env without them; a key that no command has is still refused."""
+    import shutil
+
+    from agentopd import config
+
+    train = config.compose("train", ["env=code-sandbox"])
+    assert train.student.endswith("@layers=0,1,3") and train.cold_start.steps == 0
+    assert config.compose("train", ["env=code-sandbox", "student=tiny-base"]).student == "tiny-base"
+    for command in ("eval", "collect", "diagnose"):
+        cfg = config.compose(command, ["env=code-sandbox"])
+        assert cfg.rollout.max_new_tokens == 96  # the env's own settings still apply
+        assert "cold_start" not in cfg
+    root = tmp_path / "configs"
+    shutil.copytree(config.configs_dir(), root)
+    (root / "env" / "sql.yaml").write_text("studnet: tiny-base\n", encoding="utf-8")
+    monkeypatch.setattr(config, "configs_dir", lambda: root)
+    for command in ("train", "eval"):
+        with pytest.raises(config.ConfigError, match="studnet"):
+            config.compose(command, ["env=sql"])

@@ -203,6 +203,7 @@ from agentopd import cli
 sys.exit(cli.main(["train", "env=code-sandbox", "engine=vllm", "teacher_backend=server",
     f"teacher={sys.argv[1]}", f"teacher_cfg.server.url={sys.argv[2]}", f"runs_dir={sys.argv[3]}",
     "run_name=cs", "steps=2", "episodes_per_step=2", "cold_start.steps=0", "eval.episodes=0",
+    "student=tiny-base", "loss=rkl-sampled",
     "rollout.max_new_tokens=48", "device=cpu"]))
 """
 

