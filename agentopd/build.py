@@ -352,7 +352,12 @@ def _one_model(teacher: RoutingTeacher, full: bool, loss: str | None) -> Any:
 
     teachers = list(teacher.teachers.values())
     models = {id(t.model) for t in teachers if isinstance(t, HFTeacher)}
-    if len(models) == 1 and all(isinstance(t, HFTeacher) for t in teachers):
+    head_adapted = any(
+        hasattr(t.model.get_output_embeddings(), "lora_A")
+        for t in teachers
+        if isinstance(t, HFTeacher)
+    )  # an adapter on the output layer gives each expert a head of its own
+    if len(models) == 1 and not head_adapted and all(isinstance(t, HFTeacher) for t in teachers):
         for t in teachers:
             t.keep_hidden = True  # type: ignore[attr-defined]  # every one is an HFTeacher
         return teachers[0]

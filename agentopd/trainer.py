@@ -225,7 +225,7 @@ class Trainer:
         for m, count in zip(self.members, counts, strict=True):
             jobs = [
                 EpisodeJob(
-                    m.env, seed=seed + i, options={"split": "train"}, env_kwargs=m.env_kwargs
+                    m.env, seed=seed + i, options={"split": "train"}, env_kwargs=dict(m.env_kwargs)
                 )
                 for i in range(count)
             ]

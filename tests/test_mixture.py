@@ -270,6 +270,29 @@ def test_three_adapter_experts_hold_one_base(adapters):
     assert 1.0 < ratio <= 1.10, ratio
 
 
+def test_full_vocab_losses_need_one_teacher_model(adapters):
+    tok, cfg = zoo.load_tokenizer(), TeacherConfig()
+    student = zoo.build_model("tiny")
+    experts = build_experts(
+        "tiny-teacher-base",
+        {str(p): p for p in adapters.values()},
+        tokenizer=tok,
+        config=cfg,
+        device="cpu",
+    )
+    shared = RoutingTeacher({e: experts[str(adapters[e])] for e in ENVS}, cfg)
+    train_cfg = _train("loss=rkl-full")
+    assert build.full_vocab_head(train_cfg, student, shared, "rkl-full") is not None
+    assert all(t.keep_hidden for t in experts.values())
+    apart = RoutingTeacher(
+        {e: build_hf(str(adapters[e]), tokenizer=tok, config=cfg, device="cpu") for e in ENVS},
+        cfg,
+    )
+    assert build.full_vocab_head(train_cfg, student, apart, None) is None
+    with pytest.raises(ConfigError, match="route to different teacher models"):
+        build.full_vocab_head(train_cfg, student, apart, "rkl-full")
+
+
 # ---------------------------------------------------------------------------- bad input
 @pytest.fixture
 def no_model_loads(monkeypatch):
@@ -336,7 +359,9 @@ def test_train_on_a_three_env_mixture_with_three_adapter_teachers(tmp_path, adap
         "student=tiny",
         "steps=2",
         "episodes_per_step=3",
-        "cold_start.steps=0",
+        "cold_start.steps=1",
+        "cold_start.episodes=3",
+        "cold_start.batch_size=3",
         "eval.episodes=1",
         "rollout.max_new_tokens=12",
         f"runs_dir={tmp_path}",
@@ -361,8 +386,16 @@ def test_train_on_a_three_env_mixture_with_three_adapter_teachers(tmp_path, adap
     }
     result = json.loads(r.stdout[r.stdout.rindex('{\n  "run_dir"') :])
     assert set(result["by_env"]) == set(ENVS)
-    assert all("success_after" in v for v in result["by_env"].values())
+    for numbers in result["by_env"].values():
+        assert {"success_before", "success_after_cold_start", "success_after"} <= set(numbers)
+    # a cold start on the mixture's expert demonstrations (split by weight) ran
+    cold = [row for row in rows if row["phase"] == "cold_start"]
+    assert len(cold) == 1
     from agentopd.replay.store import EpisodeStore
 
     stored = [e.env for _, e in EpisodeStore(run).iter_episodes()]
     assert sorted(stored) == sorted(ENVS * 2)
+    from agentopd.replay.plot import mixture_envs, plot_runs, read_metrics
+
+    assert mixture_envs([r for r in read_metrics(run) if r["phase"] == "eval"]) == sorted(ENVS)
+    assert plot_runs([run], tmp_path / "curves.png").stat().st_size > 0
