@@ -452,7 +452,7 @@ class Trainer:
                 )
             else:
                 record("teacher_success", self.evaluate("teacher", step=cfg.steps, teacher=True))
-        if len(self.members) > 1:
+        if len(self.members) > 1 and any(per_env.values()):
             result["by_env"] = per_env
         if "success_after" in result:
             stages = [

@@ -399,3 +399,33 @@ def test_train_on_a_three_env_mixture_with_three_adapter_teachers(tmp_path, adap
 
     assert mixture_envs([r for r in read_metrics(run) if r["phase"] == "eval"]) == sorted(ENVS)
     assert plot_runs([run], tmp_path / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_mixture_run_resumes_with_each_envs_curriculum(tmp_path):
+    args = [
+        "env=mix",
+        "env_kwargs.envs={lookup-chain: {weight: 2, env_kwargs: {hops: 1}}, sql: 1}",
+        "student=tiny",
+        "teacher=tiny-teacher",
+        "curriculum=tcod-f2b",
+        "curriculum_kwargs.eta=1",
+        "episodes_per_step=3",
+        "cold_start.steps=0",
+        "eval.episodes=0",
+        "rollout.max_new_tokens=8",
+        "checkpoint_every=1",
+        f"runs_dir={tmp_path}",
+        "run_name=r",
+    ]
+    r = agentopd("train", *args, "steps=1", timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = agentopd("train", *args, "steps=2", "resume=true", "resume_override=true", timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    horizons = [
+        (row["step"], row["curriculum/lookup-chain/horizon"], row["curriculum/sql/horizon"])
+        for row in rows
+        if row["phase"] == "train"
+    ]
+    assert horizons == [(0, 1, 1), (1, 2, 2)]
