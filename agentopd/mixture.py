@@ -21,7 +21,7 @@ What a mixture changes, and where:
 - held-out evaluation: each member on its own held-out tasks (``eval/<env>/success``), plus
   the weighted mean as ``eval/success``; the training rows split the same way
   (``rollout/<env>/success``);
-- the replay list: episodes carry their member's name (``agentopd replay list <run> env=sql``).
+- the replay list: episodes carry their member's name (``agentopd replay RUN --list --filter env=sql``).
 
 A plain ``env=<name>`` is the one-member case: :func:`members` gives one :class:`Member`, so
 callers loop over members without asking which kind of run they are in.
