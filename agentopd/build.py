@@ -33,7 +33,7 @@ from typing import Any, cast
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from agentopd import distributed, fsdp, lora, registry, zoo
+from agentopd import distributed, fsdp, lora, mixture, registry, zoo
 from agentopd.config import ConfigError, TrainConfig, resolve_model, to_dataclass
 from agentopd.curriculum import METHODS, Curriculum
 from agentopd.engines import Engine, EngineConfig
@@ -42,7 +42,14 @@ from agentopd.logprobs import OutputHead, output_head
 from agentopd.losses import full_vocab_beta
 from agentopd.renderer import MismatchPolicy, Renderer
 from agentopd.rollout import RolloutConfig
-from agentopd.teachers import Teacher, TeacherConfig, TokenizerMismatchError
+from agentopd.teachers import (
+    Teacher,
+    TeacherConfig,
+    TokenizerMismatchError,
+    check_tokenizers,
+    routing,
+)
+from agentopd.teachers.routing import RoutingTeacher
 from agentopd.types import Episode
 
 
@@ -111,8 +118,19 @@ def student_name(cfg: Any) -> str:
     return "tiny-base" if cfg.student == "auto" else cfg.student
 
 
-def teacher_name(cfg: Any) -> str:
-    return f"tiny-teacher-{cfg.env}" if cfg.teacher == "auto" else cfg.teacher
+def teacher_name(cfg: Any, env: str | None = None) -> str:
+    """The teacher of ``env`` (default: the run's env; in a mixture, each member's own
+    through :func:`teacher_routes`)."""
+    env = env or cfg.env
+    if getattr(cfg, "teachers", None) or mixture.is_mixture(cfg.env):
+        return teacher_routes(cfg)[env]
+    return routing.auto_teacher(env) if cfg.teacher == routing.AUTO else cfg.teacher
+
+
+def teacher_routes(cfg: Any) -> dict[str, str]:
+    """Env -> teacher name for every env of the run (:func:`agentopd.teachers.routing.routes`)."""
+    envs = [m.env for m in mixture.members(cfg.env, cfg.env_kwargs)]
+    return routing.routes(envs, getattr(cfg, "teachers", None) or {}, cfg.teacher)
 
 
 def rollout_config(cfg: Any, temperature: float | None = None) -> RolloutConfig:
@@ -137,17 +155,24 @@ def load_model(name: str, key: str, seed: int = 0) -> tuple[Any, Any]:
 
 
 def check_env(cfg: Any) -> None:
-    """Build the env once with its kwargs, so a bad kwarg fails now with the env's message."""
-    try:
-        env = registry.make(cfg.env, **dict(cfg.env_kwargs))
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"env_kwargs for env={cfg.env} rejected: {e}") from None
-    try:
-        env.close()
-    except Exception:  # noqa: BLE001 - closing a probe env must not fail the build
-        pass
+    """Build every env of the run once with its kwargs (each member of a mixture), so a bad
+    kwarg fails now with the env's message."""
+    for member in mixture.members(cfg.env, cfg.env_kwargs):
+        key = (
+            f"env_kwargs.envs.{member.env}.env_kwargs"
+            if mixture.is_mixture(cfg.env)
+            else "env_kwargs"
+        )
+        try:
+            env = registry.make(member.env, **member.env_kwargs)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{key} for env={member.env} rejected: {e}") from None
+        try:
+            env.close()
+        except Exception:  # noqa: BLE001 - closing a probe env must not fail the build
+            pass
 
 
 def make_engine(
@@ -164,10 +189,93 @@ def make_engine(
 
 
 def make_teacher(cfg: Any, tokenizer: Any, device: torch.device) -> Teacher:
-    """Build the teacher backend ``cfg.teacher_backend`` for ``teacher_name(cfg)``."""
+    """The run's teacher: the backend ``cfg.teacher_backend`` for ``teacher_name(cfg)``, or,
+    when envs route to different teachers (a mixture, ``teachers.*``), a
+    :class:`~agentopd.teachers.routing.RoutingTeacher` over one teacher per distinct name.
+    With ``teacher_backend=hf``, teachers that are LoRA adapters over one base share that base
+    (:mod:`agentopd.teachers.adapters`)."""
+    table = teacher_routes(cfg)
+    names = list(dict.fromkeys(table.values()))
+    if len(names) == 1:
+        return _make_one_teacher(cfg, names[0], tokenizer, device)
+    t_cfg = cfg.teacher_cfg
+    t_cfg = t_cfg if isinstance(t_cfg, TeacherConfig) else to_dataclass(t_cfg, TeacherConfig)
+    built: dict[str, Teacher] = {}
+    for base, adapters in shared_bases(cfg, names).items():
+        from agentopd.teachers.adapters import build_experts
+
+        try:
+            built.update(
+                build_experts(base, adapters, tokenizer=tokenizer, config=t_cfg, device=device)
+            )
+        except TokenizerMismatchError as e:
+            raise ConfigError(f"teacher base {base}: {e}") from None
+        except ValueError as e:
+            raise ConfigError(f"teachers over {base}: {e}") from None
+    for name in names:
+        if name not in built:
+            built[name] = _make_one_teacher(cfg, name, tokenizer, device)
+    return RoutingTeacher({env: built[name] for env, name in table.items()}, t_cfg)
+
+
+def shared_bases(cfg: Any, names: list[str]) -> dict[str, dict[str, Path]]:
+    """Base model -> (teacher name -> adapter directory) for the teachers in ``names`` that
+    are LoRA adapters sharing a base with another of them (``teacher_backend=hf`` only: other
+    backends load every teacher their own way)."""
+    if cfg.teacher_backend != "hf":
+        return {}
+    groups: dict[str, dict[str, Path]] = {}
+    for name in names:
+        try:
+            found = zoo.adapter_of(resolve_model(name, "teacher"))
+        except ValueError as e:
+            raise ConfigError(f"teacher {name}: {e}") from None
+        if found is not None:
+            groups.setdefault(found[0], {})[name] = found[1]
+    return {base: group for base, group in groups.items() if len(group) > 1}
+
+
+def check_teachers(cfg: Any) -> None:
+    """Before any model loads: every env of the run has a teacher, every teacher's tokenizer
+    is the student's, and every LoRA adapter teacher fits its base model (shapes read from the
+    adapter file against the base's architecture, built on the meta device).
+
+    Raises:
+        ConfigError: The first env without a teacher, teacher with another tokenizer, or
+            adapter that does not fit its base, with the reason.
+    """
+    table = teacher_routes(cfg)
+    try:
+        student_tok = zoo.tokenizer_of(resolve_model(student_name(cfg), "student"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"student={student_name(cfg)}: its tokenizer could not be read: {type(e).__name__}: {e}"
+        ) from None
+    envs_of: dict[str, list[str]] = {}
+    for env, name in table.items():
+        envs_of.setdefault(name, []).append(env)
+    for name, envs in envs_of.items():
+        where = f"teacher {name} (for {', '.join(envs)})"
+        path = resolve_model(name, "teacher")
+        try:
+            check_tokenizers(student_tok, zoo.tokenizer_of(path))
+            adapter = zoo.adapter_of(path)
+        except TokenizerMismatchError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{where} could not be read: {type(e).__name__}: {e}") from None
+        if adapter is not None:
+            base, adapter_dir = adapter
+            try:
+                lora.check_fits(zoo.meta_model(resolve_model(base, "teacher base")), adapter_dir)
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
+
+
+def _make_one_teacher(cfg: Any, name: str, tokenizer: Any, device: torch.device) -> Teacher:
+    """Build the teacher backend ``cfg.teacher_backend`` for the model ``name``."""
     from agentopd.teachers import BackendUnavailableError
 
-    name = teacher_name(cfg)
     if name not in zoo.PRESETS:
         resolve_model(name, "teacher")
     factory = registry.teachers.spec(cfg.teacher_backend).load()
@@ -213,6 +321,8 @@ def full_vocab_head(
         full_vocab_beta(registry.losses.spec(loss).load(), cfg.loss_cfg) is not None
     )
     topk_losses = "rkl-sampled, rkl-topk, fkl-topk or jsd"
+    if isinstance(teacher, RoutingTeacher):
+        teacher = _one_model(teacher, full, loss)
     if not isinstance(teacher, HFTeacher):
         if full:
             raise ConfigError(
@@ -236,21 +346,66 @@ def full_vocab_head(
     return head
 
 
-def make_teacher_engine(
-    cfg: Any, teacher: Teacher, renderer: Renderer, workdir: Path, device: torch.device
-) -> Engine:
-    """A rollout engine (``cfg.engine``) that plays the teacher model: demonstrations
-    (``demo_source=teacher``), ``guided-opd``'s guide turns, the teacher's evaluation and its
-    recovery rate. An in-process ``hf`` teacher lends its own model, so the teacher is in memory
-    once; other backends hold no local model, and it is loaded here."""
+def _one_model(teacher: RoutingTeacher, full: bool, loss: str | None) -> Any:
+    """The one in-process teacher whose output head serves every env of a routed teacher
+    (experts over one shared base: the adapters leave the output layer alone), else None.
+
+    Raises:
+        ConfigError: A full-vocabulary ``loss`` with teachers that are different models.
+    """
     from agentopd.teachers.hf import HFTeacher
 
+    teachers = list(teacher.teachers.values())
+    models = {id(t.model) for t in teachers if isinstance(t, HFTeacher)}
+    head_adapted = any(
+        hasattr(t.model.get_output_embeddings(), "lora_A")
+        for t in teachers
+        if isinstance(t, HFTeacher)
+    )  # an adapter on the output layer gives each expert a head of its own
+    if len(models) == 1 and not head_adapted and all(isinstance(t, HFTeacher) for t in teachers):
+        for t in teachers:
+            t.keep_hidden = True  # type: ignore[attr-defined]  # every one is an HFTeacher
+        return teachers[0]
+    if full:
+        raise ConfigError(
+            f"bad value {loss!r} for 'loss': a full-vocabulary objective projects the teacher's "
+            "hidden states with one output layer, and this run's envs route to different "
+            "teacher models. Use LoRA experts over one base (teacher_backend=hf), or "
+            "loss=rkl-sampled, rkl-topk, fkl-topk or jsd"
+        )
+    return None
+
+
+def make_teacher_engine(
+    cfg: Any,
+    teacher: Teacher,
+    renderer: Renderer,
+    workdir: Path,
+    device: torch.device,
+    env: str | None = None,
+) -> Engine:
+    """A rollout engine (``cfg.engine``) that plays the teacher model of ``env`` (default: the
+    run's env): demonstrations (``demo_source=teacher``), ``guided-opd``'s guide turns, the
+    teacher's evaluation and its recovery rate. An in-process ``hf`` teacher lends its own
+    model, so the teacher is in memory once (an expert over a shared base activates its adapter
+    before each generation); other backends hold no local model, and it is loaded here."""
+    from agentopd.teachers.adapters import ExpertEngine, ExpertTeacher
+    from agentopd.teachers.hf import HFTeacher
+
+    if isinstance(teacher, RoutingTeacher):
+        teacher = teacher.teacher_for(env or cfg.env)
+    if isinstance(teacher, ExpertTeacher) and cfg.engine != "hf":
+        raise ConfigError(
+            f"engine={cfg.engine} cannot play a LoRA expert over a shared base (the teacher of "
+            f"{env or cfg.env}): use engine=hf for the teacher's demonstrations and evaluation"
+        )
     if isinstance(teacher, HFTeacher):
         model = teacher.model
     else:
-        model, _ = load_model(teacher_name(cfg), "teacher")
+        model, _ = load_model(teacher_name(cfg, env), "teacher")
         model.to(device).eval()
-    return make_engine(cfg.engine, model, renderer, workdir, cfg.engine_cfg)
+    engine = make_engine(cfg.engine, model, renderer, workdir, cfg.engine_cfg)
+    return ExpertEngine(engine, teacher) if isinstance(teacher, ExpertTeacher) else engine
 
 
 def check_fsdp2(cfg: Any) -> None:
@@ -282,6 +437,8 @@ def build_train(
         check_fsdp2(cfg)
     device = resolve_device(cfg.device, cfg.cpu_threads)
     check_env(cfg)
+    if cfg.teachers or mixture.is_mixture(cfg.env):
+        check_teachers(cfg)  # every env has a teacher of the student's tokenizer; nothing loaded
     student, tokenizer = load_model(student_name(cfg), "student", cfg.seed)
     try:
         lora.apply(student, cfg.lora)
@@ -323,15 +480,29 @@ def build_train(
 
 
 def make_curriculum(cfg: TrainConfig) -> Curriculum:
-    """The registered curriculum ``cfg.curriculum`` with ``curriculum_kwargs``.
+    """The registered curriculum ``cfg.curriculum`` with ``curriculum_kwargs``; on a mixture,
+    one per member inside a :class:`~agentopd.mixture.MixtureCurriculum`.
 
     Raises:
         ConfigError: The registered object does not implement :class:`Curriculum`.
     """
+    members = mixture.members(cfg.env, cfg.env_kwargs)
+    if mixture.is_mixture(cfg.env):
+        if cfg.curriculum == "guided-opd":
+            raise ConfigError(
+                "curriculum=guided-opd is not available on a mixture (env=mix): its guide turns "
+                "come from one teacher engine; use uniform, horizon-sorted, tcod-f2b or tcod-b2f"
+            )
+        parts = [(m, _one_curriculum(cfg, m)) for m in members]
+        return mixture.MixtureCurriculum(parts)
+    return _one_curriculum(cfg, members[0])
+
+
+def _one_curriculum(cfg: TrainConfig, member: mixture.Member) -> Curriculum:
     curriculum = registry.curricula.make(
         cfg.curriculum,
-        env=cfg.env,
-        env_kwargs=dict(cfg.env_kwargs),
+        env=member.env,
+        env_kwargs=dict(member.env_kwargs),
         seed=cfg.seed,
         **dict(cfg.curriculum_kwargs),
     )
@@ -398,8 +569,15 @@ def choices(cfg: Any) -> dict[str, Any]:
     package versions and the project's git commit (when it is a git checkout)."""
     import transformers
 
+    members = mixture.members(cfg.env, cfg.env_kwargs)
     out: dict[str, Any] = {
         "env": cfg.env,
+        **(
+            {"envs": {m.env: {"weight": m.weight, "env_kwargs": m.env_kwargs} for m in members}}
+            if mixture.is_mixture(cfg.env)
+            else {}
+        ),
+        **({"teacher_routing": _routing_choices(cfg)} if hasattr(cfg, "teachers") else {}),
         "engine": getattr(cfg, "engine", None),
         "teacher_backend": getattr(cfg, "teacher_backend", None),
         "sandbox_backend": _sandbox_backend(cfg),
@@ -413,10 +591,27 @@ def choices(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def _routing_choices(cfg: Any) -> dict[str, Any]:
+    """Env -> its teacher, and how the teachers are held (``shared_base``: LoRA experts
+    loaded side by side over one base model)."""
+    table = teacher_routes(cfg)
+    out: dict[str, Any] = {"by_env": table}
+    names = list(dict.fromkeys(table.values()))
+    shared = shared_bases(cfg, names) if len(names) > 1 else {}
+    if shared:
+        out["shared_base"] = {base: sorted(group) for base, group in shared.items()}
+    return out
+
+
 def _sandbox_backend(cfg: Any) -> str | None:
-    kwargs = dict(cfg.env_kwargs)
-    if cfg.env != "code-sandbox" and "backend" not in kwargs:
+    found = [
+        m.env_kwargs
+        for m in mixture.members(cfg.env, cfg.env_kwargs)
+        if m.env == "code-sandbox" or "backend" in m.env_kwargs
+    ]
+    if not found:
         return None
+    kwargs = found[0]
     from agentopd.sandbox import resolve_backend
 
     try:

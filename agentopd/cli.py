@@ -64,6 +64,12 @@ def cmd_envs(args: argparse.Namespace) -> int:
     from agentopd.envs.adapters import adapter_table
 
     console.print(adapter_table(registry.envs.prefixes()))
+    console.print(
+        "Several envs in one run (`agentopd train` only): env=mix "
+        "env_kwargs.envs='{lookup-chain: 1, sql: 1}' (weights; teachers.<env>=... per env; "
+        "docs/envs.md)",
+        markup=False,
+    )
     return 0
 
 

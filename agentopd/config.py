@@ -99,6 +99,11 @@ class TrainConfig(PolicyConfig):
     env: str = knob("code-sandbox", "registered environment (agentopd envs)")
     student: str = knob("auto", "student model: zoo name, save_pretrained dir or run dir")
     teacher: str = knob("auto", "teacher model (auto: tiny-teacher-<env>)")
+    teachers: dict[str, str] = knob(
+        factory=dict,
+        help="teacher per env of a mixture (env=mix): env -> model, default -> the others' "
+        "(unset: teacher for every env)",
+    )
     teacher_backend: str = knob("hf", "teacher scoring backend (hf, vllm, server)")
     loss: str = knob("rkl-sampled", "objective (registry kind losses)")
     curriculum: str = knob("uniform", "curriculum (registry kind curricula)")
@@ -206,13 +211,15 @@ def _all_keys(cfg: Any, prefix: str = "") -> list[str]:
     for k, v in cfg.items():
         path = f"{prefix}{k}"
         keys.append(path)
-        if isinstance(v, DictConfig) and not path.endswith("_kwargs"):
+        if isinstance(v, DictConfig) and not _is_free_form(path):
             keys.extend(_all_keys(v, path + "."))
     return keys
 
 
 def _is_free_form(key: str) -> bool:
-    return key.split(".", 1)[0].endswith("_kwargs")
+    """Keys under a mapping the schema does not fix (``env_kwargs.*``, ``teachers.*``)."""
+    top = key.split(".", 1)[0]
+    return top.endswith("_kwargs") or top == "teachers"
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
@@ -441,7 +448,8 @@ def validate(cfg: DictConfig) -> None:
     Cheap checks only (no model is loaded); what needs a loaded model (``teacher_cfg.topk``
     against the vocabulary) is checked by :mod:`agentopd.build` before a run directory exists.
     """
-    from agentopd import registry
+    from agentopd import mixture, registry
+    from agentopd.teachers import routing
 
     obj = to_object(cfg)
     check(obj)
@@ -452,6 +460,22 @@ def validate(cfg: DictConfig) -> None:
         "engine": registry.engines,
         "teacher_backend": registry.teachers,
     }
+    env = getattr(obj, "env", None)
+    if env is not None and mixture.is_mixture(env):
+        if not isinstance(obj, TrainConfig):
+            raise ConfigError(
+                "env=mix (a mixture of envs) is for `agentopd train`; evaluate, diagnose or "
+                "collect one env at a time (env=<name>)"
+            )
+        envs = [m.env for m in mixture.members(env, obj.env_kwargs)]
+        names.pop("env")
+    else:
+        envs = [env] if env is not None else []
+    if isinstance(obj, TrainConfig) and (obj.teachers or mixture.is_mixture(obj.env)):
+        table = routing.routes(envs, obj.teachers, obj.teacher)
+        for env_name, teacher in table.items():
+            if teacher != obj.teacher:
+                resolve_model(teacher, f"teachers.{env_name}")
     for key, reg in names.items():
         if hasattr(obj, key):
             try:
@@ -605,6 +629,13 @@ def resolve_model(name: str, key: str = "model") -> str:
         )
     if path.is_dir():
         if (path / "config.json").is_file():
+            return str(path)
+        if (path / "adapter_config.json").is_file():
+            try:
+                base = zoo.adapter_base_of(path)
+            except ValueError as e:
+                raise ConfigError(f"{key}={name}: {e}") from None
+            resolve_model(base, f"{key}={name}'s base model")
             return str(path)
         latest = path / "checkpoints" / "latest.json"
         if latest.is_file():

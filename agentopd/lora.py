@@ -20,6 +20,7 @@ and :func:`save_pretrained` is the model's own.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,98 @@ def load_merged(model: Any, path: Path) -> Any:
     apply(model, read_config(path))
     load_adapter(model, path)
     return merge(model)
+
+
+def adapter_base(path: Path) -> str | None:
+    """The base model an adapter directory names (``base_model_name_or_path`` of its
+    ``adapter_config.json``; None when it names none)."""
+    raw = json.loads((Path(path) / "adapter_config.json").read_text())
+    base = raw.get("base_model_name_or_path")
+    return str(base) if base else None
+
+
+def check_fits(model: Any, path: Path) -> None:
+    """Check that the adapter in ``path`` fits ``model`` without loading either's weights:
+    every adapted module exists in ``model`` as a linear layer and every ``lora_A`` /
+    ``lora_B`` matrix has that layer's input / output size. ``model`` may live on the meta
+    device (built from its config alone).
+
+    Raises:
+        ValueError: The first module that is missing or has another shape, with both shapes.
+    """
+    from safetensors import safe_open
+
+    file = Path(path) / "adapter_model.safetensors"
+    if not file.is_file():
+        raise ValueError(f"{path} holds no adapter_model.safetensors")
+    modules = dict(model.named_modules())
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open has keys(), no __iter__
+            head, _, tail = key.partition(".lora_")
+            name = head.removeprefix("base_model.model.")
+            layer = modules.get(name)
+            layer = getattr(layer, "base_layer", layer)  # already adapted by another expert
+            if not isinstance(layer, torch.nn.Linear):
+                raise ValueError(
+                    f"adapter in {path} does not fit the base model: it adapts {name!r}, which "
+                    "the base model has no linear layer named"
+                )
+            shape = tuple(f.get_slice(key).get_shape())
+            if tail.startswith("A") and shape[1] != layer.in_features:
+                want = f"{layer.in_features} inputs"
+            elif tail.startswith("B") and shape[0] != layer.out_features:
+                want = f"{layer.out_features} outputs"
+            else:
+                continue
+            raise ValueError(
+                f"adapter in {path} does not fit the base model: {key} has shape {list(shape)} "
+                f"but the base's {name} has {want} (an adapter trained on another base model?)"
+            )
+
+
+def load_experts(model: Any, adapters: dict[str, Path]) -> Any:
+    """Load several saved adapters into ``model`` side by side, unmerged, each under its own
+    name (peft), every weight frozen; :func:`use_expert` picks the one the forward pass applies.
+    The base weights stay in memory once whatever the number of adapters.
+
+    Raises:
+        ImportError: peft is not installed.
+        ValueError: An adapter does not fit the model.
+    """
+    try:
+        import peft
+    except ImportError as e:
+        raise ImportError(INSTALL_HINT) from e
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for name, path in adapters.items():
+        check_fits(model, path)
+        c = read_config(path)
+        peft_cfg = peft.LoraConfig(
+            r=c.r,
+            lora_alpha=c.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scales too
+            lora_dropout=c.dropout,
+            target_modules=list(c.target_modules),
+            bias="none",
+        )
+        with warnings.catch_warnings():  # "multiple adapters in the model": that is the point
+            warnings.simplefilter("ignore", UserWarning)
+            peft.inject_adapter_in_model(peft_cfg, model, adapter_name=name)
+        state = load_file(str(Path(path) / "adapter_model.safetensors"))
+        set_peft_model_state_dict(model, state, adapter_name=name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def use_expert(model: Any, name: str) -> None:
+    """Make adapter ``name`` (loaded by :func:`load_experts`) the one every adapted layer
+    applies; layers that adapter does not touch run the base weights alone."""
+    for layer in _lora_layers(model).values():
+        if name in layer.lora_A:
+            layer.set_adapter(name)
+            for p in layer.parameters():
+                p.requires_grad_(False)  # peft's set_adapter marks the active one trainable
+        else:
+            layer._active_adapter = []  # the base weights alone (peft skips unknown names too)

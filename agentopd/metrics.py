@@ -51,6 +51,46 @@ def episode_summary(episodes: list[Episode], prefix: str = "rollout/") -> dict[s
     return out
 
 
+def sampled_kl(episodes: list[Episode]) -> float:
+    """``E_t (log p_old(y_t) - log q(y_t))`` over the scored tokens of ``episodes``: the
+    one-sample reverse-KL estimate from the log-probs the student sampled with (``p_old``)
+    and its teacher's (``q``); NaN when nothing is scored."""
+    total, n = 0.0, 0
+    for e in episodes:
+        for seg, sc in zip(e.segments, e.teacher or [], strict=False):
+            if sc is None:
+                continue
+            for pos, q in zip(sc.positions, sc.logprobs, strict=True):
+                total += seg.logprobs[pos] - q
+                n += 1
+    return total / n if n else float("nan")
+
+
+def by_env(episodes: list[Episode], prefix: str = "rollout/") -> dict[str, float]:
+    """:func:`episode_summary` per env, as ``<prefix><env>/<metric>`` (``rollout/sql/success``),
+    and, for scored episodes, each env's teacher KL (``diag/<env>/sampled_kl``,
+    :func:`sampled_kl`). Only when the episodes come from more than one env (a mixture):
+    otherwise the plain summary says it all and this returns nothing."""
+    groups: dict[str, list[Episode]] = defaultdict(list)
+    for e in episodes:
+        groups[e.env].append(e)
+    if len(groups) < 2:
+        return {}
+    out: dict[str, float] = {}
+    for env, group in groups.items():
+        summary = episode_summary(group, prefix=prefix)
+        out.update(
+            {
+                f"{prefix}{env}/{k[len(prefix) :]}": v
+                for k, v in summary.items()
+                if k.startswith(prefix)
+            }
+        )
+        if any(e.teacher for e in group):
+            out[f"diag/{env}/sampled_kl"] = sampled_kl(group)
+    return out
+
+
 def success_by_difficulty(episodes: list[Episode]) -> dict[int, float]:
     """Success rate per task difficulty (episode length class)."""
     groups: dict[int, list[bool]] = defaultdict(list)

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,10 +144,15 @@ def resumed_config(
     Raises:
         ConfigError: The overrides change the saved config and ``resume_override`` is off.
     """
+    from agentopd import mixture
     from agentopd.config import compose, validate
 
     saved = OmegaConf.load(path / "config.yaml")
-    base = compose("train", [f"env={saved.env}", f"loss={saved.loss}"])
+    pinned = [f"env={saved.env}", f"loss={saved.loss}"]
+    if mixture.is_mixture(str(saved.env)):  # a mixture composes only with its members
+        envs = OmegaConf.to_container(saved.env_kwargs.envs)
+        pinned.append(f"env_kwargs.envs={json.dumps(envs)}")
+    base = compose("train", pinned)
     if overrides is None:
         effective = cfg
     else:

@@ -33,12 +33,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agentopd import distributed, resume, seeds
+from agentopd import distributed, mixture, resume, seeds
 from agentopd.build import build_train, make_teacher_engine, rollout_config
 from agentopd.config import TrainConfig, to_object
 from agentopd.engines import Engine
 from agentopd.hooks import TrainerHooks
-from agentopd.metrics import episode_summary, evaluate
+from agentopd.metrics import by_env, episode_summary, evaluate
 from agentopd.rollout import EpisodeJob, expert_episodes, run_episodes
 from agentopd.runs import RunDir, atomic_write_text
 from agentopd.types import Episode, StopReason, drop_teacher_hidden
@@ -58,7 +58,7 @@ class Trainer:
     """The existing run to continue (``resume=true``); None: a new run."""
     config_changes: list[str] = field(default_factory=list)
     """Options ``resume_override=true`` changed, recorded in ``config_changes.jsonl``."""
-    _teacher_engine: Engine | None = None
+    _teacher_engines: dict[str, Engine] = field(default_factory=dict)
 
     def setup(self) -> None:
         """Build the parts, open the run directory (rank 0 writes it) and, with
@@ -105,6 +105,8 @@ class Trainer:
                 f"diag/true_rkl: unavailable with teacher_backend={cfg.teacher_backend} (the "
                 "exact reverse KL needs the teacher's full distribution: teacher_backend=hf)"
             )
+        self.members = mixture.members(cfg.env, cfg.env_kwargs)
+        """The run's envs: a mixture's members, or the one env."""
         self.start_step = 0
         self.cold_start_done = False
         self.teacher_tokens = 0
@@ -160,40 +162,54 @@ class Trainer:
         if self.world.is_main:
             self.run_dir.append_jsonl("metrics.jsonl", [json.dumps(row)])
 
-    def evaluate(self, tag: str, step: int, engine: Any = None) -> float:
-        """Held-out success of the student (or of ``engine``'s model, e.g. the teacher's) on
-        the run's held-out tasks (under torchrun rank 0 evaluates, the others wait and get its
-        number)."""
+    def evaluate(self, tag: str, step: int, teacher: bool = False) -> dict[str, float]:
+        """Held-out success of the student (or, with ``teacher``, of each env's teacher) on
+        the run's held-out tasks: ``{"success": ...}``, and on a mixture each env's on its own
+        held-out tasks (``eval.episodes`` each) as ``{"<env>": ...}``, with ``success`` their
+        weighted mean. Under torchrun rank 0 evaluates, the others wait and get its numbers."""
         if not self.world.is_main:
-            return float(distributed.broadcast_object(0.0))  # replaced by rank 0's number
+            return dict(distributed.broadcast_object({}))  # replaced by rank 0's numbers
         e = self.cfg.eval
-        report, _ = evaluate(
-            self.cfg.env,
-            dict(self.cfg.env_kwargs),
-            engine if engine is not None else self.engine,
-            self.renderer,
-            episodes=e.episodes,
-            samples=e.pass_k,
-            temperature=e.temperature,
-            rollout_config=rollout_config(self.cfg),
-            seed=seeds.task_base(self.cfg.seed, "eval"),
-        )
+        mixed = len(self.members) > 1
+        row: dict[str, Any] = {}
+        out: dict[str, float] = {}
+        for m in self.members:
+            report, _ = evaluate(
+                m.env,
+                dict(m.env_kwargs),
+                self.teacher_engine(m.env) if teacher else self.engine,
+                self.renderer,
+                episodes=e.episodes,
+                samples=e.pass_k,
+                temperature=e.temperature,
+                rollout_config=rollout_config(self.cfg),
+                seed=seeds.task_base(self.cfg.seed, "eval"),
+            )
+            out[m.env] = report["success"]
+            where = f"eval/{m.env}/" if mixed else "eval/"
+            row.update({f"{where}{k}": v for k, v in report.items()})
+            self.console.print(
+                f"[bold]{tag}[/]: held-out success{f' on {m.env}' if mixed else ''} "
+                f"{report['success']:.1%} ({report['tasks']} tasks, mean turns "
+                f"{report['mean_turns']:.2f})"
+            )
+        total = sum(m.weight for m in self.members)
+        out["success"] = sum(m.weight * out[m.env] for m in self.members) / total
+        if mixed:
+            row["eval/success"] = out["success"]
         self.log(
             {
                 # The teacher's row has a phase of its own: student curves read phase "eval".
-                "phase": "eval" if engine is None else "teacher_eval",
+                "phase": "teacher_eval" if teacher else "eval",
                 "tag": tag,
                 "step": step,
                 "teacher_tokens": self.teacher_tokens,
                 "teacher_positions": self.teacher_positions,
-                **{f"eval/{k}": v for k, v in report.items()},
+                **row,
             }
         )
         self.hooks.point(f"eval:{tag}")
-        self.console.print(
-            f"[bold]{tag}[/]: held-out success {report['success']:.1%} ({report['tasks']} tasks, mean turns {report['mean_turns']:.2f})"
-        )
-        return float(distributed.broadcast_object(report["success"]))
+        return dict(distributed.broadcast_object(out))
 
     def demonstrations(self, n: int, seed: int) -> list[Episode]:
         return self._demonstrations(n, seed)[0]
@@ -203,27 +219,27 @@ class Trainer:
         teacher model sampling at temperature 1); also the tokens the teacher generated and
         the positions it processed (prefill and decode, failed episodes included; 0 for the
         scripted expert)."""
-        jobs = [
-            EpisodeJob(
-                self.cfg.env,
-                seed=seed + i,
-                options={"split": "train"},
-                env_kwargs=dict(self.cfg.env_kwargs),
-            )
-            for i in range(n)
-        ]
-        mine = distributed.shard(jobs)  # under torchrun each rank plays its share
-        if self.cfg.demo_source == "teacher":
-            engine = self.teacher_engine()
-            episodes = run_episodes(
-                mine,
-                engine,
-                self.renderer,
-                rollout_config(self.cfg, 1.0),
-                seed=distributed.rank_seed(seed),
-            )
-        else:
-            episodes = expert_episodes(mine, self.renderer)
+        # A mixture's demonstrations are split between its envs by weight, like its tasks.
+        counts = mixture.apportion(n, [m.weight for m in self.members])
+        episodes = []
+        for m, count in zip(self.members, counts, strict=True):
+            jobs = [
+                EpisodeJob(
+                    m.env, seed=seed + i, options={"split": "train"}, env_kwargs=dict(m.env_kwargs)
+                )
+                for i in range(count)
+            ]
+            mine = distributed.shard(jobs)  # under torchrun each rank plays its share
+            if self.cfg.demo_source == "teacher":
+                episodes += run_episodes(
+                    mine,
+                    self.teacher_engine(m.env),
+                    self.renderer,
+                    rollout_config(self.cfg, 1.0),
+                    seed=distributed.rank_seed(seed),
+                )
+            else:
+                episodes += expert_episodes(mine, self.renderer)
         generated = int(distributed.all_sum(sum(ep.num_sampled_tokens for ep in episodes)))
         positions = 0
         if self.cfg.demo_source == "teacher":
@@ -239,18 +255,22 @@ class Trainer:
             return self.run_dir.path / name
         return Path(tempfile.mkdtemp(prefix=f"agentopd-{name}-"))
 
-    def teacher_engine(self) -> Engine:
-        """A rollout engine around the teacher model (built once): it generates demonstrations
-        (``demo_source=teacher``) and the guide turns of ``guided-opd``."""
-        if self._teacher_engine is None:
-            self._teacher_engine = make_teacher_engine(
+    def teacher_engine(self, env: str | None = None) -> Engine:
+        """A rollout engine around the teacher model of ``env`` (default: the run's env; built
+        once per teacher): it generates demonstrations (``demo_source=teacher``), the guide
+        turns of ``guided-opd`` and the teacher's evaluation."""
+        env = env or self.cfg.env
+        if env not in self._teacher_engines:
+            scratch = "teacher_engine" if len(self.members) == 1 else f"teacher_engine/{env}"
+            self._teacher_engines[env] = make_teacher_engine(
                 self.cfg,
                 self.teacher,
                 self.renderer,
-                self._scratch("teacher_engine"),
+                self._scratch(scratch),
                 self.parts.device,
+                env,
             )
-        return self._teacher_engine
+        return self._teacher_engines[env]
 
     def cold_start(self) -> None:
         cs = self.cfg.cold_start
@@ -341,6 +361,7 @@ class Trainer:
         self.teacher_positions += scored + guided
         episodes = distributed.gather_list(episodes)  # rank 0: the whole step, in job order
         row.update(episode_summary(episodes))
+        row.update(by_env(episodes))  # a mixture: each env's share, and its teacher KL
         if guided:
             row["rollout/guide_tokens"] = guided
         row.update(
@@ -378,15 +399,24 @@ class Trainer:
         cfg = self.cfg
         result: dict[str, Any] = {"run_dir": str(self.run_dir.path)}
         fresh = self.start_step == 0 and not self.cold_start_done
+        per_env: dict[str, dict[str, float]] = {m.env: {} for m in self.members}
+
+        def record(key: str, numbers: dict[str, float]) -> None:
+            # The result's headline number, and on a mixture each env's under "by_env".
+            result[key] = numbers.get("success", float("nan"))
+            for env in per_env:
+                if env in numbers:
+                    per_env[env][key] = numbers[env]
+
         if fresh and cfg.eval.before and cfg.eval.episodes > 0:
-            result["success_before"] = self.evaluate("before training", step=-1)
+            record("success_before", self.evaluate("before training", step=-1))
         if not self.cold_start_done and cfg.cold_start.steps > 0:
             self.cold_start()
             # Keep the cold-started student: baselines (SFT-only, other losses) start from it.
             if self.world.is_main:
                 self.parts.save_model(self.run_dir.path / "cold_start_model")
             if cfg.eval.episodes > 0:
-                result["success_after_cold_start"] = self.evaluate("after cold start", step=-1)
+                record("success_after_cold_start", self.evaluate("after cold start", step=-1))
         with self._progress() as progress:
             task = progress.add_task(
                 "on-policy distillation" if cfg.gkd_lambda > 0 else "off-policy SFT (gkd_lambda=0)",
@@ -412,7 +442,7 @@ class Trainer:
                     self._save(step)
                     self.hooks.point(f"checkpoint:{step}")
         if cfg.eval.after and cfg.eval.episodes > 0:
-            result["success_after"] = self.evaluate("after training", step=cfg.steps)
+            record("success_after", self.evaluate("after training", step=cfg.steps))
         if cfg.eval.teacher and cfg.eval.episodes > 0:
             if cfg.teacher_backend != "hf" or cfg.engine != "hf":
                 # The teacher's model is on a server or in another engine: not loaded here.
@@ -421,9 +451,9 @@ class Trainer:
                     f"teacher_backend={cfg.teacher_backend}; only hf/hf loads it here)"
                 )
             else:
-                result["teacher_success"] = self.evaluate(
-                    "teacher", step=cfg.steps, engine=self.teacher_engine()
-                )
+                record("teacher_success", self.evaluate("teacher", step=cfg.steps, teacher=True))
+        if len(self.members) > 1 and any(per_env.values()):
+            result["by_env"] = per_env
         if "success_after" in result:
             stages = [
                 f"{label} {result[key]:.1%}"

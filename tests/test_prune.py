@@ -69,3 +69,11 @@ def test_a_layer_out_of_range_names_the_valid_range():
     resolve_model(f"{NAME}@layers=0,9", "student")  # the name is well formed
     with pytest.raises(ValueError, match=r"layer 9 does not exist; the model has 4 layers \(0..3\)"):
         zoo.load(f"{NAME}@layers=0,9")
+
+
+def test_checks_before_loading_read_a_pruned_name():
+    """The builder's cheap checks (tokenizer, architecture) accept a pruned name."""
+    name = f"{NAME}@layers=0,3"
+    assert zoo.tokenizer_of(name).get_vocab() == zoo.tokenizer_of(NAME).get_vocab()
+    meta = zoo.meta_model(name)
+    assert meta.config.num_hidden_layers == 2 and len(meta.model.layers) == 2

@@ -3,6 +3,8 @@
 Panels: held-out success against step and against teacher tokens (evaluation rows of
 ``metrics.jsonl``; rollout success dotted), teacher KL (the sampled estimate), KL per turn index
 (one line per index), top-k overlap ratio, entropy gap, tool errors per episode and throughput.
+A run on a mixture of envs adds one line per env to the held-out success and teacher KL panels
+(``eval/<env>/success``, ``diag/<env>/sampled_kl``).
 Reads ``metrics.jsonl`` only (a torn last line is skipped) and never writes into a run.
 """
 
@@ -46,6 +48,19 @@ def _series(
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def mixture_envs(evals: list[dict[str, Any]]) -> list[str]:
+    """The envs of a mixture run, from its evaluation rows' ``eval/<env>/success`` keys
+    (none for a run on one env)."""
+    return sorted(
+        {
+            k.split("/")[1]
+            for r in evals
+            for k in r
+            if k.startswith("eval/") and k.endswith("/success") and k.count("/") == 2
+        }
+    )
+
+
 PANELS = (
     "held-out success vs step",
     "held-out success vs teacher tokens",
@@ -83,6 +98,14 @@ def plot_runs(runs: list[Path], out: Path, labels: list[str] | None = None) -> P
         xs, ys = _series(evals, "eval/success", x="teacher_tokens")
         ax[PANELS[1]].plot(xs, ys, "o-", color=c, label=name)
         ax[PANELS[2]].plot(*_series(train, "diag/sampled_kl"), color=c, label=name)
+        for j, env in enumerate(mixture_envs(evals)):
+            style = styles[(j + 1) % len(styles)]
+            xs, ys = _series(evals, f"eval/{env}/success")
+            ax[PANELS[0]].plot(
+                xs, ys, ".", linestyle=style, color=c, alpha=0.8, label=f"{name} {env}"
+            )
+            xs, ys = _series(train, f"diag/{env}/sampled_kl")
+            ax[PANELS[2]].plot(xs, ys, linestyle=style, color=c, alpha=0.8, label=f"{name} {env}")
         turn_keys = sorted(
             {k for r in train for k in r if k.startswith("diag/kl_turn/")},
             key=lambda k: int(k.rsplit("/", 1)[1]),

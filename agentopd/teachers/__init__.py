@@ -17,6 +17,10 @@ Backends are registered in ``agentopd.registry.teachers`` (entry-point group
 
 A backend entry point is a :class:`TeacherFactory`.
 
+A run on several envs routes each episode to its env's teacher
+(:class:`agentopd.teachers.routing.RoutingTeacher`, itself a :class:`Teacher`); teachers that are
+LoRA adapters over one base share that base in memory (:mod:`agentopd.teachers.adapters`).
+
 Example::
 
     from agentopd import registry

