@@ -78,13 +78,7 @@ def apply(model: Any, config: LoraConfig) -> Any:
             f"bad value {list(config.target_modules)} for 'lora.target_modules': the model has no "
             f"module named {missing}; its linear layers are {linear}"
         )
-    peft_cfg = peft.LoraConfig(
-        r=config.r,
-        lora_alpha=config.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scales too
-        lora_dropout=config.dropout,
-        target_modules=list(config.target_modules),
-        bias="none",
-    )
+    peft_cfg = _peft_config(config)
     peft.inject_adapter_in_model(peft_cfg, model, adapter_name=ADAPTER)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
@@ -268,13 +262,7 @@ def load_experts(model: Any, adapters: dict[str, Path]) -> Any:
     for name, path in adapters.items():
         check_fits(model, path)
         c = read_config(path)
-        peft_cfg = peft.LoraConfig(
-            r=c.r,
-            lora_alpha=c.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scales too
-            lora_dropout=c.dropout,
-            target_modules=list(c.target_modules),
-            bias="none",
-        )
+        peft_cfg = _peft_config(c)
         with warnings.catch_warnings():  # "multiple adapters in the model": that is the point
             warnings.simplefilter("ignore", UserWarning)
             peft.inject_adapter_in_model(peft_cfg, model, adapter_name=name)
@@ -295,3 +283,17 @@ def use_expert(model: Any, name: str) -> None:
                 p.requires_grad_(False)  # peft's set_adapter marks the active one trainable
         else:
             layer._active_adapter = []  # the base weights alone (peft skips unknown names too)
+
+
+def _peft_config(config: Any) -> Any:
+    """peft's ``LoraConfig`` for our adapter settings (anything with ``r``, ``alpha``,
+    ``dropout`` and ``target_modules``)."""
+    import peft
+
+    return peft.LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,  # a float alpha scales too
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+    )
