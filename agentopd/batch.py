@@ -77,6 +77,9 @@ class TokenBatch:
     padding mask."""
     pad_id: int = 0
     """Fills unused slots."""
+    turn_M: Tensor | None = None
+    """Index of the assistant turn each target belongs to, when the sequences are episode
+    segments (the learner's batches)."""
     teacher_logprobs_M: Tensor | None = None
     """Once scored (:meth:`with_teacher`): the teacher's log-prob of each target."""
     teacher_topk_ids_M_K: Tensor | None = None

@@ -38,8 +38,6 @@ class Batch:
 
     packed: TokenBatch
     """The segments' tokens, packed; its ``mask_B_S`` is the loss mask."""
-    turn_B_S: torch.Tensor
-    """Turn index of the token each position predicts (-1 outside turns)."""
 
     @property
     def mask_B_S(self) -> torch.Tensor:
@@ -60,10 +58,6 @@ class Batch:
     @property
     def teacher_topk_lp_B_S_K(self) -> torch.Tensor | None:
         return self._dense(self.packed.teacher_topk_logprobs_M_K)
-
-    @property
-    def teacher_entropy_B_S(self) -> torch.Tensor | None:
-        return self._dense(self.packed.teacher_entropy_M)
 
     @property
     def teacher_hidden_M_H(self) -> torch.Tensor | None:
@@ -118,11 +112,12 @@ def make_batch(
         packed=packed,
         share_prefix=share_prefix,
     )
-    turn = torch.full(tb.mask_B_S.shape, -1, dtype=torch.long)
+    turn_B_S = torch.full(tb.mask_B_S.shape, -1, dtype=torch.long)
     for b, (ep, s) in enumerate(items):
         for tr in ep.turns:
             if tr.segment == s:
-                turn[b, max(tr.start - 1, 0) : tr.end - 1] = tr.index
+                turn_B_S[b, max(tr.start - 1, 0) : tr.end - 1] = tr.index
+    tb = replace(tb, turn_M=turn_B_S[tb.mask_B_S])
     if with_teacher:
         scores = [ep.teacher[s] if ep.teacher else None for ep, s in items]
         missing = next((items[i] for i, sc in enumerate(scores) if sc is None), None)
@@ -132,7 +127,7 @@ def make_batch(
                 "run teacher.score first"
             )
         tb = tb.with_teacher(cast(list[TeacherScores], scores), topk)
-    return Batch(tb, turn)
+    return Batch(tb)
 
 
 def packed_student_pass(
@@ -654,34 +649,39 @@ class Learner:
 
 
 def _diag_row(batch: Batch, st: logprobs.TokenLogprobs) -> dict[str, torch.Tensor]:
+    """The diagnostics' inputs at the batch's ``M`` sampled tokens: the teacher's fields as the
+    batch holds them, the student's taken from its ``[B, S]`` views in the same order."""
+    tb, m = batch.packed, batch.mask_B_S
     # An OPD batch (teacher scores in it) and a pass that asked for the student's top-k.
-    assert batch.teacher_lp_B_S is not None and batch.teacher_ids_B_S_K is not None
-    assert batch.teacher_topk_lp_B_S_K is not None and batch.teacher_entropy_B_S is not None
+    assert tb.teacher_logprobs_M is not None and tb.teacher_topk_ids_M_K is not None
+    assert tb.teacher_topk_logprobs_M_K is not None and tb.teacher_entropy_M is not None
     assert st.topk_ids_B_T_K is not None and st.topk_logprobs_B_T_K is not None
-    assert st.entropy_B_T is not None
-    true_rkl = {} if st.reverse_kl_B_T is None else {"true_rkl": st.reverse_kl_B_T.detach().cpu()}
+    assert st.entropy_B_T is not None and tb.turn_M is not None
+
+    def student(x: torch.Tensor) -> torch.Tensor:
+        return x.detach()[m.to(x.device)].cpu()
+
+    true_rkl = {} if st.reverse_kl_B_T is None else {"true_rkl": student(st.reverse_kl_B_T)}
     return {
         **true_rkl,
-        "mask": batch.mask_B_S,
-        "turn": batch.turn_B_S,
-        "student_lp": st.logprobs_B_T.detach().cpu(),
-        "teacher_lp": batch.teacher_lp_B_S,
-        "student_ids": st.topk_ids_B_T_K.detach().cpu(),
-        "student_topk_lp": st.topk_logprobs_B_T_K.detach().cpu(),
-        "teacher_ids": batch.teacher_ids_B_S_K,
-        "teacher_topk_lp": batch.teacher_topk_lp_B_S_K,
-        "student_entropy": st.entropy_B_T.detach().cpu(),
-        "teacher_entropy": batch.teacher_entropy_B_S,
+        "turn": tb.turn_M,
+        "student_lp": student(st.logprobs_B_T),
+        "teacher_lp": tb.teacher_logprobs_M.cpu(),
+        "student_ids": student(st.topk_ids_B_T_K),
+        "student_topk_lp": student(st.topk_logprobs_B_T_K),
+        "teacher_ids": tb.teacher_topk_ids_M_K.cpu(),
+        "teacher_topk_lp": tb.teacher_topk_logprobs_M_K.cpu(),
+        "student_entropy": student(st.entropy_B_T),
+        "teacher_entropy": tb.teacher_entropy_M.cpu(),
     }
 
 
 def _gather_rows(rows: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-    """Under torchrun, every rank's diagnostic rows (their mask-1 tokens, flattened) on every
-    rank, so the logged diagnostics cover the whole batch; ``rows`` itself in one process."""
+    """Under torchrun, every rank's diagnostic rows on every rank, so the logged diagnostics
+    cover the whole batch; ``rows`` itself in one process."""
     if distributed.world().size == 1:
         return rows
-    mine = [{k: v[r["mask"]] for k, v in r.items()} for r in rows]
-    per_rank: list[list[dict[str, torch.Tensor]]] = distributed.all_gather_list([mine])
+    per_rank: list[list[dict[str, torch.Tensor]]] = distributed.all_gather_list([rows])
     return [row for rank_rows in per_rank for row in rank_rows]
 
 
@@ -691,14 +691,8 @@ def _diagnostics(rows: list[dict[str, torch.Tensor]]) -> dict[str, float]:
 
     if not all("true_rkl" in r for r in rows):  # some batch's teacher kept no hidden states
         rows = [{k: v for k, v in r.items() if k != "true_rkl"} for r in rows]
-    flat: dict[str, list[torch.Tensor]] = {}
-    for r in rows:
-        m = r["mask"]
-        for k, v in r.items():
-            if k != "mask":
-                flat.setdefault(k, []).append(v[m])
     # One row of N sampled tokens: shapes [1, N] and [1, N, K].
-    cat = {k: torch.cat(v)[None] for k, v in flat.items()}
+    cat = {k: torch.cat([r[k] for r in rows])[None] for k in rows[0]}
     metrics = diagnostics.compatibility(
         cat["student_ids"],
         cat["student_topk_lp"],
