@@ -27,10 +27,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from agentopd import logprobs
+from agentopd.types import TeacherScores
 
 MIN_SHARED_PREFIX = 8
 """A common prefix shorter than this is not worth its own forward pass (see
@@ -75,6 +77,20 @@ class TokenBatch:
     padding mask."""
     pad_id: int = 0
     """Fills unused slots."""
+    turn_M: Tensor | None = None
+    """Index of the assistant turn each target belongs to, when the sequences are episode
+    segments (the learner's batches)."""
+    teacher_logprobs_M: Tensor | None = None
+    """Once scored (:meth:`with_teacher`): the teacher's log-prob of each target."""
+    teacher_topk_ids_M_K: Tensor | None = None
+    """Once scored: the teacher's top-k ids at each projected position."""
+    teacher_topk_logprobs_M_K: Tensor | None = None
+    """Once scored: the teacher's log-probs at ``teacher_topk_ids_M_K``."""
+    teacher_entropy_M: Tensor | None = None
+    """Once scored: the entropy of the teacher's distribution at each projected position."""
+    teacher_hidden_M_H: Tensor | None = None
+    """Once scored by a teacher that kept them: its final hidden states at each projected
+    position (on the teacher's device)."""
 
     @property
     def sequence_M(self) -> Tensor:
@@ -99,6 +115,59 @@ class TokenBatch:
             if isinstance(getattr(self, f.name), Tensor)
         }
         return replace(self, **moved)
+
+    def with_teacher(self, scores: Sequence[TeacherScores], topk: int) -> TokenBatch:
+        """The batch with the teacher's fields filled in from ``scores`` (one per sequence,
+        covering exactly its mask-1 tokens), gathered into the ``M`` order in one step.
+
+        Top-k rows are cut or padded to ``topk`` (ids 0, log-probs
+        :data:`~agentopd.losses.LOG_FLOOR`). ``teacher_hidden_M_H`` is set only when every
+        scored sequence's scores carry hidden states.
+
+        Raises:
+            ValueError: ``scores`` do not cover this batch's projected positions (stale
+                scores, or scores of other sequences).
+        """
+        from agentopd.losses import LOG_FLOOR
+
+        # A scored token at position 0 is in no mask_B_S: nothing predicts it.
+        keep = [sc.positions_M >= 1 for sc in scores]
+        position_M = np.concatenate([sc.positions_M[k] for sc, k in zip(scores, keep, strict=True)])
+        count_B = torch.tensor([int(k.sum()) for k in keep])
+        sequence_M, at_M = self.mask_B_S.cpu().nonzero().T
+        if len(scores) != self.mask_B_S.shape[0] or not (
+            torch.equal(torch.repeat_interleave(count_B), sequence_M)
+            and torch.equal(torch.from_numpy(position_M), at_M + 1)
+        ):
+            raise ValueError(
+                "the teacher's scores do not cover the batch's sampled tokens (stale scores?)"
+            )
+
+        def gather(name: str, pad: float = 0.0) -> Tensor:
+            rows = [getattr(sc, name)[k] for sc, k in zip(scores, keep, strict=True)]
+            if name.endswith("_K"):
+                rows = [
+                    np.pad(
+                        r[:, :topk], ((0, 0), (0, max(0, topk - r.shape[1]))), constant_values=pad
+                    )
+                    for r in rows
+                ]
+            return torch.from_numpy(np.concatenate(rows))
+
+        hidden = [
+            sc.hidden_M_H[torch.from_numpy(k).to(sc.hidden_M_H.device)]
+            for sc, k in zip(scores, keep, strict=True)
+            if k.any() and sc.hidden_M_H is not None
+        ]
+        has_hidden = len(hidden) == sum(bool(k.any()) for k in keep) > 0
+        return replace(
+            self,
+            teacher_logprobs_M=gather("logprobs_M"),
+            teacher_topk_ids_M_K=gather("topk_ids_M_K"),
+            teacher_topk_logprobs_M_K=gather("topk_logprobs_M_K", LOG_FLOOR),
+            teacher_entropy_M=gather("entropy_M"),
+            teacher_hidden_M_H=torch.cat(hidden) if has_hidden else None,
+        )
 
     def scatter(self, value_1_M: Tensor) -> Tensor:
         """``[1, M(, K)]`` values at the projected positions as ``[B, S(, K)]``, zeros

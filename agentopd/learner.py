@@ -22,7 +22,7 @@ from agentopd import distributed, fsdp, logprobs, losses, sft
 from agentopd.batch import TokenBatch, forward_logprobs, pack, packs
 from agentopd.schema import knob
 from agentopd.teachers import UnusableScoresError, check_scores
-from agentopd.types import Episode
+from agentopd.types import Episode, TeacherScores
 
 
 class NonFiniteUpdateError(FloatingPointError):
@@ -33,24 +33,37 @@ class NonFiniteUpdateError(FloatingPointError):
 @dataclass
 class Batch:
     """A group of segments: their :class:`~agentopd.batch.TokenBatch` (what the forward pass
-    reads) and the loss's ``[B, S]`` views (position ``t`` of row ``b`` predicts token
-    ``t + 1`` of segment ``b``)."""
+    reads; the teacher's fields in it once scored) and the loss's ``[B, S]`` views (position
+    ``t`` of row ``b`` predicts token ``t + 1`` of segment ``b``; 0 off the mask)."""
 
     packed: TokenBatch
     """The segments' tokens, packed; its ``mask_B_S`` is the loss mask."""
-    turn_B_S: torch.Tensor
-    teacher_lp_B_S: torch.Tensor | None
-    teacher_ids_B_S_K: torch.Tensor | None
-    teacher_topk_lp_B_S_K: torch.Tensor | None
-    teacher_entropy_B_S: torch.Tensor | None
-    teacher_hidden_M_H: torch.Tensor | None = None
-    """The teacher's final hidden states at the ``M`` mask-1 positions, in the row-major order
-    of ``mask_B_S.nonzero()`` (None unless every segment's scores carry them)."""
 
     @property
     def mask_B_S(self) -> torch.Tensor:
         """Loss mask: 1 where the next token was sampled by the student."""
         return self.packed.mask_B_S
+
+    def _dense(self, value_M: torch.Tensor | None) -> torch.Tensor | None:
+        return None if value_M is None else self.packed.scatter(value_M[None])
+
+    @property
+    def teacher_lp_B_S(self) -> torch.Tensor | None:
+        return self._dense(self.packed.teacher_logprobs_M)
+
+    @property
+    def teacher_ids_B_S_K(self) -> torch.Tensor | None:
+        return self._dense(self.packed.teacher_topk_ids_M_K)
+
+    @property
+    def teacher_topk_lp_B_S_K(self) -> torch.Tensor | None:
+        return self._dense(self.packed.teacher_topk_logprobs_M_K)
+
+    @property
+    def teacher_hidden_M_H(self) -> torch.Tensor | None:
+        """The teacher's final hidden states at the ``M`` mask-1 positions (None unless every
+        segment's scores carry them)."""
+        return self.packed.teacher_hidden_M_H
 
     @property
     def input_ids_B_T(self) -> torch.Tensor:
@@ -89,7 +102,8 @@ def make_batch(
     packed: bool = True,
 ) -> Batch:
     """The :class:`Batch` of segments (``share_prefix`` and ``packed``: see
-    :func:`agentopd.batch.pack`). With ``with_teacher``, episodes must be scored."""
+    :func:`agentopd.batch.pack`). With ``with_teacher``, episodes must be scored: their
+    scores are gathered into the batch (:meth:`~agentopd.batch.TokenBatch.with_teacher`)."""
     segs = [ep.segments[s] for ep, s in items]
     tb = pack(
         [seg.tokens for seg in segs],
@@ -98,46 +112,22 @@ def make_batch(
         packed=packed,
         share_prefix=share_prefix,
     )
-    B, S = tb.mask_B_S.shape
-    turn = torch.full((B, S), -1, dtype=torch.long)
-    t_lp = torch.zeros((B, S)) if with_teacher else None
-    t_ids = torch.zeros((B, S, topk), dtype=torch.long) if with_teacher else None
-    t_topk = torch.zeros((B, S, topk)) if with_teacher else None
-    t_ent = torch.zeros((B, S)) if with_teacher else None
-    hidden: list[torch.Tensor] | None = [] if with_teacher else None
+    turn_B_S = torch.full(tb.mask_B_S.shape, -1, dtype=torch.long)
     for b, (ep, s) in enumerate(items):
-        seg = ep.segments[s]
         for tr in ep.turns:
             if tr.segment == s:
-                turn[b, max(tr.start - 1, 0) : tr.end - 1] = tr.index
-        if with_teacher:
-            assert t_lp is not None and t_ids is not None  # made above with_teacher
-            assert t_topk is not None and t_ent is not None
-            sc = ep.teacher[s] if ep.teacher else None
-            if sc is None:
-                raise ValueError(
-                    f"episode {ep.task_id} segment {s} has no teacher scores; run teacher.score first"
-                )
-            if sc.positions != [t for t, m in enumerate(seg.mask) if m]:
-                raise ValueError(
-                    f"teacher scores of episode {ep.task_id} do not match its mask (stale scores?)"
-                )
-            if sc.positions:
-                pos = torch.tensor(sc.positions) - 1
-                t_lp[b, pos] = torch.tensor(sc.logprobs)
-                k = min(topk, sc.k)
-                t_ids[b, pos, :k] = torch.tensor(sc.topk_ids)[:, :k]
-                t_topk[b, pos, :k] = torch.tensor(sc.topk_logprobs)[:, :k]
-                if k < topk:
-                    t_topk[b, pos, k:] = losses.LOG_FLOOR
-                t_ent[b, pos] = torch.tensor(sc.entropy)
-                if hidden is not None and sc.hidden_M_H is not None:
-                    # position 0 predicts nothing: it is not in mask_B_S either
-                    hidden.append(sc.hidden_M_H[torch.tensor(sc.positions) >= 1])
-                else:
-                    hidden = None
-    t_hidden = torch.cat(hidden) if hidden else None
-    return Batch(tb, turn, t_lp, t_ids, t_topk, t_ent, t_hidden)
+                turn_B_S[b, max(tr.start - 1, 0) : tr.end - 1] = tr.index
+    tb = replace(tb, turn_M=turn_B_S[tb.mask_B_S])
+    if with_teacher:
+        scores = [ep.teacher[s] if ep.teacher else None for ep, s in items]
+        missing = next((items[i] for i, sc in enumerate(scores) if sc is None), None)
+        if missing is not None:
+            raise ValueError(
+                f"episode {missing[0].task_id} segment {missing[1]} has no teacher scores; "
+                "run teacher.score first"
+            )
+        tb = tb.with_teacher(cast(list[TeacherScores], scores), topk)
+    return Batch(tb)
 
 
 def packed_student_pass(
@@ -378,21 +368,22 @@ class Learner:
     def _student(
         self,
         batch: Batch,
-        support: torch.Tensor | None,
+        support_M_K: torch.Tensor | None,
         want_topk: bool,
         full_vocab: bool = False,
         want_entropy: bool | None = None,
     ) -> logprobs.TokenLogprobs:
-        """One student pass (:func:`packed_student_pass`), its values as ``[B, S]`` tensors (0
-        off the mask); the entropy when ``want_entropy`` (default: with the top-k); with
-        ``full_vocab`` (and the teacher's hidden states in the batch) also the exact reverse
-        KL and, for a full-vocabulary loss, its divergence."""
-        hidden = batch.teacher_hidden_M_H if full_vocab and self.teacher_head is not None else None
+        """One student pass (:func:`packed_student_pass`), also at the ids ``support_M_K``
+        (e.g. the teacher's top-k), its values as ``[B, S]`` tensors (0 off the mask); the
+        entropy when ``want_entropy`` (default: with the top-k); with ``full_vocab`` (and the
+        teacher's hidden states in the batch) also the exact reverse KL and, for a
+        full-vocabulary loss, its divergence."""
         tb = batch.packed.to(self.device)
+        hidden = tb.teacher_hidden_M_H if full_vocab and self.teacher_head is not None else None
         out = self.passes(
             packed_student_pass,
             tb,
-            None if support is None else support[batch.mask_B_S].to(self.device),
+            None if support_M_K is None else support_M_K.to(self.device),
             self.topk if want_topk else 0,
             self.loss_cfg.chunk_size,
             hidden,
@@ -531,7 +522,7 @@ class Learner:
                 assert batch.teacher_topk_lp_B_S_K is not None
                 st = self._student(
                     batch,
-                    batch.teacher_ids_B_S_K if self.loss.needs_support else None,
+                    batch.packed.teacher_topk_ids_M_K if self.loss.needs_support else None,
                     want_topk=epoch == 0,
                     full_vocab=self.beta is not None or epoch == 0,
                 )
@@ -569,7 +560,9 @@ class Learner:
         """Diagnostics (overlap, entropy gap, KL per turn index) without updating anything."""
         rows = []
         for batch in self._micro_batches(episodes, with_teacher=True):
-            st = self._student(batch, batch.teacher_ids_B_S_K, want_topk=True, full_vocab=True)
+            st = self._student(
+                batch, batch.packed.teacher_topk_ids_M_K, want_topk=True, full_vocab=True
+            )
             rows.append(_diag_row(batch, st))
         return _diagnostics(rows) if rows else {}
 
@@ -656,34 +649,39 @@ class Learner:
 
 
 def _diag_row(batch: Batch, st: logprobs.TokenLogprobs) -> dict[str, torch.Tensor]:
+    """The diagnostics' inputs at the batch's ``M`` sampled tokens: the teacher's fields as the
+    batch holds them, the student's taken from its ``[B, S]`` views in the same order."""
+    tb, m = batch.packed, batch.mask_B_S
     # An OPD batch (teacher scores in it) and a pass that asked for the student's top-k.
-    assert batch.teacher_lp_B_S is not None and batch.teacher_ids_B_S_K is not None
-    assert batch.teacher_topk_lp_B_S_K is not None and batch.teacher_entropy_B_S is not None
+    assert tb.teacher_logprobs_M is not None and tb.teacher_topk_ids_M_K is not None
+    assert tb.teacher_topk_logprobs_M_K is not None and tb.teacher_entropy_M is not None
     assert st.topk_ids_B_T_K is not None and st.topk_logprobs_B_T_K is not None
-    assert st.entropy_B_T is not None
-    true_rkl = {} if st.reverse_kl_B_T is None else {"true_rkl": st.reverse_kl_B_T.detach().cpu()}
+    assert st.entropy_B_T is not None and tb.turn_M is not None
+
+    def student(x: torch.Tensor) -> torch.Tensor:
+        return x.detach()[m.to(x.device)].cpu()
+
+    true_rkl = {} if st.reverse_kl_B_T is None else {"true_rkl": student(st.reverse_kl_B_T)}
     return {
         **true_rkl,
-        "mask": batch.mask_B_S,
-        "turn": batch.turn_B_S,
-        "student_lp": st.logprobs_B_T.detach().cpu(),
-        "teacher_lp": batch.teacher_lp_B_S,
-        "student_ids": st.topk_ids_B_T_K.detach().cpu(),
-        "student_topk_lp": st.topk_logprobs_B_T_K.detach().cpu(),
-        "teacher_ids": batch.teacher_ids_B_S_K,
-        "teacher_topk_lp": batch.teacher_topk_lp_B_S_K,
-        "student_entropy": st.entropy_B_T.detach().cpu(),
-        "teacher_entropy": batch.teacher_entropy_B_S,
+        "turn": tb.turn_M,
+        "student_lp": student(st.logprobs_B_T),
+        "teacher_lp": tb.teacher_logprobs_M.cpu(),
+        "student_ids": student(st.topk_ids_B_T_K),
+        "student_topk_lp": student(st.topk_logprobs_B_T_K),
+        "teacher_ids": tb.teacher_topk_ids_M_K.cpu(),
+        "teacher_topk_lp": tb.teacher_topk_logprobs_M_K.cpu(),
+        "student_entropy": student(st.entropy_B_T),
+        "teacher_entropy": tb.teacher_entropy_M.cpu(),
     }
 
 
 def _gather_rows(rows: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-    """Under torchrun, every rank's diagnostic rows (their mask-1 tokens, flattened) on every
-    rank, so the logged diagnostics cover the whole batch; ``rows`` itself in one process."""
+    """Under torchrun, every rank's diagnostic rows on every rank, so the logged diagnostics
+    cover the whole batch; ``rows`` itself in one process."""
     if distributed.world().size == 1:
         return rows
-    mine = [{k: v[r["mask"]] for k, v in r.items()} for r in rows]
-    per_rank: list[list[dict[str, torch.Tensor]]] = distributed.all_gather_list([mine])
+    per_rank: list[list[dict[str, torch.Tensor]]] = distributed.all_gather_list([rows])
     return [row for rank_rows in per_rank for row in rank_rows]
 
 
@@ -693,14 +691,8 @@ def _diagnostics(rows: list[dict[str, torch.Tensor]]) -> dict[str, float]:
 
     if not all("true_rkl" in r for r in rows):  # some batch's teacher kept no hidden states
         rows = [{k: v for k, v in r.items() if k != "true_rkl"} for r in rows]
-    flat: dict[str, list[torch.Tensor]] = {}
-    for r in rows:
-        m = r["mask"]
-        for k, v in r.items():
-            if k != "mask":
-                flat.setdefault(k, []).append(v[m])
     # One row of N sampled tokens: shapes [1, N] and [1, N, K].
-    cat = {k: torch.cat(v)[None] for k, v in flat.items()}
+    cat = {k: torch.cat([r[k] for r in rows])[None] for k in rows[0]}
     metrics = diagnostics.compatibility(
         cat["student_ids"],
         cat["student_topk_lp"],

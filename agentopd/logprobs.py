@@ -76,6 +76,50 @@ def _chunk_logits(
     return logits
 
 
+class _HeadGrads:
+    """The gradients of an output head's inputs (final hidden states, weight, bias), the ones
+    autograd asks for, accumulated chunk by chunk in ``acc`` (at least float32) and returned in
+    the inputs' own dtypes: the shared tail of both hand-written backward passes."""
+
+    def __init__(
+        self,
+        ctx: Any,
+        hidden_N_H: Tensor,
+        weight_V_H: Tensor,
+        bias_V: Tensor | None,
+        acc: torch.dtype,
+    ):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        (N, H), V = hidden_N_H.shape, weight_V_H.shape[0]
+        self.inputs = (hidden_N_H, weight_V_H, bias_V)
+        self.hidden_N_H = hidden_N_H.new_zeros(N, H, dtype=acc) if need_h else None
+        self.weight_V_H = weight_V_H.new_zeros(V, H, dtype=acc) if need_w else None
+        self.bias_V = weight_V_H.new_zeros(V, dtype=acc) if need_b else None
+
+    def add(self, s: int, e: int, grad_C_V: Tensor, hidden_C_H: Tensor, weight_V_H: Tensor) -> None:
+        """Positions ``s`` to ``e``: their gradient w.r.t. the logits (``grad_C_V``, in
+        ``acc``) through the chunk's hidden states and the weight (in the compute dtype)."""
+        grad_c = grad_C_V.to(hidden_C_H.dtype)
+        if self.hidden_N_H is not None:
+            self.hidden_N_H[s:e] = grad_c @ weight_V_H
+        if self.weight_V_H is not None and grad_c.dtype == self.weight_V_H.dtype:
+            self.weight_V_H.addmm_(grad_c.T, hidden_C_H)
+        elif self.weight_V_H is not None:
+            self.weight_V_H += (grad_c.T @ hidden_C_H).to(self.weight_V_H.dtype)
+        if self.bias_V is not None:
+            self.bias_V += grad_C_V.sum(0)
+
+    def result(self, others: int) -> tuple[Tensor | None, ...]:
+        """``backward``'s return value: the three gradients, then ``others`` Nones."""
+        hidden, weight, bias = self.inputs
+        return (
+            None if self.hidden_N_H is None else self.hidden_N_H.to(hidden.dtype),
+            None if self.weight_V_H is None else self.weight_V_H.to(weight.dtype),
+            None if self.bias_V is None or bias is None else self.bias_V.to(bias.dtype),
+            *((None,) * others),
+        )
+
+
 class _ChunkedLogprobs(torch.autograd.Function):
     """Chunked log-softmax statistics with a hand-written, chunk-recomputing backward.
 
@@ -145,14 +189,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
             ctx.saved_tensors
         )
         chunk_size, temperature, compute_dtype = ctx.config
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         N, V = hidden_N_H.shape[0], weight_V_H.shape[0]
         acc = lse.dtype
         h, w = hidden_N_H.to(compute_dtype), weight_V_H.to(compute_dtype)
         b = None if bias_V is None else bias_V.to(compute_dtype)
-        grad_h = hidden_N_H.new_zeros(N, h.shape[1], dtype=acc) if need_h else None
-        grad_w = weight_V_H.new_zeros(V, w.shape[1], dtype=acc) if need_w else None
-        grad_b = weight_V_H.new_zeros(V, dtype=acc) if need_b else None
+        grads = _HeadGrads(ctx, hidden_N_H, weight_V_H, bias_V, acc)
         if g_support is not None and not support_N_K.shape[1]:
             g_support = None
         if g_topk is not None and not topk_ids.shape[1]:
@@ -182,21 +223,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad.scatter_add_(1, topk_ids[s:e], g_topk[s:e].to(acc))
             if temperature != 1.0:
                 grad.div_(temperature)
-            grad_c = grad.to(compute_dtype)
-            if grad_h is not None:
-                grad_h[s:e] = grad_c @ w
-            if grad_w is not None and compute_dtype == acc:
-                grad_w.addmm_(grad_c.T, h[s:e])
-            elif grad_w is not None:
-                grad_w += (grad_c.T @ h[s:e]).to(acc)
-            if grad_b is not None:
-                grad_b += grad.sum(0)
-        return (
-            None if grad_h is None else grad_h.to(hidden_N_H.dtype),
-            None if grad_w is None else grad_w.to(weight_V_H.dtype),
-            None if grad_b is None else grad_b.to(bias_V.dtype),
-            *([None] * 7),
-        )
+            grads.add(s, e, grad, h[s:e], w)
+        return grads.result(7)
 
 
 def chunked_token_logprobs(
@@ -421,16 +449,13 @@ class _ChunkedDivergence(torch.autograd.Function):
             return none
         hidden_N_H, weight_V_H, bias_V, t_hidden, t_weight, t_bias = ctx.saved_tensors
         (s_scale, s_cap, t_scale, t_cap), beta, chunk_size, (s_dtype, t_dtype) = ctx.config
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         N, V = hidden_N_H.shape[0], weight_V_H.shape[0]
         acc = torch.promote_types(s_dtype, torch.float32)
         h, w = hidden_N_H.to(s_dtype), weight_V_H.to(s_dtype)
         b = None if bias_V is None else bias_V.to(s_dtype)
         ht, wt = t_hidden.to(t_dtype), t_weight.to(t_dtype)
         bt = None if t_bias is None else t_bias.to(t_dtype)
-        grad_h = hidden_N_H.new_zeros(N, h.shape[1], dtype=acc) if need_h else None
-        grad_w = weight_V_H.new_zeros(V, w.shape[1], dtype=acc) if need_w else None
-        grad_b = weight_V_H.new_zeros(V, dtype=acc) if need_b else None
+        grads = _HeadGrads(ctx, hidden_N_H, weight_V_H, bias_V, acc)
         buf_s = hidden_N_H.new_empty(min(chunk_size, N), V, dtype=s_dtype)
         buf_t = hidden_N_H.new_empty(min(chunk_size, N), V, dtype=t_dtype)
         for s in range(0, N, chunk_size):
@@ -453,19 +478,8 @@ class _ChunkedDivergence(torch.autograd.Function):
                 grad.mul_(1.0 - (z / s_cap).square())
             if s_scale != 1.0:
                 grad.mul_(s_scale)
-            grad_c = grad.to(s_dtype)
-            if grad_h is not None:
-                grad_h[s:e] = grad_c @ w
-            if grad_w is not None:
-                grad_w += (grad_c.T @ h[s:e]).to(acc)
-            if grad_b is not None:
-                grad_b += grad.sum(0)
-        return (
-            None if grad_h is None else grad_h.to(hidden_N_H.dtype),
-            None if grad_w is None else grad_w.to(weight_V_H.dtype),
-            None if grad_b is None or bias_V is None else grad_b.to(bias_V.dtype),
-            *((None,) * 7),
-        )
+            grads.add(s, e, grad, h[s:e], w)
+        return grads.result(7)
 
 
 def chunked_divergence(

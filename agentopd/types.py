@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
+
 
 class StopReason(StrEnum):
     """Why an episode ended. Each value is counted in the metrics as ``stop/<value>``."""
@@ -192,53 +194,94 @@ class Segment:
         self.mask.extend([1 if sampled else 0] * len(tokens))
 
 
-@dataclass
+@dataclass(eq=False)
 class TeacherScores:
     """What the teacher hands the learner for one segment: its view of every sampled token.
 
-    All lists are aligned: entry ``i`` belongs to token ``positions[i]`` of the segment, and
-    ``positions`` are exactly the segment's mask-1 positions, in order.
+    The fields are numpy arrays (lists are converted on construction), aligned on their first
+    axis: entry ``i`` belongs to token ``positions_M[i]`` of the segment, and ``positions_M``
+    are exactly the segment's mask-1 positions, in order. The learner gathers them into a step's
+    :class:`~agentopd.batch.TokenBatch` (:meth:`~agentopd.batch.TokenBatch.with_teacher`); the
+    replay store writes them as they are. In JSON (:meth:`to_dict`) each field is a list under
+    its name without the shape suffix (``positions``, ``logprobs``, ``topk_ids``, ...).
 
     Example::
 
-        scores = TeacherScores(positions=[5, 6], logprobs=[-0.1, -2.3],
-                               topk_ids=[[7, 9], [4, 7]], topk_logprobs=[[-0.1, -2.5], [-0.4, -1.2]],
-                               entropy=[0.3, 1.1])
+        scores = TeacherScores(positions_M=[5, 6], logprobs_M=[-0.1, -2.3],
+                               topk_ids_M_K=[[7, 9], [4, 7]],
+                               topk_logprobs_M_K=[[-0.1, -2.5], [-0.4, -1.2]],
+                               entropy_M=[0.3, 1.1])
         assert scores.k == 2 and len(scores) == 2
     """
 
-    positions: list[int] = field(default_factory=list)
-    """Indices into ``Segment.tokens`` of the scored (mask-1) tokens."""
-    logprobs: list[float] = field(default_factory=list)
-    """Teacher log-probability of the token the student sampled, per position."""
-    topk_ids: list[list[int]] = field(default_factory=list)
-    """Teacher's top-k token ids per position, most likely first."""
-    topk_logprobs: list[list[float]] = field(default_factory=list)
-    """Teacher log-probabilities at ``topk_ids``."""
-    entropy: list[float] = field(default_factory=list)
-    """Entropy (nats) of the teacher's full next-token distribution per position."""
-    hidden_M_H: Any = field(default=None, repr=False, compare=False)
-    """Training-time only: the teacher's final hidden states at ``positions`` (a ``[M, H]``
+    positions_M: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """int64: indices into ``Segment.tokens`` of the scored (mask-1) tokens."""
+    logprobs_M: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    """float32: teacher log-probability of the token the student sampled, per position."""
+    topk_ids_M_K: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+    """int64: the teacher's top-k token ids per position, most likely first."""
+    topk_logprobs_M_K: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    """float32: teacher log-probabilities at ``topk_ids_M_K``."""
+    entropy_M: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    """float32: entropy (nats) of the teacher's full next-token distribution per position."""
+    hidden_M_H: Any = field(default=None, repr=False)
+    """Training-time only: the teacher's final hidden states at ``positions_M`` (a ``[M, H]``
     tensor on the teacher's device), from which the learner projects the teacher's full
     distribution (the full-vocabulary objectives, ``diag/true_rkl``). Only an in-process
     teacher that was asked to keep them sets it; never serialized (:meth:`to_dict` leaves it
     out) and dropped once the step used it (:func:`drop_teacher_hidden`)."""
 
+    def __post_init__(self) -> None:
+        for name, (dtype, ndim) in _SCORE_DTYPES.items():
+            a: np.ndarray = np.asarray(getattr(self, name), dtype=dtype)
+            if ndim == 2 and a.ndim == 1 and a.size == 0:
+                a = a.reshape(0, 0)
+            setattr(self, name, a)
+
     def __len__(self) -> int:
-        return len(self.positions)
+        return len(self.positions_M)
+
+    def __eq__(self, other: object) -> bool:
+        """Same arrays (NaN equal to NaN); the hidden states are not compared."""
+        if not isinstance(other, TeacherScores):
+            return NotImplemented
+        return all(
+            np.array_equal(getattr(self, n), getattr(other, n), equal_nan=n not in _INT_SCORES)
+            for n in _SCORE_DTYPES
+        )
 
     @property
     def k(self) -> int:
         """Number of top-k entries per position (0 when nothing was scored)."""
-        return len(self.topk_ids[0]) if self.topk_ids else 0
+        return int(self.topk_ids_M_K.shape[1]) if self.topk_ids_M_K.ndim == 2 else 0
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The stored fields by their JSON names (``positions``, ``logprobs``, ...)."""
+        return {_json_name(n): getattr(self, n) for n in _SCORE_DTYPES}
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-able fields (the hidden states are not stored)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "hidden_M_H"}
+        """The JSON-able fields as lists (the hidden states are not stored)."""
+        return {k: v.tolist() for k, v in self.arrays().items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TeacherScores:
-        return cls(**{k: d.get(k, []) for k in cls.__dataclass_fields__ if k != "hidden_M_H"})
+        return cls(**{n: d.get(_json_name(n), []) for n in _SCORE_DTYPES})
+
+
+_SCORE_DTYPES: dict[str, tuple[type, int]] = {
+    "positions_M": (np.int64, 1),
+    "logprobs_M": (np.float32, 1),
+    "topk_ids_M_K": (np.int64, 2),
+    "topk_logprobs_M_K": (np.float32, 2),
+    "entropy_M": (np.float32, 1),
+}
+"""The stored fields of :class:`TeacherScores`: dtype and number of axes."""
+_INT_SCORES = frozenset(n for n, (t, _) in _SCORE_DTYPES.items() if t is np.int64)
+
+
+def _json_name(field_name: str) -> str:
+    """A field's name without its shape suffix: ``topk_ids_M_K`` -> ``topk_ids``."""
+    return field_name.split("_M")[0]
 
 
 def drop_teacher_hidden(episodes: list[Episode]) -> None:

@@ -80,13 +80,13 @@ def synthetic_episode(rng: np.random.Generator, i: int) -> Episode:
         seg.append(rng.integers(5, 2000, 40).tolist(), None, sampled=False)
     pos = [p for p, m in enumerate(seg.mask) if m]
     scores = TeacherScores(
-        positions=pos,
-        logprobs=rng.normal(-1, 1, len(pos)).astype(np.float32).tolist(),
-        topk_ids=rng.integers(0, 2000, (len(pos), 16)).tolist(),
-        topk_logprobs=np.sort(rng.normal(-4, 2, (len(pos), 16)), axis=1)[:, ::-1]
+        positions_M=pos,
+        logprobs_M=rng.normal(-1, 1, len(pos)).astype(np.float32).tolist(),
+        topk_ids_M_K=rng.integers(0, 2000, (len(pos), 16)).tolist(),
+        topk_logprobs_M_K=np.sort(rng.normal(-4, 2, (len(pos), 16)), axis=1)[:, ::-1]
         .astype(np.float32)
         .tolist(),
-        entropy=rng.random(len(pos)).astype(np.float32).tolist(),
+        entropy_M=rng.random(len(pos)).astype(np.float32).tolist(),
     )
     ok = bool(rng.random() < 0.4)
     return Episode(

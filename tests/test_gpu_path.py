@@ -92,8 +92,8 @@ def test_teacher_dtype_auto_and_bf16_scores_close():
     bf16 = HFTeacher(
         copy.deepcopy(model).to(torch.bfloat16), renderer, TeacherConfig()
     ).score(copy.deepcopy(episodes))
-    a = torch.tensor([x for ep in fp32 for sc in ep for x in sc.logprobs])
-    b = torch.tensor([x for ep in bf16 for sc in ep for x in sc.logprobs])
+    a = torch.tensor([x for ep in fp32 for sc in ep for x in sc.logprobs_M.tolist()])
+    b = torch.tensor([x for ep in bf16 for sc in ep for x in sc.logprobs_M.tolist()])
     assert len(a) > 20 and (a - b).abs().max() < 0.25, (a - b).abs().max()
 
 
@@ -174,7 +174,7 @@ def test_cuda_auto_device_checkpointing_and_bf16_teacher(cuda, tmp_path):
     teacher.to(device=cuda, dtype=teacher_dtype("auto", cuda))
     assert next(teacher.parameters()).dtype is torch.bfloat16
     scores = HFTeacher(teacher, renderer, TeacherConfig()).score(episodes)
-    assert all(x <= 0 for ep in scores for sc in ep for x in sc.logprobs)
+    assert all(x <= 0 for ep in scores for sc in ep for x in sc.logprobs_M.tolist())
 
 
 @pytest.mark.gpu

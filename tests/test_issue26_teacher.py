@@ -110,7 +110,7 @@ def teacher(url: str, renderer: Renderer, **server: float) -> server_teacher.Ser
 def test_fake_server_scores_are_accepted(fake, renderer, episodes):
     eps = copy.deepcopy(episodes)
     scores = teacher(fake, renderer).score(eps)
-    assert scores[0][0].logprobs[0] == -0.5 and scores[0][0].k == K
+    assert scores[0][0].logprobs_M[0] == -0.5 and scores[0][0].k == K
     check_scores(eps, "test", K)
 
 
@@ -155,15 +155,17 @@ def test_check_scores_refuses_bad_shapes_and_values(episodes):
             )
     check_scores(eps, "hf", K)
     bad = copy.deepcopy(eps)
-    bad[1].teacher[0].entropy[3] = float("nan")
+    bad[1].teacher[0].entropy_M[3] = float("nan")
     with pytest.raises(UnusableScoresError, match="backend hf: episode 1 .*entropy is nan"):
         check_scores(bad, "hf", K)
     bad = copy.deepcopy(eps)
-    bad[0].teacher[0].topk_ids[0] = [1] * (K - 1)
-    with pytest.raises(UnusableScoresError, match="3 top-k ids and 4 log-probs, expected 4"):
+    bad[0].teacher[0].topk_ids_M_K = bad[0].teacher[0].topk_ids_M_K[:, : K - 1]
+    with pytest.raises(
+        UnusableScoresError, match="3 top-k ids and 4 log-probs per position, expected 4"
+    ):
         check_scores(bad, "hf", K)
     bad = copy.deepcopy(eps)
-    bad[0].teacher[0].positions = bad[0].teacher[0].positions[:-1]
+    bad[0].teacher[0].positions_M = bad[0].teacher[0].positions_M[:-1]
     with pytest.raises(UnusableScoresError, match="expected the segment's"):
         check_scores(bad, "hf", K)
 
@@ -179,7 +181,7 @@ def test_learner_refuses_a_non_finite_update(episodes, renderer, monkeypatch):
             ep.teacher.append(
                 TeacherScores(pos, [-1.0] * n, [[1] * K] * n, [[-1.0] * K] * n, [0.5] * n)
             )
-    eps[0].teacher[0].logprobs[2] = float("nan")
+    eps[0].teacher[0].logprobs_M[2] = float("nan")
     model = zoo.build_model("tiny", seed=0)
     before = [p.detach().clone() for p in model.parameters()]
     learner = Learner(model, pad_id=renderer.pad_id, loss="rkl-sampled", topk=K)
@@ -193,7 +195,7 @@ def test_learner_refuses_a_non_finite_update(episodes, renderer, monkeypatch):
     for p, q in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, q)
         assert p.grad is None
-    eps[0].teacher[0].logprobs[2] = -1.0
+    eps[0].teacher[0].logprobs_M[2] = -1.0
     out = learner.step(eps)  # the next good batch trains normally
     assert math.isfinite(out["learner/loss"])
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))

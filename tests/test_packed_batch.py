@@ -84,18 +84,18 @@ def test_teacher_scores_match_a_dense_forward(attention, episodes, renderer):
         for ep in eps:
             seg, [sc] = ep.segments[0], ep.teacher
             lp_T_V, hidden_T_H = _dense(teacher, seg.tokens)
-            at = torch.tensor(sc.positions) - 1
+            at = torch.from_numpy(sc.positions_M) - 1
             want = lp_T_V[at]
-            assert sc.positions == [t for t, m in enumerate(seg.mask) if m]
+            assert sc.positions_M.tolist() == [t for t, m in enumerate(seg.mask) if m]
             torch.testing.assert_close(
-                torch.tensor(sc.logprobs),
+                torch.from_numpy(sc.logprobs_M),
                 want.gather(-1, torch.tensor(seg.tokens)[at + 1, None])[:, 0],
             )
             top_lp, top_ids = want.topk(4, -1)
-            torch.testing.assert_close(torch.tensor(sc.topk_logprobs), top_lp)
-            assert torch.tensor(sc.topk_ids).tolist() == top_ids.tolist()
+            torch.testing.assert_close(torch.from_numpy(sc.topk_logprobs_M_K), top_lp)
+            assert sc.topk_ids_M_K.tolist() == top_ids.tolist()
             entropy = -(want.exp() * want).sum(-1)
-            torch.testing.assert_close(torch.tensor(sc.entropy), entropy)
+            torch.testing.assert_close(torch.from_numpy(sc.entropy_M), entropy)
             torch.testing.assert_close(sc.hidden_M_H, hidden_T_H[at], rtol=1e-5, atol=1e-5)
 
 
@@ -111,7 +111,7 @@ def test_learner_values_and_gradients_match_a_dense_forward(attention, episodes,
     support = torch.randint(0, 50, (*m.shape, 4), generator=torch.Generator().manual_seed(0))
 
     student.zero_grad(set_to_none=True)
-    st = learner._student(batch, support, want_topk=True)
+    st = learner._student(batch, support[m], want_topk=True)
     (
         st.logprobs_B_T[m].sum() + st.support_logprobs_B_T_K[m].sum() + st.entropy_B_T[m].sum()
     ).backward()
@@ -151,7 +151,7 @@ def test_packed_and_one_a_row_batches_train_alike(share_prefix, episodes, render
         batch = make_batch(
             segments_of(eps), renderer.pad_id, 4, True, share_prefix=share_prefix, packed=packed
         )
-        st = learner._student(batch, batch.teacher_ids_B_S_K, want_topk=True)
+        st = learner._student(batch, batch.packed.teacher_topk_ids_M_K, want_topk=True)
         runs.append((st, batch))
     (a, ba), (b, bb) = runs
     assert ba.packed.tokens_R_W.shape[0] < bb.packed.tokens_R_W.shape[0]

@@ -43,13 +43,13 @@ def make_episode(i: int, *, k: int = 4, n_tokens: int = 12, teacher: bool = True
     seg.append(rng.integers(5, 900, n_tokens).tolist(), lp, sampled=True)
     positions = [t for t, m in enumerate(seg.mask) if m]
     scores = TeacherScores(
-        positions=positions,
-        logprobs=rng.normal(-2, 1, len(positions)).astype(np.float32).tolist(),
-        topk_ids=rng.integers(0, 900, (len(positions), k)).tolist(),
-        topk_logprobs=np.sort(rng.normal(-3, 1, (len(positions), k)), axis=1)[:, ::-1]
+        positions_M=positions,
+        logprobs_M=rng.normal(-2, 1, len(positions)).astype(np.float32).tolist(),
+        topk_ids_M_K=rng.integers(0, 900, (len(positions), k)).tolist(),
+        topk_logprobs_M_K=np.sort(rng.normal(-3, 1, (len(positions), k)), axis=1)[:, ::-1]
         .astype(np.float32)
         .tolist(),
-        entropy=rng.random(len(positions)).astype(np.float32).tolist(),
+        entropy_M=rng.random(len(positions)).astype(np.float32).tolist(),
     )
     call = ToolCall(name="lookup", arguments={"key": f"k{i}"}, id=f"c{i}")
     result = Message(role="tool", content=f"value {i} " + "x" * 300, name="lookup", tool_call_id=f"c{i}")
@@ -85,8 +85,8 @@ def test_roundtrip_is_byte_exact_including_teacher_topk():
     eps = [make_episode(i) for i in range(6)] + [make_episode(9, teacher=False)]
     back = roundtrip(eps)
     assert [b.to_json() for b in back] == [e.to_json() for e in eps]
-    assert back[0].teacher[0].topk_ids == eps[0].teacher[0].topk_ids
-    assert back[0].teacher[0].topk_logprobs == eps[0].teacher[0].topk_logprobs
+    assert back[0].teacher[0] == eps[0].teacher[0]
+    assert back[0].teacher[0].topk_ids_M_K.tolist() == eps[0].teacher[0].topk_ids_M_K.tolist()
 
 
 def test_roundtrip_edge_values():
@@ -96,8 +96,8 @@ def test_roundtrip_edge_values():
     seg.logprobs[5] = 0.1
     seg.logprobs[6] = math.nan
     seg.logprobs[7] = -math.inf
-    e.teacher[0].entropy[0] = 1e-310
-    e.teacher[0].logprobs[1] = float("inf")
+    e.teacher[0].entropy_M[0] = 1e-40  # a float32 subnormal
+    e.teacher[0].logprobs_M[1] = float("inf")
     e.info["big"] = 2**70
     e.info["text"] = "line\u2028sep \ud800 lone"
     e.info["looks_like_marker"] = {"__col__": ["x", 0]}

@@ -166,11 +166,11 @@ def test_view_model_aligns_teacher_scores(runs: Runs):
     sampled = [t for turn in view.turns for t in turn.tokens if t.mask]
     assert len(sampled) == ep.num_sampled_tokens
     seg, scores = ep.segments[0], ep.teacher[0]
-    pos = scores.positions[3]
+    pos = int(scores.positions_M[3])
     tok = sampled[3]
     assert tok.id == seg.tokens[pos]
-    assert tok.disagreement == pytest.approx(seg.logprobs[pos] - scores.logprobs[3])
-    assert [t[0] for t in tok.topk] == scores.topk_ids[3]
+    assert tok.disagreement == pytest.approx(seg.logprobs[pos] - float(scores.logprobs_M[3]))
+    assert [t[0] for t in tok.topk] == scores.topk_ids_M_K[3].tolist()
     assert view.kl == pytest.approx(row.teacher_kl)
 
 

@@ -36,11 +36,11 @@ def test_new_segments_are_scored_per_segment_and_trained():
     scorer = HFTeacher(teacher, r, TeacherConfig())
     scorer.score([ep])
     for seg, sc in zip(ep.segments, ep.teacher, strict=True):
-        assert sc.positions == [t for t, m in enumerate(seg.mask) if m] and sc.positions
+        assert sc.positions_M.tolist() == [t for t, m in enumerate(seg.mask) if m] and len(sc)
         with torch.no_grad():  # row t: the teacher's distribution over token t + 1
             full = torch.log_softmax(teacher(torch.tensor([seg.tokens])).logits[0].float(), -1)
-        want = [float(full[t - 1, seg.tokens[t]]) for t in sc.positions]
-        assert max(abs(a - b) for a, b in zip(sc.logprobs, want, strict=True)) < 1e-4
+        want = [float(full[t - 1, seg.tokens[t]]) for t in sc.positions_M.tolist()]
+        assert max(abs(a - b) for a, b in zip(sc.logprobs_M.tolist(), want, strict=True)) < 1e-4
     student, _ = zoo.load("tiny-base")
     before = [p.detach().clone() for p in student.parameters()]
     stats = Learner(student, LearnerConfig(name="sgd", lr=0.1), r.pad_id).step([ep])

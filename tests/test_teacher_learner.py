@@ -64,14 +64,16 @@ def test_teacher_scores_the_students_exact_ids(episodes, renderer, teacher_model
     teacher.score(episodes)
     for ep in episodes:
         for seg, sc in zip(ep.segments, ep.teacher, strict=True):
-            assert sc.positions == [t for t, m in enumerate(seg.mask) if m]
+            assert sc.positions_M.tolist() == [t for t, m in enumerate(seg.mask) if m]
             with torch.no_grad():
                 logp = torch.log_softmax(
                     teacher_model(input_ids=torch.tensor([seg.tokens])).logits[0].float(), -1
                 )
-            for i, p in enumerate(sc.positions):
-                assert sc.logprobs[i] == pytest.approx(float(logp[p - 1, seg.tokens[p]]), abs=1e-4)
-                assert sc.topk_ids[i] == logp[p - 1].topk(5).indices.tolist()
+            for i, p in enumerate(sc.positions_M.tolist()):
+                assert sc.logprobs_M[i] == pytest.approx(
+                    float(logp[p - 1, seg.tokens[p]]), abs=1e-4
+                )
+                assert sc.topk_ids_M_K[i].tolist() == logp[p - 1].topk(5).indices.tolist()
 
 
 def test_teacher_privileged_context_realigns_positions(episodes, renderer, teacher_model):
@@ -94,19 +96,28 @@ def test_teacher_privileged_context_realigns_positions(episodes, renderer, teach
             teacher_model(input_ids=torch.tensor([full])).logits[0].float(), -1
         )
     sc = ep.teacher[0]
-    for i, p in enumerate(sc.positions):
+    for i, p in enumerate(sc.positions_M.tolist()):
         assert full[p + shift] == seg.tokens[p]
-        assert sc.logprobs[i] == pytest.approx(float(logp[p + shift - 1, seg.tokens[p]]), abs=1e-4)
+        assert sc.logprobs_M[i] == pytest.approx(
+            float(logp[p + shift - 1, seg.tokens[p]]), abs=1e-4
+        )
 
 
-def _loss_and_grads(learner: Learner, batch) -> tuple[float, list[torch.Tensor]]:
+def _loss_and_grads(
+    learner: Learner, batch, lp=None, topk_lp=None, ids=None
+) -> tuple[float, list[torch.Tensor]]:
+    """Loss and gradient of ``batch``, with the teacher's ``[B, S]`` values (default: the
+    batch's own) given as the loss and the support see them."""
+    lp = batch.teacher_lp_B_S if lp is None else lp
+    topk_lp = batch.teacher_topk_lp_B_S_K if topk_lp is None else topk_lp
+    ids = batch.teacher_ids_B_S_K if ids is None else ids
     learner.model.zero_grad(set_to_none=True)
-    st = learner._student(batch, batch.teacher_ids_B_S_K, want_topk=True)
+    st = learner._student(batch, ids[batch.mask_B_S], want_topk=True)
     inputs = losses.LossInputs(
         mask_B_T=batch.mask_B_S,
         old_logprobs_B_T=st.logprobs_B_T.detach(),
-        teacher_logprobs_B_T=batch.teacher_lp_B_S,
-        teacher_topk_logprobs_B_T_K=batch.teacher_topk_lp_B_S_K,
+        teacher_logprobs_B_T=lp,
+        teacher_topk_logprobs_B_T_K=topk_lp,
     )
     loss, _ = learner.loss(inputs, st, learner.loss_cfg)
     loss.backward()
@@ -127,15 +138,13 @@ def test_masked_positions_contribute_nothing(loss, episodes, renderer, teacher_m
     assert base_loss != 0.0 and any(g.abs().sum() > 0 for g in base_grads)
     off = ~batch.mask_B_S
     for garbage in (float("nan"), float("inf"), -1e30, 123.0):
-        bad = copy.copy(batch)
-        bad.teacher_lp_B_S = torch.where(off, torch.tensor(garbage), batch.teacher_lp_B_S)
-        bad.teacher_topk_lp_B_S_K = torch.where(
-            off[..., None], torch.tensor(garbage), batch.teacher_topk_lp_B_S_K
+        loss_value, grads = _loss_and_grads(
+            learner,
+            batch,
+            torch.where(off, torch.tensor(garbage), batch.teacher_lp_B_S),
+            torch.where(off[..., None], torch.tensor(garbage), batch.teacher_topk_lp_B_S_K),
+            torch.where(off[..., None], torch.tensor(1), batch.teacher_ids_B_S_K),
         )
-        bad.teacher_ids_B_S_K = torch.where(
-            off[..., None], torch.tensor(1), batch.teacher_ids_B_S_K
-        )
-        loss_value, grads = _loss_and_grads(learner, bad)
         assert loss_value == base_loss
         for g, h in zip(grads, base_grads, strict=True):
             assert torch.equal(g, h)

@@ -122,15 +122,20 @@ def _compare(a, b) -> tuple[float, int]:
     worst, n = 0.0, 0
     for ea, eb in zip(a, b, strict=True):
         for sa, sb in zip(ea, eb, strict=True):
-            assert sa.positions == sb.positions and sa.k == sb.k
+            assert sa.positions_M.tolist() == sb.positions_M.tolist() and sa.k == sb.k
             n += len(sa)
-            for x, y in zip(sa.logprobs, sb.logprobs, strict=True):
+            for x, y in zip(sa.logprobs_M.tolist(), sb.logprobs_M.tolist(), strict=True):
                 worst = max(worst, abs(x - y))
-            for ia, ib, la, lb in zip(sa.topk_ids, sb.topk_ids, sa.topk_logprobs, sb.topk_logprobs):
+            for ia, ib, la, lb in zip(
+                sa.topk_ids_M_K.tolist(),
+                sb.topk_ids_M_K.tolist(),
+                sa.topk_logprobs_M_K.tolist(),
+                sb.topk_logprobs_M_K.tolist(),
+            ):
                 assert ia[0] == ib[0], "top-1 id differs"
                 worst = max(worst, max(abs(x - y) for x, y in zip(la, lb, strict=True)))
             # The server's entropy is the top-k + tail estimate: a lower bound of the full one.
-            for ha, hb in zip(sa.entropy, sb.entropy, strict=True):
+            for ha, hb in zip(sa.entropy_M.tolist(), sb.entropy_M.tolist(), strict=True):
                 assert ha <= hb + 1e-3
     return worst, n
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,6 +29,13 @@ def same(a: Any, b: Any) -> bool:
     """Deep equality that also compares types, NaN with NaN and the sign of zero."""
     if type(a) is not type(b):
         return False
+    if isinstance(a, np.ndarray):
+        return (
+            a.dtype == b.dtype
+            and a.shape == b.shape
+            and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+            and np.array_equal(np.signbit(a) & (a == a), np.signbit(b) & (b == b))
+        )
     if isinstance(a, float):
         if math.isnan(a) or math.isnan(b):
             return math.isnan(a) and math.isnan(b)
@@ -89,18 +97,26 @@ turns = st.builds(
     replayed=st.booleans(),
     reward=any_float,
 )
-teacher = st.none() | st.lists(
-    st.none()
-    | st.builds(
-        TeacherScores,
-        positions=st.lists(st.integers(0, 1000), max_size=3),
-        logprobs=st.lists(any_float, max_size=6),
-        topk_ids=st.lists(st.lists(st.integers(0, 1000), max_size=3), max_size=3),
-        topk_logprobs=st.lists(st.lists(any_float, max_size=3), max_size=3),
-        entropy=st.lists(any_float, max_size=3),
-    ),
-    max_size=3,
-)
+
+
+@st.composite
+def teacher_scores(draw: st.DrawFn) -> TeacherScores:
+    n, k = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    f32 = st.floats(width=32)
+
+    def rows(values: st.SearchStrategy[Any]) -> list[list[Any]]:
+        return draw(st.lists(st.lists(values, min_size=k, max_size=k), min_size=n, max_size=n))
+
+    return TeacherScores(
+        positions_M=draw(st.lists(st.integers(0, 1000), min_size=n, max_size=n)),
+        logprobs_M=draw(st.lists(f32, min_size=n, max_size=n)),
+        topk_ids_M_K=rows(st.integers(0, 1000)),
+        topk_logprobs_M_K=rows(f32),
+        entropy_M=draw(st.lists(f32, min_size=n, max_size=n)),
+    )
+
+
+teacher = st.none() | st.lists(st.none() | teacher_scores(), max_size=3)
 episodes = st.builds(
     Episode,
     env=text,
@@ -171,7 +187,7 @@ def test_non_finite_logprobs_and_teacher_survive() -> None:
         env="e",
         task_id="t",
         segments=[seg],
-        teacher=[TeacherScores(logprobs=[math.nan, -0.0, -math.inf], topk_ids=[[1, 2]])],
+        teacher=[TeacherScores(logprobs_M=[math.nan, -0.0, -math.inf], topk_ids_M_K=[[1, 2]])],
     )
     line = ep.to_json()
     assert "NaN" in line and "Infinity" in line

@@ -97,12 +97,12 @@ ref = HT.build("tiny-teacher-lookup-chain", tokenizer=tok, config=tcfg, device="
 worst, n, top1 = 0.0, 0, True
 for ea, eb in zip(got, ref):
     for a, b in zip(ea, eb):
-        assert a.positions == b.positions
+        assert a.positions_M.tolist() == b.positions_M.tolist()
         n += len(a)
-        worst = max([worst] + [abs(x - y) for x, y in zip(a.logprobs, b.logprobs)]
-                    + [abs(x - y) for la, lb in zip(a.topk_logprobs, b.topk_logprobs)
+        worst = max([worst] + [abs(x - y) for x, y in zip(a.logprobs_M.tolist(), b.logprobs_M.tolist())]
+                    + [abs(x - y) for la, lb in zip(a.topk_logprobs_M_K.tolist(), b.topk_logprobs_M_K.tolist())
                        for x, y in zip(la, lb)])
-        top1 &= all(ia[0] == ib[0] for ia, ib in zip(a.topk_ids, b.topk_ids))
+        top1 &= all(ia[0] == ib[0] for ia, ib in zip(a.topk_ids_M_K.tolist(), b.topk_ids_M_K.tolist()))
 res["vllm_teacher"] = {"worst": worst, "positions": n, "top1_equal": top1}
 res["teacher_train_rc"] = cli.main(["train", "env=lookup-chain", "teacher_backend=vllm",
     "device=cpu", "steps=1", "episodes_per_step=2", "cold_start.steps=0", "eval.episodes=0",

@@ -12,8 +12,9 @@ compression (the top-k arrays would stay about 4x larger), and Arrow would add a
 for no gain at this size.
 
 What goes in a shard: each episode's ``Episode.to_json`` form, in which every list of numbers
-under ``segments`` and ``teacher`` (token ids, mask, logprobs, teacher positions, top-k ids and
-logprobs, entropy) is moved into a typed column and replaced by a reference. A column holds all
+under ``segments`` (token ids, mask, logprobs) is moved into a typed column and replaced by a
+reference, and the teacher's arrays (:class:`~agentopd.types.TeacherScores`: positions, sampled
+log-probs, top-k ids and log-probs, entropy) go into columns as they are. A column holds all
 its entries of the step concatenated, in the smallest integer type that holds the values, or in
 float32 when every value is exactly a float32 (teacher scores are), float64 otherwise. Reading
 puts the numbers back and goes through ``Episode.from_json``, so ``to_json`` of a stored episode
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 from collections import OrderedDict
@@ -169,14 +171,24 @@ def _teacher_kl(d: dict[str, Any]) -> float | None:
         return None
     total, n = 0.0, 0
     for seg, t in zip(d.get("segments", []), teacher_segments(teacher)):
-        if not t:
+        if t is None:
             continue
         lp = seg.get("logprobs", [])
-        for pos, q in zip(t.get("positions", []), t.get("logprobs", [])):
-            if isinstance(q, int | float) and pos < len(lp) and isinstance(lp[pos], int | float):
-                total += float(lp[pos]) - float(q)
+        for pos, q in zip(_numbers(t.get("positions", [])), _numbers(t.get("logprobs", []))):
+            p = lp[pos] if isinstance(pos, int) and 0 <= pos < len(lp) else math.nan
+            if _is_number(p) and _is_number(q) and math.isfinite(p - q):
+                total += float(p) - float(q)
                 n += 1
     return total / n if n else None
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _numbers(x: Any) -> list[Any]:
+    """``x`` as a list of Python scalars (an array's ``tolist``; a list as it is)."""
+    return x.tolist() if isinstance(x, np.ndarray) else list(x) if isinstance(x, list) else []
 
 
 def teacher_segments(teacher: Any) -> list[dict[str, Any] | None]:
@@ -306,6 +318,8 @@ def _has_int(x: list[Any]) -> bool:
 
 
 def _pull(x: Any, path: str, cols: _Columns) -> Any:
+    if isinstance(x, np.ndarray):
+        return cols.add(path, x)
     if isinstance(x, dict):
         if len(x) == 1 and next(iter(x)) in (_COL, _RAW):
             return {_RAW: x}
@@ -333,8 +347,15 @@ def _put(x: Any, cols: dict[str, list[Any]]) -> Any:
 
 # ------------------------------------------------------------------------------------- writing
 def episode_dict(ep: Episode | dict[str, Any]) -> dict[str, Any]:
-    """An episode in its ``Episode.to_json`` form (non-finite floats as markers)."""
-    return json.loads(ep.to_json()) if isinstance(ep, Episode) else ep
+    """An episode in its ``Episode.to_json`` form (non-finite floats as markers), except that
+    the teacher's scores stay the arrays they are (:meth:`TeacherScores.arrays`): a shard
+    stores them as columns directly."""
+    if not isinstance(ep, Episode):
+        return ep
+    d = json.loads(replace(ep, teacher=None).to_json())
+    if ep.teacher is not None:
+        d["teacher"] = [None if sc is None else sc.arrays() for sc in ep.teacher]
+    return d
 
 
 def encode_shard(step: int, dicts: list[dict[str, Any]]) -> dict[str, np.ndarray]:

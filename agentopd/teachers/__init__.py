@@ -29,7 +29,7 @@ Example::
     factory = registry.teachers.spec("hf").load()
     teacher = factory("tiny-teacher-lookup-chain", tokenizer=tok, config=TeacherConfig(), device="cpu")
     scores = teacher.score(episodes)          # also stored on each episode's ``teacher`` field
-    assert scores[0][0].positions == [t for t, m in enumerate(episodes[0].segments[0].mask) if m]
+    assert scores[0][0].positions_M.tolist() == [t for t, m in enumerate(episodes[0].segments[0].mask) if m]
 """
 
 from __future__ import annotations
@@ -182,38 +182,33 @@ def check_scores(episodes: list[Episode], backend: str, k: int | None = None) ->
                 if not want:
                     continue  # nothing sampled: nothing to score
                 raise UnusableScoresError(f"{where}: not scored")
-            if list(sc.positions) != want:
+            if not np.array_equal(sc.positions_M, want):
                 raise UnusableScoresError(
-                    f"{where}: scored {len(sc.positions)} positions, expected the segment's "
+                    f"{where}: scored {len(sc.positions_M)} positions, expected the segment's "
                     f"{len(want)} sampled tokens"
                 )
             n = len(want)
-            for name in ("logprobs", "topk_ids", "topk_logprobs", "entropy"):
+            for name in ("logprobs_M", "topk_ids_M_K", "topk_logprobs_M_K", "entropy_M"):
                 got = len(getattr(sc, name))
                 if got != n:
                     raise UnusableScoresError(f"{where}: {got} {name} for {n} positions")
             if not n:
                 continue
-            width = k if k is not None else len(sc.topk_ids[0])
-            for j, (ids, lps) in enumerate(zip(sc.topk_ids, sc.topk_logprobs, strict=True)):
-                if len(ids) != width or len(lps) != width:
-                    raise UnusableScoresError(
-                        f"{where}, position {want[j]}: {len(ids)} top-k ids and {len(lps)} "
-                        f"log-probs, expected {width}"
-                    )
+            width = k if k is not None else sc.k
+            ids, lps = sc.topk_ids_M_K.shape[1], sc.topk_logprobs_M_K.shape[1]
+            if ids != width or lps != width:
+                raise UnusableScoresError(
+                    f"{where}: {ids} top-k ids and {lps} log-probs per position, expected {width}"
+                )
             for name, values in (
-                ("sampled-token log-prob", sc.logprobs),
-                ("top-k log-prob", sc.topk_logprobs),
-                ("entropy", sc.entropy),
+                ("sampled-token log-prob", sc.logprobs_M),
+                ("top-k log-prob", sc.topk_logprobs_M_K),
+                ("entropy", sc.entropy_M),
             ):
-                try:
-                    arr = np.asarray(values, dtype=np.float64).reshape(n, -1)
-                except (TypeError, ValueError):
-                    arr = np.full((n, 1), np.nan)
-                bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
+                bad = np.flatnonzero(~np.isfinite(values.reshape(n, -1)).all(axis=1))
                 if len(bad):
                     j = int(bad[0])
-                    value = values[j]
+                    value = values[j].tolist()
                     raise UnusableScoresError(
                         f"{where}, position {want[j]}: {name} is {value!r}, not a finite "
                         f"number; {len(bad)} of {n} positions are bad. Check the teacher (a "

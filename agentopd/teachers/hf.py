@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from agentopd.batch import forward_logprobs, pack, packs
@@ -124,20 +125,21 @@ class HFTeacher:
         # topk=k >= 1 and entropy=True: all three are filled in
         assert out.topk_ids_B_T_K is not None and out.topk_logprobs_B_T_K is not None
         assert out.entropy_B_T is not None
-        chosen = out.logprobs_B_T[0].float().cpu().tolist()
-        top_ids = out.topk_ids_B_T_K[0].cpu().tolist()
-        top_lps = out.topk_logprobs_B_T_K[0].float().cpu().tolist()
-        entropy = out.entropy_B_T[0].float().cpu().tolist()
+        # One copy to the host per field; each segment's scores are views of it.
+        chosen_M = out.logprobs_B_T[0].float().cpu().numpy()
+        top_ids_M_K = out.topk_ids_B_T_K[0].cpu().numpy()
+        top_lps_M_K = out.topk_logprobs_B_T_K[0].float().cpu().numpy()
+        entropy_M = out.entropy_B_T[0].float().cpu().numpy()
         scores, n = [], 0
         for r in reqs:
             m = len(r.positions)
             scores.append(
                 TeacherScores(
-                    positions=r.positions,
-                    logprobs=chosen[n : n + m],
-                    topk_ids=top_ids[n : n + m],
-                    topk_logprobs=top_lps[n : n + m],
-                    entropy=entropy[n : n + m],
+                    positions_M=np.asarray(r.positions),
+                    logprobs_M=chosen_M[n : n + m],
+                    topk_ids_M_K=top_ids_M_K[n : n + m],
+                    topk_logprobs_M_K=top_lps_M_K[n : n + m],
+                    entropy_M=entropy_M[n : n + m],
                     hidden_M_H=scored_N_H[n : n + m] if self.keep_hidden else None,
                 )
                 if m

@@ -9,16 +9,20 @@ position ``p + shift``, and the teacher's distribution over it is the one after
 ``tokens[: p + shift]``.
 
 Backends that cannot return the full distribution (``vllm``, ``server``) report entropy from the
-top-k plus one tail bucket holding the remaining mass (:func:`topk_entropy`): a lower bound of
+top-k plus one tail bucket holding the remaining mass
+(:func:`agentopd.diagnostics.topk_entropy`): a lower bound of
 the full entropy, exact when the top-k hold all the mass.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
+
+from agentopd.diagnostics import topk_entropy
 from agentopd.renderer import Renderer
 from agentopd.types import Episode, Message, TeacherScores
 
@@ -110,19 +114,6 @@ def filled(slots: list[list[TeacherScores | None]]) -> list[list[TeacherScores]]
     return out
 
 
-def topk_entropy(topk_logprobs: list[float]) -> float:
-    """Entropy (nats) of the top-k plus one tail bucket with the remaining mass."""
-    h, mass = 0.0, 0.0
-    for lp in topk_logprobs:
-        p = math.exp(lp)
-        h -= p * lp
-        mass += p
-    tail = 1.0 - mass
-    if tail > 1e-12:
-        h -= tail * math.log(tail)
-    return h
-
-
 def from_prompt_logprobs(
     req: Request, rows: list[dict[int, tuple[float, int]] | None], k: int
 ) -> TeacherScores:
@@ -141,16 +132,19 @@ def from_prompt_logprobs(
         return TeacherScores()
     if len(rows) != len(req.tokens):
         raise ValueError(f"got {len(rows)} prompt-logprob rows for {len(req.tokens)} tokens")
-    logprobs, ids, lps, ent = [], [], [], []
-    for p, target in zip(req.positions, req.targets(), strict=True):
+    n = len(req.positions)
+    logprobs_M = np.zeros(n)
+    ids_M_K = np.zeros((n, k), dtype=np.int64)
+    lps_M_K = np.zeros((n, k))
+    for j, (p, target) in enumerate(zip(req.positions, req.targets(), strict=True)):
         row = rows[p + req.shift]
         if row is None or target not in row:
             raise ValueError(f"no log-prob for the sampled token {target} at position {p}")
-        logprobs.append(float(row[target][0]))
+        logprobs_M[j] = row[target][0]
         ranked = sorted(((r, t, lp) for t, (lp, r) in row.items() if r is not None and r <= k))
         if len(ranked) < k:
             raise ValueError(f"position {p}: {len(ranked)} ranked ids, expected top-{k}")
-        ids.append([t for _, t, _ in ranked[:k]])
-        lps.append([float(lp) for _, _, lp in ranked[:k]])
-        ent.append(topk_entropy(lps[-1]))
-    return TeacherScores(req.positions, logprobs, ids, lps, ent)
+        ids_M_K[j] = [t for _, t, _ in ranked[:k]]
+        lps_M_K[j] = [lp for _, _, lp in ranked[:k]]
+    entropy_M = topk_entropy(torch.from_numpy(lps_M_K)).numpy()
+    return TeacherScores(np.asarray(req.positions), logprobs_M, ids_M_K, lps_M_K, entropy_M)

@@ -4,7 +4,7 @@ The teacher model is loaded into a vLLM engine of its own and scores the student
 ids by prefill: ``prompt_logprobs=k`` with one generated token, as a vLLM server would
 (:mod:`agentopd.teachers.server` does the same over HTTP). Top-k ids, their log-probs and the
 sampled token's log-prob come from vLLM; the entropy is the top-k plus tail-bucket estimate of
-:func:`agentopd.teachers.prefill.topk_entropy` (vLLM does not return full distributions).
+:func:`agentopd.diagnostics.topk_entropy` (vLLM does not return full distributions).
 """
 
 from __future__ import annotations
