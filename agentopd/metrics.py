@@ -10,6 +10,8 @@ from collections import Counter, defaultdict
 from math import comb
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from agentopd.types import Episode, StopReason
 
 if TYPE_CHECKING:
@@ -60,9 +62,9 @@ def sampled_kl(episodes: list[Episode]) -> float:
         for seg, sc in zip(e.segments, e.teacher or [], strict=False):
             if sc is None:
                 continue
-            for pos, q in zip(sc.positions, sc.logprobs, strict=True):
-                total += seg.logprobs[pos] - q
-                n += 1
+            p = np.asarray(seg.logprobs, dtype=np.float64)[sc.positions_M]
+            total += float((p - sc.logprobs_M).sum())
+            n += len(sc.positions_M)
     return total / n if n else float("nan")
 
 

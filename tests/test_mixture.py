@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import agentopd
@@ -180,7 +181,7 @@ class _Recorder:
 
     def score(self, episodes: list[Episode]) -> list[list[TeacherScores]]:
         self.calls.append([e.env for e in episodes])
-        out = [[TeacherScores(positions=[0], logprobs=[self.tag])] for _ in episodes]
+        out = [[TeacherScores(positions_M=[0], logprobs_M=[self.tag])] for _ in episodes]
         for e, s in zip(episodes, out, strict=True):
             e.teacher = s
         return out
@@ -192,7 +193,7 @@ def test_routing_teacher_scores_each_env_once_and_keeps_episode_order():
     envs = ["sql", "lookup-chain", "code-sandbox", "sql", "lookup-chain"]
     episodes = [Episode(env=e, task_id=str(i)) for i, e in enumerate(envs)]
     scores = teacher.score(episodes)
-    assert [s[0].logprobs[0] for s in scores] == [2.0, 1.0, 1.0, 2.0, 1.0]
+    assert [s[0].logprobs_M[0] for s in scores] == [2.0, 1.0, 1.0, 2.0, 1.0]
     assert a.calls == [["lookup-chain", "code-sandbox", "lookup-chain"]] and len(b.calls) == 1
     with pytest.raises(KeyError, match="no teacher routed for env 'gym:x'"):
         teacher.score([Episode(env="gym:x", task_id="0")])
@@ -233,14 +234,15 @@ def test_adapter_experts_score_like_each_merged_expert(adapters, renderer):
         want = single.score([episodes[i] for i in mine])
         for i, w in zip(mine, want, strict=True):
             for g_seg, w_seg in zip(got[i], w, strict=True):
-                assert g_seg.positions == w_seg.positions and g_seg.positions
-                assert g_seg.topk_ids == w_seg.topk_ids
-                for name in ("logprobs", "topk_logprobs", "entropy"):
+                assert len(g_seg.positions_M) > 0
+                assert np.array_equal(g_seg.positions_M, w_seg.positions_M)
+                assert np.array_equal(g_seg.topk_ids_M_K, w_seg.topk_ids_M_K)
+                for name in ("logprobs_M", "topk_logprobs_M_K", "entropy_M"):
                     a, b = torch.tensor(getattr(g_seg, name)), torch.tensor(getattr(w_seg, name))
                     assert torch.allclose(a, b, atol=SCORE_ATOL, rtol=0), (env, name)
     # the adapters matter: another expert scores the same episode differently
-    other = experts[names["sql"]].score([episodes[0]])[0][0].logprobs
-    assert max(abs(x - y) for x, y in zip(other, got[0][0].logprobs, strict=True)) > 1e-3
+    other = experts[names["sql"]].score([episodes[0]])[0][0].logprobs_M
+    assert np.abs(other - got[0][0].logprobs_M).max() > 1e-3
 
 
 def _param_bytes(model) -> int:
