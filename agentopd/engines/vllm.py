@@ -234,7 +234,7 @@ def build(
     """The ``vllm`` :class:`~agentopd.engines.EngineFactory`.
 
     Saves the student once into ``workdir / "vllm-model"`` (float32, so its logprobs match the
-    learner's) to start the engine, then receives every update in place through
+    learner's; LoRA adapters merged) to start the engine, then receives every update in place through
     :meth:`VLLMEngine.load_weights`. ``config`` (:class:`~agentopd.engines.EngineConfig`) sets
     the dtype, ``max_model_len`` (default: the model's own context length, at most
     :data:`MAX_LEN`), the KV cache on CPU and the GPU share on CUDA. Prefix caching is on and up
@@ -250,8 +250,11 @@ def build(
         raise ImportError(why)
     config = config or EngineConfig()
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from agentopd import lora
+
     path = Path(workdir) / "vllm-model"
-    model.save_pretrained(path)
+    # A LoRA student is saved merged: vLLM knows no peft ``base_layer`` / ``lora_*`` names.
+    model.save_pretrained(path, state_dict=lora.engine_weights(model))
     renderer.tokenizer.save_pretrained(path)
     context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     max_len = min(context, config.max_model_len or MAX_LEN)
