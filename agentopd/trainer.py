@@ -111,6 +111,9 @@ class Trainer:
         self.cold_start_done = False
         self.teacher_tokens = 0
         self.teacher_positions = 0
+        self.teacher_seconds = 0.0
+        """Wall seconds the teacher spent for training: scoring (OPD steps) or playing the tasks of
+        demonstration steps (guided-opd guide turns are inside the rollout, not counted)."""
         resumed = self.run_dir.latest_checkpoint() if cfg.resume else None
         resumed = distributed.broadcast_object(resumed)  # every rank loads rank 0's choice
         if resumed is not None:
@@ -137,6 +140,7 @@ class Trainer:
             "cold_start_done": self.cold_start_done,
             "teacher_tokens": self.teacher_tokens,
             "teacher_positions": self.teacher_positions,
+            "teacher_seconds": self.teacher_seconds,
         }
         self.run_dir.save_checkpoint(step, payload, state)
 
@@ -150,6 +154,7 @@ class Trainer:
         self.cold_start_done = bool(state.get("cold_start_done", True))
         self.teacher_tokens = int(state.get("teacher_tokens", 0))
         self.teacher_positions = int(state.get("teacher_positions", 0))
+        self.teacher_seconds = float(state.get("teacher_seconds", 0.0))
         self.start_step = int(state["step"]) + 1
         if self.world.is_main:
             self.run_dir.truncate_logs(state["log_sizes"])
@@ -205,6 +210,7 @@ class Trainer:
                 "step": step,
                 "teacher_tokens": self.teacher_tokens,
                 "teacher_positions": self.teacher_positions,
+                "teacher_seconds": self.teacher_seconds,
                 **row,
             }
         )
@@ -316,15 +322,21 @@ class Trainer:
                 cfg.episodes_per_step,
                 seed=seeds.task_base(cfg.seed, "demos") + step * cfg.episodes_per_step,
             )
+            t_demo = time.perf_counter()
             row.update(self.learner.step_sft(distributed.shard(demos)))
             self.parts.sync_engine()
             row["batch"] = "demonstration"
             # Every token the teacher generated counts, including its failed episodes.
             self.teacher_tokens += generated
             self.teacher_positions += positions
+            self.teacher_seconds += t_demo - t_start  # the teacher playing the env's tasks
             row["teacher_tokens"] = self.teacher_tokens
             row["teacher_positions"] = self.teacher_positions
+            row["teacher_seconds"] = self.teacher_seconds
             row.update(episode_summary(demos, prefix="demo/"))
+            row["time/teacher_s"] = t_demo - t_start
+            row["time/learner_s"] = time.perf_counter() - t_demo
+            row["time/step_s"] = time.perf_counter() - t_start
             return row
         row["batch"] = "on-policy"
         t0 = time.perf_counter()
@@ -346,6 +358,7 @@ class Trainer:
         trainable = [e for e in episodes if e.stop_reason != StopReason.ENV_ERROR]
         self.teacher.score(trainable)
         t2 = time.perf_counter()
+        self.teacher_seconds += t2 - t1
         row.update(self.learner.step(trainable))
         drop_teacher_hidden(trainable)  # training-time only: not kept, gathered or stored
         self.parts.sync_engine()
@@ -374,6 +387,7 @@ class Trainer:
                 "time/learner_s": t3 - t2,
                 "teacher_tokens": self.teacher_tokens,
                 "teacher_positions": self.teacher_positions,
+                "teacher_seconds": self.teacher_seconds,
             }
         )
         if self.world.is_main:

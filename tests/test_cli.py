@@ -84,6 +84,7 @@ def test_train_two_steps_writes_run_dir(tmp_path):
         "diag/overlap_ratio",
         "diag/sampled_kl",
         "throughput/rollout_tok_s",
+        "teacher_seconds",
     ):
         assert key in rows[0], key
     stored = list(EpisodeStore(run).iter_episodes())
@@ -206,6 +207,9 @@ def test_gkd_lambda_zero_uses_demonstrations_and_temperature_schedule(tmp_path):
     assert [row["batch"] for row in rows] == ["demonstration", "demonstration"]
     assert [row["temperature"] for row in rows] == [1.0, 0.5]
     assert rows[1]["teacher_tokens"] > rows[0]["teacher_tokens"] > 0
+    # The teacher's wall time is counted for demonstrations as for scoring.
+    assert rows[1]["teacher_seconds"] > rows[0]["teacher_seconds"] > 0
+    assert rows[0]["time/step_s"] >= rows[0]["time/teacher_s"] > 0
     assert rows[0]["demo/success"] == 1.0 and rows[0]["learner/loss"] > 0
     # Demonstration steps write no on-policy episodes.
     assert not (tmp_path / "gkd" / "episodes").exists()
