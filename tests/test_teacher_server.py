@@ -20,8 +20,6 @@ import http.server
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import threading
 import time
@@ -29,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port, vllm_python, vllm_server
 
 from agentopd import cli, zoo
 from agentopd.renderer import Renderer
@@ -46,22 +45,6 @@ LOGPROB_ATOL = 1e-3
 """|server - hf| teacher log-prob allowed (same fp32 weights, different kernels; seen ~1e-5)."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _vllm_python() -> str:
-    path = os.environ.get("AGENTOPD_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
-    if Path(path).is_file():
-        return path
-    reason = "no vLLM venv (run .ci/setup-vllm.sh or set AGENTOPD_VLLM_PYTHON)"
-    if os.environ.get("AGENTOPD_REQUIRE_VLLM") == "1":
-        pytest.fail(f"AGENTOPD_REQUIRE_VLLM=1 but {reason}")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
     """The teacher saved with its tokenizer, in float32 (what both sides load)."""
@@ -71,43 +54,8 @@ def teacher_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(teacher_dir, tmp_path_factory):
     """Base URL of a running vLLM server; stopped (its process group) at the end."""
-    python = _vllm_python()
-    port = _free_port()
     log = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
-    env.pop("PYTHONPATH", None)
-    cmd = [
-        python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(teacher_dir),
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-        "--max-logprobs", str(MAX_LOGPROBS), "--max-model-len", "2048",
-    ]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    start = time.perf_counter()
-    client = server_teacher.Client(ServerConfig(url=url, retries=0, timeout_s=5))
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm server exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-            if time.perf_counter() - start > 600:
-                pytest.fail(f"vllm server not up after 600 s:\n{log.read_text()[-4000:]}")
-            try:
-                client.request("/v1/models")
-                break
-            except server_teacher.TeacherServerError:
-                time.sleep(2)
-        print(f"vllm server up in {time.perf_counter() - start:.1f}s")
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    yield from vllm_server(teacher_dir, ["--max-logprobs", str(MAX_LOGPROBS)], log)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +168,7 @@ def test_code_sandbox_with_vllm_engine_and_server_teacher(server, teacher_dir, t
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
     env.pop("PYTHONPATH", None)
     proc = subprocess.run(
-        [_vllm_python(), "-c", CODE_SANDBOX_DRIVER, str(teacher_dir), server, str(runs)],
+        [vllm_python(), "-c", CODE_SANDBOX_DRIVER, str(teacher_dir), server, str(runs)],
         env=env,
         capture_output=True,
         text=True,
@@ -285,14 +233,14 @@ def test_client_gives_up_with_a_clear_message(stub):
     client = server_teacher.Client(ServerConfig(url=stub, retries=1, backoff_s=0.0))
     with pytest.raises(server_teacher.TeacherServerError, match="failed 2 times.*resume=true"):
         client.request("/x", {})
-    dead = server_teacher.Client(ServerConfig(url=f"http://127.0.0.1:{_free_port()}", retries=0))
+    dead = server_teacher.Client(ServerConfig(url=f"http://127.0.0.1:{free_port()}", retries=0))
     with pytest.raises(server_teacher.TeacherServerError, match="ConnectionRefused|refused"):
         dead.request("/x", {})
 
 
 def test_unreachable_server_is_a_config_error():
     tok = zoo.load_tokenizer()
-    cfg = TeacherConfig(server=ServerConfig(url=f"http://127.0.0.1:{_free_port()}", retries=0))
+    cfg = TeacherConfig(server=ServerConfig(url=f"http://127.0.0.1:{free_port()}", retries=0))
     with pytest.raises(ConfigError, match="not reachable"):
         server_teacher.build(TEACHER, tokenizer=tok, config=cfg, device="cpu")
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import vllm_python
 
 from agentopd.types import Episode
 
@@ -109,17 +110,6 @@ res["teacher_train_rc"] = cli.main(["train", "env=lookup-chain", "teacher_backen
     "rollout.max_new_tokens=16", f"runs_dir={runs}", "run_name=t"])
 json.dump(res, open(out_path, "w"))
 """.replace("STEPS", str(STEPS))
-
-
-def vllm_python() -> str:
-    """The vLLM venv's python; skips (fails under ``AGENTOPD_REQUIRE_VLLM=1``) without it."""
-    path = os.environ.get("AGENTOPD_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
-    if Path(path).is_file():
-        return path
-    reason = "no vLLM venv (run .ci/setup-vllm.sh or set AGENTOPD_VLLM_PYTHON)"
-    if os.environ.get("AGENTOPD_REQUIRE_VLLM") == "1":
-        pytest.fail(f"AGENTOPD_REQUIRE_VLLM=1 but {reason}")
-    pytest.skip(reason)
 
 
 def vllm_env() -> dict[str, str]:
