@@ -31,7 +31,7 @@ import argparse
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from agentopd.zoo.bootstrap import (
     as_episode,
     held_out_success,
     play_experts,
+    sft_optim,
     with_overrides,
 )
 
@@ -57,11 +58,9 @@ from agentopd.zoo.bootstrap import (
 def expert_optim(**changes: Any) -> LearnerConfig:
     """AdamW at peak lr 1e-3 (LoRA), 5 warm-up steps, cosine to 10%, bf16 autocast where the
     CPU runs it natively; ``changes`` replace any of these."""
-    base = LearnerConfig(
-        name="adamw", lr=1e-3, weight_decay=0.0, warmup_steps=5, schedule="cosine",
-        min_lr_frac=0.1, micro_batch=8, sft_bf16="auto",
-    )  # fmt: skip
-    return replace(base, **changes)
+    expert = {"lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 5, "min_lr_frac": 0.1,
+              "micro_batch": 8, "sft_bf16": "auto"}  # fmt: skip
+    return sft_optim(**{**expert, **changes})
 
 
 @dataclass
