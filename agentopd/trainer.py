@@ -424,6 +424,13 @@ class Trainer:
 
         if fresh and cfg.eval.before and cfg.eval.episodes > 0:
             record("success_before", self.evaluate("before training", step=-1))
+            if result["success_before"] == 0 and cfg.cold_start.steps == 0:
+                self.console.print(
+                    "[yellow]the student solves none of the held-out tasks and "
+                    "cold_start.steps=0[/]: OPD needs a student that sometimes acts right; "
+                    "a student trained from scratch (e.g. student=tiny-base) wants "
+                    "cold_start.steps=150"
+                )
         if not self.cold_start_done and cfg.cold_start.steps > 0:
             self.cold_start()
             # Keep the cold-started student: baselines (SFT-only, other losses) start from it.

@@ -238,3 +238,13 @@ def test_eval_of_a_run_reproduces_its_held_out_number(tmp_path):
     assert len(got) == 12
     success = sum(bool(e["success"]) for e in got) / len(got)
     assert success == trained["eval/success"], (success, trained["eval/success"])
+
+
+def test_a_student_that_solves_nothing_without_a_cold_start_gets_a_hint(tmp_path):
+    r = agentopd(
+        "train", *FAST, "steps=0", "eval.episodes=4", "eval.after=false", "eval.teacher=false",
+        f"runs_dir={tmp_path}", "run_name=hint",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = " ".join(r.stdout.split())
+    assert "held-out success 0.0%" in out and "wants cold_start.steps=150" in out
