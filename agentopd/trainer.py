@@ -329,12 +329,13 @@ class Trainer:
             # Every token the teacher generated counts, including its failed episodes.
             self.teacher_tokens += generated
             self.teacher_positions += positions
-            self.teacher_seconds += t_demo - t_start  # the teacher playing the env's tasks
+            if cfg.demo_source == "teacher":  # the teacher played the tasks (not the expert)
+                self.teacher_seconds += t_demo - t_start
             row["teacher_tokens"] = self.teacher_tokens
             row["teacher_positions"] = self.teacher_positions
             row["teacher_seconds"] = self.teacher_seconds
             row.update(episode_summary(demos, prefix="demo/"))
-            row["time/teacher_s"] = t_demo - t_start
+            row["time/demos_s"] = t_demo - t_start
             row["time/learner_s"] = time.perf_counter() - t_demo
             row["time/step_s"] = time.perf_counter() - t_start
             return row

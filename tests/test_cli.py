@@ -207,9 +207,9 @@ def test_gkd_lambda_zero_uses_demonstrations_and_temperature_schedule(tmp_path):
     assert [row["batch"] for row in rows] == ["demonstration", "demonstration"]
     assert [row["temperature"] for row in rows] == [1.0, 0.5]
     assert rows[1]["teacher_tokens"] > rows[0]["teacher_tokens"] > 0
-    # The teacher's wall time is counted for demonstrations as for scoring.
-    assert rows[1]["teacher_seconds"] > rows[0]["teacher_seconds"] > 0
-    assert rows[0]["time/step_s"] >= rows[0]["time/teacher_s"] > 0
+    # The scripted expert played these demonstrations: no teacher time, but their own timing.
+    assert rows[1]["teacher_seconds"] == rows[0]["teacher_seconds"] == 0
+    assert rows[0]["time/step_s"] >= rows[0]["time/demos_s"] > 0
     assert rows[0]["demo/success"] == 1.0 and rows[0]["learner/loss"] > 0
     # Demonstration steps write no on-policy episodes.
     assert not (tmp_path / "gkd" / "episodes").exists()
@@ -248,3 +248,14 @@ def test_a_student_that_solves_nothing_without_a_cold_start_gets_a_hint(tmp_path
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = " ".join(r.stdout.split())
     assert "held-out success 0.0%" in out and "wants cold_start.steps=150" in out
+
+
+def test_teacher_demonstrations_count_the_teachers_tokens_and_time(tmp_path):
+    r = agentopd(
+        "train", *FAST, "steps=1", "gkd_lambda=0", "demo_source=teacher",
+        f"runs_dir={tmp_path}", "run_name=tdemo", timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (row,) = _train_rows(tmp_path / "tdemo")
+    assert row["batch"] == "demonstration" and row["teacher_tokens"] > 0
+    assert row["teacher_seconds"] == row["time/demos_s"] > 0
