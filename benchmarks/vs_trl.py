@@ -524,36 +524,36 @@ def tables(rows: list[dict[str, Any]]) -> str:
         "| learner s | peak MB | before the step MB | extra MB: generation, teacher, learner |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r, name, x in _sides(rows):
         s = r["config"]
         what = f"{s['vocab']:,}, {s['batch']}, {s['prompt']:,} + {s['new']}"
-        for side in SIDES:
-            if side not in r:
-                continue
-            x = r[side]
-            name = "TRL" if side == "trl" else f"agentopd {side}"
-            out.append(
-                f"| {r['setting']} | {what} | {name} | {x['step_s']:.2f} | {x['generation_s']:.2f} "
-                f"| {x['teacher_s']:.2f} | {x['learner_s']:.2f} | {x['peak_mb']:.0f} "
-                f"| {x['baseline_mb']:.0f} | {x['gen_extra_mb']:.0f}, {x['teacher_extra_mb']:.0f}, "
-                f"{x['learner_extra_mb']:.0f} |"
-            )
+        out.append(
+            f"| {r['setting']} | {what} | {name} | {x['step_s']:.2f} | {x['generation_s']:.2f} "
+            f"| {x['teacher_s']:.2f} | {x['learner_s']:.2f} | {x['peak_mb']:.0f} "
+            f"| {x['baseline_mb']:.0f} | {x['gen_extra_mb']:.0f}, {x['teacher_extra_mb']:.0f}, "
+            f"{x['learner_extra_mb']:.0f} |"
+        )
     out += [
         "",
         "| setting | side | true RKL before (nats/token) | drop per step (nats/token) | relative |",
         "|---|---|---|---|---|",
     ]
-    for r in rows:
-        for side in SIDES:
-            if side not in r:
-                continue
-            x = r[side]
-            name = "TRL" if side == "trl" else f"agentopd {side}"
-            out.append(
-                f"| {r['setting']} | {name} | {x['rkl_before']:.4f} | {x['rkl_drop']:.3e} "
-                f"| {x['rkl_drop_rel']:.2e} |"
-            )
+    for r, name, x in _sides(rows):
+        out.append(
+            f"| {r['setting']} | {name} | {x['rkl_before']:.4f} | {x['rkl_drop']:.3e} "
+            f"| {x['rkl_drop_rel']:.2e} |"
+        )
     return "\n".join(out)
+
+
+def _sides(rows: list[dict]) -> list[tuple[dict, str, dict]]:
+    """``(row, side's name, side's numbers)`` for every side each row measured."""
+    return [
+        (r, "TRL" if side == "trl" else f"agentopd {side}", r[side])
+        for r in rows
+        for side in SIDES
+        if side in r
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
